@@ -1,0 +1,236 @@
+"""The CT-FM networks in plain PyTorch, state-dict compatible with MONAI.
+
+:class:`SegResEncoder` and :class:`SegResNetDS` reproduce MONAI's classes of the
+same names (``monai.networks.nets.segresnet_ds``, isotropic kernels, batch norm,
+ReLU, transposed-convolution upsampling): same module tree, so the same
+parameter names and shapes, and the same arithmetic. The published CT-FM
+weights therefore load strictly and give MONAI's outputs, without making MONAI
+a run-time dependency of the Slicer extension. The test suite checks both
+against MONAI itself.
+
+CT-FM's encoder: ``SegResEncoder(spatial_dims=3, in_channels=1,
+init_filters=32, blocks_down=(1, 2, 2, 4, 4))``, 77,760,992 parameters; its
+embedding is the global average of the deepest (512-channel) feature map.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+CTFM_ENCODER_CONFIG = {"spatial_dims": 3, "in_channels": 1, "init_filters": 32, "blocks_down": [1, 2, 2, 4, 4]}
+
+
+class SegResBlock(nn.Module):
+    """Pre-activation residual block: x + conv(relu(bn(conv(relu(bn(x))))))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm3d(channels)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv3d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm3d(channels)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv3d(channels, channels, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        x = self.conv2(self.act2(self.norm2(self.conv1(self.act1(self.norm1(x))))))
+        return x + identity
+
+
+def _check_3d(spatial_dims: int) -> None:
+    if spatial_dims != 3:
+        raise ValueError(f"CT-FM networks are 3-D; spatial_dims={spatial_dims} is not supported")
+
+
+class SegResEncoder(nn.Module):
+    """Encoder returning the feature map of every level, finest first.
+
+    Level ``i`` has ``init_filters * 2**i`` channels at ``1 / 2**i`` resolution
+    (stride-2 convolutions, padding 1, so odd sizes are fine).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        init_filters: int = 32,
+        in_channels: int = 1,
+        blocks_down: Sequence[int] = (1, 2, 2, 4),
+        act: str = "relu",
+        norm: str = "batch",
+        **unused,
+    ):
+        super().__init__()
+        _check_3d(spatial_dims)
+        _check_supported(act=act, norm=norm, **unused)
+        self.in_channels = in_channels
+        self.init_filters = init_filters
+        self.blocks_down = tuple(blocks_down)
+        self.conv_init = nn.Conv3d(in_channels, init_filters, kernel_size=3, padding=1, bias=False)
+        self.layers = nn.ModuleList()
+        filters = init_filters
+        for i, n_blocks in enumerate(self.blocks_down):
+            level = nn.ModuleDict()
+            level["blocks"] = nn.Sequential(*[SegResBlock(filters) for _ in range(n_blocks)])
+            if i < len(self.blocks_down) - 1:
+                level["downsample"] = nn.Conv3d(filters, 2 * filters, kernel_size=3, stride=2, padding=1, bias=False)
+            else:
+                level["downsample"] = nn.Identity()
+            self.layers.append(level)
+            filters *= 2
+        self.out_channels = filters // 2
+
+    def forward(self, x: torch.Tensor) -> list:
+        outputs = []
+        x = self.conv_init(x)
+        for level in self.layers:
+            x = level["blocks"](x)
+            outputs.append(x)
+            x = level["downsample"](x)
+        return outputs
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W)`` -> ``(B, out_channels)``: global average of the deepest map."""
+        return global_average(self(x)[-1])
+
+
+def global_average(features: torch.Tensor) -> torch.Tensor:
+    """Average over all spatial axes, kept in float32 for a stable mean under autocast."""
+    return features.float().mean(dim=tuple(range(2, features.ndim)))
+
+
+class SegResNetDS(nn.Module):
+    """Encoder-decoder with deep supervision, as MONAI's ``SegResNetDS``.
+
+    In eval mode returns the full-resolution logits ``(B, out_channels, ...)``;
+    in train mode with ``dsdepth > 1`` a list of logits, finest first.
+    Input sizes must be divisible by ``2 ** (len(blocks_down) - 1)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        init_filters: int = 32,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        blocks_down: Sequence[int] = (1, 2, 2, 4),
+        blocks_up: Sequence[int] | None = None,
+        dsdepth: int = 1,
+        act: str = "relu",
+        norm: str = "batch",
+        upsample_mode: str = "deconv",
+        resolution=None,
+        **unused,
+    ):
+        super().__init__()
+        _check_3d(spatial_dims)
+        _check_supported(act=act, norm=norm, upsample_mode=upsample_mode, resolution=resolution, **unused)
+        self.out_channels = out_channels
+        self.dsdepth = max(int(dsdepth), 1)
+        self.encoder = SegResEncoder(init_filters=init_filters, in_channels=in_channels, blocks_down=blocks_down)
+        n_up = len(self.encoder.blocks_down) - 1
+        self.blocks_up = tuple(blocks_up) if blocks_up is not None else (1,) * n_up
+        self.up_layers = nn.ModuleList()
+        filters = init_filters * 2**n_up
+        for i in range(n_up):
+            filters //= 2
+            level = nn.ModuleDict()
+            level["upsample"] = _Deconv(2 * filters, filters)
+            level["blocks"] = nn.Sequential(*[SegResBlock(filters) for _ in range(self.blocks_up[i])])
+            if len(self.blocks_up) - i <= self.dsdepth:
+                level["head"] = nn.Conv3d(filters, out_channels, kernel_size=1, bias=True)
+            else:
+                level["head"] = nn.Identity()
+            self.up_layers.append(level)
+        if n_up == 0:
+            raise ValueError("SegResNetDS needs at least two encoder levels")
+
+    def shape_factor(self) -> int:
+        return 2 ** (len(self.encoder.blocks_down) - 1)
+
+    def forward(self, x: torch.Tensor):
+        f = self.shape_factor()
+        if any(s % f for s in x.shape[2:]):
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} must be divisible by {f}")
+        skips = self.encoder(x)
+        skips.reverse()
+        x = skips.pop(0)
+        outputs = []
+        for i, level in enumerate(self.up_layers):
+            x = level["upsample"](x)
+            x = x + skips.pop(0)
+            x = level["blocks"](x)
+            if len(self.up_layers) - i <= self.dsdepth:
+                outputs.append(level["head"](x))
+        outputs.reverse()
+        if not self.training or len(outputs) == 1:
+            return outputs[0]
+        return outputs
+
+
+class _Deconv(nn.Module):
+    """MONAI ``UpSample(mode="deconv", kernel_size=3, scale_factor=2)``: its parameter lives at ``deconv``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.deconv = nn.ConvTranspose3d(
+            in_channels, out_channels, kernel_size=3, stride=2, padding=1, output_padding=1, bias=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.deconv(x)
+
+
+def _check_supported(act="relu", norm="batch", upsample_mode="deconv", resolution=None, head_module=None,
+                     anisotropic_scales=None, preprocess=None, **rest):
+    """Refuse configurations this re-implementation does not reproduce, instead of silently differing."""
+    problems = []
+    if str(act).lower() != "relu":
+        problems.append(f"act={act!r}")
+    if str(norm).lower() != "batch":
+        problems.append(f"norm={norm!r}")
+    if str(upsample_mode).lower() != "deconv":
+        problems.append(f"upsample_mode={upsample_mode!r}")
+    for name, value in (("resolution", resolution), ("head_module", head_module),
+                        ("anisotropic_scales", anisotropic_scales), ("preprocess", preprocess)):
+        if value is not None:
+            problems.append(f"{name}={value!r}")
+    # Hugging Face mixins may add bookkeeping keys; anything else is an unknown option.
+    unknown = [k for k in rest if not k.startswith("_") and k not in ("architectures", "model_type", "task", "labels")]
+    problems += [f"{k}={rest[k]!r}" for k in unknown]
+    if problems:
+        raise ValueError("unsupported network options: " + ", ".join(problems))
+
+
+ARCHITECTURES = {"SegResEncoder": SegResEncoder, "SegResNetDS": SegResNetDS}
+
+
+def architecture_of(config: dict) -> str:
+    """Which network a Hugging Face ``config.json`` describes.
+
+    CT-FM's configs carry only constructor arguments: ``out_channels`` marks
+    the segmentation network, its absence the feature extractor.
+    """
+    name = config.get("architecture") or config.get("_class_name")
+    if name:
+        if name not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+        return name
+    return "SegResNetDS" if "out_channels" in config else "SegResEncoder"
+
+
+def build_network(config: dict) -> nn.Module:
+    """Build the network a ``config.json`` describes (constructor arguments as MONAI names them)."""
+    name = architecture_of(config)
+    kwargs = {k: v for k, v in config.items() if k not in ("architecture", "_class_name")}
+    if "blocks_down" in kwargs:
+        kwargs["blocks_down"] = tuple(kwargs["blocks_down"])
+    return ARCHITECTURES[name](**kwargs)
+
+
+def build_encoder(config: dict | None = None) -> SegResEncoder:
+    """The CT-FM encoder (or a smaller one for tests, from ``config``)."""
+    return SegResEncoder(**{**CTFM_ENCODER_CONFIG, **(config or {})})

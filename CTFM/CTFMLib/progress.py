@@ -1,0 +1,122 @@
+"""One progress protocol for every long call.
+
+A progress callback is any callable ``callback(fraction, message)`` where
+``fraction`` is in [0, 1] (or ``None`` when unknown) and ``message`` a short
+human-readable status. A callback cancels the work by raising
+:class:`Cancelled`; long loops call the callback often enough that cancel
+takes effect within one step.
+
+Renderers: :class:`ConsoleBar` (the ``ctfm`` CLI), :class:`FilterProgress`
+(Slicer CLI modules' ``<filter-progress>`` lines), :class:`JsonLines` (a child
+process reporting to the Slicer GUI). :func:`subrange` maps a sub-task onto a
+slice of its parent's range.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Callable, Optional, TextIO
+
+ProgressCallback = Callable[[Optional[float], str], None]
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback to stop the work it reports on."""
+
+
+def null_progress(fraction: Optional[float], message: str = "") -> None:
+    """A callback that ignores progress."""
+
+
+def subrange(callback: Optional[ProgressCallback], start: float, end: float) -> ProgressCallback:
+    """Report a sub-task's [0, 1] progress as [start, end] of ``callback``."""
+    parent = callback or null_progress
+
+    def report(fraction: Optional[float], message: str = "") -> None:
+        parent(None if fraction is None else start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+
+    return report
+
+
+class ConsoleBar:
+    """A single-line text progress bar on a terminal (or plain lines when not a tty)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, width: int = 30, min_interval: float = 0.1):
+        self.stream = stream
+        self.width = width
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._last_message = None
+        self._tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, fraction: Optional[float], message: str = "") -> None:
+        now = time.monotonic()
+        done = fraction is not None and fraction >= 1.0
+        if not done and now - self._last < self.min_interval and message == self._last_message:
+            return
+        self._last = now
+        self._last_message = message
+        if fraction is None:
+            bar, pct = "?" * self.width, "  ?%"
+        else:
+            filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
+            bar, pct = "#" * filled + "-" * (self.width - filled), f"{100 * fraction:3.0f}%"
+        line = f"[{bar}] {pct} {message}"
+        if self._tty:
+            self.stream.write("\r" + line[:120].ljust(120))
+            if done:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class FilterProgress:
+    """Slicer Execution Model progress: ``<filter-progress>`` and ``<filter-comment>`` lines on stdout."""
+
+    def __init__(self, stream: TextIO = sys.stdout):
+        self.stream = stream
+
+    def __call__(self, fraction: Optional[float], message: str = "") -> None:
+        if message:
+            self.stream.write(f"<filter-comment>{message}</filter-comment>\n")
+        if fraction is not None:
+            self.stream.write(f"<filter-progress>{min(max(fraction, 0.0), 1.0):.4f}</filter-progress>\n")
+        self.stream.flush()
+
+
+class JsonLines:
+    """Machine-readable progress, one JSON object a line: ``{"progress": f, "message": m}``."""
+
+    def __init__(self, stream: TextIO = sys.stderr):
+        self.stream = stream
+
+    def __call__(self, fraction: Optional[float], message: str = "") -> None:
+        self.stream.write(json.dumps({"progress": fraction, "message": message}) + "\n")
+        self.stream.flush()
+
+
+def parse_json_progress(line: str):
+    """Parse a :class:`JsonLines` line; returns ``(fraction, message)`` or ``None`` for other output."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "progress" not in obj:
+        return None
+    return obj["progress"], obj.get("message", "")
+
+
+RENDERERS = {"bar": ConsoleBar, "json": JsonLines, "filter": FilterProgress}
+
+
+def make_renderer(kind: str) -> ProgressCallback:
+    """The callback for a ``--progress`` choice: bar, json, filter or none."""
+    if kind == "none":
+        return null_progress
+    return RENDERERS[kind]()

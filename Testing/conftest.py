@@ -1,0 +1,42 @@
+"""Test harness: import paths, isolated model caches, tiny checkpoints, the shared real CT data."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for sub in ("CTFM", "CTFMSegment", "CTFMRetrieve", "Testing"):
+    p = str(ROOT / sub)
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Tests never reach the Hugging Face hub: it is unreachable here and must not be needed anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture
+def ctfm_cache(tmp_path, monkeypatch):
+    """An empty, private CTFM cache (imported models and Hugging Face downloads)."""
+    root = tmp_path / "ctfm-cache"
+    monkeypatch.setenv("CTFM_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def example_ct_path():
+    from ctfm_testing.data import require_shared_data
+
+    return require_shared_data() / "totalsegmentator_example" / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_folder(tmp_path_factory):
+    """A small SegResEncoder written by MONAI in the published layout (config.json + model.safetensors)."""
+    from ctfm_testing.checkpoints import write_monai_encoder
+
+    return write_monai_encoder(tmp_path_factory.mktemp("tiny-encoder"), init_filters=4, blocks_down=(1, 1, 1, 1))
