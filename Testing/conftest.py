@@ -40,3 +40,21 @@ def tiny_encoder_folder(tmp_path_factory):
     from ctfm_testing.checkpoints import write_monai_encoder
 
     return write_monai_encoder(tmp_path_factory.mktemp("tiny-encoder"), init_filters=4, blocks_down=(1, 1, 1, 1))
+
+
+@pytest.fixture(scope="session")
+def ctfm_weights_folder(tmp_path_factory):
+    """The full-size CT-FM encoder (random weights) written by MONAI in the published layout."""
+    from ctfm_testing.checkpoints import write_monai_encoder
+
+    return write_monai_encoder(tmp_path_factory.mktemp("ctfm-encoder"), seed=11)
+
+
+def run_ctfm(*args, env=None, timeout=600):
+    """Run the ``ctfm`` command line in a child process, as a user would."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "CTFM"), os.environ.get("PYTHONPATH", "")])}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "CTFMLib.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)

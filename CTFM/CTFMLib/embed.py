@@ -1,0 +1,220 @@
+"""CT-FM embeddings: a whole volume, a scan by patches, or a patch around a point.
+
+- ``volume``: the model card's way: the whole preprocessed volume in one pass,
+  then the global average of the deepest feature map (512 values).
+- ``scan``: resample to 3 x 1 x 1 mm (SPL), cut into 24 x 128 x 128 patches
+  covering the foreground, embed each, aggregate by mean, max or min (as
+  upstream's retrieval experiments did).
+- ``point``: the 24 x 128 x 128 patch (3 x 1 x 1 mm) centred on an LPS point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .image import Image, ImageError
+from .preprocess import PreprocessConfig, Preprocessed, preprocess
+from .progress import Cancelled, null_progress, subrange
+
+PATCH_SIZE = (24, 128, 128)
+PATCH_SPACING = (3.0, 1.0, 1.0)
+AGGREGATES = ("mean", "max", "min")
+MODES = ("volume", "scan", "point")
+
+
+def select_device(device: str = "auto", report=None) -> torch.device:
+    """Resolve ``auto``/``cpu``/``cuda[:N]``/``mps``; an unavailable accelerator falls back to the CPU with a warning."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return _fallback(f"CUDA was requested but PyTorch {torch.__version__} sees no CUDA GPU; using the CPU", report)
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        return _fallback("MPS (Apple GPU) was requested but is not available; using the CPU", report)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def _fallback(message: str, report) -> torch.device:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if report:
+        report(None, message)
+    return torch.device("cpu")
+
+
+@dataclass
+class RunOptions:
+    """How to run a network: device, precision, threads, memory layout, batch size."""
+
+    device: str = "auto"
+    precision: str = "fp32"  # or "bf16" (autocast)
+    threads: Optional[int] = None
+    channels_last: bool = False
+    batch_size: int = 2
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+
+class Runner:
+    """A network placed on a device, run under ``inference_mode`` with the chosen precision."""
+
+    def __init__(self, model: torch.nn.Module, options: Optional[RunOptions] = None, progress=None):
+        self.options = options or RunOptions()
+        if self.options.threads:
+            torch.set_num_threads(int(self.options.threads))
+        self.device = select_device(self.options.device, progress)
+        self.model = model.eval().to(self.device)
+        if self.options.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+
+    def _autocast(self):
+        if self.options.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, D, H, W)`` float32 in [0, 1] -> ``(B, C)`` embeddings."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None].to(self.device)
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode(), self._autocast():
+            features = self.model(x)[-1]
+        return features.float().mean(dim=(2, 3, 4)).cpu().numpy()
+
+
+def _load_encoder(weights, model):
+    if model is not None:
+        return model
+    if weights is None:
+        raise ValueError("give weights (a model id, folder or file) or a model")
+    from .weights import load_model
+
+    return load_model(weights, expect="SegResEncoder")[0]
+
+
+def embed_image(
+    image: Image,
+    weights=None,
+    model: Optional[torch.nn.Module] = None,
+    mode: str = "volume",
+    point_lps: Optional[Sequence[float]] = None,
+    aggregate: str = "mean",
+    options: Optional[RunOptions] = None,
+    progress=None,
+    **run_kwargs,
+) -> np.ndarray:
+    """The 512-d CT-FM embedding of ``image`` (float32), by ``mode``: volume, scan or point.
+
+    ``run_kwargs`` (device, precision, threads, channels_last, batch_size) build
+    :class:`RunOptions` when ``options`` is not given.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
+    if mode == "point" and point_lps is None:
+        raise ValueError("mode 'point' needs a point (LPS mm)")
+    progress = progress or null_progress
+    options = options or RunOptions(**run_kwargs)
+    progress(0.0, "loading the model")
+    runner = Runner(_load_encoder(weights, model), options, progress)
+    progress(0.05, "preprocessing")
+    if mode == "volume":
+        pre = preprocess(image)
+        progress(0.1, f"embedding the whole volume {pre.array.shape} on {runner.device.type}")
+        vector = runner.embed(pre.array[None])[0]
+        progress(1.0, "done")
+        return vector
+    config = PreprocessConfig(spacing=PATCH_SPACING, crop_foreground=(mode == "scan"))
+    pre = preprocess(image, config)
+    if mode == "point":
+        patch = patch_at_point(pre, point_lps)
+        progress(0.1, f"embedding the patch at {np.round(point_lps, 1).tolist()} mm")
+        vector = runner.embed(patch[None])[0]
+        progress(1.0, "done")
+        return vector
+    vectors, _ = embed_patches(pre, runner, subrange(progress, 0.1, 1.0))
+    return aggregate_vectors(vectors, aggregate)
+
+
+def aggregate_vectors(vectors: np.ndarray, how: str) -> np.ndarray:
+    return {"mean": np.mean, "max": np.max, "min": np.min}[how](vectors, axis=0).astype(np.float32)
+
+
+def patch_starts(size: int, patch: int) -> list:
+    """Start indices of patches covering ``size`` voxels; the last one is flush with the end."""
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch + 1, patch))
+    if starts[-1] + patch < size:
+        starts.append(size - patch)
+    return starts
+
+
+def _cut(array: np.ndarray, start, size) -> np.ndarray:
+    """A patch of ``size`` at ``start`` (may reach outside: the outside is 0, i.e. -1024 HU)."""
+    out = np.zeros(size, dtype=np.float32)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, array.shape):
+        lo, hi = max(s, 0), min(s + n, dim)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def patch_grid(pre: Preprocessed, size=PATCH_SIZE) -> list:
+    """Start indices of the patches that tile the preprocessed volume."""
+    axes = [patch_starts(n, p) for n, p in zip(pre.array.shape, size)]
+    return [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
+
+
+def embed_patches(pre: Preprocessed, runner: Runner, progress=None, size=PATCH_SIZE) -> tuple:
+    """Embeddings ``(N, C)`` of the patches tiling ``pre`` and their centres ``(N, 3)`` in LPS mm."""
+    progress = progress or null_progress
+    starts = patch_grid(pre, size)
+    vectors, centres = [], []
+    bs = runner.options.batch_size
+    for i in range(0, len(starts), bs):
+        chunk = starts[i:i + bs]
+        batch = np.stack([_cut(pre.array, s, size) for s in chunk])
+        vectors.append(runner.embed(batch))
+        for s in chunk:
+            centres.append(pre.geometry.index_to_physical(np.asarray(s) + (np.asarray(size) - 1) / 2.0))
+        progress(min(i + bs, len(starts)) / len(starts), f"patch {min(i + bs, len(starts))} of {len(starts)}")
+    return np.concatenate(vectors).astype(np.float32), np.asarray(centres)
+
+
+def patch_at_point(pre: Preprocessed, point_lps, size=PATCH_SIZE) -> np.ndarray:
+    """The patch of ``size`` centred on an LPS point; the point must lie inside the image."""
+    idx = pre.physical_to_model_index(point_lps)
+    shape = np.asarray(pre.array.shape)
+    if np.any(idx < -0.5) or np.any(idx > shape - 0.5):
+        raise ImageError(f"the point {np.round(point_lps, 1).tolist()} mm (LPS) lies outside the image")
+    centre = np.floor(idx + 0.5).astype(int)
+    start = centre - np.asarray(size) // 2
+    return _cut(pre.array, tuple(int(s) for s in start), size)
+
+
+__all__ = [
+    "embed_image", "embed_patches", "patch_at_point", "RunOptions", "Runner", "select_device",
+    "PATCH_SIZE", "PATCH_SPACING", "Cancelled",
+]
