@@ -1,0 +1,601 @@
+"""Read a DICOM series folder into an :class:`~CTFMLib.image.Image`, refusing broken series.
+
+Headers are read with pydicom (fast, header only, and it tells image slices
+from non-image objects such as RTSTRUCT, SR or a DICOMDIR that share the
+folder). Voxels are read by SimpleITK's GDCM reader, which decodes compressed
+transfer syntaxes and applies Rescale Slope/Intercept (stored values -> HU).
+
+GDCM and ITK stack whatever files they are given: a missing slice, a second
+acquisition in the same series or a tilted gantry still yield a volume, just
+a wrong one. So before reading, the slices of the chosen series are checked
+and every problem becomes an :class:`ImageError` that says what is wrong and
+where: several series without a choice, localizer (scout) images mixed in,
+a single slice, missing geometry, differing matrix size, pixel spacing or
+orientation, two slices at one position, gantry tilt, and uneven spacing
+(with a hint when a gap looks like missing slices).
+
+Slices are ordered by their position along the slice normal
+``cross(row direction, column direction)``, ascending, as GDCM orders them,
+so the result equals ``sitk.ImageSeriesReader`` on
+``GetGDCMSeriesFileNames(folder)`` for a valid series.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .image import Image, ImageError, _first_line, _sitk, from_sitk
+
+# Direction cosines of two slices may differ by this much (about 0.06 degrees).
+ORIENTATION_TOLERANCE = 1e-3
+# Two slices closer than this along the normal are at the same position.
+DUPLICATE_TOLERANCE_MM = 0.01
+# A gap between neighbouring slices may differ from the median gap by the larger
+# of these: positions are often written rounded to 0.01 mm, and 1 % of a slice is
+# far below what a model or a reader notices.
+SPACING_TOLERANCE_MM = 0.01
+SPACING_TOLERANCE_FRACTION = 0.01
+# Sideways drift of slice positions per mm along the normal (tan of ~0.06 degrees).
+TILT_TOLERANCE = 1e-3
+# ImageType values that mark a projection image planned on, not a slice of the volume.
+LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
+
+# The header tags used here; reading only these keeps a scan of 1000 files fast.
+_HEADER_TAGS = [
+    "SeriesInstanceUID", "StudyInstanceUID", "SeriesDescription", "Modality", "PatientID",
+    "ImageType", "Rows", "Columns", "NumberOfFrames", "PixelSpacing", "SliceThickness",
+    "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope", "RescaleIntercept",
+    "InstanceNumber", "SOPClassUID",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM image series found in a folder."""
+
+    uid: str  # SeriesInstanceUID; may be "" in anonymised data
+    description: str
+    modality: str
+    files: tuple  # Paths, ordered along the slice normal (by instance number where geometry is missing)
+    study_uid: str = ""
+
+    @property
+    def num_files(self) -> int:
+        return len(self.files)
+
+    def summary(self) -> str:
+        """One line naming the series for a message or a list in a GUI."""
+        uid = self.uid if self.uid else '"" (empty SeriesInstanceUID)'
+        return f"{uid} | {self.modality or '?'} | {self.description or '(no description)'!r} | {self.num_files} file(s)"
+
+
+@dataclass
+class _Slice:
+    """The header fields of one DICOM image file that ordering and checking need."""
+
+    path: Path
+    series_uid: str
+    study_uid: str
+    description: str
+    modality: str
+    patient_id: str
+    image_type: tuple
+    rows: int
+    columns: int
+    frames: int
+    pixel_spacing: Optional[tuple]
+    position: Optional[np.ndarray]
+    row_dir: Optional[np.ndarray]
+    col_dir: Optional[np.ndarray]
+    slope: float
+    intercept: float
+    instance: Optional[int]
+    thickness: Optional[float]
+
+    @property
+    def has_geometry(self) -> bool:
+        return self.position is not None and self.row_dir is not None and self.col_dir is not None
+
+    @property
+    def is_localizer(self) -> bool:
+        return bool(LOCALIZER_TYPES.intersection(self.image_type))
+
+
+@dataclass
+class _Scan:
+    slices: list  # _Slice of every DICOM image file
+    non_image: list  # DICOM files without pixels (RTSTRUCT, SR, DICOMDIR, ...)
+    not_dicom: list
+    unreadable: list  # (path, reason): DICOM files whose header cannot be parsed
+
+
+class _NotDicom(Exception):
+    pass
+
+
+# --- public API -------------------------------------------------------------------
+
+
+def list_dicom_series(folder, recursive: bool = False) -> list:
+    """The DICOM image series in ``folder`` (and its subfolders if ``recursive``).
+
+    Non-image DICOM objects and non-DICOM files are skipped. Returns
+    :class:`SeriesInfo` ordered by modality, description and UID.
+    """
+    folder = _existing_folder(folder)
+    return [_info(group) for group in _group(_scan(folder, recursive).slices)]
+
+
+def read_dicom_series(folder, series_uid: Optional[str] = None, recursive: bool = False, progress=None) -> Image:
+    """Read one DICOM series from ``folder`` as a 3-D image in HU (for CT).
+
+    ``series_uid`` chooses a series when the folder holds several; without it
+    such a folder is an :class:`ImageError` listing them. ``progress`` is an
+    optional ``callback(fraction, message)`` (see :mod:`CTFMLib.progress`).
+    """
+    folder = _existing_folder(folder)
+    scan = _scan(folder, recursive, progress)
+    if scan.unreadable:
+        # Such a file may be a slice of the wanted series; reading around it could drop a slice unnoticed.
+        listed = "; ".join(f"{p.name}: {why}" for p, why in scan.unreadable[:5])
+        more = f" and {len(scan.unreadable) - 5} more" if len(scan.unreadable) > 5 else ""
+        raise ImageError(
+            f"{len(scan.unreadable)} DICOM file(s) in {folder} cannot be read (corrupt or truncated?): "
+            f"{listed}{more}. Remove or replace them, or copy the series you want into a folder of its own."
+        )
+    groups = _group(scan.slices)
+    if not groups:
+        raise ImageError(_no_series_message(folder, scan, recursive))
+    slices = _choose(groups, series_uid, folder)
+    if progress:
+        progress(0.5, "reading voxels")
+    if len(slices) == 1 and slices[0].frames > 1:
+        image = _read_multiframe(slices[0])
+    else:
+        ordered = _checked_order(slices)
+        image = _read_voxels(ordered)
+    image.metadata = _metadata(slices[0], folder, image.shape[2])
+    skipped = scan.not_dicom + scan.non_image
+    if skipped:
+        # Not silent: a caller can show which files were not part of any image series.
+        image.metadata["skipped_files"] = [str(p.relative_to(folder)) for p in skipped]
+    if progress:
+        progress(1.0, "read DICOM series")
+    return image
+
+
+# --- scanning ---------------------------------------------------------------------
+
+
+def _pydicom():
+    import pydicom  # imported lazily: only DICOM folders need it
+
+    return pydicom
+
+
+def _existing_folder(folder) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"not a folder: {folder}" if folder.exists() else f"no such folder: {folder}")
+    return folder
+
+
+def _scan(folder: Path, recursive: bool, progress=None) -> _Scan:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    # Hidden files (.DS_Store, ._* resource forks) are never slices.
+    paths = sorted(p for p in candidates if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    scan = _Scan([], [], [], [])
+    for n, path in enumerate(paths):
+        if progress and n % 50 == 0:
+            progress(0.5 * n / len(paths), f"reading DICOM headers {n}/{len(paths)}")
+        try:
+            s = _read_header(path)
+        except _NotDicom:
+            scan.not_dicom.append(path)
+        except Exception as e:  # pydicom raises many types on damaged files
+            scan.unreadable.append((path, _first_line(e)))
+        else:
+            if s is None:
+                scan.non_image.append(path)
+            else:
+                scan.slices.append(s)
+    return scan
+
+
+def _read_header(path: Path) -> Optional[_Slice]:
+    """The header of an image file, ``None`` for a DICOM file without pixels; raises _NotDicom."""
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except pydicom.errors.InvalidDicomError:
+        # Old files may lack the 128-byte preamble and "DICM"; they then start with a group 0002 or 0008 tag.
+        with open(path, "rb") as f:
+            start = f.read(2)
+        if start not in (b"\x02\x00", b"\x08\x00"):
+            raise _NotDicom() from None
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+    if "Rows" not in ds or "Columns" not in ds:
+        # pydicom returns what it could parse of a truncated file, so a missing Rows
+        # means "no pixels" only for an object whose SOP class says so (RTSTRUCT, SR, DICOMDIR).
+        meta = getattr(ds, "file_meta", None) or {}
+        sop_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+        if not sop_class or "Image Storage" in pydicom.uid.UID(sop_class).name:
+            raise ValueError("an image file without Rows/Columns (truncated or corrupt)")
+        return None
+    return _Slice(
+        path=path,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        description=_text(ds, "SeriesDescription"),
+        modality=_text(ds, "Modality"),
+        patient_id=_text(ds, "PatientID"),
+        image_type=tuple(v.strip().upper() for v in _values(ds, "ImageType")),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        frames=int(_number(ds, "NumberOfFrames") or 1),
+        pixel_spacing=_vector(ds, "PixelSpacing", 2),
+        position=_vector(ds, "ImagePositionPatient", 3),
+        row_dir=None if (iop := _vector(ds, "ImageOrientationPatient", 6)) is None else _unit(iop[:3]),
+        col_dir=None if iop is None else _unit(iop[3:]),
+        slope=_number(ds, "RescaleSlope") or 1.0,
+        intercept=_number(ds, "RescaleIntercept") or 0.0,
+        instance=None if (i := _number(ds, "InstanceNumber")) is None else int(i),
+        thickness=_number(ds, "SliceThickness"),
+    )
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _values(ds, keyword: str) -> list:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return [str(value)]
+    return [str(v) for v in value]  # a multi-valued element
+
+
+def _number(ds, keyword: str) -> Optional[float]:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _vector(ds, keyword: str, length: int) -> Optional[np.ndarray]:
+    try:
+        v = np.array([float(x) for x in _values(ds, keyword)], dtype=np.float64)
+    except ValueError:
+        return None
+    return v if v.shape == (length,) and np.all(np.isfinite(v)) else None
+
+
+def _unit(v: np.ndarray) -> Optional[np.ndarray]:
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 1e-6 else None
+
+
+# --- choosing a series ----------------------------------------------------------------
+
+
+def _group(slices: list) -> list:
+    """Slices grouped by SeriesInstanceUID, each group ordered; groups ordered for stable listings."""
+    groups = {}
+    for s in slices:
+        groups.setdefault(s.series_uid, []).append(s)
+    ordered = [_ordered(group) for group in groups.values()]
+    return sorted(ordered, key=lambda g: (g[0].modality, g[0].description, g[0].series_uid))
+
+
+def _normal(s: _Slice) -> np.ndarray:
+    return np.cross(s.row_dir, s.col_dir)
+
+
+def _ordered(slices: list) -> list:
+    """Along the first slice's normal when every slice has geometry, else by instance number and name."""
+    if all(s.has_geometry for s in slices):
+        normal = _normal(slices[0])
+        return sorted(slices, key=lambda s: (float(s.position @ normal), s.path.name))
+    return sorted(slices, key=lambda s: (s.instance if s.instance is not None else math.inf, s.path.name))
+
+
+def _info(group: list) -> SeriesInfo:
+    first = group[0]
+    return SeriesInfo(first.series_uid, first.description, first.modality, tuple(s.path for s in group), first.study_uid)
+
+
+def _choose(groups: list, series_uid: Optional[str], folder: Path) -> list:
+    listing = "\n".join(f"  - {_info(g).summary()}" for g in groups)
+    if series_uid is None:
+        if len(groups) == 1:
+            return groups[0]
+        raise ImageError(
+            f"{folder} holds {len(groups)} DICOM image series; choose one with series_uid "
+            f"(command line: --series UID):\n{listing}"
+        )
+    for g in groups:
+        if g[0].series_uid == series_uid.strip():
+            return g
+    raise ImageError(f"no DICOM series with SeriesInstanceUID {series_uid!r} in {folder}; it holds:\n{listing}")
+
+
+def _no_series_message(folder: Path, scan: _Scan, recursive: bool) -> str:
+    parts = [f"no DICOM image files in {folder}"]
+    if scan.non_image:
+        parts.append(f"{len(scan.non_image)} DICOM file(s) without images (e.g. RTSTRUCT, SR, DICOMDIR) were skipped")
+    if scan.not_dicom:
+        names = ", ".join(p.name for p in scan.not_dicom[:3])
+        parts.append(f"{len(scan.not_dicom)} file(s) that are not DICOM were skipped (e.g. {names})")
+    if not recursive and any(p.is_dir() for p in folder.iterdir()):
+        parts.append("it has subfolders: choose the series folder itself, or read recursively")
+    return "; ".join(parts)
+
+
+# --- checking the chosen series ------------------------------------------------------------
+
+
+def _checked_order(slices: list) -> list:
+    """The slices in position order after every check that guards against a wrong volume."""
+    name = _info(slices).summary()
+    localizers = [s for s in slices if s.is_localizer]
+    if localizers and len(localizers) == len(slices):
+        raise ImageError(f"series {name} is a localizer (scout) image, not a volume; choose the axial series")
+    if localizers:
+        raise ImageError(
+            f"series {name} mixes {len(localizers)} localizer (scout) image(s) with its slices: "
+            f"{_names(localizers)}; remove them from the folder"
+        )
+    if len(slices) == 1:
+        raise ImageError(f"series {name} has a single slice ({slices[0].path.name}): a 2-D image, but a 3-D volume is needed")
+    if any(s.frames > 1 for s in slices):
+        raise ImageError(f"series {name} has several files and some are multi-frame; put each multi-frame file in a folder of its own")
+    missing = [s for s in slices if not s.has_geometry]
+    if missing:
+        raise ImageError(
+            f"series {name}: {len(missing)} file(s) lack a valid ImagePositionPatient or ImageOrientationPatient "
+            f"({_names(missing)}), so the slices cannot be placed in space"
+        )
+    _check_same(slices, name, lambda s: (s.rows, s.columns), "matrix size (rows, columns)")
+    _check_same(slices, name, lambda s: None if s.pixel_spacing is None else tuple(np.round(s.pixel_spacing, 4)), "PixelSpacing")
+    order, _, _ = _check_geometry(
+        np.array([s.position for s in slices]),
+        np.array([s.row_dir for s in slices]),
+        np.array([s.col_dir for s in slices]),
+        [s.path.name for s in slices],
+        name,
+        "slice",
+    )
+    return [slices[i] for i in order]
+
+
+def _check_geometry(positions, row_dirs, col_dirs, labels: list, name: str, unit: str):
+    """Check a stack of planes; returns (indices in position order, slice normal, median gap in mm).
+
+    ``labels`` name the planes (file names, or "frame 3") in messages; ``unit`` is "slice" or "frame".
+    """
+    for k in range(1, len(positions)):
+        if max(np.abs(row_dirs[k] - row_dirs[0]).max(), np.abs(col_dirs[k] - col_dirs[0]).max()) > ORIENTATION_TOLERANCE:
+            raise ImageError(
+                f"series {name}: {unit}s differ in orientation: {labels[0]} has ImageOrientationPatient "
+                f"{_fmt(row_dirs[0])} {_fmt(col_dirs[0])} but {labels[k]} has {_fmt(row_dirs[k])} {_fmt(col_dirs[k])} "
+                "(several stacks or a localizer in one series?)"
+            )
+    normal = np.cross(row_dirs[0], col_dirs[0])
+    along_unsorted = positions @ normal
+    # Ties (duplicates, reported next) keep their label order so messages are stable.
+    order = sorted(range(len(positions)), key=lambda i: (along_unsorted[i], labels[i]))
+    positions = positions[order]
+    labels = [labels[i] for i in order]
+    along = along_unsorted[order]
+    _check_duplicates(labels, along, name, unit)
+    _check_tilt(positions, normal, along, name, unit, labels)
+    median = _check_spacing(labels, along, name, unit)
+    return order, normal, median
+
+
+def _names(slices: list, limit: int = 5) -> str:
+    names = ", ".join(s.path.name for s in slices[:limit])
+    return names + (f" and {len(slices) - limit} more" if len(slices) > limit else "")
+
+
+def _fmt(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+
+def _check_same(slices: list, name: str, key, what: str) -> None:
+    counts = {}
+    for s in slices:
+        counts.setdefault(key(s), []).append(s)
+    if len(counts) > 1:
+        found = "; ".join(f"{k} in {len(v)} file(s), e.g. {v[0].path.name}" for k, v in counts.items())
+        raise ImageError(f"series {name}: slices differ in {what}: {found}")
+
+
+def _check_duplicates(labels: list, along: np.ndarray, name: str, unit: str) -> None:
+    same = np.flatnonzero(np.diff(along) < DUPLICATE_TOLERANCE_MM)
+    if same.size:
+        k = int(same[0])
+        raise ImageError(
+            f"series {name}: {same.size} pair(s) of {unit}s share a position, e.g. {labels[k]} and "
+            f"{labels[k + 1]} both at {along[k]:.2f} mm along the slice normal (several acquisitions, "
+            "phases or echoes in one series?); separate them into series of their own"
+        )
+
+
+def _check_tilt(positions: np.ndarray, normal: np.ndarray, along: np.ndarray, name: str, unit: str, labels: list) -> None:
+    offsets = positions - positions[0]
+    sideways = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    shift = float(sideways.max())
+    length = float(along[-1] - along[0])
+    if shift > max(SPACING_TOLERANCE_MM, TILT_TOLERANCE * length):
+        raise ImageError(
+            f"series {name}: {unit} positions do not run along the slice normal: they shift {shift:.2f} mm sideways "
+            f"over {length:.2f} mm (gantry tilt of about {math.degrees(math.atan2(shift, length)):.1f} degrees, "
+            f"largest at {labels[int(sideways.argmax())]}); stacking them would shear the anatomy. Resample the "
+            "series first (3D Slicer's DICOM module can correct gantry tilt)"
+        )
+
+
+def _check_spacing(labels: list, along: np.ndarray, name: str, unit: str) -> float:
+    """Raise on uneven gaps between neighbours along the normal; returns the median gap."""
+    gaps = np.diff(along)
+    # The lower median is an actual gap, so with few slices "expected" is still a real spacing.
+    median = float(np.sort(gaps)[(len(gaps) - 1) // 2])
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * median)
+    bad = np.flatnonzero(np.abs(gaps - median) > tolerance)
+    n = len(labels)
+    if bad.size:
+        problems = []
+        for k in bad[:3]:
+            gap = float(gaps[k])
+            ratio = gap / median
+            hint = ""
+            if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.1:
+                hint = f" - missing {unit}s? about {round(ratio) - 1} would fit there"
+            elif gap < median:
+                hint = f" - an extra or misplaced {unit}?"
+            problems.append(
+                f"between {unit}s {k + 1} and {k + 2} of {n} in position order ({labels[k]}, {labels[k + 1]}) "
+                f"the gap is {gap:.2f} mm, expected {median:.2f} mm{hint}"
+            )
+        more = f" and {bad.size - 3} more uneven gap(s)" if bad.size > 3 else ""
+        raise ImageError(f"series {name}: uneven {unit} spacing: " + "; ".join(problems) + more)
+    # Each gap may pass yet the positions drift from the even grid the reader assumes (first to last, n - 1 steps).
+    grid = along[0] + (along[-1] - along[0]) * np.arange(n) / (n - 1)
+    drift = np.abs(along - grid)
+    if drift.max() > tolerance:
+        k = int(drift.argmax())
+        raise ImageError(
+            f"series {name}: {unit} positions drift from an even grid by up to {drift.max():.3f} mm "
+            f"({unit} {k + 1} of {n} in position order, {labels[k]}); the spacing is uneven"
+        )
+    return median
+
+
+# --- reading voxels -------------------------------------------------------------------------
+
+
+def _read_voxels(ordered: list) -> Image:
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames([str(s.path) for s in ordered])
+    if len({(s.slope, s.intercept) for s in ordered}) > 1:
+        # The series reader takes its pixel type from the first slice; a slice rescaled
+        # with another slope could fall outside it or lose its fractions.
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        culprit = _first_unreadable(ordered)
+        where = f" ({culprit})" if culprit else ""
+        raise ImageError(f"cannot read the pixel data of series {_info(ordered).summary()}{where}: {_first_line(e)}") from None
+    return from_sitk(img)
+
+
+def _first_unreadable(ordered: list) -> str:
+    """Name the first slice GDCM cannot decode (only called after a failure)."""
+    sitk = _sitk()
+    for s in ordered:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(s.path))
+        try:
+            reader.Execute()
+        except RuntimeError:
+            return f"{s.path.name} is corrupt or truncated"
+    return ""
+
+
+def _read_multiframe(s: _Slice) -> Image:
+    """A single multi-frame file (e.g. Enhanced CT), checked frame by frame like a series.
+
+    GDCM stacks the frames in stored order and takes spacing and direction from
+    their positions; so the frames must be stored in position order (either
+    way) and evenly spaced, and the result is checked against those positions.
+    """
+    name = _info([s]).summary()
+    if s.is_localizer:
+        raise ImageError(f"series {name} is a localizer (scout) image, not a volume; choose the axial series")
+    positions, row_dirs, col_dirs = _frame_planes(s.path, s.frames)
+    if positions is None:
+        raise ImageError(
+            f"multi-frame file {s.path.name} has no position and orientation for each of its {s.frames} frames, "
+            "so they cannot be placed in space"
+        )
+    order, normal, median = _check_geometry(positions, row_dirs, col_dirs, [f"frame {k + 1}" for k in range(s.frames)], name, "frame")
+    if order != sorted(order) and order != sorted(order, reverse=True):
+        raise ImageError(f"multi-frame file {s.path.name}: its frames are not stored in position order, so they cannot be stacked as stored")
+    sitk = _sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(s.path))
+    try:
+        image = from_sitk(reader.Execute())
+    except RuntimeError as e:
+        raise ImageError(f"cannot read multi-frame DICOM file {s.path.name}: {_first_line(e)}") from None
+    # The frames' own positions say where the volume is; refuse a reader that placed it elsewhere.
+    stacking = normal if order[0] == 0 else -normal
+    expected = (image.shape[2] == s.frames and np.allclose(image.origin, positions[0], atol=1e-3)
+                and np.allclose(image.direction[:, 2], stacking, atol=ORIENTATION_TOLERANCE)
+                and abs(image.spacing[2] - median) <= max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * median))
+    if not expected:
+        raise ImageError(
+            f"multi-frame file {s.path.name}: GDCM placed the frames at origin {_fmt(image.origin)}, slice direction "
+            f"{_fmt(image.direction[:, 2])}, spacing {image.spacing[2]:.3f} mm, but the frame positions say "
+            f"{_fmt(positions[0])}, {_fmt(stacking)}, {median:.3f} mm"
+        )
+    return image
+
+
+def _frame_planes(path: Path, frames: int):
+    """Per-frame positions and orientations of a multi-frame file, or (None, None, None)."""
+    ds = _pydicom().dcmread(str(path), stop_before_pixels=True)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != frames:
+        return None, None, None
+
+    def find(group, sequence: str, keyword: str, length: int):
+        # A frame's own functional group wins over the shared one.
+        for item in (group, shared):
+            if item is not None and item.get(sequence):
+                v = _vector(item.get(sequence)[0], keyword, length)
+                if v is not None:
+                    return v
+        return None
+
+    positions = [find(g, "PlanePositionSequence", "ImagePositionPatient", 3) for g in per_frame]
+    orientations = [find(g, "PlaneOrientationSequence", "ImageOrientationPatient", 6) for g in per_frame]
+    if any(v is None for v in positions + orientations):
+        return None, None, None
+    rows = [_unit(o[:3]) for o in orientations]
+    cols = [_unit(o[3:]) for o in orientations]
+    if any(v is None for v in rows + cols):
+        return None, None, None
+    return np.array(positions), np.array(rows), np.array(cols)
+
+
+def _metadata(first: _Slice, folder: Path, num_slices: int) -> dict:
+    metadata = {"source": str(folder), "modality": first.modality, "num_slices": int(num_slices)}
+    for key, value in (
+        ("series_uid", first.series_uid),
+        ("study_uid", first.study_uid),
+        ("patient_id", first.patient_id),
+        ("series_description", first.description),
+    ):
+        if value:
+            metadata[key] = value
+    if first.thickness is not None:
+        metadata["slice_thickness"] = first.thickness
+    return metadata
