@@ -16,8 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from CTFMLib.dicom import list_dicom_series, read_dicom_series
-from CTFMLib.image import Image, ImageError, read_image
+from CTFMLib.dicom_write import write_dicom_series
+from CTFMLib.image import Image, ImageError, read_image, write_image
+from CTFMLib.progress import Cancelled
 from ctfm_testing.data import require_shared_data
+from ctfm_testing.phantoms import GEOMETRIES, body_phantom
 from ctfm_testing.synthetic_dicom import edit_dicom, write_ct_series, write_enhanced_ct
 
 REAL_SERIES = ("totalsegmentator_example", "example_ct_dicom")
@@ -411,3 +414,230 @@ def test_series_in_a_subfolder_needs_recursive(tmp_path):
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(ImageError, match="no such folder"):
         read_dicom_series(tmp_path / "absent")
+
+
+# --- writing a series ----------------------------------------------------------------------------
+
+WRITE_GEOMETRIES = ["lps", "oblique20", "aniso_0.7x0.7x5"]
+
+
+def sitk_read_files(folder):
+    """An independent reading of a written folder: GDCM's own file list and series reader."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def assert_same_grid(result: Image, image: Image, atol: float = 1e-4) -> None:
+    assert result.shape == image.shape
+    np.testing.assert_allclose(result.spacing, image.spacing, atol=atol)
+    np.testing.assert_allclose(result.origin, image.origin, atol=atol)
+    np.testing.assert_allclose(result.direction, image.direction, atol=atol)
+
+
+def folder_state(folder) -> dict:
+    """Every file in ``folder`` (hidden ones too) with its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("geometry", WRITE_GEOMETRIES)
+def test_written_int16_series_reads_back_identically(tmp_path, geometry):
+    image = body_phantom(**GEOMETRIES[geometry])
+    assert image.array.dtype == np.int16
+    paths = write_dicom_series(image, tmp_path / "out")
+    assert len(paths) == image.shape[2]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temporary files left
+    result = read_dicom_series(tmp_path / "out")
+    assert result.array.dtype == np.int16
+    np.testing.assert_array_equal(result.array, image.array)
+    assert_same_grid(result, image)
+    assert result.metadata["series_description"] == "CT-FM"
+    assert result.metadata["modality"] == "CT"
+
+
+@pytest.mark.parametrize("geometry", WRITE_GEOMETRIES)
+def test_written_series_reads_identically_with_simpleitk(tmp_path, geometry):
+    image = body_phantom(**GEOMETRIES[geometry])
+    write_dicom_series(image, tmp_path)
+    ref = sitk_read_files(tmp_path)
+    assert ref.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ref).transpose(2, 1, 0), image.array)
+    np.testing.assert_allclose(ref.GetSpacing(), image.spacing, atol=1e-4)
+    np.testing.assert_allclose(ref.GetOrigin(), image.origin, atol=1e-4)
+    np.testing.assert_allclose(np.reshape(ref.GetDirection(), (3, 3)), image.direction, atol=1e-4)
+
+
+def test_written_headers_place_each_slice(tmp_path):
+    image = body_phantom(**GEOMETRIES["odd_sizes"], direction=rotation_x(20))
+    paths = write_dicom_series(image, tmp_path, series_uid="1.2.3.44", SeriesNumber=901)
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        assert ds.SeriesInstanceUID == "1.2.3.44" and ds.SeriesNumber == 901
+        assert ds.InstanceNumber == k + 1
+        assert (ds.Rows, ds.Columns) == (image.shape[1], image.shape[0])
+        assert (ds.PixelRepresentation, float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1, 1.0, 0.0)
+        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], image.index_to_physical((0, 0, k)), atol=1e-4)
+        np.testing.assert_allclose([float(v) for v in ds.ImageOrientationPatient], [*image.direction[:, 0], *image.direction[:, 1]], atol=1e-6)
+        np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], [2.0, 2.5])  # between rows (j), between columns (i)
+        assert float(ds.SliceThickness) == float(ds.SpacingBetweenSlices) == 4.0
+        # Pixel rows run along j: row 3, column 5 of slice k is voxel [5, 3, k].
+        assert ds.pixel_array[3, 5] == image.array[5, 3, k]
+
+
+def test_float_image_comes_back_within_the_documented_quantisation(tmp_path):
+    image = body_phantom(**GEOMETRIES["float32"], noise_hu=20.0, seed=3)
+    values = image.array.astype(np.float64)
+    assert not np.array_equal(values, np.rint(values))  # fractions that int16 cannot hold as they are
+    paths = write_dicom_series(image, tmp_path)
+    # Documented: min..max spread over all 65536 int16 steps, so half a step is (max - min) / 131070.
+    bound = (values.max() - values.min()) / 131070
+    result = read_dicom_series(tmp_path)
+    error = np.abs(result.array.astype(np.float64) - values)
+    assert error.max() <= bound * (1 + 1e-6)
+    assert error.max() < 1e-5 * (values.max() - values.min())
+    assert_same_grid(result, image)
+    ref = sitk.GetArrayFromImage(sitk_read_files(tmp_path)).transpose(2, 1, 0)
+    np.testing.assert_array_equal(ref, result.array)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert ds.PixelRepresentation == 1 and float(ds.RescaleSlope) != 1.0
+
+
+def test_float_image_of_whole_hu_is_stored_exactly(tmp_path):
+    image = body_phantom(**GEOMETRIES["float32"], noise_hu=0.0)
+    paths = write_dicom_series(image, tmp_path)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path).array, image.array)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, 0.0)
+
+
+def test_integers_beyond_int16_are_stored_exactly_with_an_intercept(tmp_path):
+    i, j, k = np.indices((6, 5, 4))
+    values = (40000 + 1000 * i + 100 * j + 7 * k).astype(np.uint16)  # all above 32767
+    write_dicom_series(Image(values, [1.0, 1.0, 2.0]), tmp_path)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path).array, values)
+
+
+def test_left_handed_grid_comes_back_reversed_at_the_same_points(tmp_path):
+    flipped = np.column_stack([[1, 0, 0], [0, 1, 0], [0, 0, -1]])
+    image = small_ct(direction=flipped)
+    write_dicom_series(image, tmp_path)
+    result = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(result.array, image.array[:, :, ::-1])
+    np.testing.assert_allclose(result.origin, image.index_to_physical((0, 0, image.shape[2] - 1)), atol=1e-4)
+    np.testing.assert_allclose(result.direction, np.eye(3), atol=1e-6)
+
+
+def test_patient_and_study_come_from_the_source_series(tmp_path):
+    write_ct_series(tmp_path / "source", small_ct(), study_uid="1.2.77", PatientID="P7", PatientName="Doe^Jane")
+    source = read_dicom_series(tmp_path / "source")
+    derived = source.with_array(source.array // 2)
+
+    write_dicom_series(derived, tmp_path / "copy")
+    fresh = Image(derived.array, derived.spacing, derived.origin, derived.direction)  # no metadata of its own
+    write_dicom_series(fresh, tmp_path / "referenced", reference=source, description="halved")
+    for name in ("copy", "referenced"):
+        written = read_dicom_series(tmp_path / name)
+        np.testing.assert_array_equal(written.array, derived.array)
+        assert written.metadata["study_uid"] == "1.2.77"
+        assert written.metadata["patient_id"] == "P7"
+        assert written.metadata["patient_name"] == "Doe^Jane"
+        assert written.metadata["frame_of_reference_uid"] == source.metadata["frame_of_reference_uid"]
+        assert written.metadata["series_uid"] != source.metadata["series_uid"]
+    assert read_dicom_series(tmp_path / "referenced").metadata["series_description"] == "halved"
+    assert read_dicom_series(tmp_path / "copy").metadata["series_uid"] != read_dicom_series(tmp_path / "referenced").metadata["series_uid"]
+    # The reference's identity wins over the image's own metadata; an explicit study UID wins over both.
+    stranger = derived.with_array(derived.array, patient_id="OTHER", study_uid="9.9")
+    write_dicom_series(stranger, tmp_path / "stranger", reference=source)
+    metadata = read_dicom_series(tmp_path / "stranger").metadata
+    assert (metadata["patient_id"], metadata["study_uid"]) == ("P7", "1.2.77")
+    write_dicom_series(derived, tmp_path / "other", study_uid="1.2.88")
+    assert read_dicom_series(tmp_path / "other").metadata["study_uid"] == "1.2.88"
+
+
+def test_folder_holding_dicom_files_is_refused_and_left_untouched(tmp_path):
+    write_ct_series(tmp_path, small_ct(), name_prefix="CT", shuffle_names=False)  # CT0000.dcm ...
+    (tmp_path / "notes.txt").write_text("keep me")
+    before = folder_state(tmp_path)
+    with pytest.raises(ImageError) as e:
+        write_dicom_series(small_ct(offset=3), tmp_path)
+    assert "already holds 4 DICOM file(s)" in message_of(e)
+    with pytest.raises(ImageError, match="already holds"):
+        write_image(small_ct(offset=3), tmp_path)
+    assert folder_state(tmp_path) == before
+
+
+def test_files_with_the_series_names_are_never_overwritten(tmp_path):
+    # Not DICOM, so the folder is accepted, but a file already has a name the writer wants.
+    (tmp_path / "CT0002.dcm").write_text("someone's notes")
+    before = folder_state(tmp_path)
+    with pytest.raises(ImageError, match="never overwritten"):
+        write_dicom_series(small_ct(), tmp_path)
+    assert folder_state(tmp_path) == before
+
+
+def test_other_files_may_stay_beside_a_written_series(tmp_path):
+    (tmp_path / "README.txt").write_text("series written by CT-FM")
+    image = small_ct()
+    write_dicom_series(image, tmp_path)
+    assert (tmp_path / "README.txt").read_text() == "series written by CT-FM"
+    result = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(result.array, image.array)
+    assert result.metadata["skipped_files"] == ["README.txt"]
+
+
+def cancel_on_second_report(seen: list):
+    """A progress callback that records fractions and cancels on its second call."""
+
+    def report(fraction, message):
+        seen.append(fraction)
+        if len(seen) == 2:
+            raise Cancelled()
+
+    return report
+
+
+def test_cancelled_write_removes_what_it_wrote(tmp_path):
+    image = small_ct(shape=(6, 5, 25))
+    seen = []
+    with pytest.raises(Cancelled):
+        write_dicom_series(image, tmp_path / "new" / "series", progress=cancel_on_second_report(seen))
+    assert 0 < seen[1] < 1  # some slices were written before the cancel
+    assert list((tmp_path / "new").iterdir()) == []  # the series folder it made is gone too
+
+    (tmp_path / "kept").mkdir()  # a folder the caller made stays, empty
+    with pytest.raises(Cancelled):
+        write_dicom_series(image, tmp_path / "kept", progress=cancel_on_second_report([]))
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (Image(np.full((4, 4, 3), np.nan, np.float32)), "NaN or infinite"),
+        (Image(np.zeros((4, 4, 3), np.int16), direction=[[1, 0.2, 0], [0, 1, 0], [0, 0, 1]]), "not orthonormal"),
+    ],
+    ids=["nan", "sheared"],
+)
+def test_images_dicom_cannot_hold_are_refused_before_writing(tmp_path, image, expected):
+    with pytest.raises(ImageError, match=expected):
+        write_dicom_series(image, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_image_to_a_folder_writes_a_dicom_series(tmp_path):
+    image = body_phantom(**GEOMETRIES["oblique20"])
+    (tmp_path / "empty").mkdir()
+    assert write_image(image, tmp_path / "empty") == tmp_path / "empty"
+    assert write_image(image, tmp_path / "new_series") == tmp_path / "new_series"  # no suffix: a folder
+    for name in ("empty", "new_series"):
+        assert all(pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT" for p in (tmp_path / name).iterdir())
+        result = read_image(tmp_path / name)
+        np.testing.assert_array_equal(result.array, image.array)
+        assert_same_grid(result, image)
+    # Files keep their formats.
+    nifti = write_image(image, tmp_path / "ct.nii.gz")
+    assert nifti.is_file()
+    np.testing.assert_array_equal(read_image(nifti).array, image.array)
+    with pytest.raises(ImageError, match="folder without a suffix"):
+        write_image(image, tmp_path / "ct.dcm")

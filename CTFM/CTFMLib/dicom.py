@@ -18,6 +18,8 @@ Slices are ordered by their position along the slice normal
 ``cross(row direction, column direction)``, ascending, as GDCM orders them,
 so the result equals ``sitk.ImageSeriesReader`` on
 ``GetGDCMSeriesFileNames(folder)`` for a valid series.
+
+Writing a series is :mod:`CTFMLib.dicom_write`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
 
 # The header tags used here; reading only these keeps a scan of 1000 files fast.
 _HEADER_TAGS = [
-    "SeriesInstanceUID", "StudyInstanceUID", "SeriesDescription", "Modality", "PatientID",
+    "SeriesInstanceUID", "StudyInstanceUID", "SeriesDescription", "Modality", "PatientID", "PatientName",
+    "FrameOfReferenceUID",
     "ImageType", "Rows", "Columns", "NumberOfFrames", "PixelSpacing", "SliceThickness",
     "ImagePositionPatient", "ImageOrientationPatient", "RescaleSlope", "RescaleIntercept",
     "InstanceNumber", "SOPClassUID",
@@ -84,6 +87,8 @@ class _Slice:
     description: str
     modality: str
     patient_id: str
+    patient_name: str
+    frame_uid: str
     image_type: tuple
     rows: int
     columns: int
@@ -234,6 +239,8 @@ def _read_header(path: Path) -> Optional[_Slice]:
         description=_text(ds, "SeriesDescription"),
         modality=_text(ds, "Modality"),
         patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        frame_uid=_text(ds, "FrameOfReferenceUID"),
         image_type=tuple(v.strip().upper() for v in _values(ds, "ImageType")),
         rows=int(ds.Rows),
         columns=int(ds.Columns),
@@ -592,6 +599,8 @@ def _metadata(first: _Slice, folder: Path, num_slices: int) -> dict:
         ("series_uid", first.series_uid),
         ("study_uid", first.study_uid),
         ("patient_id", first.patient_id),
+        ("patient_name", first.patient_name),
+        ("frame_of_reference_uid", first.frame_uid),
         ("series_description", first.description),
     ):
         if value:

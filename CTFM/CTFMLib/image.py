@@ -1,4 +1,4 @@
-"""One image type with full geometry, read and written with SimpleITK.
+"""One image type with full geometry, read and written with SimpleITK (DICOM series: :mod:`CTFMLib.dicom`).
 
 Conventions (the same as ITK and DICOM):
 
@@ -196,15 +196,28 @@ def _first_line(e: Exception) -> str:
 
 
 def write_image(image: Image, path, compress: bool = True) -> Path:
-    """Write NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seg.nrrd) or MetaImage (.mha).
+    """Write NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seg.nrrd), MetaImage (.mha) or a DICOM series folder.
 
-    Writes to a temporary name first and renames, so an interrupted write never
-    leaves a truncated file under the final name.
+    A file is written to a temporary name first and renamed, so an interrupted
+    write never leaves a truncated file under the final name.
+
+    When ``path`` is an existing folder, or has no suffix (``out/ct``), a DICOM
+    series is written into it (the folder is created if needed): one CT file
+    per slice, see :func:`CTFMLib.dicom_write.write_dicom_series`, which refuses a
+    folder that already holds DICOM files. ``compress`` applies to files only.
+    Returns the file or folder written.
     """
     path = Path(path)
+    if path.is_dir() or not path.suffix:
+        from .dicom_write import write_dicom_series
+
+        write_dicom_series(image, path)
+        return path
     name = path.name.lower()
     if not name.endswith(WRITE_SUFFIXES):
-        raise ImageError(f"cannot write {path.name}: use one of {', '.join(WRITE_SUFFIXES)}")
+        raise ImageError(
+            f"cannot write {path.name}: use one of {', '.join(WRITE_SUFFIXES)}, or a folder without a suffix for a DICOM series"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk = _sitk()
     suffix = next(s for s in sorted(WRITE_SUFFIXES, key=len, reverse=True) if name.endswith(s))

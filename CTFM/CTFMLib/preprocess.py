@@ -185,7 +185,7 @@ class Preprocessed:
         full = np.full(lead + tuple(self.resampled_shape), fill, dtype=output.dtype)
         box = tuple(slice(s, e) for s, e in zip(self.crop_start, self.crop_end))
         full[(Ellipsis,) + box] = output
-        if tuple(self.resampled_shape) != tuple(self.oriented_shape) or self.config.spacing is not None:
+        if self.config.spacing is not None:
             oriented_spacing = self.input_geometry.spacing[list(self.perm)]
             scale = oriented_spacing / self.geometry.spacing
             full = resample_axes(full, scale, self.oriented_shape, mode)

@@ -1,12 +1,12 @@
 """Write small CT DICOM series with pydicom, and edit their tags, for tests.
 
-:func:`write_ct_series` turns an :class:`~CTFMLib.image.Image` in HU into one
-uncompressed CT Image Storage file per slice, with the geometry of the image
-(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) and Rescale
-Slope/Intercept, so a correct reader gives the image back. File names are
-shuffled so that name order is not position order. Broken series (missing or
-duplicated slices, tilt, mixed orientations) are made by deleting files or
-changing tags afterwards with :func:`edit_dicom`.
+:func:`write_ct_series` writes an :class:`~CTFMLib.image.Image` in HU with the
+library's own slice writer (:func:`CTFMLib.dicom_write.ct_slice_datasets`), adding
+what only tests need: shuffled file names (so that name order is not position
+order), unsigned 16-bit stored values with any Rescale Slope/Intercept, and
+several series in one folder. Broken series (missing or duplicated slices,
+tilt, mixed orientations) are made by deleting files or changing tags
+afterwards with :func:`edit_dicom`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def _ds(x: float):
-    """A decimal string value that always fits DICOM's 16 characters."""
-    from pydicom.valuerep import DSfloat
-
-    return DSfloat(float(x), auto_format=True)
+from CTFMLib.dicom_write import Rescale, ct_dataset, ct_slice_datasets, decimal_string as _ds, save_dicom_files
 
 
 def write_ct_series(
@@ -42,62 +35,23 @@ def write_ct_series(
 
     Stored values are ``round((HU - intercept) / slope)`` as unsigned 16 bit.
     Extra keyword arguments become tags of every slice (e.g. ``PatientID="X"``).
+    Unlike :func:`CTFMLib.dicom_write.write_dicom_series` it writes into a folder
+    that already holds DICOM files (but never over a file).
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stored = np.rint((np.asarray(image.array, dtype=np.float64) - intercept) / slope)
     if stored.min() < 0 or stored.max() > 65535:
         raise ValueError(f"HU range {image.array.min()}..{image.array.max()} does not fit uint16 with slope {slope}, intercept {intercept}")
-    stored = stored.astype(np.uint16)
+    rescale = Rescale(stored.astype(np.uint16), slope, intercept, exact=True)
     series_uid = generate_uid() if series_uid is None else series_uid
-    study_uid = generate_uid() if study_uid is None else study_uid
-    frame_uid = generate_uid()
     n = image.shape[2]
     order = np.random.default_rng(len(series_uid) + n).permutation(n) if shuffle_names else np.arange(n)
-    row_dir, col_dir, slice_dir = (image.direction[:, a] for a in range(3))
-    paths = []
-    for k in range(n):
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = "CT"
-        ds.SeriesDescription = description
-        ds.PatientID = "SYNTHETIC"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(v) for v in image.origin + k * image.spacing[2] * slice_dir]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
-        # PixelSpacing is (between rows, between columns): rows run along j, columns along i.
-        ds.PixelSpacing = [_ds(image.spacing[1]), _ds(image.spacing[0])]
-        ds.SliceThickness = _ds(image.spacing[2])
-        ds.Rows, ds.Columns = image.shape[1], image.shape[0]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 0
-        ds.RescaleSlope = _ds(slope)
-        ds.RescaleIntercept = _ds(intercept)
-        ds.RescaleType = "HU"
-        for keyword, value in tags.items():
-            setattr(ds, keyword, value)
-        # A slice's pixel rows are j and its columns i, so the [i, j] plane is transposed.
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        path = folder / f"{name_prefix}{int(order[k]):04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    tags = {"PatientID": "SYNTHETIC", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], **tags}
+    datasets = ct_slice_datasets(image, rescale, series_uid, study_uid, description, **tags)
+    return save_dicom_files(datasets, [folder / f"{name_prefix}{int(order[k]):04d}.dcm" for k in range(n)])
 
 
 def edit_dicom(path, **tags) -> None:
@@ -133,9 +87,9 @@ def write_enhanced_ct(path, image, frame_order=None, intercept: float = -1024.0)
     position in its per-frame PlanePositionSequence; orientation, pixel spacing
     and rescale sit in the shared functional groups.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,27 +98,13 @@ def write_enhanced_ct(path, image, frame_order=None, intercept: float = -1024.0)
     if stored.min() < 0 or stored.max() > 65535:
         raise ValueError("HU range does not fit uint16")
     stored = stored.astype(np.uint16)
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
+    ds = ct_dataset(ENHANCED_CT_IMAGE_STORAGE, rows=image.shape[1], columns=image.shape[0], stored_dtype=np.uint16)
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality = "CT"
     ds.SeriesDescription = "synthetic enhanced CT"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.Rows, ds.Columns = image.shape[1], image.shape[0]
     ds.NumberOfFrames = len(order)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 0
     measures = Dataset()
     measures.PixelSpacing = [_ds(image.spacing[1]), _ds(image.spacing[0])]
     measures.SliceThickness = _ds(image.spacing[2])
