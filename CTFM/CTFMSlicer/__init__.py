@@ -1,0 +1,12 @@
+"""CTFMSlicer: the thin layer between 3D Slicer's MRML scene and CTFMLib.
+
+Volume nodes to and from :class:`CTFMLib.image.Image` (:mod:`.nodes`), the
+hub module's logic (:mod:`.logic`), a child-process runner for long work
+(:mod:`.process`) and the Python dependency check (:mod:`.dependencies`).
+
+Nothing here imports ``qt``, ``ctk`` or ``slicer.ScriptedLoadableModule``: the
+package runs on ``slicer-core`` (MRML without the application), which is how
+the test suite exercises it. It sits in a sub-folder of the module folder, so
+Slicer's module scanner, which only looks at top-level ``*.py`` files, does not
+mistake it for a module.
+"""

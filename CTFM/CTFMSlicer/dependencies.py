@@ -1,0 +1,130 @@
+"""Make sure Slicer's Python has what CT-FM needs, asking the user before installing.
+
+PyTorch comes through the PyTorch extension (``PyTorchUtils``), which picks
+the build matching the computer's GPU driver; the few pure-Python packages
+listed in ``Resources/requirements-slicer.txt`` come from pip.
+numpy and SimpleITK ship with Slicer and are never installed here: a second
+SimpleITK would shadow Slicer's own.
+
+The checks (:func:`read_requirements`, :func:`missing_requirements`,
+:func:`installed_torch_version`) read package metadata only, without
+importing anything heavy; :func:`ensure_dependencies` needs a running Slicer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+# Installed layout: qt-scripted-modules/{CTFMSlicer, Resources}; source tree: CTFM/{CTFMSlicer, Resources}.
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements-slicer.txt"
+MINIMUM_TORCH = "2.1"  # as pyproject.toml
+NEVER_INSTALL = {"simpleitk", "numpy", "torch", "vtk"}
+
+
+class DependencyError(RuntimeError):
+    """A required package is missing and was not (or could not be) installed."""
+
+
+def read_requirements(path=REQUIREMENTS_FILE) -> list:
+    """Requirement strings of a requirements file (comments, blank lines and pip options skipped)."""
+    requirements = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            requirements.append(line)
+    return requirements
+
+
+def _parse(requirement: str):
+    from packaging.requirements import Requirement  # bundled with Slicer (pip depends on it)
+
+    return Requirement(requirement)
+
+
+def missing_requirements(requirements: Iterable[str]) -> list:
+    """The requirements not satisfied by installed distributions (by metadata; nothing is imported)."""
+    missing = []
+    for text in requirements:
+        requirement = _parse(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(text)
+            continue
+        if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
+            missing.append(text)
+    return missing
+
+
+def installed_torch_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def torch_is_sufficient(version: Optional[str] = None, minimum: str = MINIMUM_TORCH) -> bool:
+    from packaging.version import Version
+
+    version = version if version is not None else installed_torch_version()
+    if version is None:
+        return False
+    return Version(version.split("+", 1)[0]) >= Version(minimum)
+
+
+def ensure_torch(ask_confirmation: bool = True, minimum: str = MINIMUM_TORCH) -> None:
+    """Install PyTorch through the PyTorch extension unless a recent enough one is present."""
+    if torch_is_sufficient(minimum=minimum):
+        return
+    try:
+        import PyTorchUtils
+    except ModuleNotFoundError:
+        raise DependencyError(
+            "CT-FM needs PyTorch: install the 'PyTorch' extension from the Extensions Manager, restart Slicer, and try again"
+        ) from None
+    torch_logic = PyTorchUtils.PyTorchUtilsLogic()
+    installed = installed_torch_version()
+    if installed is not None:
+        raise DependencyError(
+            f"PyTorch {installed} is too old for CT-FM (needs >= {minimum}); "
+            f"reinstall it in the 'PyTorch Utils' module with version requirement '>={minimum}'"
+        )
+    logging.info("CT-FM: installing PyTorch (this can take several minutes)")
+    if torch_logic.installTorch(askConfirmation=ask_confirmation, torchVersionRequirement=f">={minimum}") is None:
+        raise DependencyError("PyTorch was not installed; CT-FM cannot run without it")
+
+
+def ensure_packages(requirements: list, ask_confirmation: bool = True) -> None:
+    """pip-install the missing ones among ``requirements`` (never torch, numpy or SimpleITK)."""
+    forbidden = [r for r in requirements if _parse(r).name.lower() in NEVER_INSTALL]
+    if forbidden:
+        raise DependencyError(f"refusing to pip-install {forbidden}: Slicer or the PyTorch extension provides them")
+    missing = missing_requirements(requirements)
+    if not missing:
+        return
+    import slicer
+
+    try:
+        import slicer.packaging as packaging  # Slicer >= 5.10
+    except ImportError:
+        packaging = None
+    if packaging is not None:
+        packaging.pip_ensure(missing, prompt_install=ask_confirmation, requester="CT-FM")
+        return
+    if ask_confirmation and not slicer.util.confirmOkCancelDisplay(
+        "CT-FM needs these Python packages, which will be installed now:\n\n" + "\n".join(missing),
+        "CT-FM - Install Python packages",
+    ):
+        raise DependencyError("installation of CT-FM's Python packages was declined")
+    slicer.util.pip_install(" ".join(missing))
+
+
+def ensure_dependencies(ask_confirmation: bool = True, requirements_path=REQUIREMENTS_FILE) -> None:
+    """PyTorch (via the PyTorch extension), then the packages of ``requirements-slicer.txt``."""
+    ensure_torch(ask_confirmation)
+    ensure_packages(read_requirements(requirements_path), ask_confirmation)

@@ -1,0 +1,5 @@
+"""CTFMSegmentLib: the CT-FM Segment module's logic, without Qt (tested on slicer-core).
+
+Lives in a sub-folder of the module folder, so Slicer's module scanner does not
+take it for a module.
+"""
