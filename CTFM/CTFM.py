@@ -101,8 +101,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._runner = None  # the child process computing an embedding, while one runs
         self._observedPointList = None
 
     def setup(self) -> None:
@@ -119,6 +118,9 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._setupModels()
         self.ui.computeEmbeddingButton.connect("clicked(bool)", self.onComputeEmbedding)
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.connect("timeout()", self._pollRunner)
 
         self.initializeParameterNode()
 
@@ -165,6 +167,8 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- parameter node ----------------------------------------------------------
 
     def cleanup(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -220,7 +224,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pointMode = bool(p) and p.embedMode == "point"
         self.ui.pointListLabel.visible = pointMode
         self.ui.pointListSelector.visible = pointMode
-        if self._running:
+        if self._runner is not None:
             return
         problem = self.logic.embeddingInputProblem(p.inputVolume, p.weights, p.embedMode, p.pointList) if p else _("No parameter node")
         self.ui.computeEmbeddingButton.enabled = problem is None
@@ -229,36 +233,45 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- embedding ---------------------------------------------------------------
 
     def onComputeEmbedding(self) -> None:
-        if self._running:  # the button reads "Cancel" while an embedding runs
-            self._cancelRequested = True
+        if self._runner is not None:  # the button reads "Cancel" while an embedding runs
             self.ui.embeddingStatusLabel.text = _("Cancelling...")
+            self._runner.cancel()
             return
-        from CTFMLib.progress import Cancelled
-
         from CTFMSlicer.dependencies import ensure_dependencies
 
         p = self._parameterNode
         self.ui.embeddingStatusLabel.text = ""
         with slicer.util.tryWithErrorDisplay(_("Failed to compute the embedding."), waitCursor=False):
             ensure_dependencies()
+            pointRAS = self.logic.firstPointRAS(p.pointList) if p.embedMode == "point" else None
+            volumeName = p.inputVolume.GetName()
+            # The work runs in a child process: Slicer stays responsive and Cancel kills the process tree.
+            self._runner = self.logic.startEmbedding(
+                p.inputVolume, p.weights, p.embedMode, pointRAS, p.device,
+                on_progress=self._onProgress,
+                on_done=lambda embedding, message: self._onEmbeddingDone(embedding, message, volumeName),
+            )
             self._setRunning(True)
-            try:
-                pointRAS = self.logic.firstPointRAS(p.pointList) if p.embedMode == "point" else None
-                embedding = self.logic.embedVolume(
-                    p.inputVolume, p.weights, p.embedMode, pointRAS, p.device, progress=self._onProgress
-                )
-                table = self.logic.embeddingTableNode(embedding, name=f"{p.inputVolume.GetName()} CT-FM embedding")
-                self.ui.embeddingStatusLabel.text = _(
-                    "{size}-value embedding stored in table '{table}' (norm {norm:.3f})."
-                ).format(size=embedding.size, table=table.GetName(), norm=float((embedding**2).sum() ** 0.5))
-            except Cancelled:
-                self.ui.embeddingStatusLabel.text = _("Cancelled.")
-            finally:
-                self._setRunning(False)
+            self._pollTimer.start()
+
+    def _pollRunner(self) -> None:
+        if self._runner is not None and not self._runner.poll():
+            self._pollTimer.stop()
+
+    def _onEmbeddingDone(self, embedding, message: str, volumeName: str) -> None:
+        self._runner = None
+        self._setRunning(False)
+        if embedding is None:
+            self.ui.embeddingStatusLabel.text = message.splitlines()[0] if message else _("Failed.")
+            if message and message != "Cancelled.":
+                logging.error(f"CT-FM embedding failed: {message}")
+            return
+        table = self.logic.embeddingTableNode(embedding, name=f"{volumeName} CT-FM embedding")
+        self.ui.embeddingStatusLabel.text = _(
+            "{size}-value embedding stored in table '{table}' (norm {norm:.3f})."
+        ).format(size=embedding.size, table=table.GetName(), norm=float((embedding**2).sum() ** 0.5))
 
     def _setRunning(self, running: bool) -> None:
-        self._running = running
-        self._cancelRequested = False
         self.ui.embeddingProgressBar.visible = running
         self.ui.embeddingProgressBar.setRange(0, 100)
         self.ui.embeddingProgressBar.value = 0
@@ -268,9 +281,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateState()
 
     def _onProgress(self, fraction, message: str = "") -> None:
-        """CTFMLib progress callback: show it, keep the GUI responsive, honour Cancel."""
-        from CTFMLib.progress import Cancelled
-
+        """Progress from the child process (delivered in the GUI thread by the poll timer)."""
         bar = self.ui.embeddingProgressBar
         if fraction is None:
             bar.setRange(0, 0)  # busy indicator
@@ -279,9 +290,6 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             bar.value = round(100 * fraction)
         if message:
             self.ui.embeddingStatusLabel.text = message
-        slicer.app.processEvents()
-        if self._cancelRequested:
-            raise Cancelled()
 
 
 #
@@ -433,11 +441,32 @@ class CTFMTest(ScriptedLoadableModuleTest):
             logic = CTFMLogic()
             embedding = logic.embedVolume(node, weights=folder, device="cpu")
             reference = embed_image(image, weights=folder, device="cpu")
-        self.assertEqual(embedding.shape, (8,))  # 4 filters doubled once
-        self.assertTrue(np.all(np.isfinite(embedding)))
-        self.assertTrue(np.allclose(embedding, reference, atol=1e-5))
-        table = logic.embeddingTableNode(embedding)
-        self.assertEqual(table.GetNumberOfRows(), 8)
+            self.assertEqual(embedding.shape, (8,))  # 4 filters doubled once
+            self.assertTrue(np.all(np.isfinite(embedding)))
+            self.assertTrue(np.allclose(embedding, reference, atol=1e-5))
+            table = logic.embeddingTableNode(embedding)
+            self.assertEqual(table.GetNumberOfRows(), 8)
+
+            self.delayDisplay("The same embedding from the widget, computed in a child process")
+            import time
+
+            widget = slicer.modules.ctfm.widgetRepresentation().self()
+            widget.initializeParameterNode()
+            parameterNode = widget.logic.getParameterNode()
+            parameterNode.inputVolume = node
+            parameterNode.weights = folder
+            parameterNode.embedMode = "volume"
+            parameterNode.device = "cpu"
+            widget.ui.computeEmbeddingButton.click()
+            self.assertEqual(widget.ui.computeEmbeddingButton.text, "Cancel")
+            deadline = time.time() + 120
+            while widget._runner is not None and time.time() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            self.assertIsNone(widget._runner)
+            tables = slicer.util.getNodesByClass("vtkMRMLTableNode")
+            fromWidget = slicer.util.arrayFromTableColumn(tables[-1], "value")
+            self.assertTrue(np.allclose(fromWidget, reference, atol=1e-5))
 
     def test_TrainCLICheck(self):
         """The CTFMTrain CLI's environment check runs from Slicer and reports progress."""

@@ -239,3 +239,46 @@ def test_retrieve_input_checks(mrml_scene, tmp_path):
     assert any("index" in p.lower() for p in logic.inputProblems(Path(), ct))
     assert any("does not exist" in p for p in logic.inputProblems(tmp_path / "nope.db", ct))
     assert any("volume" in p.lower() for p in logic.inputProblems(tmp_path, None))
+
+
+# --- embedding in a child process (what the widget uses) ---------------------------------
+
+
+def test_start_embedding_in_a_child_process_equals_in_process(mrml_scene, tiny_model):
+    image = body_phantom(**GEOMETRIES["oblique20"])
+    node = volume_node_from_image(image, name="ct")
+    logic = CTFMLogic()
+    reference = logic.embedVolume(node, weights=tiny_model, device="cpu")
+    events, done = [], []
+    runner = logic.startEmbedding(node, weights=tiny_model, device="cpu",
+                                  on_progress=lambda f, m: events.append(f), on_done=lambda v, m: done.append((v, m)))
+    result = runner.wait(timeout=120)
+    assert result.ok, result.stderr_tail
+    assert len(done) == 1 and done[0][0] is not None
+    np.testing.assert_allclose(done[0][0], reference, rtol=1e-5, atol=1e-6)
+    assert events and events[-1] == pytest.approx(1.0)
+    assert not Path(runner.args[runner.args.index("embed") + 1]).parent.exists()  # temporary files removed
+    # point mode: the RAS point reaches the child in LPS
+    point_ras = np.array([-30.0, 12.0, 5.0])
+    done.clear()
+    logic.startEmbedding(node, weights=tiny_model, mode="point", pointRAS=point_ras, device="cpu",
+                         on_done=lambda v, m: done.append(v)).wait(timeout=120)
+    np.testing.assert_allclose(done[0], logic.embedVolume(node, tiny_model, "point", point_ras, "cpu"), rtol=1e-5, atol=1e-6)
+
+
+def test_start_embedding_reports_failure_and_cancel(mrml_scene, tiny_model, tmp_path):
+    node = volume_node_from_image(body_phantom(**GEOMETRIES["lps"]), name="ct")
+    done = []
+    runner = CTFMLogic().startEmbedding(node, weights=str(tmp_path / "no-such-model"), device="cpu",
+                                        on_done=lambda v, m: done.append((v, m)))
+    assert not runner.wait(timeout=120).ok
+    assert done[0][0] is None and "no-such-model" in done[0][1]
+
+    big = volume_node_from_image(body_phantom(shape=(160, 160, 60), spacing=(1.0, 1.0, 2.0)), name="big")
+    done.clear()
+    runner = CTFMLogic().startEmbedding(big, weights=tiny_model, mode="scan", device="cpu",
+                                        on_done=lambda v, m: done.append((v, m)))
+    runner.cancel()
+    result = runner.wait(timeout=30)
+    assert result.cancelled and done == [(None, "Cancelled.")]
+    assert not runner.running

@@ -6,11 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
 from .nodes import image_from_volume_node, ras_to_lps, table_node_from_rows
+from .process import ProcessRunner, ctfm_cli_command
 
 DEFAULT_WEIGHTS = "project-lighter/ct_fm_feature_extractor"
 EMBED_MODES = ("volume", "scan", "point")
@@ -29,21 +33,17 @@ class CTFMLogic:
         device: str = "auto",
         progress=None,
     ) -> np.ndarray:
-        """The CT-FM embedding of a volume node.
+        """The CT-FM embedding of a volume node, computed in this process (scripts, tests).
+
+        The module's widget uses :meth:`startEmbedding` instead, which runs the
+        same computation in a child process.
 
         ``pointRAS`` (world RAS, mm) is required for ``mode="point"`` and is
         handed to CTFMLib in LPS. ``progress`` follows CTFMLib's protocol
         ``progress(fraction_or_None, message)``; it may raise
         ``CTFMLib.progress.Cancelled`` to stop.
         """
-        if mode not in EMBED_MODES:
-            raise ValueError(f"unknown embedding mode '{mode}'; choose one of {', '.join(EMBED_MODES)}")
-        if device not in DEVICES:
-            raise ValueError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
-        if mode == "point" and pointRAS is None:
-            raise ValueError("point mode needs a point: place a markup point on the volume")
-        if not weights:
-            raise ValueError("no model weights given (a Hugging Face repo id, a catalogue id or a folder)")
+        self._checkEmbeddingRequest(weights, mode, pointRAS, device)
         image = image_from_volume_node(volumeNode)
         point_lps = None if pointRAS is None else ras_to_lps(pointRAS)
         try:
@@ -53,6 +53,63 @@ class CTFMLogic:
             raise RuntimeError(f"CT-FM embedding is unavailable: {e}. Install the Python dependencies (PyTorch) first") from e
         embedding = embed_image(image, weights=weights, mode=mode, point_lps=point_lps, device=device, progress=progress)
         return np.asarray(embedding)
+
+    def startEmbedding(
+        self,
+        volumeNode,
+        weights: str = DEFAULT_WEIGHTS,
+        mode: str = "volume",
+        pointRAS=None,
+        device: str = "auto",
+        on_progress: Optional[Callable] = None,
+        on_done: Optional[Callable] = None,
+    ) -> ProcessRunner:
+        """Compute the embedding in a child process (``ctfm embed``) so the GUI never blocks.
+
+        The volume is written to a temporary NRRD with its geometry; the child
+        reports progress as JSON lines. ``on_done(embedding_or_None, message)``
+        is called from :meth:`ProcessRunner.poll` once the child has ended:
+        the vector on success, ``None`` and the reason on failure or cancel.
+        The caller polls the returned runner (a QTimer in the widget) and may
+        :meth:`~ProcessRunner.cancel` it, which kills the whole process tree.
+        """
+        self._checkEmbeddingRequest(weights, mode, pointRAS, device)
+        from CTFMLib.image import write_image
+
+        work = Path(tempfile.mkdtemp(prefix="ctfm-embed-"))
+        try:
+            source = write_image(image_from_volume_node(volumeNode), work / "input.nrrd", compress=False)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        out = work / "embedding.npy"
+        args = ["embed", source, "--weights", weights, "--mode", mode, "--device", device, "--out", out]
+        if pointRAS is not None:
+            args += ["--point", ",".join(repr(float(v)) for v in ras_to_lps(pointRAS))]
+
+        def finished(result):
+            try:
+                if result.ok and out.is_file():
+                    vector, message = np.load(out), result.describe()
+                else:
+                    vector, message = None, result.describe()
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if on_done:
+                on_done(vector, message)
+
+        return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_done=finished)
+
+    @staticmethod
+    def _checkEmbeddingRequest(weights, mode, pointRAS, device) -> None:
+        if mode not in EMBED_MODES:
+            raise ValueError(f"unknown embedding mode '{mode}'; choose one of {', '.join(EMBED_MODES)}")
+        if device not in DEVICES:
+            raise ValueError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
+        if mode == "point" and pointRAS is None:
+            raise ValueError("point mode needs a point: place a markup point on the volume")
+        if not weights:
+            raise ValueError("no model weights given (a Hugging Face repo id, a catalogue id or a folder)")
 
     def embeddingInputProblem(self, volumeNode, weights: str, mode: str, pointList=None) -> Optional[str]:
         """Why an embedding cannot be computed from these inputs (a sentence for the GUI), or None."""

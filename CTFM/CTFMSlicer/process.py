@@ -74,8 +74,11 @@ def python_executable() -> str:
 
 
 def ctfm_cli_command(*args: str) -> list:
-    """``[python, -m, CTFMLib.cli, *args, --progress, json]``: a CT-FM CLI call reporting JSON progress."""
-    return [python_executable(), "-m", "CTFMLib.cli", *args, "--progress", "json"]
+    """``[python, -m, CTFMLib.cli, --progress, json, *args]``: a CT-FM CLI call reporting JSON progress.
+
+    ``--progress`` is an option of ``ctfm`` itself, so it comes before the sub-command.
+    """
+    return [python_executable(), "-m", "CTFMLib.cli", "--progress", "json", *[str(a) for a in args]]
 
 
 def _ctfmlib_parent() -> str:
