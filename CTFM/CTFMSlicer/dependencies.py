@@ -109,12 +109,11 @@ def ensure_packages(requirements: list, ask_confirmation: bool = True) -> None:
         return
     import slicer
 
-    try:
-        import slicer.packaging as packaging  # Slicer >= 5.10
-    except ImportError:
-        packaging = None
-    if packaging is not None:
-        packaging.pip_ensure(missing, prompt_install=ask_confirmation, requester="CT-FM")
+    pydeps = _pydeps_module()
+    if pydeps is not None:
+        # Requirement objects, and Slicer's own binaries kept out of any dependency tree.
+        pydeps.pip_ensure([_parse(r) for r in missing], skip_packages=sorted(NEVER_INSTALL),
+                          prompt_install=ask_confirmation, requester="CT-FM")
         return
     if ask_confirmation and not slicer.util.confirmOkCancelDisplay(
         "CT-FM needs these Python packages, which will be installed now:\n\n" + "\n".join(missing),
@@ -122,6 +121,21 @@ def ensure_packages(requirements: list, ask_confirmation: bool = True) -> None:
     ):
         raise DependencyError("installation of CT-FM's Python packages was declined")
     slicer.util.pip_install(" ".join(missing))
+
+
+def _pydeps_module():
+    """Slicer's dependency manager with ``pip_ensure`` (``slicer.pydeps`` since 5.11,
+    ``slicer.packaging`` in some releases), or ``None`` on older Slicer."""
+    import importlib
+
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module
+    return None
 
 
 def ensure_dependencies(ask_confirmation: bool = True, requirements_path=REQUIREMENTS_FILE) -> None:
