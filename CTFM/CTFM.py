@@ -29,6 +29,7 @@ from slicer.util import VTKObservationMixin
 
 from CTFMSlicer.logic import DEFAULT_WEIGHTS, DEVICES, EMBED_MODES
 from CTFMSlicer.logic import CTFMLogic as CTFMCoreLogic
+from CTFMSlicer.widget import ParameterNodeWidgetMixin
 
 CACHE_FOLDER_SETTING = "CTFM/CacheFolder"
 
@@ -92,15 +93,13 @@ class CTFMParameterNode:
 #
 
 
-class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The hub module's panel."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
         self._runner = None  # the child process computing an embedding, while one runs
         self._observedPointList = None
 
@@ -113,8 +112,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = CTFMLogic()
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.observeSceneClose()
 
         self._setupModels()
         self.ui.computeEmbeddingButton.connect("clicked(bool)", self.onComputeEmbedding)
@@ -169,41 +167,7 @@ class CTFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            # Widgets carry a "SlicerParameterName" dynamic property in the .ui file.
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
-        self._updateState()
+        ParameterNodeWidgetMixin.cleanup(self)
 
     def _observePointList(self, pointList) -> None:
         """Placing or deleting the point changes whether Compute is possible; the parameter node does not see that."""

@@ -38,7 +38,7 @@ def test_module_file_has_the_scripted_module_classes(name):
     found, _ = classes(name)
     assert bases(found[name]) == ["ScriptedLoadableModule"]
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in found[f"{name}ParameterNode"].decorator_list)
-    assert bases(found[f"{name}Widget"])[:2] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert {"ScriptedLoadableModuleWidget", "VTKObservationMixin", "ParameterNodeWidgetMixin"} <= set(bases(found[f"{name}Widget"]))
     assert bases(found[f"{name}Logic"])[0] == "ScriptedLoadableModuleLogic"
     assert bases(found[f"{name}Test"]) == ["ScriptedLoadableModuleTest"]
 
