@@ -193,3 +193,17 @@ def test_save_pretrained_round_trip(tmp_path):
     model, info = W.load_model(folder)
     assert info.labels == {"0": "background"}
     assert outputs_equal(model, ref)
+
+
+def test_user_model_without_published_weights_says_how_to_get_one(ctfm_cache, tmp_path):
+    seg = monai_segresnet(out_channels=3, init_filters=4, blocks_down=(1, 1, 1, 1), dsdepth=1)
+    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 4, "blocks_down": [1, 1, 1, 1]}
+    folder = write_published_layout(seg, tmp_path / "trained", config)
+    cat = Catalog([ModelEntry(id="kits_kidney_tumor", title="KiTS", task="segmentation", source="user",
+                              how_to="Train it with CTFMTrain, then import it.")])
+    with pytest.raises(W.WeightsNotAvailableError, match="has no published weights. Train it with CTFMTrain"):
+        W.load_model("kits_kidney_tumor", catalog=cat)
+    dest = W.import_model(folder, repo_id="kits_kidney_tumor", catalog=cat)
+    model, info = W.load_model("kits_kidney_tumor", catalog=cat)
+    assert info.path == dest and info.architecture == "SegResNetDS"
+    assert W.remove_model("kits_kidney_tumor", catalog=cat) == [str(dest)]

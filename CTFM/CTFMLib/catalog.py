@@ -41,6 +41,8 @@ class ModelEntry:
     labels: Optional[dict] = None
     description: str = ""
     license: str = ""
+    source: str = "hub"  # "hub": published weights; "user": trained with CTFMTrain and imported
+    how_to: str = ""
 
     def sha256(self, filename: str) -> Optional[str]:
         for f in self.files:

@@ -38,10 +38,12 @@ def _versions() -> dict:
 
 
 def model_status(entry) -> str:
-    """``imported``, ``downloaded`` or ``not on this computer``."""
+    """``imported``, ``downloaded``, ``not on this computer``, or ``train with CTFMTrain`` (no published weights)."""
     from .weights import WEIGHTS_NAME, imported_model_path
 
-    if entry.repo_id and imported_model_path(entry.repo_id) is not None:
+    if not entry.repo_id:  # a task users train themselves; an import lands under the catalogue id
+        return "imported" if imported_model_path(entry.id) is not None else "train with CTFMTrain"
+    if imported_model_path(entry.repo_id) is not None:
         return "imported"
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -226,10 +226,12 @@ def resolve(source: str, catalog: Optional[Catalog] = None, progress=None) -> tu
     if entry is None and not _is_repo_id(str(source)):
         known = ", ".join(m.id for m in catalog) or "none"
         raise WeightsError(f"no file, folder or known model named {source!r} (catalogue models: {known})")
-    repo_id = entry.repo_id if entry else str(source)
+    repo_id = (entry.repo_id or entry.id) if entry else str(source)
     imported = imported_model_path(repo_id)
     if imported is not None:
         return imported, entry
+    if entry is not None and not entry.repo_id:
+        raise WeightsNotAvailableError(f"{entry.title} ({entry.id}) has no published weights. {entry.how_to}".strip())
     return download(repo_id, revision=entry.revision if entry else None, entry=entry, progress=progress), entry
 
 
@@ -426,7 +428,7 @@ def remove_model(name: str, catalog: Optional[Catalog] = None) -> list:
     """Delete a model's imported copy and its Hugging Face cache entry; returns what was removed."""
     catalog = catalog if catalog is not None else load_catalog()
     entry = catalog.find(name)
-    repo_id = entry.repo_id if entry else name
+    repo_id = (entry.repo_id or entry.id) if entry else name
     removed = []
     folder = cache.models_dir() / cache.model_folder_name(repo_id)
     if folder.exists():
