@@ -1,14 +1,19 @@
 """CT-FM Segment module: whole-body and tumour segmentation with CT-FM models.
 
-This version lays out the panel and checks the inputs; running a model
-arrives in a later version, and the Segment button says so.
+The widget stays thin: it binds the .ui to :class:`CTFMSegmentParameterNode`
+and calls :class:`CTFMSegmentLogic`, whose work lives in ``CTFMSegmentLib``
+(no Qt). Inference runs as ``ctfm segment`` in a child process followed by a
+QTimer, so Slicer never freezes and Cancel kills the whole process tree; the
+segmentation node is made only once the child succeeded.
 """
 
 import os
 import sys
+import unittest
 from pathlib import Path
 from typing import Annotated
 
+import qt
 
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -40,8 +45,9 @@ def _addCTFMPackagesToPath():
 
 _addCTFMPackagesToPath()
 
-from CTFMSegmentLib.logic import MODELS, NOT_AVAILABLE_MESSAGE, QUALITIES, SEGMENTATION_AVAILABLE  # noqa: E402
 from CTFMSegmentLib.logic import CTFMSegmentLogic as CTFMSegmentCoreLogic  # noqa: E402
+from CTFMSegmentLib.models import FOLDER, MODELS, QUALITIES, WHOLE_BODY  # noqa: E402
+from CTFMSegmentLib.output import format_duration, is_out_of_memory  # noqa: E402
 from CTFMSlicer.logic import DEVICES  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
 
@@ -66,9 +72,10 @@ class CTFMSegment(ScriptedLoadableModule):
         self.parent.dependencies = ["CTFM"]  # its CTFMLib and CTFMSlicer packages
         self.parent.contributors = ["CT-FM Slicer extension contributors"]
         self.parent.helpText = _(
-            "Segment CT volumes with CT-FM models: the whole-body model (117 structures) or a model "
-            "fine-tuned from CT-FM in a local folder. This version checks the inputs; running the models "
-            "arrives in a later version."
+            "Segment CT volumes with CT-FM models: the whole-body model (117 TotalSegmentator structures), "
+            "tumour models trained with CT-FM Train, or any CT-FM segmentation model in a local folder. "
+            "The model runs in a separate process: Slicer stays responsive and Cancel stops it at once. "
+            "The result is a segmentation with named, coloured segments carrying standard (DICOM/SNOMED) terminology."
         )
         self.parent.acknowledgementText = _(
             "CT-FM was developed by the AIM Program (Mass General Brigham, Harvard Medical School, Maastricht University). "
@@ -86,18 +93,22 @@ class CTFMSegmentParameterNode:
     """The segmentation module's state, saved with the scene.
 
     inputVolume - the CT volume to segment.
-    model - whole-body, or folder (a model in modelFolder).
-    modelFolder - a folder holding config.json and model.safetensors.
-    quality - full or fast.
+    model - whole-body, a tumour model of the catalogue, or folder (a model in modelFolder).
+    modelFolder - a folder holding config.json and model.safetensors (and labels.json).
+    quality - full or fast (coarser, for CPUs).
     device - auto, cpu, cuda or mps.
+    structures - comma-separated structure names to keep (empty: all).
+    show3D - also build the 3D surfaces of the segments.
     outputSegmentation - where the result goes (a new segmentation when empty).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    model: Annotated[str, Choice(list(MODELS))] = "whole-body"
+    model: Annotated[str, Choice(list(MODELS))] = WHOLE_BODY
     modelFolder: Path
     quality: Annotated[str, Choice(list(QUALITIES))] = "full"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    structures: str = ""
+    show3D: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -113,6 +124,9 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._runner = None  # the child process segmenting, while one runs
+        self._estimateKey = None
+        self._estimateText = ""
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -122,32 +136,183 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = CTFMSegmentLogic()
+        self._loadTerminology()
 
         self.observeSceneClose()
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.connect("timeout()", self._pollRunner)
 
         self.initializeParameterNode()
 
+    def _loadTerminology(self) -> None:
+        """Make CT-FM's codes browsable in Slicer's terminology selector (names and colours work without)."""
+        from CTFMSegmentLib.segmentation import load_terminology
+
+        try:
+            load_terminology(slicer.modules.terminologies.logic())
+        except AttributeError:  # Terminologies module disabled
+            pass
+
+    def onReload(self) -> None:
+        """Reload & Test: re-import CTFMSegmentLib too, not only this file."""
+        for name in list(sys.modules):
+            if name.split(".")[0] == "CTFMSegmentLib":
+                del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def cleanup(self) -> None:
+        self._cancelRunner()
+        ParameterNodeWidgetMixin.cleanup(self)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelRunner()  # its result would belong to a scene that is gone
+        ParameterNodeWidgetMixin.onSceneStartClose(self, caller, event)
+
+    # --- state -------------------------------------------------------------------
 
     def _updateState(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        folderModel = bool(p) and p.model == "folder"
+        folderModel = bool(p) and p.model == FOLDER
         self.ui.modelFolderLabel.visible = folderModel
         self.ui.modelFolderPathLineEdit.visible = folderModel
+        self.ui.qualityEstimateLabel.text = self._estimate(p) if p else ""
+        if self._runner is not None:
+            return
         problems = self.logic.parameterProblems(p) if p else [_("No parameter node")]
         self.ui.segmentButton.enabled = not problems
         self.ui.segmentButton.toolTip = "\n".join(problems) if problems else _("Segment the input volume.")
 
+    def _estimate(self, p) -> str:
+        """The expected run time for the current inputs (cached: the panel updates on every keystroke)."""
+        volume = p.inputVolume
+        if volume is None or volume.GetImageData() is None:
+            return ""
+        key = (volume.GetID(), volume.GetImageData().GetMTime(), p.quality, p.device)
+        if key != self._estimateKey:
+            seconds = self.logic.expectedSeconds(volume, p.quality, p.device)
+            self._estimateKey = key
+            self._estimateText = "" if seconds is None else _("Expected time: {duration}").format(duration=format_duration(seconds))
+        return self._estimateText
+
+    # --- segmentation --------------------------------------------------------------
+
     def onSegment(self) -> None:
-        problems = self.logic.parameterProblems(self._parameterNode)
+        if self._runner is not None:  # the button reads "Cancel" while a segmentation runs
+            self._log(_("Cancelling..."))
+            self._cancelRunner()
+            return
+        p = self._parameterNode
+        problems = self.logic.parameterProblems(p)
         if problems:
             self._log("\n".join(problems))
             return
-        if not SEGMENTATION_AVAILABLE:
-            # Honest placeholder: the inputs are valid, but no model runs in this version.
-            self._log(NOT_AVAILABLE_MESSAGE)
-            slicer.util.infoDisplay(NOT_AVAILABLE_MESSAGE, windowTitle=_("CT-FM Segment"))
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        volume, output, show3D = p.inputVolume, p.outputSegmentation, p.show3D
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=False):
+            ensure_dependencies()
+            self._log(_("Segmenting '{volume}' with {model} ({quality} quality, device {device})...").format(
+                volume=volume.GetName(), model=p.model if p.model != FOLDER else str(p.modelFolder), quality=p.quality, device=p.device))
+            self._runner = self.logic.startSegmentation(
+                volume, p.model, p.modelFolder, p.quality, p.device, p.structures,
+                on_progress=self._onProgress,
+                on_line=lambda stream, text: self._log(text),
+                on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D),
+            )
+            self._setRunning(True)
+            self._pollTimer.start()
+
+    def _cancelRunner(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()  # on_done follows from the next poll
+
+    def _pollRunner(self) -> None:
+        if self._runner is not None and not self._runner.poll():
+            self._pollTimer.stop()
+
+    def _onDone(self, result, message: str, log: str, volume, output, show3D: bool) -> None:
+        self._runner = None
+        self._setRunning(False)
+        if result is None:
+            self._log(message)
+            if message == "Cancelled.":
+                return
+            if is_out_of_memory(log):
+                self._offerFallback(message, log)
+                return
+            slicer.util.errorDisplay(message.split("\n")[0], windowTitle=_("CT-FM Segment"), detailedText=log or message)
+            return
+        if volume.GetScene() is not slicer.mrmlScene:
+            self._log(_("The input volume was removed while it was segmented; the result is discarded."))
+            return
+        if output is not None and output.GetScene() is not slicer.mrmlScene:
+            output = None  # removed meanwhile: make a new one
+        with slicer.util.tryWithErrorDisplay(_("Failed to create the segmentation."), waitCursor=True):
+            node = self.logic.segmentationNodeFromLabels(
+                result.labels, result.label_infos, volume, name=f"{volume.GetName()} segmentation", node=output, show3D=show3D
+            )
+            if self._parameterNode:
+                self._parameterNode.outputSegmentation = node
+            count = node.GetSegmentation().GetNumberOfSegments()
+            self._log(_("{count} segments in '{name}'. {message}").format(count=count, name=node.GetName(), message=message))
+
+    def _offerFallback(self, message: str, log: str) -> None:
+        """Out of memory: offer the CPU (when a GPU failed) or fast mode instead of a bare error."""
+        p = self._parameterNode
+        choices = []
+        if p and p.device != "cpu":
+            choices.append((_("Run on the CPU"), "device", "cpu"))
+        if p and p.quality != "fast":
+            choices.append((_("Fast mode"), "quality", "fast"))
+        text = _("The segmentation ran out of memory.")
+        if choices:
+            text += " " + _("Run it on the CPU (slower; the computer usually has more memory than the GPU), "
+                            "or in fast mode (3 mm, much less memory)?")
+        self._log(text)
+        if slicer.app.testingEnabled() or not choices:
+            slicer.util.errorDisplay(text, windowTitle=_("CT-FM Segment"), detailedText=log or message)
+            return
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setIcon(qt.QMessageBox.Warning)
+        box.setWindowTitle(_("CT-FM Segment"))
+        box.setText(text)
+        box.setDetailedText(log or message)
+        buttons = [(box.addButton(label, qt.QMessageBox.AcceptRole), name, value) for label, name, value in choices]
+        box.addButton(qt.QMessageBox.Close)
+        box.exec_()
+        for button, name, value in buttons:
+            if box.clickedButton() == button:
+                setattr(p, name, value)
+                self.onSegment()
+                return
+
+    def _setRunning(self, running: bool) -> None:
+        bar = self.ui.segmentProgressBar
+        bar.visible = running
+        bar.setRange(0, 100)
+        bar.value = 0
+        bar.format = "%p%"
+        self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
+        self.ui.segmentButton.toolTip = _("Stop the segmentation.") if running else ""
+        self.ui.segmentButton.enabled = True
+        # The inputs of a running segmentation are fixed; changing them would only mislead.
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.outputsCollapsibleButton.enabled = not running
+        if not running:
+            self._updateState()
+
+    def _onProgress(self, fraction, message: str = "") -> None:
+        """Progress from the child process (delivered in the GUI thread by the poll timer)."""
+        bar = self.ui.segmentProgressBar
+        if fraction is None:
+            bar.setRange(0, 0)  # busy indicator
+        else:
+            bar.setRange(0, 100)
+            bar.value = round(100 * fraction)
+        bar.format = f"{message} %p%" if message else "%p%"
 
     def _log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -159,7 +324,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
 
 
 class CTFMSegmentLogic(ScriptedLoadableModuleLogic, CTFMSegmentCoreLogic):
-    """Slicer's module logic plus CTFMSegmentLib's input checks."""
+    """Slicer's module logic plus CTFMSegmentLib's segmentation logic (usable from scripts without the widget)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -168,7 +333,8 @@ class CTFMSegmentLogic(ScriptedLoadableModuleLogic, CTFMSegmentCoreLogic):
         return CTFMSegmentParameterNode(super().getParameterNode())
 
     def parameterProblems(self, parameterNode) -> list:
-        return self.inputProblems(parameterNode.inputVolume, parameterNode.model, parameterNode.modelFolder, parameterNode.quality)
+        p = parameterNode
+        return self.inputProblems(p.inputVolume, p.model, p.modelFolder, p.quality, p.device, p.structures)
 
 
 #
@@ -185,47 +351,189 @@ class CTFMSegmentTest(ScriptedLoadableModuleTest):
     or ctest (py_CTFMSegment) in an extension build, or Reload and Test in developer mode; see Testing/SlicerTests.md.
     """
 
+    LABELS = {"1": "liver", "2": "spleen", "3": "kidney_left"}
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_InputChecks, self.test_SegmentButtonState):
+        for test in (
+            self.test_InputChecks,
+            self.test_SegmentButtonState,
+            self.test_SegmentFromWidget,
+            self.test_CancelLeavesSceneUnchanged,
+        ):
             self.setUp()
-            test()
+            try:
+                test()
+            except unittest.SkipTest as reason:  # Reload and Test calls runTest outside a unittest runner
+                self.delayDisplay(f"Skipped {test.__name__}: {reason}")
+
+    # --- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _bodyVolume(shape_kji, spacing, name):
+        """A synthetic CT: a soft-tissue cylinder with a bright 'spine' in air (numpy view [k, j, i])."""
+        import numpy as np
+
+        k, j, i = np.indices(shape_kji, dtype=np.float32)
+        centre_j, centre_i = (shape_kji[1] - 1) / 2.0, (shape_kji[2] - 1) / 2.0
+        radius = 0.4 * min(shape_kji[1], shape_kji[2])
+        voxels = np.full(shape_kji, -1000, dtype=np.int16)
+        voxels[((j - centre_j) ** 2 + (i - centre_i) ** 2) < radius**2] = 40
+        voxels[((j - centre_j - 0.5 * radius) ** 2 + (i - centre_i) ** 2) < (0.15 * radius) ** 2] = 700
+        node = slicer.util.addVolumeFromArray(voxels, name=name)
+        node.SetSpacing(*spacing)
+        return node
+
+    def _skipUnlessSegmentationRuns(self):
+        from CTFMSlicer.dependencies import missing_requirements, read_requirements, torch_is_sufficient
+
+        if not torch_is_sufficient() or missing_requirements(read_requirements()):
+            self.skipTest("PyTorch and CT-FM's Python packages are not installed (Segment installs them)")
+        from CTFMLib.cli import build_parser
+
+        subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+        if "segment" not in subcommands:
+            self.skipTest("this CTFMLib has no `ctfm segment` command")
+
+    def _tinyModel(self, folder):
+        """A small random-weights SegResNetDS with three labels, in the published layout."""
+        import torch
+
+        from CTFMLib.networks import build_network
+        from CTFMLib.weights import save_pretrained
+
+        torch.manual_seed(0)
+        config = {"architecture": "SegResNetDS", "init_filters": 4, "blocks_down": [1, 1], "out_channels": 1 + len(self.LABELS)}
+        save_pretrained(build_network(config), folder, config, labels=dict(self.LABELS))
+        return folder
+
+    def _widget(self):
+        widget = slicer.modules.ctfmsegment.widgetRepresentation().self()
+        widget.initializeParameterNode()  # setUp closed the scene, which drops the parameter node
+        return widget, widget.logic.getParameterNode()
+
+    @staticmethod
+    def _waitWhileRunning(widget, seconds):
+        import time
+
+        deadline = time.time() + seconds
+        while widget._runner is not None and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
+    # --- tests -----------------------------------------------------------------------
 
     def test_InputChecks(self):
-        """Volumes and model folders are checked before anything runs."""
+        """Volumes, model folders, devices and structure names are checked before anything runs."""
         import tempfile
 
         import numpy as np
 
         self.delayDisplay("Input checks")
         logic = CTFMSegmentLogic()
-        self.assertTrue(logic.inputProblems(None, "whole-body"))
+        self.assertTrue(logic.inputProblems(None, WHOLE_BODY))
         volume = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), dtype=np.int16), name="ct")
-        self.assertEqual(logic.inputProblems(volume, "whole-body"), [])
+        self.assertEqual(logic.inputProblems(volume, WHOLE_BODY), [])
+        self.assertEqual(logic.inputProblems(volume, WHOLE_BODY, structures="liver, spleen"), [])
+        self.assertTrue(any("livr" in p and "liver" in p for p in logic.inputProblems(volume, WHOLE_BODY, structures="livr")))
+        self.assertTrue(logic.inputProblems(volume, WHOLE_BODY, device="tpu"))
         vector = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8, 3), dtype=np.uint8), nodeClassName="vtkMRMLVectorVolumeNode")
-        self.assertTrue(logic.inputProblems(vector, "whole-body"))
+        self.assertTrue(logic.inputProblems(vector, WHOLE_BODY))
         with tempfile.TemporaryDirectory() as folder:
-            self.assertTrue(logic.inputProblems(volume, "folder", Path(folder)))  # empty folder
+            self.assertTrue(logic.inputProblems(volume, FOLDER, Path(folder)))  # empty folder
             for name in ("config.json", "model.safetensors"):
                 (Path(folder) / name).write_bytes(b"{}")
-            self.assertEqual(logic.inputProblems(volume, "folder", Path(folder)), [])
+            self.assertEqual(logic.inputProblems(volume, FOLDER, Path(folder)), [])
 
     def test_SegmentButtonState(self):
-        """The Segment button follows the parameter node; without a model it does not create a segmentation."""
+        """The Segment button follows the parameter node; the model folder row shows only for folder models."""
         import numpy as np
 
         self.delayDisplay("Segment button")
-        widget = slicer.modules.ctfmsegment.widgetRepresentation().self()
-        widget.initializeParameterNode()
-        parameterNode = widget.logic.getParameterNode()
+        widget, parameterNode = self._widget()
         parameterNode.inputVolume = None
         self.assertFalse(widget.ui.segmentButton.enabled)
         parameterNode.inputVolume = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), dtype=np.int16), name="ct")
+        parameterNode.model = WHOLE_BODY
         self.assertTrue(widget.ui.segmentButton.enabled)
-        parameterNode.model = "folder"
+        parameterNode.structures = "liver, nonsense"
+        self.assertFalse(widget.ui.segmentButton.enabled)
+        self.assertIn("nonsense", widget.ui.segmentButton.toolTip)
+        parameterNode.structures = "liver"
+        self.assertTrue(widget.ui.segmentButton.enabled)
+        parameterNode.model = FOLDER
         self.assertFalse(widget.ui.segmentButton.enabled)  # no model folder chosen
-        self.assertEqual(widget.ui.modelComboBox.currentText, "folder")
-        self.assertFalse(widget.ui.segmentProgressBar.visible)
+        self.assertEqual(widget.ui.modelComboBox.currentText, FOLDER)
+        # isHidden, not visible: with --no-main-window the panel itself is never shown
+        self.assertFalse(widget.ui.modelFolderPathLineEdit.isHidden())
+        self.assertTrue(widget.ui.segmentProgressBar.isHidden())
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 0)
+
+    def test_SegmentFromWidget(self):
+        """Segment a small synthetic CT with a tiny random model through the panel: one segmentation, tagged segments."""
+        import tempfile
+
+        self._skipUnlessSegmentationRuns()
+        self.delayDisplay("Segmenting with a tiny random model")
+        with tempfile.TemporaryDirectory() as folder:
+            self._tinyModel(folder)
+            volume = self._bodyVolume((24, 48, 48), (2.0, 2.0, 3.0), "ct")
+            widget, parameterNode = self._widget()
+            parameterNode.inputVolume = volume
+            parameterNode.model = FOLDER
+            parameterNode.modelFolder = Path(folder)
+            parameterNode.quality = "full"
+            parameterNode.device = "cpu"
+            parameterNode.structures = ""
+            parameterNode.outputSegmentation = None
+            self.assertTrue(widget.ui.segmentButton.enabled, widget.ui.segmentButton.toolTip)
+            widget.ui.segmentButton.click()
+            self.assertEqual(widget.ui.segmentButton.text, "Cancel")
+            self.assertFalse(widget.ui.segmentProgressBar.isHidden())
+            self._waitWhileRunning(widget, 300)
+            self.assertIsNone(widget._runner, "the segmentation did not finish in 5 minutes")
+            self.assertEqual(widget.ui.segmentButton.text, "Segment")
+            nodes = slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+            self.assertEqual(len(nodes), 1, widget.ui.logTextEdit.toPlainText())
+            segmentation = nodes[0]
+            self.assertIs(parameterNode.outputSegmentation, segmentation)
+            names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                     for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+            self.assertTrue(set(names) <= set(self.LABELS.values()), names)
+            self.assertEqual(segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()), volume)
+            hierarchy = slicer.mrmlScene.GetSubjectHierarchyNode()
+            self.assertEqual(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)),
+                             hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volume)))
+
+    def test_CancelLeavesSceneUnchanged(self):
+        """Cancel stops the child within seconds and adds nothing to the scene."""
+        import tempfile
+        import time
+
+        self._skipUnlessSegmentationRuns()
+        self.delayDisplay("Cancelling a segmentation")
+        with tempfile.TemporaryDirectory() as folder:
+            self._tinyModel(folder)
+            volume = self._bodyVolume((200, 320, 320), (1.0, 1.0, 1.0), "big")  # minutes of work for a CPU
+            widget, parameterNode = self._widget()
+            parameterNode.inputVolume = volume
+            parameterNode.model = FOLDER
+            parameterNode.modelFolder = Path(folder)
+            parameterNode.device = "cpu"
+            parameterNode.structures = ""
+            nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+            widget.ui.segmentButton.click()
+            self._waitWhileRunning(widget, 3)
+            self.assertIsNotNone(widget._runner, "the segmentation ended before it could be cancelled")
+            runner = widget._runner
+            started = time.time()
+            widget.ui.segmentButton.click()  # reads "Cancel"
+            self._waitWhileRunning(widget, 10)
+            self.assertIsNone(widget._runner)
+            self.assertLess(time.time() - started, 5.0)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 0)
+            self.assertIn("Cancelled.", widget.ui.logTextEdit.toPlainText())
+            self.assertFalse(runner.running)

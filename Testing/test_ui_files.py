@@ -39,6 +39,7 @@ SUFFIX_CLASSES = (
     ("TableWidget", {"QTableWidget"}),
     ("TextEdit", {"QPlainTextEdit"}),
     ("SpinBox", {"QSpinBox"}),
+    ("CheckBox", {"QCheckBox", "ctkCheckBox"}),
 )
 
 # What the issue asks each panel to show (section placeholders included).
@@ -51,19 +52,31 @@ REQUIRED_WIDGETS = {
         "triageCollapsibleButton", "saliencyCollapsibleButton",
     },
     "CTFMSegment": {
-        "inputVolumeSelector", "modelComboBox", "qualityComboBox", "deviceComboBox",
+        "inputVolumeSelector", "modelComboBox", "modelFolderPathLineEdit", "qualityComboBox", "qualityEstimateLabel",
+        "deviceComboBox", "structuresLineEdit", "outputSegmentationSelector", "show3DCheckBox",
         "segmentButton", "segmentProgressBar", "logTextEdit",
     },
     "CTFMRetrieve": {
         "indexPathLineEdit", "inputVolumeSelector", "findSimilarButton", "resultsTableView", "retrieveProgressBar",
     },
 }
+
+
+def segment_model_choices() -> list:
+    """Whole-body, the catalogue's other segmentation models (tumour tasks) in catalogue order, then folder."""
+    import json
+
+    catalogue = json.loads((REPO / "Resources" / "Models.json").read_text(encoding="utf-8"))
+    tumour = [m["id"] for m in catalogue["models"] if m["task"] == "segmentation" and m["id"] != "whole_body_segmentation"]
+    return ["whole-body", *tumour, "folder"]
+
+
 # Choices the issue specifies for the parameter-node combo boxes.
 REQUIRED_CHOICES = {
     ("CTFM", "device"): ["auto", "cpu", "cuda", "mps"],
     ("CTFM", "embedMode"): ["volume", "scan", "point"],
     ("CTFMSegment", "device"): ["auto", "cpu", "cuda", "mps"],
-    ("CTFMSegment", "model"): ["whole-body", "folder"],
+    ("CTFMSegment", "model"): segment_model_choices(),
     ("CTFMSegment", "quality"): ["full", "fast"],
 }
 ACTION_BUTTONS = {"CTFM": "computeEmbeddingButton", "CTFMSegment": "segmentButton", "CTFMRetrieve": "findSimilarButton"}
@@ -414,6 +427,20 @@ def test_segment_log_is_read_only(qt_loader):
     assert log.isReadOnly()
     log.appendPlainText("a line")  # what the widget does with messages
     assert log.toPlainText() == "a line"
+    root.deleteLater()
+
+
+def test_segment_panel_starts_from_the_parameter_defaults(qt_loader):
+    """The widgets show the parameter node's defaults before the node is connected (no flicker, no surprise)."""
+    _app, QUiLoader, QtWidgets, _ = qt_loader
+    tree = ast.parse((REPO / "CTFMSegment" / "CTFMSegment.py").read_text(encoding="utf-8"))
+    fields = parameter_fields(tree, module_namespace(tree))
+    root = QUiLoader().load(str(REPO / "CTFMSegment" / "Resources" / "UI" / "CTFMSegment.ui"))
+    assert root.findChild(QtWidgets.QCheckBox, "show3DCheckBox").isChecked() is fields["show3D"].default is True
+    structures = root.findChild(QtWidgets.QLineEdit, "structuresLineEdit")
+    assert structures.text() == fields["structures"].default == ""
+    assert structures.placeholderText()  # says that empty means all structures
+    assert root.findChild(QtWidgets.QLabel, "qualityEstimateLabel").text() == ""  # filled in only when estimable
     root.deleteLater()
 
 

@@ -3,6 +3,8 @@
     ctfm info
     ctfm models list | download ID | import FOLDER_OR_ZIP | remove ID
     ctfm embed IMAGE --weights SRC --out FILE.npy [--mode volume|scan|point --point X,Y,Z]
+    ctfm segment IMAGE --model whole-body|FOLDER|HF_ID --out OUT.nii.gz|OUT.seg.nrrd [--fast] [--structures a,b]
+    ctfm segment FOLDER_OR_CSV --model ... --out-dir DIR   (batch: failed inputs are reported and skipped)
 
 Points are LPS millimetres (DICOM/ITK), or RAS (Slicer) with ``--ras``.
 ``--progress json`` prints machine-readable progress for the Slicer modules.
@@ -162,6 +164,160 @@ def cmd_embed(args) -> int:
     return 0
 
 
+# --- ctfm segment ----------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
+LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _label_suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in LABEL_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"cannot write labels to {path.name}: use one of {', '.join(LABEL_SUFFIXES)}")
+
+
+def sidecar_path(out: Path) -> Path:
+    """``OUT.labels.json`` next to a label map ``OUT.nii.gz`` / ``.nrrd`` / ``.mha``."""
+    suffix = _label_suffix(out)
+    return out.with_name(out.name[: -len(suffix)] + ".labels.json")
+
+
+def write_segmentation(result, out: Path) -> list:
+    """Write a label map (+ ``.labels.json`` {value: name}) or a Slicer ``.seg.nrrd``; returns the files written.
+
+    Every file goes to a temporary name first, so a failure leaves no partial output.
+    """
+    from .image import write_image
+    from .labels import label_dict, write_seg_nrrd
+
+    if _label_suffix(out) == ".seg.nrrd":
+        return [write_seg_nrrd(result.labels, result.label_info, out)]
+    sidecar = sidecar_path(out)
+    tmp = sidecar.with_name(f".{sidecar.name}.tmp{os.getpid()}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.write_text(json.dumps({str(k): v for k, v in label_dict(result.label_info).items()}, indent=1),
+                       encoding="utf-8")
+        write_image(result.labels, out)
+        os.replace(tmp, sidecar)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return [out, sidecar]
+
+
+def _image_files(folder: Path) -> list:
+    """Images in a folder (files with an image suffix, sub-folders as DICOM series), by name."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        name = p.name.lower()
+        if p.is_dir() or (name.endswith(IMAGE_SUFFIXES) and not name.endswith(".seg.nrrd")):
+            found.append(p)
+    return found
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _csv_jobs(source: Path, out_dir: Path, out_format: str) -> list:
+    import csv
+
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    has_header = "image" in header or "path" in header
+    columns = {name: i for i, name in enumerate(header)} if has_header else {"image": 0}
+    image_column = columns.get("image", columns.get("path"))
+    jobs = []
+    for row in rows[1 if has_header else 0:]:
+        cells = {name: row[i].strip() if i < len(row) else "" for name, i in columns.items()}
+        image = row[image_column].strip() if image_column < len(row) else ""
+        if not image:
+            continue
+        path = Path(image)
+        path = path if path.is_absolute() else source.parent / path
+        series = cells.get("series") or None
+        name = cells.get("out") or f"{_stem(path)}{'_' + series[-8:] if series else ''}.{out_format}"
+        jobs.append((path, series, out_dir / name))
+    return jobs
+
+
+def segment_jobs(source: Path, out_dir: Path, out_format: str) -> list:
+    """``[(input, series UID or None, output)]`` for a folder of images or a CSV (column ``image``,
+    optional ``series`` and ``out``; relative paths are relative to the CSV)."""
+    if source.is_dir():
+        jobs = [(p, None, out_dir / f"{_stem(p)}.{out_format}") for p in _image_files(source)]
+    elif source.suffix.lower() == ".csv":
+        jobs = _csv_jobs(source, out_dir, out_format)
+    else:
+        raise ValueError(f"--out-dir needs a folder of images or a .csv list as input, not {source}")
+    if not jobs:
+        raise ValueError(f"no images found in {source}")
+    outs = [str(o) for _, _, o in jobs]
+    repeated = sorted({o for o in outs if outs.count(o) > 1})
+    if repeated:
+        raise ValueError(f"several inputs would be written to the same file: {', '.join(repeated)}")
+    return jobs
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def cmd_segment(args) -> int:
+    from .image import read_image
+    from .segment import estimate_seconds, load_segmentation_model, run_options, segment_image, select_structures
+
+    if bool(args.out) == bool(args.out_dir):
+        raise ValueError("give either --out FILE (one image) or --out-dir DIR (a folder or CSV of images)")
+    source = Path(args.image)
+    if args.out:
+        out = Path(args.out)
+        _label_suffix(out)
+        jobs = [(source, args.series, out)]
+    else:
+        _label_suffix(Path("x." + args.out_format))
+        jobs = segment_jobs(source, Path(args.out_dir), args.out_format)
+    structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
+    options = run_options(args.device, args.precision, args.threads, None, args.batch_size)
+    model, labels = load_segmentation_model(args.model, args.progress_cb)
+    select_structures(labels, structures)  # an unknown name fails once, before any image is read
+    failed = []
+    for n, (path, series, out) in enumerate(jobs, 1):
+        prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
+        try:
+            image = read_image(path, series_uid=series)
+            expected = estimate_seconds(image, args.fast, options.device, options.precision, model=model,
+                                        threads=options.threads)
+            print(f"{prefix}expected time: about {_duration(expected)} ({'fast, 3 mm' if args.fast else 'full resolution'}, "
+                  f"{options.device}, {options.precision})", flush=True)
+            result = segment_image(image, model=model, labels=labels, structures=structures, fast=args.fast,
+                                   largest_component=args.largest_component, options=options,
+                                   progress=args.progress_cb, max_memory_gb=args.max_memory_gb)
+            written = write_segmentation(result, out)
+            present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
+            print(f"{prefix}wrote {', '.join(map(str, written))} ({present} structures present, "
+                  f"{_duration(result.seconds)})", flush=True)
+        except Exception as e:  # noqa: BLE001 - in a batch every failure is reported and the rest go on
+            if not args.out_dir or isinstance(e, Cancelled):
+                raise
+            failed.append(path)
+            print(f"ctfm: FAILED {path}: {e}", file=sys.stderr, flush=True)
+    if args.out_dir:
+        print(f"segmented {len(jobs) - len(failed)} of {len(jobs)} images"
+              + (f"; failed: {', '.join(str(p) for p in failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctfm", description="CT-FM: a 3D CT foundation model, from the command line.")
     p.add_argument("--version", action="version", version=f"ctfm {__version__}")
@@ -192,6 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     _add_run_options(embed)
     embed.set_defaults(func=cmd_embed)
+
+    seg = sub.add_parser("segment", help="segment a CT (whole-body structures or a tumour model)")
+    seg.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder; with --out-dir a folder of them or a CSV")
+    seg.add_argument("--model", default="whole-body",
+                     help="whole-body, a model folder, catalogue id or Hugging Face repo id (default: %(default)s)")
+    seg.add_argument("--out", help="output label map: .nii.gz, .nii, .nrrd, .mha (+ .labels.json) or .seg.nrrd")
+    seg.add_argument("--out-dir", help="batch: the folder for the outputs")
+    seg.add_argument("--out-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "seg.nrrd"),
+                     help="batch: output file type (default: %(default)s)")
+    seg.add_argument("--fast", action="store_true", help="resample to 3 mm first: much faster, coarser")
+    seg.add_argument("--structures", help="comma-separated structure names to keep (default: all)")
+    seg.add_argument("--largest-component", action="store_true",
+                     help="keep only the largest connected piece of each structure")
+    seg.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    seg.add_argument("--max-memory-gb", type=float,
+                     help="refuse to start when the estimated peak memory is above this (default: 85%% of available)")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    seg.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (default)")
+    seg.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    seg.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    seg.set_defaults(func=cmd_segment)
     return p
 
 
@@ -200,6 +378,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.add_argument("--batch-size", type=int, default=2)
+
+
+def _segmentation_error():
+    """SegmentationError, imported only when a command failed (it pulls in torch)."""
+    if "CTFMLib.segment" not in sys.modules:
+        return ()
+    return sys.modules["CTFMLib.segment"].SegmentationError
 
 
 def main(argv=None) -> int:
@@ -213,6 +398,9 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
+    except _segmentation_error() as e:
+        print(f"ctfm: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except Cancelled:
         print("ctfm: cancelled", file=sys.stderr)
         return 130

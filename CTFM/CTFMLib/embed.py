@@ -83,18 +83,23 @@ class Runner:
         if self.options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
 
-    def _autocast(self):
+    def autocast(self):
+        """The precision context: bf16 autocast, or nothing for fp32."""
         if self.options.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` float32 in [0, 1] -> ``(B, C)`` embeddings."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None].to(self.device)
+    def run(self, x: torch.Tensor):
+        """The model's output for a batch ``(B, C, D, H, W)``, on the runner's device, layout and precision."""
+        x = x.to(self.device)
         if self.options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode(), self._autocast():
-            features = self.model(x)[-1]
+        with torch.inference_mode(), self.autocast():
+            return self.model(x)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, D, H, W)`` float32 in [0, 1] -> ``(B, C)`` embeddings."""
+        features = self.run(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None])[-1]
         return features.float().mean(dim=(2, 3, 4)).cpu().numpy()
 
 

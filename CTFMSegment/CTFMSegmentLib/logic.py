@@ -1,54 +1,66 @@
-"""What the CT-FM Segment module can already decide: which inputs are usable.
+"""The CT-FM Segment module's logic, usable without its widget (and without Qt).
 
-Running the segmentation itself arrives in a later version (whole-body and
-tumour models, issue 3); until then :data:`SEGMENTATION_AVAILABLE` is False and
-the module says so instead of pretending.
+:meth:`CTFMSegmentLogic.startSegmentation` runs ``ctfm segment`` in a child
+process on a temporary NRRD copy of the volume, so Slicer never blocks and
+Cancel kills the whole process tree; once the child succeeded it reads the
+label map back (:mod:`.output`) and
+:meth:`CTFMSegmentLogic.segmentationNodeFromLabels` (:mod:`.segmentation`)
+makes the segmentation node. Until then the scene is not touched, so a
+cancelled or failed run leaves no partial output. Model choices and input
+checks live in :mod:`.models`.
+
+``CTFMSegment.py`` subclasses :class:`CTFMSegmentLogic` together with
+Slicer's ``ScriptedLoadableModuleLogic``.
 """
 
 from __future__ import annotations
 
+import collections
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from CTFMLib.image import ImageError
-from CTFMSlicer.nodes import check_scalar_volume
+import numpy as np
 
-MODELS = ("whole-body", "folder")
-QUALITIES = ("full", "fast")
-SEGMENTATION_AVAILABLE = False
-NOT_AVAILABLE_MESSAGE = (
-    "Segmentation is not available yet in this version of CT-FM. "
-    "The inputs are checked, but no model is run and no segmentation is created."
+from CTFMLib.image import Image, ImageError
+from CTFMSlicer.logic import DEVICES
+from CTFMSlicer.nodes import RAS_TO_LPS, check_scalar_volume, ijk_to_world_ras, image_from_volume_node
+from CTFMSlicer.process import ProcessRunner, ctfm_cli_command
+
+from .models import (  # noqa: F401  (CONFIG_NAME, WEIGHTS_NAME, WHOLE_BODY: the module's public names)
+    CONFIG_NAME,
+    FOLDER,
+    MODELS,
+    QUALITIES,
+    WEIGHTS_NAME,
+    WHOLE_BODY,
+    catalog_model_problem,
+    model_argument,
+    model_folder_problem,
+    model_label_names,
+    parse_structures,
+    structures_problem,
 )
+from .output import failure_message, read_output
+from .segmentation import segmentation_node_from_labels
 
-# The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME), repeated
-# here because CTFMLib.weights imports torch, which the panel must not need.
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-
-def path_is_set(path) -> bool:
-    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
-    return path is not None and str(path) not in ("", ".")
+LOG_LINES = 2000  # lines of the child's output kept for the error report
 
 
-def model_folder_problem(folder) -> Optional[str]:
-    """Why ``folder`` is not a CT-FM model folder, or None."""
-    if not path_is_set(folder):
-        return "Choose the folder of a CT-FM segmentation model."
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"The model folder {folder} does not exist."
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
-    if missing:
-        return f"The model folder {folder} lacks {' and '.join(missing)} (a CT-FM model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})."
-    return None
+def geometry_only_image(volumeNode) -> Image:
+    """An :class:`Image` with the volume's world grid and no real voxels (all zero, no memory), for estimates."""
+    check_scalar_volume(volumeNode)
+    dims = volumeNode.GetImageData().GetDimensions()
+    affine = RAS_TO_LPS @ ijk_to_world_ras(volumeNode)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return Image(np.broadcast_to(np.int16(0), tuple(dims)), spacing, affine[:3, 3], affine[:3, :3] / spacing)
 
 
 class CTFMSegmentLogic:
-    """Input checks of the CT-FM Segment module."""
+    """Input checks, ``ctfm segment`` in a child process, and segmentation nodes from its labels."""
 
-    def inputProblems(self, volumeNode, model: str, modelFolder=None, quality: str = "full") -> list:
+    def inputProblems(self, volumeNode, model: str, modelFolder=None, quality: str = "full", device: str = "auto", structures=None) -> list:
         """Everything that keeps these inputs from being segmented; empty when they are usable."""
         problems = []
         try:
@@ -57,10 +69,110 @@ class CTFMSegmentLogic:
             problems.append(f"Input volume: {e}.")
         if model not in MODELS:
             problems.append(f"Unknown model '{model}'; choose one of {', '.join(MODELS)}.")
-        elif model == "folder":
-            problem = model_folder_problem(modelFolder)
+        else:
+            problem = model_folder_problem(modelFolder) if model == FOLDER else catalog_model_problem(model)
             if problem:
                 problems.append(problem)
         if quality not in QUALITIES:
             problems.append(f"Unknown quality '{quality}'; choose one of {', '.join(QUALITIES)}.")
+        if device not in DEVICES:
+            problems.append(f"Unknown device '{device}'; choose one of {', '.join(DEVICES)}.")
+        if model in MODELS:
+            problem = structures_problem(structures, model, modelFolder)
+            if problem:
+                problems.append(problem)
         return problems
+
+    def expectedSeconds(self, volumeNode, quality: str = "full", device: str = "auto") -> Optional[float]:
+        """How long segmenting the volume should take, or None where it cannot be estimated here.
+
+        ``CTFMLib.segment`` needs PyTorch; without it (or on any error) there is no estimate.
+        """
+        try:
+            from CTFMLib.segment import estimate_seconds
+
+            seconds = float(estimate_seconds(geometry_only_image(volumeNode), quality == "fast", device))
+        except Exception:  # an estimate is a courtesy: nothing it raises may reach the panel
+            return None
+        return seconds if np.isfinite(seconds) and seconds >= 0 else None
+
+    def startSegmentation(
+        self,
+        volumeNode,
+        model: str = WHOLE_BODY,
+        modelFolder=None,
+        quality: str = "full",
+        device: str = "auto",
+        structures=None,
+        on_progress: Optional[Callable] = None,
+        on_done: Optional[Callable] = None,
+        on_line: Optional[Callable] = None,
+    ) -> ProcessRunner:
+        """Segment the volume in a child process (``ctfm segment``); returns its runner.
+
+        ``on_done(output_or_None, message, log)`` is called from
+        :meth:`ProcessRunner.poll` once the child has ended: a
+        :class:`SegmentationOutput` on success; on failure None, a message
+        quoting the child's last output lines, and ``log``, all of the child's
+        output lines. ``on_line(stream, text)`` receives each line as it comes
+        (the panel's log), ``on_progress(fraction_or_None, message)`` the
+        progress reports. The temporary files are removed when the run ends.
+        Nothing is added to the scene: :meth:`segmentationNodeFromLabels` does
+        that with the output.
+        """
+        problems = self.inputProblems(volumeNode, model, modelFolder, quality, device, structures)
+        if problems:
+            raise ValueError("\n".join(problems))
+        names = parse_structures(structures)
+        from CTFMLib.image import write_image
+
+        image = image_from_volume_node(volumeNode)
+        grid = image.geometry
+        work = Path(tempfile.mkdtemp(prefix="ctfm-segment-"))
+        try:
+            source = write_image(image, work / "input.nrrd", compress=False)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        del image  # the child reads the file; no second copy of the voxels stays in Slicer
+        # NRRD keeps the geometry in double precision (NIfTI would round it to float32).
+        out = work / "labels.nrrd"
+        args = ["segment", source, "--model", model_argument(model, modelFolder), "--out", out, "--device", device]
+        if quality == "fast":
+            args.append("--fast")
+        if names:
+            args += ["--structures", ",".join(names)]
+        log = collections.deque(maxlen=LOG_LINES)
+
+        def line(stream, text):
+            log.append(text)
+            if on_line:
+                on_line(stream, text)
+
+        def finished(result):
+            output = None
+            try:
+                if result.ok:
+                    try:
+                        output = read_output(out, grid, model, modelFolder)
+                        output.seconds = result.seconds
+                        message = result.describe()
+                    except (OSError, ValueError) as e:  # ImageError is a ValueError
+                        message = f"The segmentation finished but its result cannot be read: {e}"
+                else:
+                    message = failure_message(result, list(log))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if on_done:
+                on_done(output, message, "\n".join(log))
+
+        return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
+
+    def segmentationNodeFromLabels(self, labelsImage, labelInfos, referenceVolumeNode, name: str = "CT-FM segmentation",
+                                   scene=None, node=None, show3D: bool = True):
+        """A segmentation node of the labels (see :func:`CTFMSegmentLib.segmentation.segmentation_node_from_labels`)."""
+        return segmentation_node_from_labels(labelsImage, labelInfos, referenceVolumeNode, name, scene, node, show3D)
+
+    def modelLabelNames(self, model: str, modelFolder=None) -> Optional[dict]:
+        """``{value: name}`` of what the model segments, or None where unknown."""
+        return model_label_names(model, modelFolder)

@@ -1,0 +1,171 @@
+"""Which segmentation models the module offers, whether they can run here, and what they segment.
+
+No Qt and no torch (the panel calls these on every change): the catalogue
+and the model folders' ``labels.json`` are read as JSON.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Optional
+
+WHOLE_BODY = "whole-body"
+WHOLE_BODY_ID = "whole_body_segmentation"  # its catalogue id (``ctfm segment --model whole-body``)
+FOLDER = "folder"
+SEGMENTATION_TASK = "segmentation"
+QUALITIES = ("full", "fast")
+
+# The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME / LABELS_NAME),
+# repeated here because CTFMLib.weights imports torch, which the panel must not need.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LABELS_NAME = "labels.json"
+
+
+def catalog_segmentation_models(catalog_path=None) -> list:
+    """Catalogue entries of segmentation models (task "segmentation"), the whole-body model first.
+
+    An unreadable catalogue gives an empty list: the panel must still open.
+    """
+    try:
+        from CTFMLib.catalog import load_catalog
+
+        entries = [m for m in load_catalog(catalog_path) if m.task == SEGMENTATION_TASK]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    return sorted(entries, key=lambda m: m.id != WHOLE_BODY_ID)
+
+
+def model_choices(catalog_path=None) -> tuple:
+    """What the Model box offers: whole-body, the catalogue's other segmentation models (tumour tasks), folder."""
+    others = [m.id for m in catalog_segmentation_models(catalog_path) if m.id != WHOLE_BODY_ID]
+    return (WHOLE_BODY, *others, FOLDER)
+
+
+MODELS = model_choices()
+
+
+def path_is_set(path) -> bool:
+    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
+    return path is not None and str(path) not in ("", ".")
+
+
+def model_folder_problem(folder) -> Optional[str]:
+    """Why ``folder`` is not a CT-FM model folder, or None."""
+    if not path_is_set(folder):
+        return "Choose the folder of a CT-FM segmentation model."
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"The model folder {folder} does not exist."
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    if missing:
+        return f"The model folder {folder} lacks {' and '.join(missing)} (a CT-FM model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})."
+    return None
+
+
+def catalog_model_problem(model: str, catalog_path=None) -> Optional[str]:
+    """Why a catalogue model cannot run here, or None.
+
+    Tumour models have no published weights: the catalogue lists the task and
+    the user trains the model with CT-FM Train and imports it under the
+    catalogue id. Until then there is nothing to run. (Published models are
+    downloaded by the child when needed.)
+    """
+    if model in (WHOLE_BODY, FOLDER):
+        return None
+    entry = next((m for m in catalog_segmentation_models(catalog_path) if m.id == model), None)
+    if entry is None or entry.repo_id:
+        return None
+    from CTFMLib.cache import model_folder_name, models_dir
+
+    if (models_dir() / model_folder_name(entry.id) / WEIGHTS_NAME).is_file():
+        return None
+    return (
+        f"No '{entry.title}' model on this computer: no public weights exist for it. Train one with CT-FM Train, "
+        f"then import its folder in CT-FM > Models (or `ctfm models import FOLDER --id {entry.id}`), "
+        "or choose 'folder' and select it."
+    )
+
+
+def parse_structures(structures) -> list:
+    """Structure names from a comma-separated text (or a list); blanks and repeats dropped, order kept."""
+    if structures is None:
+        return []
+    items = structures.split(",") if isinstance(structures, str) else list(structures)
+    names = []
+    for item in items:
+        name = str(item).strip()
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def names_from_labels_dict(labels: dict) -> dict:
+    """``{value: name}`` of a labels mapping in either published form ({"1": "liver"} or {"1": {"name": ...}})."""
+    names = {}
+    for key, entry in (labels or {}).items():
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if int(key) != 0 and name:
+            names[int(key)] = str(name)
+    return names
+
+
+def model_label_names(model: str, modelFolder=None, catalog_path=None) -> Optional[dict]:
+    """``{value: name}`` of the structures a model segments, or None where they are not known."""
+    if model == FOLDER:
+        if not path_is_set(modelFolder) or not (Path(modelFolder) / LABELS_NAME).is_file():
+            return None
+        try:
+            return names_from_labels_dict(json.loads((Path(modelFolder) / LABELS_NAME).read_text(encoding="utf-8")))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+    wanted = WHOLE_BODY_ID if model == WHOLE_BODY else model
+    for entry in catalog_segmentation_models(catalog_path):
+        if entry.id == wanted and entry.labels:
+            return names_from_labels_dict(entry.labels)
+    return None
+
+
+def structure_key(name: str) -> str:
+    """A structure name as ``ctfm segment --structures`` compares it: case, spaces and dashes ignored."""
+    return str(name).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _accepted_names(names: dict) -> dict:
+    """``{key: model name}`` for the names and, where CTFMLib.labels describes them, display names."""
+    accepted = {}
+    try:
+        from CTFMLib.labels import load_labels
+
+        for info in load_labels({str(v): n for v, n in names.items()}):
+            accepted.setdefault(structure_key(info.display_name), info.name)
+    except (ImportError, ValueError, TypeError, KeyError):
+        pass
+    accepted.update({structure_key(n): n for n in names.values()})
+    return accepted
+
+
+def structures_problem(structures, model: str, modelFolder=None, catalog_path=None) -> Optional[str]:
+    """Why the structure subset does not fit the model (names it does not segment), or None."""
+    names = parse_structures(structures)
+    if not names:
+        return None
+    known = model_label_names(model, modelFolder, catalog_path)
+    if known is None:
+        return None  # the model's labels are unknown here; the model itself will check
+    accepted = _accepted_names(known)
+    unknown = [n for n in names if structure_key(n) not in accepted]
+    if not unknown:
+        return None
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(structure_key(name), list(known.values()), n=1)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return f"The model does not segment: {', '.join(hints)}."
+
+
+def model_argument(model: str, modelFolder=None) -> str:
+    """What ``ctfm segment --model`` receives for a Model choice."""
+    return str(Path(modelFolder)) if model == FOLDER else model
