@@ -1,7 +1,6 @@
 """CTFMSlicer.process.ProcessRunner with real child processes (no Qt, no Slicer needed)."""
 
 import os
-import subprocess
 import sys
 import textwrap
 import time
