@@ -298,8 +298,9 @@ def cmd_segment(args) -> int:
             image = read_image(path, series_uid=series)
             expected = estimate_seconds(image, args.fast, options.device, options.precision, model=model,
                                         threads=options.threads)
-            print(f"{prefix}expected time: about {_duration(expected)} ({'fast, 3 mm' if args.fast else 'full resolution'}, "
-                  f"{options.device}, {options.precision})", flush=True)
+            quality = "fast, 3 mm" if args.fast else "full resolution"
+            print(f"{prefix}expected time: about {_duration(expected)} ({quality}, {options.device}, "
+                  f"{options.precision})", flush=True)
             result = segment_image(image, model=model, labels=labels, structures=structures, fast=args.fast,
                                    largest_component=args.largest_component, options=options,
                                    progress=args.progress_cb, max_memory_gb=args.max_memory_gb)
@@ -350,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(func=cmd_embed)
 
     seg = sub.add_parser("segment", help="segment a CT (whole-body structures or a tumour model)")
-    seg.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder; with --out-dir a folder of them or a CSV")
+    seg.add_argument("image",
+                     help="NIfTI, NRRD, MHA file or DICOM series folder; with --out-dir a folder of them or a CSV")
     seg.add_argument("--model", default="whole-body",
                      help="whole-body, a model folder, catalogue id or Hugging Face repo id (default: %(default)s)")
     seg.add_argument("--out", help="output label map: .nii.gz, .nii, .nrrd, .mha (+ .labels.json) or .seg.nrrd")

@@ -45,18 +45,22 @@ WHOLE_BODY_ID = "whole_body_segmentation"
 MODEL_ALIASES = {"whole-body": WHOLE_BODY_ID, "whole_body": WHOLE_BODY_ID, "wholebody": WHOLE_BODY_ID}
 
 # Seconds per 96x160x160 window of the published network (SegResNetDS, init_filters 32,
-# 118 outputs), measured on 2 threads of an AMD EPYC CPU with avx512_bf16 (no AMX),
-# channels_last_3d, batch 1, decoder features only: fp32 9.2 s, bf16 autocast 4.5 s
-# (contiguous layout: fp32 24.6 s, bf16 6.8 s). CPU times are scaled by 2 / threads.
-# The CUDA figure is a rough allowance, not measured here.
+# 118 outputs) on 2 threads of an AMD EPYC CPU with avx512_bf16 (no AMX), channels_last_3d,
+# batch 1, all costs included: Testing/Benchmarks/segment.py on the 1.5 mm example CT
+# (30 windows) took 276 s in fp32 and 136 s in bf16 autocast. The forward pass alone:
+# fp32 9.1 s, bf16 4.4 s (contiguous layout, full network with heads: fp32 12.1 s, bf16 6.3 s).
+# CPU times are scaled by 2 / threads. The CUDA and MPS figures are rough allowances, not measured.
 SECONDS_PER_WINDOW = {("cpu", "fp32"): 9.2, ("cpu", "bf16"): 4.5, ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25,
                       ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
 MEASURED_THREADS = 2
-# Preprocessing, finishing rows and mapping back, per voxel of the input (same machine).
+# Reading, preprocessing and mapping back, per voxel of the input: an allowance (the figures
+# above already hold the blending; the rest was a few seconds for the 11M-voxel CT).
 SECONDS_PER_VOXEL = 1.5e-7
-# Peak bytes of one window's forward pass per voxel and per init_filter (the published network
-# has 32), measured with ru_maxrss on the same machine: fp32 17.7, bf16 7.3 (channels_last_3d).
+# Peak bytes of one window's forward pass (decoder features, channels_last_3d) per voxel and per
+# init_filter (the published network has 32), from ru_maxrss on the same machine: fp32 15.5,
+# bf16 6.7; rounded up.
 FORWARD_BYTES = {"fp32": 18.0, "bf16": 8.0}
+PROCESS_BYTES = 300 << 20  # Python with PyTorch, NumPy and SimpleITK loaded
 MEMORY_FRACTION = 0.85  # of the memory available when no budget is given
 
 
@@ -99,8 +103,9 @@ def cpu_supports_bf16() -> bool:
 def default_precision(device: torch.device) -> str:
     """bf16 autocast where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32.
 
-    On this project's CPU a window takes 4.5 s in bf16 against 9.2 s in fp32 (both
-    channels_last_3d), and labels still agree with fp32 on >= 99% of voxels.
+    On the project's test CPU (AVX512-BF16, no AMX) a window takes 4.5 s in bf16 against
+    9.2 s in fp32 (both channels_last_3d); with random weights of the published network the
+    labels agree with the fp32 model card on 99.2% of voxels (fp32: 99.9999%).
     """
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -111,7 +116,7 @@ def default_precision(device: torch.device) -> str:
 
 def run_options(device="auto", precision="auto", threads=None, channels_last=None, batch_size=1,
                 report=None) -> RunOptions:
-    """RunOptions for segmentation: precision "auto" per device, channels_last_3d on the CPU (2.2x faster here)."""
+    """RunOptions for segmentation: precision "auto" per device, channels_last_3d on the CPU (1.3x faster here)."""
     resolved = select_device(device, report)
     if precision in (None, "auto"):
         precision = default_precision(resolved)
@@ -168,7 +173,7 @@ def _first(output):
 
 
 def _argmax_of(head, device, dtype):
-    """Reducer: blended rows ``(n, H, W, C)`` -> labels; through ``head`` (1x1x1 conv, fp32) when features were blended."""
+    """Reducer: blended rows ``(n, H, W, C)`` -> labels, through ``head`` (1x1x1 conv, in fp32) for blended features."""
     if head is not None:
         weight = head.weight.detach().reshape(head.out_channels, head.in_channels).t()
         bias = head.bias.detach() if head.bias is not None else None
@@ -224,7 +229,8 @@ def estimate_peak_bytes(model_shape, roi, blend_channels: int, classes: int, inp
     padded = int(np.prod(plan.padded_shape))
     _, height, width = plan.padded_shape
     label_bytes = 1 if classes <= 256 else 2
-    total = input_image.array.nbytes + 4 * int(np.prod(model_shape)) + (4 * padded if padded > np.prod(model_shape) else 0)
+    volume = 4 * int(np.prod(model_shape))
+    total = input_image.array.nbytes + volume + (4 * padded if 4 * padded > volume else 0)  # a padded copy
     total += 4 * (blend_channels + 1) * min(roi[0], plan.padded_shape[0]) * height * width  # ring buffers
     total += label_bytes * (padded + 2 * int(np.prod(input_image.shape)))  # model-grid and input-grid labels
     window = int(np.prod(roi)) * batch_size
@@ -233,16 +239,17 @@ def estimate_peak_bytes(model_shape, roi, blend_channels: int, classes: int, inp
     if forward_on_host and filters:
         total += int(FORWARD_BYTES.get(precision, FORWARD_BYTES["fp32"]) * filters * window)
     # the weights, and autocast's bf16 copies of them during a forward pass
-    return int(total + (6 if precision == "bf16" else 4) * parameters)
+    return int(total + (6 if precision == "bf16" else 4) * parameters + PROCESS_BYTES)
 
 
 def default_memory_budget_gb() -> float:
-    """A fraction of the memory available now (psutil when installed, else the OS's free pages)."""
-    available = None
+    """A fraction of the memory this process could use: what is available now plus what it holds
+    (the estimate counts the image and the model it already holds). psutil when installed, else the
+    OS's free pages."""
     try:
         import psutil
 
-        available = psutil.virtual_memory().available
+        available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
     except ImportError:
         try:
             import os
@@ -399,8 +406,9 @@ def segment_image(
             + ("" if fast else "; fast mode (--fast, 3 mm) needs much less")
             + "; or allow more with --max-memory-gb"
         )
-    notes.append(f"{_count(plan.n_windows, 'window')} of {'x'.join(map(str, roi))} on a {'x'.join(map(str, pre.array.shape))} "
-                 f"grid{' resampled to 3 mm' if fast else ''}; estimated peak memory {peak / 2**30:.1f} GB")
+    notes.append(f"{_count(plan.n_windows, 'window')} of {'x'.join(map(str, roi))} on a "
+                 f"{'x'.join(map(str, pre.array.shape))} grid{' resampled to 3 mm' if fast else ''}; "
+                 f"estimated peak memory {peak / 2**30:.1f} GB")
 
     dtype = np.uint8 if classes <= 256 else np.uint16
     try:
@@ -420,7 +428,8 @@ def segment_image(
             f"the GPU ({device}) ran out of memory; run on the CPU (--device cpu) or in fast mode (--fast)"
         ) from None
     except MemoryError:
-        raise SegmentationError("the computer ran out of memory; try fast mode (--fast) or close other programs") from None
+        raise SegmentationError(
+            "the computer ran out of memory; try fast mode (--fast) or close other programs") from None
     except RuntimeError as e:
         text = str(e).lower()
         if "out of memory" in text or "can't allocate memory" in text:
@@ -442,7 +451,8 @@ def segment_image(
         keep_largest_components(out, [x.value for x in kept])
     seconds = time.perf_counter() - start
     progress(1.0, f"done in {seconds:.0f} s")
-    result = Image.from_geometry(out.astype(dtype, copy=False), image.geometry, {"labels": {x.value: x.name for x in kept}})
+    result = Image.from_geometry(out.astype(dtype, copy=False), image.geometry,
+                                 {"labels": {x.value: x.name for x in kept}})
     return SegmentationResult(result, kept, seconds, notes)
 
 

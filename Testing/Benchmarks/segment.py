@@ -177,7 +177,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=1, help="ours: windows per forward pass (default 1)")
     p.add_argument("--reference-batch", type=int, default=1,
-                   help="the reference's sw_batch_size (default 1: on a CPU batching is not faster, and it costs memory)")
+                   help="the reference's sw_batch_size (default 1: batching is not faster on a CPU and costs memory)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--stop-after", type=int, default=0,
