@@ -27,16 +27,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from CTFMSlicer import CITATION
 from CTFMSlicer.logic import DEFAULT_WEIGHTS, DEVICES, EMBED_MODES
 from CTFMSlicer.logic import CTFMLogic as CTFMCoreLogic
 from CTFMSlicer.widget import ParameterNodeWidgetMixin
 
 CACHE_FOLDER_SETTING = "CTFM/CacheFolder"
 
-CITATION = (
-    "S. Pai, I. Hadzic, D. Bontempi, K. Bressem, B. H. Kann, A. Fedorov, R. H. Mak, H. J. W. L. Aerts: "
-    "Vision Foundation Models for Computed Tomography (CT-FM). arXiv:2501.09001, 2025."
-)
 
 
 #

@@ -43,12 +43,9 @@ _addCTFMPackagesToPath()
 
 from CTFMRetrieveLib.logic import NOT_AVAILABLE_MESSAGE, RESULT_COLUMNS, RETRIEVAL_AVAILABLE  # noqa: E402
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
+from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
 
-CITATION = (
-    "S. Pai, I. Hadzic, D. Bontempi, K. Bressem, B. H. Kann, A. Fedorov, R. H. Mak, H. J. W. L. Aerts: "
-    "Vision Foundation Models for Computed Tomography (CT-FM). arXiv:2501.09001, 2025."
-)
 
 
 #

@@ -48,13 +48,10 @@ _addCTFMPackagesToPath()
 from CTFMSegmentLib.logic import CTFMSegmentLogic as CTFMSegmentCoreLogic  # noqa: E402
 from CTFMSegmentLib.models import FOLDER, MODELS, QUALITIES, WHOLE_BODY  # noqa: E402
 from CTFMSegmentLib.output import format_duration, is_out_of_memory  # noqa: E402
+from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.logic import DEVICES  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
 
-CITATION = (
-    "S. Pai, I. Hadzic, D. Bontempi, K. Bressem, B. H. Kann, A. Fedorov, R. H. Mak, H. J. W. L. Aerts: "
-    "Vision Foundation Models for Computed Tomography (CT-FM). arXiv:2501.09001, 2025."
-)
 
 
 #

@@ -10,3 +10,8 @@ the test suite exercises it. It sits in a sub-folder of the module folder, so
 Slicer's module scanner, which only looks at top-level ``*.py`` files, does not
 mistake it for a module.
 """
+
+CITATION = (
+    "S. Pai, I. Hadzic, D. Bontempi, K. Bressem, B. H. Kann, A. Fedorov, R. H. Mak, H. J. W. L. Aerts: "
+    "Vision Foundation Models for Computed Tomography (CT-FM). arXiv:2501.09001, 2025."
+)
