@@ -97,15 +97,11 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic = None
-        self._runner = None  # the child process computing an embedding, while one runs
         self._observedPointList = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTFM.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadModuleUI("CTFM.ui")
 
         self.logic = CTFMLogic()
 
@@ -113,9 +109,6 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
         self._setupModels()
         self.ui.computeEmbeddingButton.connect("clicked(bool)", self.onComputeEmbedding)
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(100)
-        self._pollTimer.connect("timeout()", self._pollRunner)
 
         self.initializeParameterNode()
 
@@ -161,11 +154,6 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
     # --- parameter node ----------------------------------------------------------
 
-    def cleanup(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-        ParameterNodeWidgetMixin.cleanup(self)
-
     def _observePointList(self, pointList) -> None:
         """Placing or deleting the point changes whether Compute is possible; the parameter node does not see that."""
         if pointList is self._observedPointList:
@@ -196,7 +184,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
     def onComputeEmbedding(self) -> None:
         if self._runner is not None:  # the button reads "Cancel" while an embedding runs
             self.ui.embeddingStatusLabel.text = _("Cancelling...")
-            self._runner.cancel()
+            self.cancelRunner()
             return
         from CTFMSlicer.dependencies import ensure_dependencies
 
@@ -207,17 +195,12 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             pointRAS = self.logic.firstPointRAS(p.pointList) if p.embedMode == "point" else None
             volumeName = p.inputVolume.GetName()
             # The work runs in a child process: Slicer stays responsive and Cancel kills the process tree.
-            self._runner = self.logic.startEmbedding(
+            self.followRunner(self.logic.startEmbedding(
                 p.inputVolume, p.weights, p.embedMode, pointRAS, p.device,
                 on_progress=self._onProgress,
                 on_done=lambda embedding, message: self._onEmbeddingDone(embedding, message, volumeName),
-            )
+            ))
             self._setRunning(True)
-            self._pollTimer.start()
-
-    def _pollRunner(self) -> None:
-        if self._runner is not None and not self._runner.poll():
-            self._pollTimer.stop()
 
     def _onEmbeddingDone(self, embedding, message: str, volumeName: str) -> None:
         self._runner = None

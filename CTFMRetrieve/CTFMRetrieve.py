@@ -108,10 +108,7 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTFMRetrieve.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadModuleUI("CTFMRetrieve.ui")
 
         self.logic = CTFMRetrieveLogic()
 

@@ -121,16 +121,12 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._runner = None  # the child process segmenting, while one runs
         self._estimateKey = None
         self._estimateText = ""
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CTFMSegment.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadModuleUI("CTFMSegment.ui")
 
         self.logic = CTFMSegmentLogic()
         self._loadTerminology()
@@ -138,9 +134,6 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         self.observeSceneClose()
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(100)
-        self._pollTimer.connect("timeout()", self._pollRunner)
 
         self.initializeParameterNode()
 
@@ -159,14 +152,6 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
             if name.split(".")[0] == "CTFMSegmentLib":
                 del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
-
-    def cleanup(self) -> None:
-        self._cancelRunner()
-        ParameterNodeWidgetMixin.cleanup(self)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self._cancelRunner()  # its result would belong to a scene that is gone
-        ParameterNodeWidgetMixin.onSceneStartClose(self, caller, event)
 
     # --- state -------------------------------------------------------------------
 
@@ -199,7 +184,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
     def onSegment(self) -> None:
         if self._runner is not None:  # the button reads "Cancel" while a segmentation runs
             self._log(_("Cancelling..."))
-            self._cancelRunner()
+            self.cancelRunner()
             return
         p = self._parameterNode
         problems = self.logic.parameterProblems(p)
@@ -213,22 +198,14 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
             ensure_dependencies()
             self._log(_("Segmenting '{volume}' with {model} ({quality} quality, device {device})...").format(
                 volume=volume.GetName(), model=p.model if p.model != FOLDER else str(p.modelFolder), quality=p.quality, device=p.device))
-            self._runner = self.logic.startSegmentation(
+            self.followRunner(self.logic.startSegmentation(
                 volume, p.model, p.modelFolder, p.quality, p.device, p.structures,
                 on_progress=self._onProgress,
                 on_line=lambda stream, text: self._log(text),
                 on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D),
-            )
+            ))
             self._setRunning(True)
-            self._pollTimer.start()
 
-    def _cancelRunner(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()  # on_done follows from the next poll
-
-    def _pollRunner(self) -> None:
-        if self._runner is not None and not self._runner.poll():
-            self._pollTimer.stop()
 
     def _onDone(self, result, message: str, log: str, volume, output, show3D: bool) -> None:
         self._runner = None

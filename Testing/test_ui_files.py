@@ -210,8 +210,11 @@ def test_mrml_widgets_receive_the_scene(module):
 
 
 def test_module_code_loads_its_own_ui(module):
+    # either loads "UI/<name>.ui" itself or hands "<name>.ui" to the shared mixin's loadModuleUI
+    calls = [n for n in ast.walk(module.tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    loaded = {ast.literal_eval(c.args[0]) for c in calls if c.func.attr == "loadModuleUI" and c.args}
     literals = {n.value for n in ast.walk(module.tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    assert f"UI/{module.name}.ui" in literals
+    assert f"{module.name}.ui" in loaded or f"UI/{module.name}.ui" in literals
     # binds the .ui to the parameter node itself, or through the shared mixin that does
     attributes = {n.attr for n in ast.walk(module.tree) if isinstance(n, ast.Attribute)}
     names = {n.id for n in ast.walk(module.tree) if isinstance(n, ast.Name)}

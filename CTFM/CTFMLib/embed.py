@@ -20,7 +20,7 @@ import torch
 
 from .image import Image, ImageError
 from .preprocess import PreprocessConfig, Preprocessed, preprocess
-from .progress import Cancelled, null_progress, subrange
+from .progress import null_progress, subrange
 
 PATCH_SIZE = (24, 128, 128)
 PATCH_SPACING = (3.0, 1.0, 1.0)
@@ -218,8 +218,3 @@ def patch_at_point(pre: Preprocessed, point_lps, size=PATCH_SIZE) -> np.ndarray:
     start = centre - np.asarray(size) // 2
     return _cut(pre.array, tuple(int(s) for s in start), size)
 
-
-__all__ = [
-    "embed_image", "embed_patches", "patch_at_point", "RunOptions", "Runner", "select_device",
-    "PATCH_SIZE", "PATCH_SPACING", "Cancelled",
-]

@@ -1,11 +1,14 @@
 """The parameter-node plumbing every CT-FM module widget shares (Slicer's scripted-module template).
 
 A widget class lists :class:`ParameterNodeWidgetMixin` before
-``ScriptedLoadableModuleWidget`` and ``VTKObservationMixin``, sets
-``self.logic`` and ``self.ui`` in ``setup()``, calls
-:meth:`observeSceneClose` and :meth:`initializeParameterNode`, and defines
-``_updateState()``, which runs whenever the parameter node changes.
-No Qt is imported here.
+``ScriptedLoadableModuleWidget`` and ``VTKObservationMixin``; in ``setup()``
+it calls :meth:`loadModuleUI`, sets ``self.logic``, calls
+:meth:`observeSceneClose` and :meth:`initializeParameterNode`; it defines
+``_updateState()``, which runs whenever the parameter node changes. Long work
+started as a :class:`CTFMSlicer.process.ProcessRunner` is handed to
+:meth:`followRunner`, which polls it from the GUI thread; closing the scene or
+the module cancels it. Qt is imported only inside the methods that need it, so
+the package stays importable without the application.
 """
 
 import slicer
@@ -17,12 +20,43 @@ class ParameterNodeWidgetMixin:
 
     _parameterNode = None
     _parameterNodeGuiTag = None
+    _runner = None  # the child process doing the module's long work, while one runs
+    _pollTimer = None
+    POLL_INTERVAL_MS = 100
+
+    def loadModuleUI(self, uiFile: str) -> None:
+        """Load ``Resources/UI/<uiFile>`` into the panel as ``self.ui``, with the scene set."""
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{uiFile}"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+    def followRunner(self, runner) -> None:
+        """Poll ``runner`` every 100 ms in the GUI thread, where its callbacks may touch Qt and MRML."""
+        import qt
+
+        self._runner = runner
+        if self._pollTimer is None:
+            self._pollTimer = qt.QTimer()
+            self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+            self._pollTimer.connect("timeout()", self._pollRunner)
+        self._pollTimer.start()
+
+    def _pollRunner(self) -> None:
+        if self._runner is not None and not self._runner.poll():
+            self._pollTimer.stop()
+
+    def cancelRunner(self) -> None:
+        """Stop the running child process tree; its ``on_done`` follows from the next poll."""
+        if self._runner is not None:
+            self._runner.cancel()
 
     def observeSceneClose(self) -> None:
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
     def cleanup(self) -> None:
+        self.cancelRunner()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -35,6 +69,7 @@ class ParameterNodeWidgetMixin:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.cancelRunner()  # its result would belong to a scene that is gone
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
