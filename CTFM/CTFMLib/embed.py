@@ -84,8 +84,8 @@ class Runner:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
 
     def autocast(self):
-        """The precision context: bf16 autocast, or nothing for fp32."""
-        if self.options.precision == "bf16":
+        """The precision context: bf16 autocast, or nothing for fp32 and models that cast for themselves."""
+        if self.options.precision == "bf16" and not getattr(self.model, "casts_itself", False):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

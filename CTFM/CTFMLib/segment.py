@@ -36,6 +36,7 @@ from .networks import SegResNetDS
 from .preprocess import PreprocessConfig, orientation_transform, preprocess
 from .progress import null_progress, subrange
 from .sliding_window import ADD_BYTES, FINALISE_BYTES, plan_windows, stitch
+from .streaming import StreamedFeatures
 
 ROI = (96, 160, 160)
 OVERLAP = 0.625
@@ -45,21 +46,22 @@ WHOLE_BODY_ID = "whole_body_segmentation"
 MODEL_ALIASES = {"whole-body": WHOLE_BODY_ID, "whole_body": WHOLE_BODY_ID, "wholebody": WHOLE_BODY_ID}
 
 # Seconds per 96x160x160 window of the published network (SegResNetDS, init_filters 32,
-# 118 outputs) on 2 threads of an AMD EPYC CPU with avx512_bf16 (no AMX), channels_last_3d,
-# batch 1, all costs included: Testing/Benchmarks/segment.py on the 1.5 mm example CT
-# (30 windows) took 276 s in fp32 and 136 s in bf16 autocast. The forward pass alone:
-# fp32 9.1 s, bf16 4.4 s (contiguous layout, full network with heads: fp32 12.1 s, bf16 6.3 s).
-# CPU times are scaled by 2 / threads. The CUDA and MPS figures are rough allowances, not measured.
-SECONDS_PER_WINDOW = {("cpu", "fp32"): 9.2, ("cpu", "bf16"): 4.5, ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25,
+# 118 outputs) on 2 threads of an AMD EPYC CPU with avx512_bf16 (no AMX), run as
+# CTFMLib.streaming.StreamedFeatures, batch 1, all costs included: Testing/Benchmarks/segment.py
+# on the 1.5 mm example CT (30 windows) took 234 s in fp32 and 115 s in bf16; the first
+# window is 1.4 s slower (oneDNN builds its kernels). Its 1.5 TFLOP of convolutions run at
+# about 215 GFLOPS in fp32 and 450 in bf16 here. CPU times are scaled by 2 / threads.
+# The CUDA and MPS figures are rough allowances, not measured.
+SECONDS_PER_WINDOW = {("cpu", "fp32"): 7.7, ("cpu", "bf16"): 3.8, ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25,
                       ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
 MEASURED_THREADS = 2
 # Reading, preprocessing and mapping back, per voxel of the input: an allowance (the figures
 # above already hold the blending; the rest was a few seconds for the 11M-voxel CT).
 SECONDS_PER_VOXEL = 1.5e-7
-# Peak bytes of one window's forward pass (decoder features, channels_last_3d) per voxel and per
-# init_filter (the published network has 32), from ru_maxrss on the same machine: fp32 15.5,
-# bf16 6.7; rounded up.
-FORWARD_BYTES = {"fp32": 18.0, "bf16": 8.0}
+# Peak bytes of one window's forward pass per voxel and per init_filter (the published network
+# has 32): the level buffers StreamedFeatures keeps (4/3 of the level-0 map) and its slabs,
+# from ru_maxrss on the same machine (fp32 about 5.5, bf16 about 3); rounded up.
+FORWARD_BYTES = {"fp32": 7.0, "bf16": 4.0}
 PROCESS_BYTES = 300 << 20  # Python with PyTorch, NumPy and SimpleITK loaded
 MEMORY_FRACTION = 0.85  # of the memory available when no budget is given
 
@@ -103,8 +105,8 @@ def cpu_supports_bf16() -> bool:
 def default_precision(device: torch.device) -> str:
     """bf16 autocast where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32.
 
-    On the project's test CPU (AVX512-BF16, no AMX) a window takes 4.5 s in bf16 against
-    9.2 s in fp32 (both channels_last_3d); with random weights of the published network the
+    On the project's test CPU (AVX512-BF16, no AMX) a window takes 3.8 s in bf16 against
+    7.7 s in fp32 (both channels_last_3d); with random weights of the published network the
     labels agree with the fp32 model card on 99.2% of voxels (fp32: 99.9999%).
     """
     if device.type == "cuda":
@@ -129,25 +131,6 @@ def run_options(device="auto", precision="auto", threads=None, channels_last=Non
 # --- what the windows compute ----------------------------------------------------------------
 
 
-class DecoderFeatures(nn.Module):
-    """A SegResNetDS up to (not including) its last head: the features its logits are a linear map of."""
-
-    def __init__(self, net: SegResNetDS):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.net.shape_factor()
-        if any(s % f for s in x.shape[2:]):
-            raise ValueError(f"window size {tuple(x.shape[2:])} must be divisible by {f}")
-        skips = self.net.encoder(x)
-        skips.reverse()
-        x = skips.pop(0)
-        for level in self.net.up_layers:
-            x = level["blocks"](level["upsample"](x) + skips.pop(0))
-        return x
-
-
 def output_channels(model: nn.Module) -> int:
     channels = getattr(model, "out_channels", None)
     if not channels:
@@ -155,12 +138,20 @@ def output_channels(model: nn.Module) -> int:
     return int(channels)
 
 
-def _window_model(model: nn.Module):
-    """``(module to run on windows, channels it returns, head applied to finished rows or None)``."""
+def _window_model(model: nn.Module, precision: str = "fp32"):
+    """``(module to run on windows, channels it returns, head applied to finished rows or None)``.
+
+    A SegResNetDS runs as :class:`CTFMLib.streaming.StreamedFeatures` (slab by slab, in the
+    compute dtype) up to its last head, which is linear: blending its 32 input channels and
+    applying it once per voxel gives the blended logits of its 118 outputs.
+    """
     if isinstance(model, SegResNetDS):
         head = model.up_layers[-1]["head"]
         if isinstance(head, nn.Conv3d) and head.in_channels < model.out_channels:
-            return DecoderFeatures(model), head.in_channels, head
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            # channels-last in place first (as Runner would), so float32 weights are shared, not copied
+            model.eval().to(memory_format=torch.channels_last_3d)
+            return StreamedFeatures(model, dtype), head.in_channels, head
     return model, output_channels(model), None
 
 
@@ -238,8 +229,8 @@ def estimate_peak_bytes(model_shape, roi, blend_channels: int, classes: int, inp
     total += FINALISE_BYTES * (1 + max(classes, blend_channels) // max(1, blend_channels))
     if forward_on_host and filters:
         total += int(FORWARD_BYTES.get(precision, FORWARD_BYTES["fp32"]) * filters * window)
-    # the weights, and autocast's bf16 copies of them during a forward pass
-    return int(total + (6 if precision == "bf16" else 4) * parameters + PROCESS_BYTES)
+    # the weights, and StreamedFeatures' own: conv1 folded with bn2 (fp32), or all of them in bf16
+    return int(total + 6 * parameters + PROCESS_BYTES)
 
 
 def default_memory_budget_gb() -> float:
@@ -391,7 +382,7 @@ def segment_image(
 
     progress(0.02, "preprocessing" + (" (fast: 3 mm)" if fast else ""))
     pre = preprocess(image, PreprocessConfig(spacing=FAST_SPACING) if fast else None)
-    module, blend_channels, head = _window_model(model)
+    module, blend_channels, head = _window_model(model, options.precision)
     plan = plan_windows(pre.array.shape, roi, OVERLAP)
     device = torch.device(options.device)
     filters = getattr(getattr(model, "encoder", None), "init_filters", None)
