@@ -142,6 +142,16 @@ def test_reading_2d_and_4d_and_corrupt_files_fails_clearly(tmp_path):
         read_image(tmp_path / "broken.nii.gz")
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_cut_off_nifti_is_refused_not_zero_filled(tmp_path, suffix):
+    """ITK reads a truncated NIfTI without complaint and fills the missing voxels with zeros."""
+    whole = write_image(body_phantom(**GEOMETRIES["lps"]), tmp_path / f"whole{suffix}").read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole[: int(len(whole) * 0.9)])
+    with pytest.raises(ImageError, match="truncated"):
+        read_image(cut)
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".nii"])
 def test_write_read_round_trip_keeps_voxels_and_geometry(tmp_path, suffix):
     image = body_phantom(**GEOMETRIES["oblique20"])

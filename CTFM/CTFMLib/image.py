@@ -176,6 +176,8 @@ def read_image(path, series_uid: Optional[str] = None) -> Image:
         from .dicom import read_dicom_series
 
         return read_dicom_series(path, series_uid=series_uid)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_complete(path)  # ITK reads a cut-off NIfTI without complaint, filling the rest with zeros
     sitk = _sitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -188,6 +190,42 @@ def read_image(path, series_uid: Optional[str] = None) -> Image:
         metadata["modality"] = reader.GetMetaData("0008|0060").strip()
     image = from_sitk(img, metadata)
     return image
+
+
+def check_nifti_complete(path) -> None:
+    """Raise :class:`ImageError` when a .nii/.nii.gz file holds fewer voxel bytes than its header
+    promises, or its gzip stream is cut short (decompresses the file once; no voxels are kept)."""
+    import gzip
+    import zlib
+
+    sitk = _sitk()
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        ndim = int(reader.GetMetaData("dim[0]"))
+        count = int(np.prod([int(reader.GetMetaData(f"dim[{a}]")) or 1 for a in range(1, ndim + 1)]))
+        expected = int(float(reader.GetMetaData("vox_offset"))) + count * int(reader.GetMetaData("bitpix")) // 8
+    except (RuntimeError, ValueError) as e:
+        why = _first_line(e)
+        raise ImageError(f"cannot read {path.name}: not a readable NIfTI file or it is corrupt ({why})") from None
+    held, problem = 0, ""
+    if path.name.lower().endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    held += len(chunk)
+        except (EOFError, OSError, zlib.error) as e:
+            problem = f"its compressed data is cut short or damaged ({_first_line(e)})"
+    else:
+        held = path.stat().st_size
+    if not problem and held < expected:
+        problem = f"it holds {held} bytes but its header needs {expected}"
+    if problem:
+        raise ImageError(
+            f"cannot read {path.name}: the file is truncated or corrupt: {problem}; copy or export it again"
+        )
 
 
 def _first_line(e: Exception) -> str:
