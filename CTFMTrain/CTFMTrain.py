@@ -9,9 +9,13 @@ it runs just as well from a shell:
 
 ``--task check`` verifies the training environment for real (Python,
 CTFMLib, PyTorch, the device computes, the output folder is writable, the
-configuration file parses). The training tasks (pretrain, segment, classify)
+configuration file parses). ``--task pretrain`` trains CT-FM on the scans the
+configuration lists (CTFMLib.train); the fine-tuning tasks (segment, classify)
 arrive in a later version: for now they check their arguments, then stop
-with exit code 3 and a message saying that training is not implemented yet.
+with exit code 3 and a message saying that they are not implemented yet.
+SIGTERM or SIGINT ends a run after the current step with a checkpoint; a process
+killed outright (Slicer's Cancel may do that) loses at most the steps since the
+last periodic checkpoint, and ``--resume`` continues from there.
 """
 
 import argparse
@@ -181,20 +185,31 @@ def run_check(args, report: Report) -> int:
 
 
 def run_training(args, report: Report) -> int:
-    report.info(0.1, f"Task: {args.task}")
+    report.info(None, f"Task: {args.task}")
     check_config_file(args.config_file, report, required=True)
     check_output_directory(args.output_directory, report, required=True)
-    if args.resume and args.output_directory and not any(Path(args.output_directory).glob("*.ckpt")):
-        report.problem(f"--resume: no checkpoint (*.ckpt) in {args.output_directory}")
     if report.problems:
         return EXIT_PROBLEMS
-    print(
-        f"ERROR: training task '{args.task}' is not implemented yet in this version of CT-FM; "
-        "the arguments were checked and are valid, but nothing was trained.",
-        file=sys.stderr,
-        flush=True,
-    )
-    return EXIT_NOT_IMPLEMENTED
+    from CTFMLib.train.config import ConfigError
+    from CTFMLib.train.run import CHECKPOINT, NotAvailableYet, run
+    from CTFMLib.train.trainer import TrainingError
+
+    if args.resume and not (Path(args.output_directory) / CHECKPOINT).is_file():
+        report.problem(f"--resume: no checkpoint ({CHECKPOINT}) in {args.output_directory}")
+        return EXIT_PROBLEMS
+    try:
+        summary = run(args.task, args.config_file, args.output_directory, resume=args.resume,
+                      max_steps=args.max_steps or None, device=args.device, progress=report.info)
+    except NotAvailableYet as e:
+        print(f"ERROR: {e}; the arguments were checked and are valid, but nothing was trained.",
+              file=sys.stderr, flush=True)
+        return EXIT_NOT_IMPLEMENTED
+    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
+        report.problem(str(e))
+        return EXIT_PROBLEMS
+    report.info(1.0, f"Done: {summary.get('steps')} steps, last loss {summary.get('last_loss')}; "
+                     f"model in {Path(args.output_directory) / 'model'}")
+    return EXIT_OK
 
 
 def main(argv=None) -> int:

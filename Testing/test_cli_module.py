@@ -255,3 +255,48 @@ def test_installed_layout_finds_ctfmlib_in_qt_scripted_modules(tmp_path):
     )
     assert "<filter-start>" in result.stdout, result.stderr
     assert result.returncode == 1 and "--configFile" in result.stderr
+
+
+def tiny_pretraining(tmp_path) -> Path:
+    """A configuration that pretrains a small encoder for a few steps on two phantom CTs."""
+    from CTFMLib.image import write_image
+    from ctfm_testing.phantoms import body_phantom
+
+    data = tmp_path / "scans"
+    data.mkdir()
+    for seed in (1, 2):  # 60 slices of 2 mm: passes the upstream filters (CT, 1-5 mm, > 50 slices)
+        write_image(body_phantom(shape=(48, 48, 60), spacing=(2.0, 2.0, 2.0), seed=seed), data / f"ct{seed}.nii.gz")
+    config = {
+        "data": {"source": [str(data)], "workers": 0},
+        "model": {"init_filters": 4, "blocks_down": [1, 1, 1]},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "max_steps": 4},
+        "run": {"seed": 0, "device": "cpu", "checkpoint_every": 2, "log_every": 1, "scans_per_step": 2},
+        "pretrain": {"crops_per_scan": 3, "crop_size": [8, 16, 16], "projection": [16, 16, 8]},
+    }
+    path = tmp_path / "pretrain.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_pretrain_task_trains_and_reports_progress_slicer_can_follow(tmp_path):
+    pytest.importorskip("torch")
+    config = tiny_pretraining(tmp_path)
+    out = tmp_path / "run"
+    result = run_cli(slicer_command_line({"task": "pretrain", "device": "cpu", "configFile": config,
+                                          "outputDirectory": out}), timeout=300)
+    assert result.returncode == 0, result.stderr
+    progress = filter_progress(result.stdout)
+    assert progress[-1] == 1.0 and progress == sorted(progress)
+    assert "<filter-end>" in result.stdout
+    comments = re.findall(r"<filter-comment>(.*?)</filter-comment>", result.stdout)
+    assert any("step 4 of 4" in c for c in comments)
+    from CTFMLib.weights import load_model
+
+    encoder, _ = load_model(out / "model", expect="SegResEncoder")
+    assert encoder.init_filters == 4
+    assert (out / "metrics.csv").read_text().count("\n") == 5  # header + 4 steps
+
+    again = run_cli(slicer_command_line({"task": "pretrain", "device": "cpu", "configFile": config,
+                                         "outputDirectory": out, "resume": "true", "maxSteps": "6"}), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (out / "metrics.csv").read_text().count("\n") == 7  # continued at step 5, not from scratch

@@ -319,6 +319,25 @@ def cmd_segment(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_train(args) -> int:
+    from .train.run import NotAvailableYet, run
+    from .train.trainer import TrainingError
+
+    try:
+        summary = run(args.task, args.config, args.out, resume=args.resume, max_steps=args.max_steps,
+                      device=args.device, progress=args.progress_cb)
+    except NotAvailableYet as e:
+        print(f"ctfm: {e}", file=sys.stderr)
+        return 3
+    except TrainingError as e:
+        print(f"ctfm: training stopped: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}, default=str),
+              flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctfm", description="CT-FM: a 3D CT foundation model, from the command line.")
     p.add_argument("--version", action="version", version=f"ctfm {__version__}")
@@ -372,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     seg.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     seg.set_defaults(func=cmd_segment)
+
+    tr = sub.add_parser("train", help="pretrain CT-FM or fine-tune it (runs under torchrun as well)")
+    tr.add_argument("task", choices=("pretrain", "segment", "classify"))
+    tr.add_argument("--config", help="training configuration (.json, or .yaml with PyYAML); defaults otherwise")
+    tr.add_argument("--out", help="output folder: checkpoints, metrics.csv, the trained model (default: run.out_dir)")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    tr.add_argument("--max-steps", type=int, help="stop after this many steps (default: optim.max_steps)")
+    tr.add_argument("--device", help="auto, cpu, cuda or mps (default: run.device)")
+    tr.set_defaults(func=cmd_train)
     return p
 
 

@@ -1,0 +1,667 @@
+"""Scans for training: discovery, CT-FM's scan filters, and an on-disk cache of preprocessed volumes.
+
+:func:`find_scans` turns what a user names (image files, folders, CSV lists,
+DICOM trees) into :class:`ScanRef` records, one per volume. :func:`check_scan`
+applies the filters CT-FM's pretraining data went through (modality CT, slice
+thickness 1-5 mm, more than 50 slices, no localizers), from headers alone where
+possible. :class:`ScanCache` preprocesses each scan once with
+:func:`pretrain_preprocess` and keeps the result as a ``.npy`` file that
+training memory-maps; :meth:`ScanCache.prepare` fills it with worker processes
+and reports every scan it cannot use instead of stopping.
+
+Conventions: voxels are HU indexed ``[i, j, k]`` in LPS (:mod:`CTFMLib.image`);
+preprocessed arrays are float32 in [0, 1] on an SPL grid, axis 0 towards
+Superior, 1 Posterior, 2 Left, spacing (3, 1, 1) mm by default.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..image import Image, ImageError, _first_line, read_image
+from ..preprocess import _apply_orientation, foreground_box, orientation_transform, resample_axes, validate_ct
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+# CT-FM's pretraining filters (Pai et al., CT-FM): CT only, slices 1-5 mm thick, more than 50 of them, no scouts.
+MIN_THICKNESS_MM, MAX_THICKNESS_MM = 1.0, 5.0
+THICKNESS_TOLERANCE_MM = 1e-3  # headers store 1.0 as 0.99999
+MIN_SLICES = 51
+# A "volume" of this many slices or fewer is a localizer (scout) or a single image, whatever its header says.
+LOCALIZER_MAX_SLICES = 3
+LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
+
+# Bumped when the preprocessing changes, so old cache entries are recomputed.
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """The scan sources cannot be used: missing paths, a CSV without a ``path`` column, nothing found."""
+
+
+# --- scan references -------------------------------------------------------------------
+
+
+def scan_key(path, series_uid: str | None = None) -> str:
+    """A stable file-name-safe id of one scan: a hash of its resolved path and DICOM series UID."""
+    text = f"{Path(path).expanduser().resolve()}\n{'' if series_uid is None else series_uid}"
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+
+
+@dataclass
+class ScanRef:
+    """One volume to train on.
+
+    ``path``: an image file, or for DICOM the folder holding the series (the
+    nearest folder above all its files). ``series_uid``: the DICOM
+    SeriesInstanceUID (``None`` for image files; may be ``""`` in anonymised
+    data). ``label``: the other columns of the CSV row that named it (strings).
+    ``key``: :func:`scan_key`, the scan's name in a :class:`ScanCache`.
+    ``files``: a DICOM series' files in slice order (empty for image files).
+    """
+
+    path: str
+    series_uid: str | None = None
+    label: dict = field(default_factory=dict)
+    key: str = ""
+    files: tuple = ()
+
+    def __post_init__(self):
+        self.path = os.path.abspath(os.path.expanduser(str(self.path)))  # the cache matches entries by this path
+        self.files = tuple(str(f) for f in self.files)
+        if not self.key:
+            self.key = scan_key(self.path, self.series_uid)
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.series_uid is not None or Path(self.path).is_dir()
+
+    def describe(self) -> str:
+        """The scan in a message: its path, plus the series for DICOM."""
+        return self.path if self.series_uid is None else f"{self.path} (series {self.series_uid or '<empty uid>'})"
+
+
+def _image_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def find_scans(sources: Sequence, recursive: bool = True) -> list:
+    """The scans named by ``sources``, in order, each once.
+
+    A source is an image file (.nii, .nii.gz, .nrrd, .mha, .mhd); a folder,
+    searched for image files and DICOM series (subfolders too when
+    ``recursive``); or a CSV file with a ``path`` column, paths relative to
+    the CSV's folder, an optional ``series_uid`` column choosing one DICOM
+    series of a folder, and any other columns kept as :attr:`ScanRef.label`.
+    A DICOM tree gives one :class:`ScanRef` per series. A scan named twice
+    (same resolved path and series) is kept once, with the first label.
+    Raises :class:`DataError` naming every missing path, or when nothing is found.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    scans, missing = [], []
+    for source in sources:
+        path = Path(source).expanduser()
+        if not path.exists():
+            missing.append(str(source))
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            scans.extend(_from_csv(path, recursive, missing))
+        else:
+            scans.extend(_from_path(path, recursive, {}))
+    if missing:
+        raise DataError(
+            f"{len(missing)} scan path(s) do not exist: " + "; ".join(missing[:10])
+            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            + ". Fix or remove them (paths in a CSV are relative to the CSV's folder)."
+        )
+    unique = {}
+    for scan in scans:
+        unique.setdefault(scan.key, scan)
+    if not unique:
+        raise DataError(
+            "no scans found in " + ", ".join(str(s) for s in sources)
+            + f": expected image files ({', '.join(IMAGE_SUFFIXES)}), DICOM series, or a CSV with a 'path' column"
+        )
+    return list(unique.values())
+
+
+def _from_path(path: Path, recursive: bool, label: dict, series_uid: str | None = None) -> list:
+    if path.is_file():
+        if _image_suffix(path):
+            return [ScanRef(str(path.resolve()), None, dict(label))]
+        raise DataError(
+            f"{path} is not an image file ({', '.join(IMAGE_SUFFIXES)}) nor a CSV list of scans; "
+            "for DICOM, name the folder that holds the series"
+        )
+    return _from_folder(path, recursive, label, series_uid)
+
+
+def _from_folder(folder: Path, recursive: bool, label: dict, series_uid: str | None = None) -> list:
+    folder = folder.resolve()
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and not _hidden(p, folder))
+    scans = []
+    if series_uid is None:
+        scans = [ScanRef(str(p), None, dict(label)) for p in files if _image_suffix(p)]
+    # Everything else may be DICOM; list_dicom_series skips what is not (sidecar .raw, .csv, .txt ...).
+    if any(not _image_suffix(p) and p.suffix.lower() != ".csv" for p in files):
+        from ..dicom import list_dicom_series
+
+        for info in list_dicom_series(folder, recursive=recursive):
+            if series_uid is not None and info.uid != series_uid.strip():
+                continue
+            parent = Path(os.path.commonpath([str(Path(f).parent) for f in info.files]))
+            scans.append(ScanRef(str(parent), info.uid, dict(label), files=info.files))
+    if series_uid is not None and not scans:
+        raise DataError(f"no DICOM series with SeriesInstanceUID {series_uid!r} in {folder}")
+    return scans
+
+
+def _from_csv(path: Path, recursive: bool, missing: list) -> list:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "path" not in columns:
+            raise DataError(f"{path} has no 'path' column (its columns: {', '.join(columns) or 'none'}); add one")
+        # A row with more cells than the header puts the extras under the key None: ignored.
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    scans = []
+    for number, row in enumerate(rows, start=2):  # row 1 is the header
+        if not row.get("path"):
+            raise DataError(f"{path} row {number} has an empty 'path'")
+        target = Path(row["path"]).expanduser()
+        target = target if target.is_absolute() else path.parent / target
+        if not target.exists():
+            missing.append(f"{os.path.normpath(target)} (from {path.name} row {number})")
+            continue
+        label = {k: v for k, v in row.items() if k not in ("path", "series_uid") and k}
+        scans.extend(_from_path(target, recursive, label, row.get("series_uid") or None))
+    return scans
+
+
+# --- filtering ---------------------------------------------------------------------------
+
+
+def check_scan(scan) -> str | None:
+    """Why CT-FM's pretraining would not use this scan, or ``None`` when it would.
+
+    ``scan`` is an :class:`~CTFMLib.image.Image` (its metadata and geometry), a
+    :class:`~CTFMLib.dicom.SeriesInfo`, a :class:`ScanRef` or a path (headers
+    only, no voxels read), or a dict of the facts of :func:`scan_header`.
+    Unknown facts (a NIfTI has no modality) do not exclude a scan.
+    Rules: modality CT; not a localizer (ImageType LOCALIZER/SCOUT/TOPOGRAM,
+    or at most 3 slices); more than 50 slices; slice thickness 1-5 mm (DICOM
+    SliceThickness, else the spacing along the slice axis).
+    """
+    from ..dicom import SeriesInfo
+
+    if isinstance(scan, Image):
+        facts = image_facts(scan)
+    elif isinstance(scan, SeriesInfo):
+        facts = _series_facts(scan.modality, scan.files)
+    elif isinstance(scan, Mapping):
+        facts = scan
+    else:
+        facts = scan_header(scan if isinstance(scan, ScanRef) else ScanRef(str(scan)))
+    return _reason(facts)
+
+
+def _reason(facts: Mapping) -> str | None:
+    modality = (facts.get("modality") or "").strip().upper()
+    if modality and modality != "CT":
+        return f"not CT: modality {modality}"
+    image_type = {str(v).strip().upper() for v in facts.get("image_type") or ()}
+    if image_type & LOCALIZER_TYPES:
+        return "localizer (scout) image: ImageType " + "\\".join(facts.get("image_type"))
+    slices = facts.get("num_slices")
+    if slices is not None and slices <= LOCALIZER_MAX_SLICES:
+        return f"localizer (scout) or single image: only {slices} slice(s)"
+    if slices is not None and slices < MIN_SLICES:
+        return f"too few slices: {slices} (CT-FM pretraining uses scans with more than {MIN_SLICES - 1})"
+    thickness = facts.get("slice_thickness")
+    if thickness is not None and not (
+        MIN_THICKNESS_MM - THICKNESS_TOLERANCE_MM <= thickness <= MAX_THICKNESS_MM + THICKNESS_TOLERANCE_MM
+    ):
+        return f"slice thickness {thickness:g} mm outside {MIN_THICKNESS_MM:g}-{MAX_THICKNESS_MM:g} mm"
+    return None
+
+
+def slice_axis(direction) -> int:
+    """The index axis closest to the patient's head-foot (LPS z) axis: the slice axis of an axial CT."""
+    return int(np.argmax(np.abs(np.asarray(direction, dtype=np.float64).reshape(3, 3)[2, :])))
+
+
+def image_facts(image: Image) -> dict:
+    """The filter facts of a read image: DICOM's slice axis is k, other files' the axis closest to head-foot."""
+    meta = image.metadata
+    axis = 2 if "num_slices" in meta else slice_axis(image.direction)  # "num_slices": read from a DICOM series
+    thickness = meta.get("slice_thickness")
+    return {
+        "modality": meta.get("modality") or None,
+        "image_type": tuple(meta.get("image_type") or ()),
+        "num_slices": int(image.shape[axis]),
+        "slice_thickness": float(thickness) if thickness is not None else float(image.spacing[axis]),
+    }
+
+
+def scan_header(scan: ScanRef) -> dict:
+    """The filter facts of a scan from its headers alone (no voxels): modality, image_type, num_slices,
+    slice_thickness (mm). Raises :class:`~CTFMLib.image.ImageError` when the header cannot be read."""
+    path = Path(scan.path)
+    if not path.exists():
+        raise ImageError(f"no such file or folder: {path}")
+    if path.is_dir():
+        return _series_facts(None, scan.files) if scan.files else {}
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ImageError(
+            f"cannot read {path.name}: not a readable image file or it is corrupt ({_first_line(e)})"
+        ) from None
+    keys = set(reader.GetMetaDataKeys())
+
+    def meta(key):
+        return reader.GetMetaData(key).strip() if key in keys else ""
+
+    modality = meta("0008|0060")
+    if not modality and meta("Modality").startswith("MET_MOD_"):  # MetaImage's own field, e.g. MET_MOD_CT
+        modality = meta("Modality")[len("MET_MOD_"):]
+    if modality.upper() == "UNKNOWN":
+        modality = ""
+    size = reader.GetSize()
+    if len(size) < 3:
+        return {"modality": modality or None, "num_slices": 1, "slice_thickness": None, "image_type": ()}
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(len(size), len(size))[:3, :3]
+    axis = slice_axis(direction)
+    thickness = _float(meta("0018|0050"))
+    return {
+        "modality": modality or None,
+        "image_type": tuple(v for v in meta("0008|0008").split("\\") if v),
+        "num_slices": int(size[axis]),
+        "slice_thickness": thickness if thickness is not None else float(reader.GetSpacing()[axis]),
+    }
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _series_facts(modality: str | None, files: Sequence) -> dict:
+    """Facts of a DICOM series from its first file's header (a series shares these tags)."""
+    import pydicom
+
+    facts = {"modality": modality or None, "num_slices": len(files), "image_type": (), "slice_thickness": None}
+    if not files:
+        return facts
+    ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True, force=True,
+                         specific_tags=["Modality", "ImageType", "SliceThickness", "NumberOfFrames"])
+    facts["modality"] = modality or str(ds.get("Modality") or "").strip() or None
+    image_type = ds.get("ImageType")
+    if image_type:
+        values = [image_type] if isinstance(image_type, str) else image_type
+        facts["image_type"] = tuple(str(v).strip() for v in values)
+    facts["slice_thickness"] = _float(ds.get("SliceThickness"))
+    frames = _float(ds.get("NumberOfFrames"))
+    if len(files) == 1 and frames:
+        facts["num_slices"] = int(frames)
+    return facts
+
+
+# --- preprocessing ------------------------------------------------------------------------
+
+
+def pretrain_preprocess(
+    image: Image, spacing=(3.0, 1.0, 1.0), hu_range=(-1024.0, 2048.0), orientation: str = "SPL"
+) -> np.ndarray:
+    """CT-FM's pretraining preprocessing of a CT in HU; returns float32 in [0, 1], shape (D, H, W) in ``orientation``.
+
+    The upstream MONAI recipe, step by step: Orientation(``orientation``);
+    Spacing(``spacing`` mm, bilinear) on MONAI's grid (voxel 0 stays put, a
+    side of n voxels at s mm becomes ``round((n - 1) * s / t) + 1`` voxels);
+    CropForeground on the raw HU (bounding box of HU > 0); then
+    ScaleIntensityRange(``hu_range`` -> [0, 1], clipped). ``spacing=None``
+    skips resampling. Padding to a crop size is left to the training task.
+    Raises :class:`~CTFMLib.image.ImageError` for an image that is not a CT in
+    HU, or that has no voxel above 0 HU.
+    """
+    validate_ct(image)
+    perm, flip = orientation_transform(image.direction, orientation)
+    data = _apply_orientation(image.array, perm, flip)
+    if spacing is not None:
+        source = image.spacing[list(perm)]
+        target = np.asarray(spacing, dtype=np.float64).reshape(3)
+        if np.any(target <= 0):
+            raise ValueError(f"spacing must be positive, got {list(target)}")
+        out_shape = tuple(int(np.round((n - 1) * s / t)) + 1 for n, s, t in zip(data.shape, source, target))
+        data = resample_axes(data, target / source, out_shape, "linear")
+    try:
+        start, end = foreground_box(data)
+    except ImageError:
+        raise ImageError("the image has no voxel above 0 HU (no body in it?): nothing to train on") from None
+    data = np.asarray(data[tuple(slice(s, e) for s, e in zip(start, end))], dtype=np.float32)
+    lo, hi = (float(v) for v in hu_range)
+    # MONAI's ScaleIntensityRange order: (x - a_min) / (a_max - a_min), then clip.
+    out = (data - np.float32(lo)) / np.float32(hi - lo)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0, out=out), dtype=np.float32)
+
+
+def read_scan(scan: ScanRef) -> Image:
+    """The voxels of a scan in HU (a DICOM series is read from its folder, recursively when it spans subfolders).
+
+    A truncated NIfTI file is an :class:`~CTFMLib.image.ImageError` (``read_image`` checks it).
+    """
+    path = Path(scan.path)
+    if not path.is_dir():
+        return read_image(path)
+    from ..dicom import read_dicom_series
+
+    nested = any(Path(f).parent != path for f in scan.files)
+    return read_dicom_series(path, series_uid=scan.series_uid, recursive=nested)
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def source_stamp(scan: ScanRef) -> str:
+    """A digest of the size and modification time of every file the scan is read from."""
+    path = Path(scan.path)
+    if path.is_dir():
+        files = [Path(f) for f in scan.files] or sorted(p for p in path.iterdir() if p.is_file())
+    else:
+        files = [path] + _mhd_data_files(path)
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _mhd_data_files(path: Path) -> list:
+    if not path.name.lower().endswith(".mhd"):
+        return []
+    try:
+        with open(path, encoding="latin-1") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "ElementDataFile":
+                    data = path.parent / value.strip()
+                    return [data] if value.strip() not in ("LOCAL", "LIST") and data.is_file() else []
+    except OSError:
+        pass
+    return []
+
+
+class ScanCache:
+    """Preprocessed scans on disk: ``<key>.npy`` (float32, SPL) and ``<key>.json`` (where it came from).
+
+    An entry is recomputed when the source files change (size or modification
+    time) or when this cache's preprocessing settings differ from those it was
+    made with. Files are written under a temporary name and renamed, so a
+    killed process never leaves a half-written entry under the final name.
+    """
+
+    def __init__(self, folder, spacing=(3.0, 1.0, 1.0), hu_range=(-1024.0, 2048.0), orientation: str = "SPL"):
+        self.folder = Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        self.hu_range = tuple(float(v) for v in hu_range)
+        self.orientation = str(orientation).upper()
+
+    @property
+    def config(self) -> dict:
+        """The settings an entry must have been made with to be reused (JSON-comparable)."""
+        return {
+            "version": CACHE_VERSION,
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "hu_range": list(self.hu_range),
+            "orientation": self.orientation,
+        }
+
+    def _init_args(self) -> tuple:
+        return (str(self.folder), self.spacing, self.hu_range, self.orientation)
+
+    def array_path(self, scan: ScanRef) -> Path:
+        return self.folder / f"{scan.key}.npy"
+
+    def info_path(self, scan: ScanRef) -> Path:
+        return self.folder / f"{scan.key}.json"
+
+    def _record(self, scan: ScanRef) -> dict | None:
+        """The scan's ``.json`` record when it is current: same source, settings and file stamps."""
+        try:
+            info = json.loads(self.info_path(scan).read_text(encoding="utf-8"))
+            same_source = info.get("source") == scan.path and info.get("series_uid") == scan.series_uid
+            if info.get("config") != self.config or not same_source or info.get("stamp") != source_stamp(scan):
+                return None
+        except (OSError, ValueError, AttributeError):
+            return None
+        return info
+
+    def cached(self, scan: ScanRef) -> np.ndarray | None:
+        """The entry memory-mapped, or ``None`` when it is missing, stale, damaged or a skipped scan."""
+        info = self._record(scan)
+        if info is None or "skipped" in info:
+            return None
+        try:
+            array = np.load(self.array_path(scan), mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if list(array.shape) != info.get("shape") or array.dtype != np.float32:
+            return None
+        return array
+
+    def skip_reason(self, scan: ScanRef) -> str | None:
+        """Why :meth:`prepare` skipped this scan, as recorded for its current files and these settings."""
+        info = self._record(scan)
+        return None if info is None else info.get("skipped")
+
+    def get(self, scan: ScanRef) -> np.ndarray:
+        """The preprocessed scan (read-only memory map), computed and stored on first use.
+
+        Does not apply :func:`check_scan` (:meth:`prepare` does); raises
+        :class:`~CTFMLib.image.ImageError` for a scan that cannot be read.
+        """
+        array = self.cached(scan)
+        if array is None:
+            self._build(scan, source_stamp(scan), check=False)
+            array = self.cached(scan)
+            if array is None:
+                raise ImageError(f"{scan.describe()} changed while it was being cached; run again")
+        return array
+
+    def _build(self, scan: ScanRef, stamp: str, check: bool) -> str | None:
+        """Read, (filter,) preprocess and store one scan; returns the filter's reason when ``check`` rejects it.
+
+        ``stamp`` is taken before reading: a change during the read makes the entry stale, never wrong.
+        """
+        if check:
+            reason = check_scan(scan_header(scan))  # before the voxels: most rejects cost a header read
+            if reason:
+                self._write_info(scan, stamp, {"skipped": reason})
+                return reason
+        image = read_scan(scan)
+        if check:
+            reason = check_scan(image)  # facts known only after reading (a DICOM folder named without its files)
+            if reason:
+                self._write_info(scan, stamp, {"skipped": reason})
+                return reason
+        array = pretrain_preprocess(image, self.spacing, self.hu_range, self.orientation)
+        spacing = self.spacing
+        if spacing is None:
+            perm, _ = orientation_transform(image.direction, self.orientation)
+            spacing = tuple(float(s) for s in image.spacing[list(perm)])
+        # The array first, then the record that vouches for it.
+        _atomic_write(self.array_path(scan), lambda f: np.save(f, array))
+        self._write_info(scan, stamp, {"shape": list(array.shape), "spacing": list(spacing)})
+        return None
+
+    def _write_info(self, scan: ScanRef, stamp: str, fields: dict) -> None:
+        info = {"source": scan.path, "series_uid": scan.series_uid, "key": scan.key, **fields,
+                "config": self.config, "stamp": stamp, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _atomic_write(self.info_path(scan), lambda f: f.write(json.dumps(info, indent=1).encode("utf-8")))
+        if "skipped" in fields and self.array_path(scan).exists():
+            self.array_path(scan).unlink()  # an entry of an older version of the file
+
+    def _prepare_one(self, scan: ScanRef) -> str | None:
+        """Filter, read, preprocess and store one scan; returns why it was skipped, never raises.
+
+        Deterministic rejections (filters, unreadable or corrupt files) are recorded, so a later
+        :meth:`prepare` does not read the scan again until its files change; other errors are not.
+        """
+        try:
+            if self.cached(scan) is not None:
+                return None
+            recorded = self.skip_reason(scan)
+            if recorded:
+                return recorded
+            stamp = source_stamp(scan)
+        except Exception as e:  # noqa: BLE001 - one bad scan must not stop the others; the reason is reported
+            return f"{type(e).__name__}: {_first_line(e)}"
+        try:
+            return self._build(scan, stamp, check=True)
+        except ImageError as e:
+            reason = _first_line(e)
+            try:
+                self._write_info(scan, stamp, {"skipped": reason})
+            except OSError:
+                pass
+            return reason
+        except Exception as e:  # noqa: BLE001 - reported as the reason, not recorded (may be transient)
+            return f"{type(e).__name__}: {_first_line(e)}"
+
+    def prepare(self, scans: Sequence, workers: int = 2, progress=None) -> tuple:
+        """Fill the cache; returns ``(usable scans, [(skipped scan, reason), ...])``, both in input order.
+
+        Scans already cached, or skipped before with the same files and settings,
+        are not read again. Others are filtered (:func:`check_scan`), read and
+        preprocessed by ``workers`` processes ("spawn"; 0 works in this
+        process). A corrupt, unreadable or filtered scan is skipped with its
+        reason, never raised; a worker process that dies (out of memory, a crash
+        in a reader) is replaced and the scan it was on is skipped. The skipped
+        scans are also written to ``<folder>/skipped.csv``. ``progress`` is a
+        ``callback(fraction, message)`` called as scans finish.
+        """
+        scans = list(scans)
+        report = progress or (lambda fraction, message="": None)
+        unique = {}
+        for scan in scans:
+            unique.setdefault(scan.key, scan)
+        reasons = {}
+        todo = []
+        for key, scan in unique.items():
+            if self.cached(scan) is not None:
+                reasons[key] = None
+            elif (recorded := self.skip_reason(scan)) is not None:
+                reasons[key] = recorded
+            else:
+                todo.append(scan)
+        total = len(unique)
+
+        def finished(scan, reason):
+            reasons[scan.key] = reason
+            n_skipped = sum(r is not None for r in reasons.values())
+            name = Path(scan.path).name
+            report(len(reasons) / total, f"{len(reasons)} of {total} scans ready, {n_skipped} skipped: {name}")
+
+        cached = len(reasons)
+        report(cached / total if total else 1.0, f"preparing {len(todo)} of {total} scans ({cached} cached)")
+        if workers <= 0:
+            for scan in todo:
+                finished(scan, self._prepare_one(scan))
+        else:
+            self._prepare_in_pool(todo, workers, finished)
+        usable = [s for s in scans if reasons[s.key] is None]
+        skipped = [(s, reasons[s.key]) for s in scans if reasons[s.key] is not None]
+        self._write_skipped(skipped)
+        return usable, skipped
+
+    def _prepare_in_pool(self, todo: list, workers: int, finished) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        pending = {scan.key: scan for scan in todo}  # insertion order = submission order
+        suspects = None  # after a worker died: the scans it may have been on, retried one at a time
+        while pending:
+            batch = list(pending.values()) if suspects is None else suspects
+            size = min(workers, len(batch)) if suspects is None else 1
+            with ProcessPoolExecutor(size, mp_context=context) as pool:
+                futures = {pool.submit(_prepare_worker, self._init_args(), scan): scan for scan in batch}
+                try:
+                    for future in as_completed(futures):
+                        scan = futures[future]
+                        try:
+                            reason = future.result()
+                        except BrokenProcessPool:
+                            raise
+                        except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled back
+                            reason = f"{type(e).__name__}: {_first_line(e)}"
+                        del pending[scan.key]
+                        finished(scan, reason)
+                    suspects = None
+                except BrokenProcessPool:
+                    if suspects is None:
+                        # Workers take scans in submission order, so the dead one held one of the first
+                        # unfinished (the running ones and the one queued call per pool).
+                        suspects = list(pending.values())[: size + 1]
+                    else:
+                        culprit = next(s for s in suspects if s.key in pending)  # one worker, in order
+                        del pending[culprit.key]
+                        finished(culprit, "the worker process died while preparing it (out of memory, or a crash "
+                                          "in the image reader); check the file, or give the machine more memory")
+                        suspects = [s for s in suspects if s.key in pending] or None
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)  # e.g. Cancelled from the progress callback
+                    raise
+
+    def _write_skipped(self, skipped: list) -> None:
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["path", "series_uid", "key", "reason"])
+        for scan, reason in skipped:
+            writer.writerow([scan.path, "" if scan.series_uid is None else scan.series_uid, scan.key, reason])
+
+        _atomic_write(self.folder / "skipped.csv", lambda f: f.write(text.getvalue().encode("utf-8")))
+
+
+def _prepare_worker(init_args: tuple, scan: ScanRef) -> str | None:
+    """Worker-process entry (module level, so "spawn" can import it)."""
+    folder, spacing, hu_range, orientation = init_args
+    return ScanCache(folder, spacing, hu_range, orientation)._prepare_one(scan)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(binary file)`` to a temporary name in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,237 @@
+"""CT-FM pretraining as a training task: intra-sample SimCLR on crops of preprocessed CT scans.
+
+Each step draws ``run.scans_per_step`` scans; each scan gives
+``pretrain.crops_per_scan`` random crops of ``pretrain.crop_size`` voxels and
+two augmented views per crop (:mod:`.views`). The model is the CT-FM encoder,
+the global average of its deepest map, and a projection head (Linear-ReLU-Linear,
+no batch norm); the loss is NT-Xent within each scan (:mod:`.losses`).
+The exported model is the encoder alone, in the published layout, so it is
+used like the released CT-FM feature extractor.
+
+The config is a plain dict with the sections ``pretrain``, ``model``, ``run``
+(and ``optim``, read by the trainer) as ``CTFMLib.train.config.DEFAULTS["pretrain"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..networks import SegResEncoder, global_average
+from .losses import ntxent_within_scan
+from .views import scan_views, view_config
+
+# Tags mixed into the seeds, so the scan order, the training crops and the validation crops never share a stream.
+_ORDER, _SAMPLE, _VALIDATION = 1, 2, 3
+
+
+class VolumeSource(Protocol):
+    """Indexable preprocessed scans: ``len()`` and ``[i]`` -> float32 ``(D, H, W)`` in ``[0, 1]`` (may be memory-mapped)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+class ProjectionModel(nn.Module):
+    """Encoder -> global average of the deepest map -> MLP head; ``(B, 1, D, H, W)`` -> ``(B, dims[-1])``.
+
+    The head is ``Linear(dims[0], dims[1])``, ReLU, ``Linear(dims[1], dims[2])``
+    (and so on for longer ``dims``), without batch norm, as upstream CT-FM.
+    """
+
+    def __init__(self, encoder: SegResEncoder, dims: Sequence[int] = (512, 256, 128)):
+        super().__init__()
+        dims = [int(d) for d in dims]
+        if len(dims) < 2:
+            raise ValueError(f"the projection needs at least [input, output] sizes, got {dims}")
+        if dims[0] != encoder.out_channels:
+            raise ValueError(f"the projection head takes {dims[0]} features but the encoder gives "
+                             f"{encoder.out_channels}; start pretrain.projection with {encoder.out_channels}")
+        self.encoder = encoder
+        layers = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.ReLU(inplace=True))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(global_average(self.encoder(x)[-1]))
+
+
+def _section(config: dict, name: str) -> dict:
+    section = config.get(name)
+    if not isinstance(section, dict):
+        raise TypeError(f"the pretraining config lacks its '{name}' section; build the config with "
+                         f"CTFMLib.train.config.load_config(path, 'pretrain')")
+    return section
+
+
+def _need(section: dict, where: str, key: str):
+    if key not in section:
+        raise ValueError(f"the pretraining config lacks {where}.{key}; build the config with "
+                         f"CTFMLib.train.config.load_config(path, 'pretrain')")
+    return section[key]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the network at .module
+
+
+class PretrainTask:
+    """The pretraining :class:`Task` (see ``trainer.Task``): data, model, loss, validation and export.
+
+    ``volumes``: preprocessed scans (float32 ``(D, H, W)`` in ``[0, 1]``, SPL at
+    ``pretrain.spacing``), a list of arrays or any :class:`VolumeSource` such as
+    a scan cache view. Crops are padded with 0 where a scan is smaller.
+    """
+
+    def __init__(self, config: dict, volumes: Sequence[np.ndarray] | VolumeSource):
+        self.config = config
+        pre, model, run = (_section(config, k) for k in ("pretrain", "model", "run"))
+        self.n_crops = int(_need(pre, "pretrain", "crops_per_scan"))
+        if self.n_crops < 2:
+            raise ValueError(f"pretrain.crops_per_scan must be at least 2 (crops are each other's negatives), "
+                             f"got {self.n_crops}")
+        self.crop_size = tuple(int(s) for s in _need(pre, "pretrain", "crop_size"))
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            raise ValueError(f"pretrain.crop_size must be 3 positive voxel counts (D, H, W), got {pre['crop_size']}")
+        self.temperature = float(_need(pre, "pretrain", "temperature"))
+        if self.temperature <= 0:
+            raise ValueError(f"pretrain.temperature must be positive, got {self.temperature}")
+        self.views = view_config(pre.get("views"))
+        self.init_filters = int(_need(model, "model", "init_filters"))
+        self.blocks_down = [int(b) for b in _need(model, "model", "blocks_down")]
+        if self.init_filters < 1 or not self.blocks_down or min(self.blocks_down) < 1:
+            raise ValueError(f"model.init_filters must be >= 1 and model.blocks_down a non-empty list of block counts "
+                             f">= 1, got {self.init_filters} and {self.blocks_down}")
+        self.projection = [int(d) for d in _need(pre, "pretrain", "projection")]
+        deepest = self.init_filters * 2 ** (len(self.blocks_down) - 1)
+        if len(self.projection) < 2 or self.projection[0] != deepest:
+            raise ValueError(
+                f"pretrain.projection {self.projection} must start with the encoder's deepest channel count "
+                f"{deepest} (model.init_filters {self.init_filters} * 2**(len(model.blocks_down) - 1)) and have an "
+                f"output size; e.g. [{deepest}, {max(deepest // 2, 1)}, {max(deepest // 4, 1)}]")
+        self.seed = int(run.get("seed", 0))
+        if self.seed < 0:
+            raise ValueError(f"run.seed must be a non-negative integer, got {self.seed}")
+        self.scans_per_step = int(_need(run, "run", "scans_per_step"))
+        if self.scans_per_step < 1:
+            raise ValueError(f"run.scans_per_step must be at least 1, got {self.scans_per_step}")
+        self.volumes = volumes
+        if len(volumes) == 0:
+            raise ValueError("no scans to pretrain on: the data source gave no usable volume")
+
+    # --- model --------------------------------------------------------------------------
+
+    def encoder_config(self) -> dict:
+        """The exported encoder's ``config.json`` (MONAI constructor arguments + the preprocessing it expects)."""
+        pre = self.config["pretrain"]
+        return {"architecture": "SegResEncoder", "spatial_dims": 3, "in_channels": 1,
+                "init_filters": self.init_filters, "blocks_down": list(self.blocks_down),
+                # Keys starting with "_" are notes: network builders ignore them.
+                "_preprocessing": {"orientation": "SPL", "spacing": list(pre.get("spacing", [3, 1, 1])),
+                                   "hu_range": list(pre.get("hu_range", [-1024, 2048]))}}
+
+    def build_model(self) -> ProjectionModel:
+        """Encoder + head on the CPU, initialised from ``run.seed`` (or ``model.weights`` for the encoder)."""
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random state
+            torch.manual_seed(self.seed)
+            encoder = SegResEncoder(init_filters=self.init_filters, in_channels=1, blocks_down=self.blocks_down)
+            model = ProjectionModel(encoder, self.projection)
+        source = self.config["model"].get("weights")
+        if source:
+            from ..weights import load_model
+
+            loaded, info = load_model(source, expect="SegResEncoder")
+            got = (int(info.config.get("init_filters", -1)), [int(b) for b in info.config.get("blocks_down", [])])
+            if got != (self.init_filters, self.blocks_down):
+                raise ValueError(f"model.weights {source} holds an encoder with init_filters {got[0]}, blocks_down "
+                                 f"{got[1]}; set model.init_filters and model.blocks_down to those values")
+            model.encoder.load_state_dict(loaded.state_dict(), strict=True)
+        # Not channels-last: on CPU oneDNN's channels-last conv3d backward is 2-3x faster but its weight gradients
+        # are ~1e-3 off (relative, vs float64; the default layout: 1e-6), which breaks 1-process == N-process runs.
+        return model
+
+    # --- data ---------------------------------------------------------------------------
+
+    def scan_index(self, step: int, slot: int) -> int:
+        """Which volume fills ``slot`` of global step ``step``: a seeded permutation per pass over the data."""
+        g = step * self.scans_per_step + slot
+        n = len(self.volumes)
+        order = np.random.default_rng([self.seed, _ORDER, g // n]).permutation(n)
+        return int(order[g % n])
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
+        """Rank ``rank``'s share of step ``step``: ``{"views": (S, 2, n_crops, 1, D, H, W) float32, "scans": [...]}``.
+
+        The global step has ``scans_per_step`` slots; rank ``r`` takes slots
+        ``r*S .. (r+1)*S - 1`` with ``S = scans_per_step / world``. Each slot's
+        scan, crops and views depend only on (seed, step, slot), so any split over
+        processes, and any resume, sees the same data.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world} processes")
+        if self.scans_per_step % world:
+            raise ValueError(f"run.scans_per_step={self.scans_per_step} cannot be split evenly over {world} "
+                             f"processes; set it to a multiple of {world}")
+        share = self.scans_per_step // world
+        slots = range(rank * share, (rank + 1) * share)
+        scans = [self.scan_index(step, s) for s in slots]
+        views = [self._scan_views(i, np.random.default_rng([self.seed, _SAMPLE, step, s])) for i, s in zip(scans, slots)]
+        return {"views": torch.from_numpy(np.stack(views)[:, :, :, None]), "scans": scans}
+
+    def _scan_views(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        volume = self.volumes[index]
+        if getattr(volume, "ndim", 0) != 3:
+            raise ValueError(f"scan {index} is not a 3-D volume (shape {getattr(volume, 'shape', None)}); "
+                             "pretraining needs preprocessed (D, H, W) arrays")
+        return scan_views(volume, self.n_crops, self.crop_size, rng, self.views)
+
+    # --- loss, validation, export -----------------------------------------------------------
+
+    def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
+        """NT-Xent within each scan, averaged over the batch's scans (and their anchors)."""
+        views = batch["views"].to(device, non_blocking=True)
+        x = views.reshape((-1, 1) + tuple(views.shape[-3:]))  # (S*2*n, 1, D, H, W), order [scan][view][crop]
+        return ntxent_within_scan(model(x), self.n_crops, self.temperature)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, device) -> dict:
+        """Loss and top-1 positive retrieval on fixed views of one scan, in eval mode (running batch-norm stats).
+
+        ``val_top1``: fraction of views whose most similar other view (of the same
+        scan) is the other view of the same crop; chance is ``1 / (2 n - 1)``.
+        """
+        net = _unwrap(model)
+        was_training = net.training
+        net.eval()
+        try:
+            index = self.scan_index(0, 0)
+            views = self._scan_views(index, np.random.default_rng([self.seed, _VALIDATION]))
+            x = torch.from_numpy(views.reshape((-1, 1) + self.crop_size)).to(device)
+            z = net(x).float()
+            loss = ntxent_within_scan(z, self.n_crops, self.temperature)
+            zn = torch.nn.functional.normalize(z, dim=1)
+            sim = zn @ zn.T
+            sim.fill_diagonal_(float("-inf"))
+            group = 2 * self.n_crops
+            target = (torch.arange(group, device=sim.device) + self.n_crops) % group
+            top1 = (sim.argmax(dim=1) == target).float().mean()
+        finally:
+            net.train(was_training)
+        return {"val_loss": float(loss), "val_top1": float(top1)}
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write the encoder alone (``config.json`` + ``model.safetensors``), loadable with ``load_model``."""
+        from ..weights import save_pretrained
+
+        save_pretrained(_unwrap(model).encoder, Path(folder), self.encoder_config())
