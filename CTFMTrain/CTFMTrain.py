@@ -207,6 +207,10 @@ def run_training(args, report: Report) -> int:
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
         report.problem(str(e))
         return EXIT_PROBLEMS
+    if summary.get("stopped"):
+        report.info(None, f"Stopped at step {summary.get('steps')} ({summary.get('stop_reason')}); "
+                          f"checkpoint {summary.get('checkpoint')}; run again with Resume to continue")
+        return EXIT_OK
     report.info(1.0, f"Done: {summary.get('steps')} steps, last loss {summary.get('last_loss')}; "
                      f"model in {Path(args.output_directory) / 'model'}")
     return EXIT_OK

@@ -300,3 +300,36 @@ def test_pretrain_task_trains_and_reports_progress_slicer_can_follow(tmp_path):
                                          "outputDirectory": out, "resume": "true", "maxSteps": "6"}), timeout=300)
     assert again.returncode == 0, again.stderr
     assert (out / "metrics.csv").read_text().count("\n") == 7  # continued at step 5, not from scratch
+
+
+def test_sigterm_stops_pretraining_with_a_checkpoint_within_10_s(tmp_path):
+    pytest.importorskip("torch")
+    import signal
+    import time
+
+    config = tiny_pretraining(tmp_path)
+    data = json.loads(config.read_text())
+    data["optim"]["max_steps"] = 100000
+    data["run"]["checkpoint_every"] = 100000  # only the stop writes one
+    config.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *slicer_command_line(
+        {"task": "pretrain", "device": "cpu", "configFile": config, "outputDirectory": out})],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until training is under way
+            if "step 3 of" in line:
+                break
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert elapsed < 10, elapsed
+    assert proc.returncode == 0, err
+    assert "Stopped at step" in rest and "Resume" in rest
+    from CTFMLib.train.trainer import load_checkpoint
+
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] >= 3
