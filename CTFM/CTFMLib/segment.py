@@ -48,7 +48,7 @@ MODEL_ALIASES = {"whole-body": WHOLE_BODY_ID, "whole_body": WHOLE_BODY_ID, "whol
 # Seconds per 96x160x160 window of the published network (SegResNetDS, init_filters 32,
 # 118 outputs) on 2 threads of an AMD EPYC CPU with avx512_bf16 (no AMX), run as
 # CTFMLib.streaming.StreamedFeatures, batch 1, all costs included: Testing/Benchmarks/segment.py
-# on the 1.5 mm example CT (30 windows) took 234 s in fp32 and 115 s in bf16; the first
+# on the 1.5 mm example CT (30 windows) took 232-238 s in fp32 and 115-117 s in bf16; the first
 # window is 1.4 s slower (oneDNN builds its kernels). Its 1.5 TFLOP of convolutions run at
 # about 215 GFLOPS in fp32 and 450 in bf16 here. CPU times are scaled by 2 / threads.
 # The CUDA and MPS figures are rough allowances, not measured.
