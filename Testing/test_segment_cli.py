@@ -125,7 +125,9 @@ def test_interrupt_leaves_no_output(model_folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "CTFM")}
     proc = subprocess.Popen([sys.executable, "-m", "CTFMLib.cli", "--progress", "json", "segment", str(path),
                              "--model", str(model_folder), "--out", str(out_dir / "big.nii.gz"), "--device", "cpu",
-                             "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--precision", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a shell's background job starts with SIGINT ignored; a user's terminal does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:
             if '"window 1 of' in line:

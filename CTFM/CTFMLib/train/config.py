@@ -64,11 +64,22 @@ _PRETRAIN = {
     },
 }
 
-# Fine-tuning (segment / classify) adds its own section later; until then they share the common ones.
+# Scan-level triage (classify.py): windowed head CT -> one logit. See classify.py for the details.
+_CLASSIFY = {
+    "mode": "full",  # "full": everything trains; "frozen": the encoder is fixed (eval-mode batch norm)
+    "size": [48, 128, 128],  # voxels per window (S, P, L), centre pad/crop; the input is (1, 4*S, P, L)
+    "windows": [[0, 80], [-125, 175], [28, 36], [-900, 2100]],  # HU [lo, hi]: blood, subdural, stroke, bone
+    "hidden": 256,  # head: Linear(C, hidden) - ReLU - Linear(hidden, 1)
+    "flip_p": 0.5,  # probability of a left-right flip of a training sample
+    "val_batch": 4,  # scans per forward pass in validation
+    "threshold": 0.5,  # exported when no validation set (or only one class) gives a Youden-optimal one
+}
+
+# Fine-tuning (segment) adds its own section later; until then it shares the common ones.
 DEFAULTS = {
     "pretrain": {"task": "pretrain", **_SHARED, "pretrain": _PRETRAIN},
     "segment": {"task": "segment", **_SHARED},
-    "classify": {"task": "classify", **_SHARED},
+    "classify": {"task": "classify", **_SHARED, "classify": _CLASSIFY},
 }
 
 
