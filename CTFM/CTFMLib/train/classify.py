@@ -1,0 +1,394 @@
+"""Scan-level triage (e.g. "is there an acute bleed?") fine-tuned from the CT-FM encoder.
+
+Input: a head CT in Hounsfield units, SPL-oriented ``(D, H, W)`` (resampling is the caller's job).
+:func:`triage_input` windows it four times (blood, subdural, stroke, bone), scales each window to
+``[0, 1]``, centre-pads/crops each to ``classify.size`` and stacks them along the first spatial axis:
+``(1, 4 * S, P, L)``, upstream's ``1 x 192 x 128 x 128`` for the default ``48 x 128 x 128``.
+
+Model (:class:`TriageModel`): CT-FM encoder -> global average of the deepest map -> ``Linear(C, hidden)``
+-> ReLU -> ``Linear(hidden, 1)``: one logit per scan. ``classify.mode`` "full" trains everything,
+"frozen" only the head (encoder parameters fixed, its batch norms kept in eval mode).
+
+:class:`ClassifyTask` is the trainer's :class:`~CTFMLib.train.trainer.Task`: binary cross-entropy on
+logits, AUROC and loss on a held-out list, and an export of the whole model (``encoder.*`` + ``head.*``)
+with the decision threshold (Youden-optimal on the validation set when it has both classes) that
+:func:`load_triage_model` reads back.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..networks import SegResEncoder, global_average
+from .distributed import rank_indices
+
+ARCHITECTURE = "TriageModel"
+MODES = ("full", "frozen")
+DEFAULT_SIZE = (48, 128, 128)
+# HU [lo, hi] per window, as upstream's triage recipe: blood (40/80), subdural (25/300), stroke (32/8), bone (600/3000).
+DEFAULT_WINDOWS = ((0.0, 80.0), (-125.0, 175.0), (28.0, 36.0), (-900.0, 2100.0))
+PAD_HU = -1024.0  # air: below every window, so padding is 0 in all of them
+
+# Tags mixed into the seeds so the sample order and the augmentation never share a random stream.
+_ORDER, _AUGMENT = 11, 12
+
+
+# --- preprocessing -------------------------------------------------------------------------
+
+
+def center_pad_crop(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
+    """``array`` centre-cropped / padded with ``value`` to ``size`` on every axis (odd leftovers go to the end)."""
+    out = np.asarray(array)
+    size = tuple(int(s) for s in size)
+    if len(size) != out.ndim:
+        raise ValueError(f"size {size} has {len(size)} axes but the array has {out.ndim} (shape {out.shape})")
+    crop = tuple(slice((n - s) // 2, (n - s) // 2 + s) if n > s else slice(None) for n, s in zip(out.shape, size))
+    out = out[crop]
+    pad = [((s - n) // 2, s - n - (s - n) // 2) if n < s else (0, 0) for n, s in zip(out.shape, size)]
+    if any(p != (0, 0) for p in pad):
+        out = np.pad(out, pad, mode="constant", constant_values=value)
+    return out
+
+
+def triage_input(volume_hu: np.ndarray, size: Sequence[int] = DEFAULT_SIZE,
+                 windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS) -> np.ndarray:
+    """Head CT ``(D, H, W)`` in HU (SPL) -> float32 ``(1, len(windows) * S, P, L)`` with ``(S, P, L) = size``.
+
+    Each window ``[lo, hi]`` maps HU to ``(hu - lo) / (hi - lo)`` clipped to ``[0, 1]``; each windowed copy
+    is centre-padded (with air, i.e. 0) or cropped to ``size``; the copies follow each other along the
+    first axis in the order of ``windows``.
+    """
+    volume = np.asarray(volume_hu)
+    if volume.ndim != 3:
+        raise ValueError(f"triage input needs a 3-D (D, H, W) HU volume, got shape {volume.shape}")
+    size = tuple(int(s) for s in size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"classify.size must be three positive voxel counts (S, P, L), got {size}")
+    hu = center_pad_crop(volume.astype(np.float32, copy=False), size, PAD_HU)
+    parts = []
+    for window in windows:
+        lo, hi = (float(v) for v in window)
+        if not hi > lo:
+            raise ValueError(f"HU window {list(window)} must be [lo, hi] with hi > lo")
+        parts.append(np.clip((hu - lo) / (hi - lo), 0.0, 1.0))
+    return np.concatenate(parts, axis=0)[None].astype(np.float32, copy=False)
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+class TriageModel(nn.Module):
+    """Encoder -> global average of the deepest map -> ``Linear(C, hidden)`` - ReLU - ``Linear(hidden, 1)``.
+
+    ``forward``: ``(B, 1, D, H, W)`` -> logits ``(B,)``. ``frozen=True`` fixes the encoder: its
+    parameters do not require gradients, its batch norms stay in eval mode (running statistics) even
+    when the model is put in training mode, and its forward runs without autograd.
+    """
+
+    def __init__(self, encoder: SegResEncoder, hidden: int = 256, frozen: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(encoder.out_channels, int(hidden)), nn.ReLU(inplace=True),
+                                  nn.Linear(int(hidden), 1))
+        self.frozen = bool(frozen)
+        if self.frozen:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> TriageModel:
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                features = global_average(self.encoder(x)[-1])
+        else:
+            features = global_average(self.encoder(x)[-1])
+        return self.head(features).squeeze(-1)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the network at .module
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve from ranks (Mann-Whitney U; ties count one half); ``nan`` without both classes."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores but {y.size} labels")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.size, dtype=np.float64)
+    ranks[order] = np.arange(1, s.size + 1)
+    # Tied scores share the mean of their ranks.
+    uniq, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    if uniq.size < s.size:
+        sums = np.bincount(inverse, weights=ranks)
+        ranks = (sums / counts)[inverse]
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def youden_threshold(probabilities, labels) -> float | None:
+    """The probability cut (positive when ``p >= t``) maximising sensitivity + specificity - 1.
+
+    The cut lies halfway between the chosen score and the next lower one, so small shifts keep the same
+    decisions. ``None`` without both classes.
+    """
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    cuts = np.unique(p)[::-1]  # descending: each distinct score as ">= cut"
+    best, best_j = None, -np.inf
+    for i, cut in enumerate(cuts):
+        pred = p >= cut
+        j = (pred & y).sum() / n_pos - (pred & ~y).sum() / n_neg
+        if j > best_j:
+            lower = cuts[i + 1] if i + 1 < cuts.size else 0.0
+            best, best_j = (cut + lower) / 2.0, j
+    return float(best)
+
+
+# --- the task ------------------------------------------------------------------------------
+
+
+def _section(config: dict, name: str) -> dict:
+    section = config.get(name)
+    if not isinstance(section, dict):
+        raise TypeError(f"the classification config lacks its '{name}' section; build the config with "
+                        f"CTFMLib.train.config.load_config(path, 'classify')")
+    return section
+
+
+def _check_items(items, what: str) -> list:
+    items = list(items or [])
+    for i, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"{what} item {i} must be a (volume_hu, label) pair, got {type(item).__name__}")
+        volume, label = item
+        if getattr(volume, "ndim", 0) != 3:
+            raise ValueError(f"{what} item {i}: the volume must be a 3-D (D, H, W) HU array, got shape "
+                             f"{getattr(volume, 'shape', None)}")
+        if label not in (0, 1, True, False):
+            raise ValueError(f"{what} item {i}: the label must be 0 or 1, got {label!r}")
+    return items
+
+
+class ClassifyTask:
+    """The triage :class:`~CTFMLib.train.trainer.Task`.
+
+    ``data`` / ``validation``: sequences of ``(volume_hu, label)``; ``volume_hu`` a ``(D, H, W)`` HU array in
+    SPL (any size: :func:`triage_input` pads/crops), ``label`` 0 or 1. ``config`` is
+    ``load_config(path, "classify")`` (sections ``classify``, ``model``, ``run``, ``optim``).
+    """
+
+    def __init__(self, config: dict, data: Sequence, validation: Sequence | None = None):
+        self.config = config
+        cls, model, run = (_section(config, k) for k in ("classify", "model", "run"))
+        self.mode = str(cls.get("mode", "full"))
+        if self.mode not in MODES:
+            raise ValueError(f"classify.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self.size = tuple(int(s) for s in cls.get("size", DEFAULT_SIZE))
+        if len(self.size) != 3 or min(self.size) < 1:
+            raise ValueError(f"classify.size must be three positive voxel counts (S, P, L), got {cls.get('size')}")
+        self.windows = [tuple(float(v) for v in w) for w in cls.get("windows", DEFAULT_WINDOWS)]
+        if not self.windows or any(len(w) != 2 or not w[1] > w[0] for w in self.windows):
+            raise ValueError(f"classify.windows must be a non-empty list of [lo, hi] HU pairs with hi > lo, "
+                             f"got {cls.get('windows')}")
+        self.hidden = int(cls.get("hidden", 256))
+        self.flip_p = float(cls.get("flip_p", 0.0))
+        self.val_batch = max(1, int(cls.get("val_batch", 4)))
+        self.default_threshold = float(cls.get("threshold", 0.5))
+        if self.hidden < 1 or not 0.0 <= self.flip_p <= 1.0 or not 0.0 < self.default_threshold < 1.0:
+            raise ValueError(f"classify.hidden must be >= 1, classify.flip_p in [0, 1] and classify.threshold in "
+                             f"(0, 1); got {self.hidden}, {self.flip_p}, {self.default_threshold}")
+        self.init_filters = int(model["init_filters"])
+        self.blocks_down = [int(b) for b in model["blocks_down"]]
+        if self.init_filters < 1 or not self.blocks_down or min(self.blocks_down) < 1:
+            raise ValueError(f"model.init_filters must be >= 1 and model.blocks_down a non-empty list of block counts "
+                             f">= 1, got {self.init_filters} and {self.blocks_down}")
+        self.seed = int(run.get("seed", 0))
+        self.batch_size = int(run["scans_per_step"])
+        self.data = _check_items(data, "training")
+        if not self.data:
+            raise ValueError("no training scans: give at least one (volume_hu, label) pair")
+        self.validation = _check_items(validation, "validation")
+        self._val_device = None  # where validate() last ran: export re-validates there
+
+    # --- model ---------------------------------------------------------------------------
+
+    def encoder_config(self) -> dict:
+        return {"architecture": "SegResEncoder", "spatial_dims": 3, "in_channels": 1,
+                "init_filters": self.init_filters, "blocks_down": list(self.blocks_down)}
+
+    def build_model(self) -> TriageModel:
+        """Encoder (random from ``run.seed``, or ``model.weights``) + head, on the CPU."""
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random state
+            torch.manual_seed(self.seed)
+            encoder = SegResEncoder(init_filters=self.init_filters, in_channels=1, blocks_down=self.blocks_down)
+            model = TriageModel(encoder, self.hidden, frozen=False)
+        source = self.config["model"].get("weights")
+        if source:
+            from ..weights import load_model
+
+            loaded, info = load_model(source, expect="SegResEncoder")
+            got = (int(info.config.get("init_filters", -1)), [int(b) for b in info.config.get("blocks_down", [])])
+            if got != (self.init_filters, self.blocks_down):
+                raise ValueError(f"model.weights {source} holds an encoder with init_filters {got[0]}, blocks_down "
+                                 f"{got[1]}; set model.init_filters and model.blocks_down to those values")
+            model.encoder.load_state_dict(loaded.state_dict(), strict=True)
+        if self.mode == "frozen":
+            model = _freeze(model)
+        return model
+
+    # --- data ----------------------------------------------------------------------------
+
+    def sample_index(self, step: int, slot: int) -> int:
+        """Which training item fills global ``slot`` of step ``step``: a seeded permutation per pass over the data."""
+        g = (step - 1) * self.batch_size + slot
+        n = len(self.data)
+        order = np.random.default_rng([self.seed, _ORDER, g // n]).permutation(n)
+        return int(order[g % n])
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
+        """``{"x": (b, 1, 4*S, P, L) float32, "y": (b,) float32, "items": [...]}`` for this rank's samples.
+
+        Global slot ``i`` of step ``step`` depends only on (seed, step, i): its item and its flip.
+        """
+        if step < 1:
+            raise ValueError(f"steps are numbered from 1, got {step}")
+        xs, ys, items = [], [], []
+        for slot in rank_indices(self.batch_size, rank, world):
+            index = self.sample_index(step, slot)
+            volume, label = self.data[index]
+            x = triage_input(volume, self.size, self.windows)
+            rng = np.random.default_rng([self.seed, _AUGMENT, step, slot])
+            if rng.random() < self.flip_p:
+                x = x[..., ::-1]  # left-right (L axis)
+            xs.append(np.ascontiguousarray(x))
+            ys.append(float(label))
+            items.append(index)
+        return {"x": torch.from_numpy(np.stack(xs)), "y": torch.tensor(ys, dtype=torch.float32), "items": items}
+
+    # --- loss, validation, export ----------------------------------------------------------
+
+    def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
+        """Mean binary cross-entropy of the logits."""
+        logits = model(batch["x"].to(device, non_blocking=True))
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["y"].to(device))
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, volumes: Sequence[np.ndarray], device="cpu") -> np.ndarray:
+        """Logits ``(N,)`` of ``volumes`` (HU arrays), in eval mode, ``classify.val_batch`` at a time."""
+        net = _unwrap(model)
+        was_training = net.training
+        net.eval()
+        out = []
+        try:
+            for start in range(0, len(volumes), self.val_batch):
+                chunk = volumes[start:start + self.val_batch]
+                x = torch.from_numpy(np.stack([triage_input(v, self.size, self.windows) for v in chunk]))
+                out.append(net(x.to(device)).float().cpu().numpy())
+        finally:
+            net.train(was_training)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def validate(self, model: nn.Module, device) -> dict:
+        """``{"val_auc", "val_loss"}`` on the validation list (``{}`` without one); AUC is nan with one class."""
+        self._val_device = torch.device(device)
+        metrics, _ = self._validation_metrics(model, device)
+        return metrics
+
+    def _validation_metrics(self, model, device) -> tuple:
+        if not self.validation:
+            return {}, None
+        logits = self.predict(model, [v for v, _ in self.validation], device)
+        labels = np.array([float(y) for _, y in self.validation])
+        loss = nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(),
+                                                              torch.from_numpy(labels))
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        return {"val_auc": auroc(logits, labels), "val_loss": float(loss)}, youden_threshold(probs, labels)
+
+    def export(self, model: nn.Module, folder: Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (the whole :class:`TriageModel`); see :func:`load_triage_model`.
+
+        The validation set is evaluated once more with exactly these weights (on the device validation last
+        used) so the recorded metrics and the Youden threshold belong to the exported model.
+        """
+        from ..weights import save_pretrained
+
+        net = _unwrap(model)
+        device = self._val_device or torch.device("cpu")
+        evaluated = copy.deepcopy(net).to(device) if device.type != "cpu" else net
+        metrics, youden = self._validation_metrics(evaluated, device)
+        threshold, source = (youden, "youden") if youden is not None else (self.default_threshold, "default")
+        config = {
+            "architecture": ARCHITECTURE,
+            "encoder": self.encoder_config(),
+            "head": [net.encoder.out_channels, self.hidden, 1],
+            "mode": self.mode,
+            "threshold": threshold,
+            "threshold_source": source,
+            "validation": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
+            "validation_scans": len(self.validation),
+            "training_scans": len(self.data),
+            # Keys starting with "_" are notes: network builders ignore them.
+            "_preprocessing": {"orientation": "SPL", "input": "HU", "size": list(self.size),
+                               "windows": [list(w) for w in self.windows], "stack_axis": "S",
+                               "pad_hu": PAD_HU, "output": "logit; probability = sigmoid(logit)"},
+        }
+        save_pretrained(net, Path(folder), config)
+
+
+def _freeze(model: TriageModel) -> TriageModel:
+    model.frozen = True
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    model.train(model.training)
+    return model
+
+
+def load_triage_model(folder) -> tuple:
+    """``(TriageModel in eval mode on the CPU, config dict)`` from an exported folder, loaded strictly."""
+    from ..networks import build_network
+    from ..weights import (
+        WEIGHTS_NAME,
+        WeightsError,
+        load_state_dict_strict,
+        read_config,
+        read_state_dict,
+    )
+
+    folder = Path(folder)
+    config = read_config(folder)
+    if config is None:
+        raise WeightsError(f"{folder} has no config.json; point to the model folder a classification training "
+                           "wrote (<out_dir>/model)")
+    if config.get("architecture") != ARCHITECTURE or not isinstance(config.get("encoder"), dict):
+        raise WeightsError(f"{folder} holds a {config.get('architecture') or 'CT-FM network'}, not a triage model; "
+                           "use weights.load_model for encoders and segmentation networks")
+    encoder = build_network({k: v for k, v in config["encoder"].items() if not k.startswith("_")})
+    head = config.get("head") or [encoder.out_channels, 256, 1]
+    model = TriageModel(encoder, int(head[1]), frozen=False)
+    load_state_dict_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder))
+    model.eval()
+    return model, config
