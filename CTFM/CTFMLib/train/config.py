@@ -73,6 +73,8 @@ _CLASSIFY = {
     "flip_p": 0.5,  # probability of a left-right flip of a training sample
     "val_batch": 4,  # scans per forward pass in validation
     "threshold": 0.5,  # exported when no validation set (or only one class) gives a Youden-optimal one
+    "spacing": [5, 2, 2],  # mm (S, P, L) the scans are resampled to, as upstream's triage
+    "label_column": "label",  # the CSV column holding 0 (normal) or 1 (abnormal)
 }
 
 # Fine-tuning (segment) adds its own section later; until then it shares the common ones.

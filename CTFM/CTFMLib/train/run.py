@@ -38,9 +38,9 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     """
     if task not in TASKS:
         raise ConfigError(f"unknown training task {task!r}; choose one of {', '.join(TASKS)}")
-    if task != "pretrain":
-        raise NotAvailableYet(f"training task {task!r} is not implemented yet in this version; "
-                              "pretraining is (task 'pretrain')")
+    if task == "segment":
+        raise NotAvailableYet("training task 'segment' is not implemented yet in this version; "
+                              "pretraining and classification are (tasks 'pretrain', 'classify')")
     progress = progress or null_progress
     config = load_config(config_path, task, overrides)
     out = Path(out_dir or config["run"].get("out_dir") or "")
@@ -48,8 +48,7 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
         raise ConfigError("no output folder: give one (--out) or set run.out_dir in the configuration")
     out.mkdir(parents=True, exist_ok=True)
     device = device or config["run"].get("device", "auto")
-    from .data import ScanCache, find_scans
-    from .pretrain import PretrainTask
+    from .data import find_scans
 
     sources = config["data"].get("source") or []
     if isinstance(sources, (str, Path)):
@@ -57,12 +56,32 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     if not sources:
         raise ConfigError("data.source is empty: list CT files, folders, CSV files or DICOM trees to train on")
     scans = find_scans(sources)
-    p = config["pretrain"]
-    cache = ScanCache(config["data"].get("cache_dir") or out / "data", spacing=tuple(p["spacing"]),
-                      hu_range=tuple(p["hu_range"]))
-    # Every process prepares the same cache; the cache's atomic writes make that safe, and
-    # after the first process has written a scan the others only read it.
     report = progress if _rank() == 0 else null_progress
+    if task == "classify":
+        task_object, usable, skipped = _classify_task(config, scans, out, report)
+    else:
+        from .pretrain import PretrainTask
+
+        p = config["pretrain"]
+        usable, skipped, cache = _prepare(config, scans, out, p["spacing"], p["hu_range"], report)
+        task_object = PretrainTask(config, [cache.get(scan) for scan in usable])
+    summary = train(task_object, out, resume=resume, max_steps=max_steps,
+                    progress=subrange(progress, 0.1, 1.0), device=device)
+    summary["skipped"] = [(s.path, reason) for s, reason in skipped]
+    summary["scans"] = len(usable)
+    return summary
+
+
+def _prepare(config, scans, out, spacing, hu_range, report):
+    """Fill the preprocessed-scan cache; ``(usable scans, [(scan, reason)], cache)``.
+
+    Every process prepares the same cache; its atomic writes make that safe, and after the
+    first process has written a scan the others only read it.
+    """
+    from .data import ScanCache
+
+    cache = ScanCache(config["data"].get("cache_dir") or out / "data", spacing=tuple(spacing),
+                      hu_range=tuple(hu_range))
     usable, skipped = cache.prepare(scans, workers=int(config["data"].get("workers", 2)),
                                     progress=subrange(report, 0.0, 0.1))
     for scan, reason in skipped:
@@ -70,9 +89,35 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     if not usable:
         raise TrainingError(f"none of the {len(scans)} scans can be used for training "
                             f"(see {Path(cache.folder) / 'skipped.csv'})")
-    volumes = [cache.get(scan) for scan in usable]
-    summary = train(PretrainTask(config, volumes), out, resume=resume, max_steps=max_steps,
-                    progress=subrange(progress, 0.1, 1.0), device=device)
-    summary["skipped"] = [(s.path, reason) for s, reason in skipped]
-    summary["scans"] = len(usable)
-    return summary
+    return usable, skipped, cache
+
+
+# The cache scales HU to [0, 1] over this range; the triage windows reach 2100 HU (bone).
+CLASSIFY_HU_RANGE = (-1024.0, 2100.0)
+
+
+def _classify_task(config, scans, out, report):
+    """Labelled scans (a CSV column, 0 or 1) -> ClassifyTask with a seeded validation split."""
+    import numpy as np
+
+    from .classify import ClassifyTask
+
+    c = config["classify"]
+    column = c["label_column"]
+    labels = {}
+    for scan in scans:
+        value = str(scan.label.get(column, "")).strip()
+        if value not in ("0", "1"):
+            raise ConfigError(f"{scan.path}: classification needs a 0/1 label in the CSV column {column!r} "
+                              f"(classify.label_column), found {value or 'none'}")
+        labels[scan.key] = int(value)
+    usable, skipped, cache = _prepare(config, scans, out, c["spacing"], CLASSIFY_HU_RANGE, report)
+    lo, hi = CLASSIFY_HU_RANGE
+    pairs = [(np.asarray(cache.get(s), dtype=np.float32) * (hi - lo) + lo, labels[s.key]) for s in usable]
+    order = np.random.default_rng(int(config["run"]["seed"])).permutation(len(pairs))
+    n_val = int(round(float(config["data"].get("val_fraction", 0.0)) * len(pairs)))
+    validation = [pairs[i] for i in order[:n_val]]
+    training = [pairs[i] for i in order[n_val:]]
+    if not training:
+        raise ConfigError(f"data.val_fraction leaves no scans to train on ({len(pairs)} usable)")
+    return ClassifyTask(config, training, validation or None), usable, skipped
