@@ -227,11 +227,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
     def _onProgress(self, fraction, message: str = "") -> None:
         """Progress from the child process (delivered in the GUI thread by the poll timer)."""
         bar = self.ui.embeddingProgressBar
-        if fraction is None:
-            bar.setRange(0, 0)  # busy indicator
-        else:
-            bar.setRange(0, 100)
-            bar.value = round(100 * fraction)
+        self.showFraction(bar, fraction)
         if message:
             self.ui.embeddingStatusLabel.text = message
 

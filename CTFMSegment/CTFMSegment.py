@@ -281,11 +281,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
     def _onProgress(self, fraction, message: str = "") -> None:
         """Progress from the child process (delivered in the GUI thread by the poll timer)."""
         bar = self.ui.segmentProgressBar
-        if fraction is None:
-            bar.setRange(0, 0)  # busy indicator
-        else:
-            bar.setRange(0, 100)
-            bar.value = round(100 * fraction)
+        self.showFraction(bar, fraction)
         bar.format = f"{message} %p%" if message else "%p%"
 
     def _log(self, text: str) -> None:

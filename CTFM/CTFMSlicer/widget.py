@@ -46,6 +46,15 @@ class ParameterNodeWidgetMixin:
         if self._runner is not None and not self._runner.poll():
             self._pollTimer.stop()
 
+    @staticmethod
+    def showFraction(bar, fraction) -> None:
+        """A progress bar at ``fraction`` (0..1), or busy (no fraction known)."""
+        if fraction is None:
+            bar.setRange(0, 0)
+        else:
+            bar.setRange(0, 100)
+            bar.value = round(100 * fraction)
+
     def cancelRunner(self) -> None:
         """Stop the running child process tree; its ``on_done`` follows from the next poll."""
         if self._runner is not None:

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from ..networks import SegResEncoder, global_average
+from .common import config_section, pass_order_index, seeded_model
 from .distributed import rank_indices
+from .trainer import unwrap
 
 ARCHITECTURE = "TriageModel"
 MODES = ("full", "frozen")
@@ -118,8 +120,6 @@ class TriageModel(nn.Module):
         return self.head(features).squeeze(-1)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the network at .module
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -171,12 +171,6 @@ def youden_threshold(probabilities, labels) -> float | None:
 # --- the task ------------------------------------------------------------------------------
 
 
-def _section(config: dict, name: str) -> dict:
-    section = config.get(name)
-    if not isinstance(section, dict):
-        raise TypeError(f"the classification config lacks its '{name}' section; build the config with "
-                        f"CTFMLib.train.config.load_config(path, 'classify')")
-    return section
 
 
 def _check_items(items, what: str) -> list:
@@ -203,7 +197,7 @@ class ClassifyTask:
 
     def __init__(self, config: dict, data: Sequence, validation: Sequence | None = None):
         self.config = config
-        cls, model, run = (_section(config, k) for k in ("classify", "model", "run"))
+        cls, model, run = (config_section(config, k, "classify") for k in ("classify", "model", "run"))
         self.mode = str(cls.get("mode", "full"))
         if self.mode not in MODES:
             raise ValueError(f"classify.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -242,20 +236,8 @@ class ClassifyTask:
 
     def build_model(self) -> TriageModel:
         """Encoder (random from ``run.seed``, or ``model.weights``) + head, on the CPU."""
-        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random state
-            torch.manual_seed(self.seed)
-            encoder = SegResEncoder(init_filters=self.init_filters, in_channels=1, blocks_down=self.blocks_down)
-            model = TriageModel(encoder, self.hidden, frozen=False)
-        source = self.config["model"].get("weights")
-        if source:
-            from ..weights import load_model
-
-            loaded, info = load_model(source, expect="SegResEncoder")
-            got = (int(info.config.get("init_filters", -1)), [int(b) for b in info.config.get("blocks_down", [])])
-            if got != (self.init_filters, self.blocks_down):
-                raise ValueError(f"model.weights {source} holds an encoder with init_filters {got[0]}, blocks_down "
-                                 f"{got[1]}; set model.init_filters and model.blocks_down to those values")
-            model.encoder.load_state_dict(loaded.state_dict(), strict=True)
+        model = seeded_model(self.seed, self.init_filters, self.blocks_down, self.config["model"].get("weights"),
+                             lambda encoder: TriageModel(encoder, self.hidden, frozen=False))
         if self.mode == "frozen":
             model = _freeze(model)
         return model
@@ -265,9 +247,7 @@ class ClassifyTask:
     def sample_index(self, step: int, slot: int) -> int:
         """Which training item fills global ``slot`` of step ``step``: a seeded permutation per pass over the data."""
         g = (step - 1) * self.batch_size + slot
-        n = len(self.data)
-        order = np.random.default_rng([self.seed, _ORDER, g // n]).permutation(n)
-        return int(order[g % n])
+        return pass_order_index(self.seed, _ORDER, g, len(self.data))
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
         """``{"x": (b, 1, 4*S, P, L) float32, "y": (b,) float32, "items": [...]}`` for this rank's samples.
@@ -299,7 +279,7 @@ class ClassifyTask:
     @torch.no_grad()
     def predict(self, model: nn.Module, volumes: Sequence[np.ndarray], device="cpu") -> np.ndarray:
         """Logits ``(N,)`` of ``volumes`` (HU arrays), in eval mode, ``classify.val_batch`` at a time."""
-        net = _unwrap(model)
+        net = unwrap(model)
         was_training = net.training
         net.eval()
         out = []
@@ -336,7 +316,7 @@ class ClassifyTask:
         """
         from ..weights import save_pretrained
 
-        net = _unwrap(model)
+        net = unwrap(model)
         device = self._val_device or torch.device("cpu")
         evaluated = copy.deepcopy(net).to(device) if device.type != "cpu" else net
         metrics, youden = self._validation_metrics(evaluated, device)

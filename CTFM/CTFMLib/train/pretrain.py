@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from ..networks import SegResEncoder, global_average
+from .common import config_section, pass_order_index, seeded_model
 from .losses import ntxent_within_scan
+from .trainer import unwrap
 from .views import scan_views, view_config
 
 # Tags mixed into the seeds, so the scan order, the training crops and the validation crops never share a stream.
@@ -65,12 +67,6 @@ class ProjectionModel(nn.Module):
         return self.head(global_average(self.encoder(x)[-1]))
 
 
-def _section(config: dict, name: str) -> dict:
-    section = config.get(name)
-    if not isinstance(section, dict):
-        raise TypeError(f"the pretraining config lacks its '{name}' section; build the config with "
-                         f"CTFMLib.train.config.load_config(path, 'pretrain')")
-    return section
 
 
 def _need(section: dict, where: str, key: str):
@@ -80,8 +76,6 @@ def _need(section: dict, where: str, key: str):
     return section[key]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the network at .module
 
 
 class PretrainTask:
@@ -94,7 +88,7 @@ class PretrainTask:
 
     def __init__(self, config: dict, volumes: Sequence[np.ndarray] | VolumeSource):
         self.config = config
-        pre, model, run = (_section(config, k) for k in ("pretrain", "model", "run"))
+        pre, model, run = (config_section(config, k, "pretrain") for k in ("pretrain", "model", "run"))
         self.n_crops = int(_need(pre, "pretrain", "crops_per_scan"))
         if self.n_crops < 2:
             raise ValueError(f"pretrain.crops_per_scan must be at least 2 (crops are each other's negatives), "
@@ -141,20 +135,8 @@ class PretrainTask:
 
     def build_model(self) -> ProjectionModel:
         """Encoder + head on the CPU, initialised from ``run.seed`` (or ``model.weights`` for the encoder)."""
-        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's random state
-            torch.manual_seed(self.seed)
-            encoder = SegResEncoder(init_filters=self.init_filters, in_channels=1, blocks_down=self.blocks_down)
-            model = ProjectionModel(encoder, self.projection)
-        source = self.config["model"].get("weights")
-        if source:
-            from ..weights import load_model
-
-            loaded, info = load_model(source, expect="SegResEncoder")
-            got = (int(info.config.get("init_filters", -1)), [int(b) for b in info.config.get("blocks_down", [])])
-            if got != (self.init_filters, self.blocks_down):
-                raise ValueError(f"model.weights {source} holds an encoder with init_filters {got[0]}, blocks_down "
-                                 f"{got[1]}; set model.init_filters and model.blocks_down to those values")
-            model.encoder.load_state_dict(loaded.state_dict(), strict=True)
+        model = seeded_model(self.seed, self.init_filters, self.blocks_down, self.config["model"].get("weights"),
+                             lambda encoder: ProjectionModel(encoder, self.projection))
         # Not channels-last: on CPU oneDNN's channels-last conv3d backward is 2-3x faster but its weight gradients
         # are ~1e-3 off (relative, vs float64; the default layout: 1e-6), which breaks 1-process == N-process runs.
         return model
@@ -164,9 +146,7 @@ class PretrainTask:
     def scan_index(self, step: int, slot: int) -> int:
         """Which volume fills ``slot`` of global step ``step``: a seeded permutation per pass over the data."""
         g = step * self.scans_per_step + slot
-        n = len(self.volumes)
-        order = np.random.default_rng([self.seed, _ORDER, g // n]).permutation(n)
-        return int(order[g % n])
+        return pass_order_index(self.seed, _ORDER, g, len(self.volumes))
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> dict:
         """Rank ``rank``'s share of step ``step``: ``{"views": (S, 2, n_crops, 1, D, H, W) float32, "scans": [...]}``.
@@ -211,7 +191,7 @@ class PretrainTask:
         ``val_top1``: fraction of views whose most similar other view (of the same
         scan) is the other view of the same crop; chance is ``1 / (2 n - 1)``.
         """
-        net = _unwrap(model)
+        net = unwrap(model)
         was_training = net.training
         net.eval()
         try:
@@ -234,4 +214,4 @@ class PretrainTask:
         """Write the encoder alone (``config.json`` + ``model.safetensors``), loadable with ``load_model``."""
         from ..weights import save_pretrained
 
-        save_pretrained(_unwrap(model).encoder, Path(folder), self.encoder_config())
+        save_pretrained(unwrap(model).encoder, Path(folder), self.encoder_config())
