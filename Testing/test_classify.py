@@ -37,7 +37,8 @@ def phantom(seed: int, bleed: bool) -> np.ndarray:
             if (u ** 2).sum() <= 1:
                 break
         centre = u * 0.55 * 0.88 * np.array([0.75, 0.95, 0.85]) * radius
-        lesion = {"center_lps": tuple(centre), "radius_mm": float(rng.uniform(12, 16)), "hu": float(rng.uniform(60, 80))}
+        lesion = {"center_lps": tuple(centre), "radius_mm": float(rng.uniform(12, 16)),
+                  "hu": float(rng.uniform(60, 80))}
     image = head_phantom(shape=PHANTOM_SHAPE, spacing=(8.0, 3.0, 3.0), direction=SPL, dtype=np.float32,
                          seed=seed, noise_hu=5.0, lesion=lesion, head_radius_mm=radius)
     return np.asarray(image.array, dtype=np.float32)
@@ -260,3 +261,147 @@ def test_frozen_training_keeps_the_encoder(tmp_path, one_thread):
         if k.startswith("encoder."):
             assert torch.equal(v, initial[k]), k  # weights and batch-norm statistics
     assert not torch.equal(model.state_dict()["head.0.weight"], initial["head.0.weight"])
+
+
+# --- linear probe on cached embeddings ----------------------------------------------------------
+
+
+def probe_config(**sections):
+    base = {"classify": {"size": list(TRIAGE_SIZE), "mode": "probe", "val_batch": 16},
+            "optim": {"lr": 0.3, "warmup_steps": 0, "max_steps": 600, "weight_decay": 0.0},
+            "run": {"seed": 0, "device": "cpu", "scans_per_step": 64, "checkpoint_every": 1000, "log_every": 100,
+                    "val_every": 300}}
+    return tiny_config(**{**base, **sections})
+
+
+@pytest.fixture
+def encoder_calls():
+    """Counts forward calls of every SegResEncoder (a real PyTorch global hook, removed afterwards)."""
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: calls.append(1) if isinstance(module, SegResEncoder) else None)
+    yield calls
+    handle.remove()
+
+
+def logistic_regression(features, labels, iterations=100):
+    """Maximum-likelihood weights (last entry: intercept) by Newton's method, float64."""
+    a = np.c_[np.asarray(features, np.float64), np.ones(len(features))]
+    y = np.asarray(labels, np.float64)
+    w = np.zeros(a.shape[1])
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-a @ w))
+        w -= np.linalg.solve((a.T * (p * (1 - p))) @ a, a.T @ (p - y))
+    return w
+
+
+def test_probe_is_logistic_regression_on_cached_embeddings(tmp_path, one_thread, encoder_calls):
+    train_set = dataset(range(100, 164))  # 64 scans, 16 features: not separable, so the MLE is finite
+    held_out = dataset(range(500, 516))
+    task = ClassifyTask(probe_config(), train_set, validation=held_out, cache_dir=tmp_path / "emb")
+    model_before = task.build_model()
+    batch = task.batch(1)
+    assert "x" not in batch and len(batch["items"]) == 64  # steps carry item numbers, not images
+    summary = train(task, tmp_path / "run", device="cpu")
+    assert summary["steps"] == 600 and not summary["stopped"]
+    # Each scan went through the encoder once: 64 + 16 scans, 16 per forward pass.
+    assert len(encoder_calls) == 5
+
+    (cache,) = (tmp_path / "emb").glob("embeddings-*.npz")
+    with np.load(cache) as f:
+        train_emb, val_emb = f["train"], f["validation"]
+    assert train_emb.shape == (64, 16) and val_emb.shape == (16, 16)
+    model, config = load_triage_model(tmp_path / "run" / "model")
+    assert config["mode"] == "probe" and config["head"] == [16, 1] and isinstance(model.head, torch.nn.Linear)
+    # The cache holds the embeddings of the (unchanged) encoder: global average of its deepest map, eval mode.
+    for k, v in model_before.encoder.state_dict().items():
+        assert torch.equal(v, model.encoder.state_dict()[k]), k
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([triage_input(v, TRIAGE_SIZE) for v, _ in held_out]))
+        direct = model.encoder(x)[-1].mean(dim=(2, 3, 4)).numpy()
+        whole = model(x).numpy()
+        head_on_cache = model.head(torch.from_numpy(val_emb)).squeeze(-1).numpy()
+    np.testing.assert_allclose(val_emb, direct, rtol=1e-5, atol=1e-7)
+    # The exported model (encoder + folded linear head) = the probe head on the cached embeddings.
+    np.testing.assert_allclose(whole, head_on_cache, rtol=1e-4, atol=1e-4)
+
+    # Full-batch AdamW to convergence = the maximum-likelihood logistic regression (Newton, raw features).
+    w = logistic_regression(train_emb, [y for _, y in train_set])
+    expected = np.c_[train_emb.astype(np.float64), np.ones(64)] @ w
+    with torch.no_grad():
+        got = model.head(torch.from_numpy(train_emb)).squeeze(-1).numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    expected_val = np.c_[val_emb.astype(np.float64), np.ones(16)] @ w
+    assert config["validation"]["val_auc"] == pytest.approx(auroc(expected_val, [y for _, y in held_out]))
+
+
+def test_probe_embeddings_cache_is_reused_and_invalidated(tmp_path, one_thread, encoder_calls, tiny_encoder_folder):
+    data, held_out = dataset(range(30, 38)), dataset(range(40, 44))
+    cfg = probe_config(model={"init_filters": 4, "blocks_down": [1, 1, 1, 1]},
+                       optim={"lr": 0.1, "warmup_steps": 0, "max_steps": 2, "weight_decay": 0.0},
+                       run={"scans_per_step": 4, "checkpoint_every": 1000, "val_every": 1})
+    cache = tmp_path / "emb"
+    train(ClassifyTask(cfg, data, held_out, cache_dir=cache), tmp_path / "a", device="cpu")
+    assert len(encoder_calls) == 2  # 8 training + 4 validation scans, 16 per pass
+    (first,) = cache.glob("embeddings-*.npz")
+    stamp = first.stat().st_mtime_ns
+
+    # Another run, and a resumed one, over the same weights and scans: no encoder pass at all.
+    train(ClassifyTask(cfg, data, held_out, cache_dir=cache), tmp_path / "b", device="cpu")
+    train(ClassifyTask(cfg, data, held_out, cache_dir=cache), tmp_path / "b", resume=True, max_steps=4,
+          device="cpu")
+    assert len(encoder_calls) == 2 and first.stat().st_mtime_ns == stamp
+    assert list(cache.glob("embeddings-*.npz")) == [first]
+
+    # Other encoder weights (a MONAI-written encoder) or other scans: recomputed into another file.
+    weighted = load_config(None, "classify", {**cfg, "model": {**cfg["model"], "weights": str(tiny_encoder_folder)}})
+    task = ClassifyTask(weighted, data, held_out, cache_dir=cache)
+    emb = task.embeddings(task.build_model(), "cpu")
+    assert len(encoder_calls) == 4 and len(list(cache.glob("embeddings-*.npz"))) == 2
+    with np.load(first) as f:
+        assert not np.allclose(emb["train"].numpy(), f["train"])
+    other = ClassifyTask(cfg, data, held_out[:3], cache_dir=cache)
+    other.embeddings(other.build_model(), "cpu")
+    assert len(encoder_calls) == 6 and len(list(cache.glob("embeddings-*.npz"))) == 3
+    # A damaged file is recomputed, not trusted.
+    first.write_bytes(b"not an npz")
+    again = ClassifyTask(cfg, data, held_out, cache_dir=cache)
+    again.embeddings(again.build_model(), "cpu")
+    assert len(encoder_calls) == 8 and np.load(first)["train"].shape == (8, 32)
+
+
+def test_ctfm_train_classify_probe_end_to_end(tmp_path):
+    from conftest import run_ctfm
+    from CTFMLib.image import write_image
+    from ctfm_testing.phantoms import head_phantom
+
+    rows = ["path,label"]
+    for i in range(4):
+        lesion = {"center_lps": (0.0, 10.0, 20.0), "radius_mm": 14.0, "hu": 70.0} if i % 2 else None
+        image = head_phantom(shape=(48, 48, 60), spacing=(4.0, 4.0, 3.0), seed=i, lesion=lesion)
+        write_image(image, tmp_path / f"head{i}.nii.gz")
+        rows.append(f"head{i}.nii.gz,{i % 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "probe.json"
+    config.write_text(json.dumps({
+        "data": {"source": [str(tmp_path / "labels.csv")], "workers": 0, "val_fraction": 0.5},
+        "model": {"init_filters": 4, "blocks_down": [1, 1, 1]},
+        "classify": {"size": [8, 16, 16], "mode": "probe"},
+        "optim": {"lr": 1e-2, "warmup_steps": 0, "max_steps": 5},
+        "run": {"seed": 0, "device": "cpu", "scans_per_step": 2, "val_every": 5, "log_every": 1},
+    }))
+    out = tmp_path / "run"
+    result = run_ctfm("train", "classify", "--config", config, "--out", out, "--device", "cpu", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 5
+    (cache,) = (out / "embeddings").glob("embeddings-*.npz")
+    with np.load(cache) as f:
+        assert f["train"].shape == (2, 16) and f["validation"].shape == (2, 16)
+        val_emb = f["validation"]
+    model, saved = load_triage_model(out / "model")
+    assert saved["mode"] == "probe" and saved["head"] == [16, 1]
+    assert "val_auc" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert set(saved["validation"]) == {"val_auc", "val_loss"} and 0 < saved["threshold"] < 1
+    with torch.no_grad():
+        logits = model.head(torch.from_numpy(val_emb)).squeeze(-1).numpy()
+    assert np.isfinite(logits).all() and logits.shape == (2,)

@@ -6,8 +6,13 @@ Input: a head CT in Hounsfield units, SPL-oriented ``(D, H, W)`` (resampling is 
 ``(1, 4 * S, P, L)``, upstream's ``1 x 192 x 128 x 128`` for the default ``48 x 128 x 128``.
 
 Model (:class:`TriageModel`): CT-FM encoder -> global average of the deepest map -> ``Linear(C, hidden)``
--> ReLU -> ``Linear(hidden, 1)``: one logit per scan. ``classify.mode`` "full" trains everything,
-"frozen" only the head (encoder parameters fixed, its batch norms kept in eval mode).
+-> ReLU -> ``Linear(hidden, 1)`` (``hidden = 0``: one ``Linear(C, 1)``): one logit per scan.
+``classify.mode`` "full" trains everything, "frozen" only the head (encoder parameters fixed, its batch
+norms kept in eval mode), "probe" a linear probe (logistic regression) on cached embeddings: the frozen
+encoder embeds every training and validation scan once (on the trainer's device, at the first step;
+cached in ``cache_dir``, see :mod:`.probe`), steps train ``Linear(C, 1)`` on standardised embeddings
+only (``classify.hidden`` and ``classify.flip_p`` are not used), and the export is the same whole
+model as the other modes, with the standardisation folded into the linear head.
 
 :class:`ClassifyTask` is the trainer's :class:`~CTFMLib.train.trainer.Task`: binary cross-entropy on
 logits, AUROC and loss on a held-out list, and an export of the whole model (``encoder.*`` + ``head.*``)
@@ -18,7 +23,9 @@ with the decision threshold (Youden-optimal on the validation set when it has bo
 from __future__ import annotations
 
 import copy
+import json
 import math
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,10 +36,11 @@ from torch import nn
 from ..networks import SegResEncoder, global_average
 from .common import config_section, pass_order_index, seeded_model
 from .distributed import rank_indices
+from .probe import EmbeddingCache, Standardize, arrays_digest, cache_key, embed_all, fold_standardize, state_digest
 from .trainer import unwrap
 
 ARCHITECTURE = "TriageModel"
-MODES = ("full", "frozen")
+MODES = ("full", "frozen", "probe")
 DEFAULT_SIZE = (48, 128, 128)
 # HU [lo, hi] per window, as upstream's triage recipe: blood (40/80), subdural (25/300), stroke (32/8), bone (600/3000).
 DEFAULT_WINDOWS = ((0.0, 80.0), (-125.0, 175.0), (28.0, 36.0), (-900.0, 2100.0))
@@ -89,16 +97,21 @@ def triage_input(volume_hu: np.ndarray, size: Sequence[int] = DEFAULT_SIZE,
 class TriageModel(nn.Module):
     """Encoder -> global average of the deepest map -> ``Linear(C, hidden)`` - ReLU - ``Linear(hidden, 1)``.
 
-    ``forward``: ``(B, 1, D, H, W)`` -> logits ``(B,)``. ``frozen=True`` fixes the encoder: its
-    parameters do not require gradients, its batch norms stay in eval mode (running statistics) even
-    when the model is put in training mode, and its forward runs without autograd.
+    ``hidden = 0``: the head is one ``Linear(C, 1)`` (a linear probe). ``forward``: ``(B, 1, D, H, W)``
+    -> logits ``(B,)``; with ``embedded=True`` the input is already the embedding ``(B, C)`` (the global
+    average) and only the head runs. ``frozen=True`` fixes the encoder: its parameters do not require
+    gradients, its batch norms stay in eval mode (running statistics) even when the model is put in
+    training mode, and its forward runs without autograd.
     """
 
     def __init__(self, encoder: SegResEncoder, hidden: int = 256, frozen: bool = False):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Sequential(nn.Linear(encoder.out_channels, int(hidden)), nn.ReLU(inplace=True),
-                                  nn.Linear(int(hidden), 1))
+        hidden, channels = int(hidden), encoder.out_channels
+        if hidden < 0:
+            raise ValueError(f"the head's hidden size must be >= 0 (0 = a linear head), got {hidden}")
+        self.head = (nn.Linear(channels, 1) if hidden == 0 else
+                     nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1)))
         self.frozen = bool(frozen)
         if self.frozen:
             for p in self.encoder.parameters():
@@ -111,7 +124,9 @@ class TriageModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, embedded: bool = False) -> torch.Tensor:
+        if embedded:
+            return self.head(x).squeeze(-1)
         if self.frozen:
             with torch.no_grad():
                 features = global_average(self.encoder(x)[-1])
@@ -193,9 +208,10 @@ class ClassifyTask:
     ``data`` / ``validation``: sequences of ``(volume_hu, label)``; ``volume_hu`` a ``(D, H, W)`` HU array in
     SPL (any size: :func:`triage_input` pads/crops), ``label`` 0 or 1. ``config`` is
     ``load_config(path, "classify")`` (sections ``classify``, ``model``, ``run``, ``optim``).
+    ``cache_dir``: where probe mode keeps the embeddings (``None``: in memory only).
     """
 
-    def __init__(self, config: dict, data: Sequence, validation: Sequence | None = None):
+    def __init__(self, config: dict, data: Sequence, validation: Sequence | None = None, cache_dir=None):
         self.config = config
         cls, model, run = (config_section(config, k, "classify") for k in ("classify", "model", "run"))
         self.mode = str(cls.get("mode", "full"))
@@ -212,9 +228,12 @@ class ClassifyTask:
         self.flip_p = float(cls.get("flip_p", 0.0))
         self.val_batch = max(1, int(cls.get("val_batch", 4)))
         self.default_threshold = float(cls.get("threshold", 0.5))
-        if self.hidden < 1 or not 0.0 <= self.flip_p <= 1.0 or not 0.0 < self.default_threshold < 1.0:
-            raise ValueError(f"classify.hidden must be >= 1, classify.flip_p in [0, 1] and classify.threshold in "
-                             f"(0, 1); got {self.hidden}, {self.flip_p}, {self.default_threshold}")
+        if self.hidden < 0 or not 0.0 <= self.flip_p <= 1.0 or not 0.0 < self.default_threshold < 1.0:
+            raise ValueError(f"classify.hidden must be >= 0 (0 = a linear head), classify.flip_p in [0, 1] and "
+                             f"classify.threshold in (0, 1); got {self.hidden}, {self.flip_p}, "
+                             f"{self.default_threshold}")
+        if self.mode == "probe":
+            self.hidden, self.flip_p = 0, 0.0  # a linear head on fixed embeddings: no hidden layer, no flips
         self.init_filters = int(model["init_filters"])
         self.blocks_down = [int(b) for b in model["blocks_down"]]
         if self.init_filters < 1 or not self.blocks_down or min(self.blocks_down) < 1:
@@ -227,6 +246,9 @@ class ClassifyTask:
             raise ValueError("no training scans: give at least one (volume_hu, label) pair")
         self.validation = _check_items(validation, "validation")
         self._val_device = None  # where validate() last ran: export re-validates there
+        self.embedding_cache = EmbeddingCache(cache_dir)
+        self._inputs_key = None  # digest of the preprocessing and every scan, computed once
+        self._probe_memo = None  # (weakref to the encoder, device, {set: tensor}) of the last embeddings()
 
     # --- model ---------------------------------------------------------------------------
 
@@ -238,9 +260,44 @@ class ClassifyTask:
         """Encoder (random from ``run.seed``, or ``model.weights``) + head, on the CPU."""
         model = seeded_model(self.seed, self.init_filters, self.blocks_down, self.config["model"].get("weights"),
                              lambda encoder: TriageModel(encoder, self.hidden, frozen=False))
-        if self.mode == "frozen":
+        if self.mode in ("frozen", "probe"):
             model = _freeze(model)
+        if self.mode == "probe":
+            # Standardised inputs: the head's weights stay O(1) whatever the scale of the features.
+            model.head = nn.Sequential(Standardize(model.encoder.out_channels), model.head)
         return model
+
+    def embeddings(self, model: nn.Module, device) -> dict:
+        """Probe mode: ``{"train": (N, C), "validation": (M, C)}`` float32 embeddings on ``device``.
+
+        Computed by ``model``'s encoder (frozen: hashed once per encoder object) on ``device`` the first
+        time, then read from memory or ``cache_dir``. Also fits the head's :class:`~.probe.Standardize`
+        to the training embeddings (a pure function of them, so a resumed run gets the same values).
+        """
+        net = unwrap(model)
+        encoder, device = net.encoder, torch.device(device)
+        memo = self._probe_memo
+        if memo is None or memo[0]() is not encoder or memo[1] != device:
+            if self._inputs_key is None:
+                prep = json.dumps({"size": list(self.size), "windows": [list(w) for w in self.windows],
+                                   "pad_hu": PAD_HU})
+                self._inputs_key = cache_key(prep, arrays_digest([v for v, _ in self.data]),
+                                             arrays_digest([v for v, _ in self.validation]))
+            key = cache_key(state_digest(encoder), self._inputs_key)
+
+            def prepare(volume):
+                return triage_input(volume, self.size, self.windows)
+
+            def compute():
+                return {name: embed_all(encoder, [v for v, _ in items], prepare, device, self.val_batch)
+                        for name, items in (("train", self.data), ("validation", self.validation))}
+
+            sets = self.embedding_cache.get(key, compute)
+            if isinstance(net.head, nn.Sequential) and isinstance(net.head[0], Standardize):
+                net.head[0].fit(sets["train"])
+            self._probe_memo = (weakref.ref(encoder), device,
+                                {name: torch.from_numpy(a).to(device) for name, a in sets.items()})
+        return self._probe_memo[2]
 
     # --- data ----------------------------------------------------------------------------
 
@@ -253,6 +310,7 @@ class ClassifyTask:
         """``{"x": (b, 1, 4*S, P, L) float32, "y": (b,) float32, "items": [...]}`` for this rank's samples.
 
         Global slot ``i`` of step ``step`` depends only on (seed, step, i): its item and its flip.
+        Probe mode has no ``"x"``: :meth:`loss` looks the ``items`` up in the cached embeddings.
         """
         if step < 1:
             raise ValueError(f"steps are numbered from 1, got {step}")
@@ -260,6 +318,10 @@ class ClassifyTask:
         for slot in rank_indices(self.batch_size, rank, world):
             index = self.sample_index(step, slot)
             volume, label = self.data[index]
+            if self.mode == "probe":
+                ys.append(float(label))
+                items.append(index)
+                continue
             x = triage_input(volume, self.size, self.windows)
             rng = np.random.default_rng([self.seed, _AUGMENT, step, slot])
             if rng.random() < self.flip_p:
@@ -267,13 +329,20 @@ class ClassifyTask:
             xs.append(np.ascontiguousarray(x))
             ys.append(float(label))
             items.append(index)
-        return {"x": torch.from_numpy(np.stack(xs)), "y": torch.tensor(ys, dtype=torch.float32), "items": items}
+        out = {"y": torch.tensor(ys, dtype=torch.float32), "items": items}
+        if xs:
+            out["x"] = torch.from_numpy(np.stack(xs))
+        return out
 
     # --- loss, validation, export ----------------------------------------------------------
 
     def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
-        """Mean binary cross-entropy of the logits."""
-        logits = model(batch["x"].to(device, non_blocking=True))
+        """Mean binary cross-entropy of the logits (probe mode: of the head on the items' cached embeddings)."""
+        if self.mode == "probe":
+            embedded = self.embeddings(model, device)["train"][torch.as_tensor(batch["items"], device=device)]
+            logits = model(embedded, embedded=True)
+        else:
+            logits = model(batch["x"].to(device, non_blocking=True))
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["y"].to(device))
 
     @torch.no_grad()
@@ -301,7 +370,12 @@ class ClassifyTask:
     def _validation_metrics(self, model, device) -> tuple:
         if not self.validation:
             return {}, None
-        logits = self.predict(model, [v for v, _ in self.validation], device)
+        if self.mode == "probe":
+            with torch.no_grad():
+                logits = unwrap(model)(self.embeddings(model, device)["validation"], embedded=True)
+            logits = logits.float().cpu().numpy()
+        else:
+            logits = self.predict(model, [v for v, _ in self.validation], device)
         labels = np.array([float(y) for _, y in self.validation])
         loss = nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(),
                                                               torch.from_numpy(labels))
@@ -309,10 +383,11 @@ class ClassifyTask:
         return {"val_auc": auroc(logits, labels), "val_loss": float(loss)}, youden_threshold(probs, labels)
 
     def export(self, model: nn.Module, folder: Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (the whole :class:`TriageModel`); see :func:`load_triage_model`.
+        """Write ``config.json`` + ``model.safetensors``: the whole :class:`TriageModel` (:func:`load_triage_model`).
 
         The validation set is evaluated once more with exactly these weights (on the device validation last
-        used) so the recorded metrics and the Youden threshold belong to the exported model.
+        used) so the recorded metrics and the Youden threshold belong to the exported model. Probe mode
+        folds the standardisation into the linear head: the file holds a plain ``Linear(C, 1)``.
         """
         from ..weights import save_pretrained
 
@@ -321,10 +396,13 @@ class ClassifyTask:
         evaluated = copy.deepcopy(net).to(device) if device.type != "cpu" else net
         metrics, youden = self._validation_metrics(evaluated, device)
         threshold, source = (youden, "youden") if youden is not None else (self.default_threshold, "default")
+        if isinstance(net.head, nn.Sequential) and isinstance(net.head[0], Standardize):
+            net = copy.deepcopy(net).cpu()  # its standardisation was fitted at the first step (and checkpointed)
+            net.head = fold_standardize(net.head[0], net.head[1])
         config = {
             "architecture": ARCHITECTURE,
             "encoder": self.encoder_config(),
-            "head": [net.encoder.out_channels, self.hidden, 1],
+            "head": [net.encoder.out_channels] + ([self.hidden] if self.hidden else []) + [1],
             "mode": self.mode,
             "threshold": threshold,
             "threshold_source": source,
@@ -368,7 +446,10 @@ def load_triage_model(folder) -> tuple:
                            "use weights.load_model for encoders and segmentation networks")
     encoder = build_network({k: v for k, v in config["encoder"].items() if not k.startswith("_")})
     head = config.get("head") or [encoder.out_channels, 256, 1]
-    model = TriageModel(encoder, int(head[1]), frozen=False)
+    if len(head) not in (2, 3) or int(head[0]) != encoder.out_channels or int(head[-1]) != 1:
+        raise WeightsError(f"{folder}/config.json: head {head} is neither [C, 1] (linear) nor [C, hidden, 1] "
+                           f"with C = {encoder.out_channels}, the encoder's output; re-export the model")
+    model = TriageModel(encoder, int(head[1]) if len(head) == 3 else 0, frozen=False)
     load_state_dict_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder))
     model.eval()
     return model, config

@@ -66,11 +66,13 @@ _PRETRAIN = {
 
 # Scan-level triage (classify.py): windowed head CT -> one logit. See classify.py for the details.
 _CLASSIFY = {
-    "mode": "full",  # "full": everything trains; "frozen": the encoder is fixed (eval-mode batch norm)
+    # "full": everything trains; "frozen": the encoder is fixed (eval-mode batch norm); "probe": logistic
+    # regression on the frozen encoder's embeddings, computed once and cached in <out_dir>/embeddings
+    "mode": "full",
     "size": [48, 128, 128],  # voxels per window (S, P, L), centre pad/crop; the input is (1, 4*S, P, L)
     "windows": [[0, 80], [-125, 175], [28, 36], [-900, 2100]],  # HU [lo, hi]: blood, subdural, stroke, bone
-    "hidden": 256,  # head: Linear(C, hidden) - ReLU - Linear(hidden, 1)
-    "flip_p": 0.5,  # probability of a left-right flip of a training sample
+    "hidden": 256,  # head: Linear(C, hidden) - ReLU - Linear(hidden, 1); 0 (and always in probe mode): Linear(C, 1)
+    "flip_p": 0.5,  # probability of a left-right flip of a training sample (not in probe mode: fixed embeddings)
     "val_batch": 4,  # scans per forward pass in validation
     "threshold": 0.5,  # exported when no validation set (or only one class) gives a Youden-optimal one
     "spacing": [5, 2, 2],  # mm (S, P, L) the scans are resampled to, as upstream's triage

@@ -120,4 +120,5 @@ def _classify_task(config, scans, out, report):
     training = [pairs[i] for i in order[n_val:]]
     if not training:
         raise ConfigError(f"data.val_fraction leaves no scans to train on ({len(pairs)} usable)")
-    return ClassifyTask(config, training, validation or None), usable, skipped
+    # Probe mode keeps the frozen encoder's embeddings there (keyed by weights and scans, so never stale).
+    return ClassifyTask(config, training, validation or None, cache_dir=out / "embeddings"), usable, skipped
