@@ -10,9 +10,9 @@ it runs just as well from a shell:
 ``--task check`` verifies the training environment for real (Python,
 CTFMLib, PyTorch, the device computes, the output folder is writable, the
 configuration file parses). ``--task pretrain`` trains CT-FM on the scans the
-configuration lists (CTFMLib.train); the fine-tuning tasks (segment, classify)
-arrive in a later version: for now they check their arguments, then stop
-with exit code 3 and a message saying that they are not implemented yet.
+configuration lists, ``--task segment`` fine-tunes a segmentation network on scans
+with label maps, ``--task classify`` a scan-level classifier on labelled scans
+(CTFMLib.train); each writes checkpoints, metrics.csv and at the end a model folder.
 SIGTERM or SIGINT ends a run after the current step with a checkpoint; a process
 killed outright (Slicer's Cancel may do that) loses at most the steps since the
 last periodic checkpoint, and ``--resume`` continues from there.
@@ -30,7 +30,6 @@ TASKS = ("check", "pretrain", "segment", "classify")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # the environment or the arguments are not usable
-EXIT_NOT_IMPLEMENTED = 3  # valid request for a training task this version cannot run yet
 NAME = "CTFMTrain"
 
 
@@ -84,7 +83,11 @@ class Report:
         self.problems = []
 
     def info(self, fraction, message: str) -> None:
-        self.progress(fraction, message)  # <filter-comment> (shown by Slicer) and <filter-progress>
+        self.progress(fraction, message)  # <filter-comment> (Slicer's progress bar) and <filter-progress>
+        if message and not message.startswith("step "):
+            # Slicer strips the filter tags from the output text it keeps: say it plainly too, so the
+            # CLI panel and the CT-FM Train section show it. Per-step lines go to metrics.csv instead.
+            print(message, flush=True)
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
@@ -191,7 +194,7 @@ def run_training(args, report: Report) -> int:
     if report.problems:
         return EXIT_PROBLEMS
     from CTFMLib.train.config import ConfigError
-    from CTFMLib.train.run import CHECKPOINT, NotAvailableYet, run
+    from CTFMLib.train.run import CHECKPOINT, run
     from CTFMLib.train.trainer import TrainingError
 
     if args.resume and not (Path(args.output_directory) / CHECKPOINT).is_file():
@@ -200,10 +203,6 @@ def run_training(args, report: Report) -> int:
     try:
         summary = run(args.task, args.config_file, args.output_directory, resume=args.resume,
                       max_steps=args.max_steps or None, device=args.device, progress=report.info)
-    except NotAvailableYet as e:
-        print(f"ERROR: {e}; the arguments were checked and are valid, but nothing was trained.",
-              file=sys.stderr, flush=True)
-        return EXIT_NOT_IMPLEMENTED
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
         report.problem(str(e))
         return EXIT_PROBLEMS

@@ -86,15 +86,19 @@ def test_triage_input_default_size_is_upstream_shape():
     assert x.shape == (1, 192, 128, 128)
 
 
-def test_triage_input_centre_pads_with_air_and_crops():
+def test_triage_input_centre_pads_with_line_minimum_and_crops():
     vol = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)  # 0..104 HU, distinct per voxel
     x = triage_input(vol, size=(3, 7, 6), windows=[(0, 1000)])
     assert x.shape == (1, 3, 7, 6)
-    # S: 5 -> 3 keeps slices 1..3; L: 3 -> 6 puts 1 column of air before and 2 after (odd leftover at the end).
+    # S: 5 -> 3 keeps slices 1..3; L: 3 -> 6 puts 1 column before and 2 after (odd leftover at the end).
     np.testing.assert_allclose(x[0, :, :, 1:4], vol[1:4] / 1000, rtol=1e-6)
-    assert (x[0, :, :, [0, 4, 5]] == 0).all()
-    # Air padding is 0 in every default window (-1024 HU is below them all).
-    y = triage_input(vol, size=(5, 7, 5))
+    # Upstream's SpatialPad(mode="minimum"): each padded L line takes the lowest HU of that line (its first voxel).
+    for column in (0, 4, 5):
+        np.testing.assert_allclose(x[0, :, :, column], vol[1:4, :, 0] / 1000, rtol=1e-6)
+    # A head surrounded by air is padded with air: 0 in every default window (-1000 HU is below them all).
+    head = np.full((5, 7, 3), -1000.0, dtype=np.float32)
+    head[1:4, 2:5, 1] = 40.0
+    y = triage_input(head, size=(5, 7, 5))
     for w in range(4):
         assert (y[0, 5 * w:5 * (w + 1), :, 0] == 0).all() and (y[0, 5 * w:5 * (w + 1), :, 4] == 0).all()
     assert center_pad_crop(np.ones((4, 4, 4)), (2, 6, 4), -5)[0, 0, 0] == -5

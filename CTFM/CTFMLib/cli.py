@@ -5,6 +5,9 @@
     ctfm embed IMAGE --weights SRC --out FILE.npy [--mode volume|scan|point --point X,Y,Z]
     ctfm segment IMAGE --model whole-body|FOLDER|HF_ID --out OUT.nii.gz|OUT.seg.nrrd [--fast] [--structures a,b]
     ctfm segment FOLDER_OR_CSV --model ... --out-dir DIR   (batch: failed inputs are reported and skipped)
+    ctfm triage IMAGE --model FOLDER [--json OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
+    ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
+                  [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz
 
 Points are LPS millimetres (DICOM/ITK), or RAS (Slicer) with ``--ras``.
 ``--progress json`` prints machine-readable progress for the Slicer modules.
@@ -320,21 +323,101 @@ def cmd_segment(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.run import NotAvailableYet, run
+    from .train.run import run
     from .train.trainer import TrainingError
 
     try:
         summary = run(args.task, args.config, args.out, resume=args.resume, max_steps=args.max_steps,
                       device=args.device, progress=args.progress_cb)
-    except NotAvailableYet as e:
-        print(f"ctfm: {e}", file=sys.stderr)
-        return 3
     except TrainingError as e:
         print(f"ctfm: training stopped: {e}", file=sys.stderr)
         return EXIT_ERROR
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}, default=str),
               flush=True)
+    return 0
+
+
+def cmd_triage(args) -> int:
+    """Triage one head CT; prints one JSON object (the last stdout line), also written to ``--json``."""
+    from .image import WRITE_SUFFIXES, read_image, write_image
+    from .progress import subrange
+    from .triage import load_triage, triage_image
+
+    if args.method and not args.saliency:
+        raise ValueError("--method chooses how the saliency map is computed; give --saliency HEAT.nii.gz as well")
+    if args.saliency and not str(args.saliency).lower().endswith(WRITE_SUFFIXES):
+        raise ValueError(f"--saliency must be an image file ending in {', '.join(WRITE_SUFFIXES)}, not {args.saliency}")
+    image = read_image(args.image, series_uid=args.series)
+    net, config, _ = load_triage(args.model)
+    model = (net, {**config, "name": str(args.model)})  # loaded once, for the result and the saliency map
+    progress = subrange(args.progress_cb, 0.0, 0.2 if args.saliency else 1.0)
+    result = triage_image(image, model, device=args.device, progress=progress)
+    saliency = None
+    if args.saliency:
+        from .saliency import saliency_image  # imported only when a map is asked for
+
+        heat = saliency_image(image, target="triage", triage_model=model, method=args.method or "occlusion",
+                              device=args.device, progress=subrange(args.progress_cb, 0.2, 1.0))
+        saliency = str(write_image(heat.heatmap, args.saliency))
+    text = json.dumps({**result.to_dict(), "saliency": saliency})
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    print(text, flush=True)
+    return 0
+
+
+def cmd_saliency(args) -> int:
+    """A saliency heatmap: writes HEAT.nii.gz and HEAT.json, prints the JSON (the last stdout line)."""
+    from .image import read_image
+    from .saliency import parse_box, parse_target, saliency_image, sidecar_json, write_saliency
+
+    target, point, class_name = parse_target(args.target)
+    sidecar_json(args.out)  # a bad output name fails before any work
+    ras = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
+    if args.ras and point is not None:
+        point = point * ras
+    center = parse_point(args.center) * (ras if args.ras else 1.0) if args.center else None
+    region = None
+    if args.roi:
+        region = tuple(c * ras if args.ras else c for c in parse_box(args.roi))
+    if target == "triage" and not args.model:
+        raise ValueError("--target triage needs --model FOLDER: a triage model written by `ctfm train classify`")
+    if target != "triage" and args.model:
+        raise ValueError("--model is the triage model (--target triage); give the encoder or segmentation model "
+                         "with --weights")
+    if target == "triage" and args.weights:
+        raise ValueError("--target triage takes its network from --model; leave out --weights")
+    if center is not None and (target == "point" or args.cube is None):
+        raise ValueError("--center is the centre of --cube for the embedding, class and triage targets "
+                         "(the point target's cube is centred on its point)")
+    if args.cube is not None and point is None and center is None:
+        raise ValueError("--cube needs a centre: use --target point:X,Y,Z, or --center X,Y,Z with other targets")
+    spacing = args.spacing or "auto"
+    if spacing not in ("auto", "native"):
+        try:
+            spacing = (float(spacing),) * 3
+        except ValueError:
+            raise ValueError(f"--spacing is auto, native or a voxel size in mm, not {args.spacing!r}") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    image = read_image(args.image, series_uid=args.series)
+    result = saliency_image(
+        image, weights=args.weights, target=target, method=args.method, point_lps=center if point is None else point,
+        class_name=class_name, triage_model=args.model, region_lps=region, cube_mm=args.cube, mask_size=args.mask_size,
+        overlap=args.overlap, batch_size=args.batch_size, device=args.device, progress=args.progress_cb,
+        spacing=None if spacing == "native" else spacing, steps=args.steps,
+    )
+    extra = {"image": str(args.image)}
+    if result.peak_lps is not None:
+        extra["peak_ras"] = [round(float(v), 3) for v in result.peak_lps * ras]
+    print(json.dumps(write_saliency(result, args.out, extra)), flush=True)
     return 0
 
 
@@ -400,6 +483,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, help="stop after this many steps (default: optim.max_steps)")
     tr.add_argument("--device", help="auto, cpu, cuda or mps (default: run.device)")
     tr.set_defaults(func=cmd_train)
+
+    tri = sub.add_parser("triage", help="head-CT triage with a model trained by `ctfm train classify`")
+    tri.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder (a head CT in HU)")
+    tri.add_argument("--model", required=True,
+                     help="the triage model folder (<out_dir>/model of `ctfm train classify`) or an imported id")
+    tri.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    tri.add_argument("--json", help="also write the result to this .json file")
+    tri.add_argument("--saliency", help="also write a heat map of what drove the result (.nii.gz, .nrrd, .mha)")
+    tri.add_argument("--method", choices=("occlusion", "gradient"), help="saliency method (default: occlusion)")
+    tri.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    tri.set_defaults(func=cmd_triage)
+
+    sal = sub.add_parser("saliency", help="a heatmap of the voxels that drive an embedding, a class or a triage")
+    sal.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder (a CT in HU)")
+    sal.add_argument("--target", required=True,
+                     help="embedding (the scan), point:X,Y,Z (the patch there, mm), class:NAME (a segmentation "
+                          "class) or triage")
+    sal.add_argument("--method", choices=("occlusion", "gradient"), default="occlusion",
+                     help="occlusion (upstream's, slow) or gradient (integrated gradients, fast); default occlusion")
+    sal.add_argument("--weights", help="the encoder (embedding, point; default ct_fm_feature_extractor) or the "
+                                       "segmentation model (class; default whole-body)")
+    sal.add_argument("--model", help="triage: the triage model folder (<out_dir>/model of `ctfm train classify`)")
+    limit = sal.add_mutually_exclusive_group()
+    limit.add_argument("--roi", help="only this box: X0,Y0,Z0,X1,Y1,Z1 in mm, two opposite corners")
+    limit.add_argument("--cube", type=float, help="only a cube of this edge (mm) around the point (or --center)")
+    sal.add_argument("--center", help="X,Y,Z in mm: the --cube's centre for the embedding, class and triage targets")
+    sal.add_argument("--ras", action="store_true", help="points and --roi are RAS (as Slicer shows them), not LPS")
+    sal.add_argument("--out", required=True, help="the heatmap: .nii.gz, .nii, .nrrd or .mha (+ a .json beside it)")
+    sal.add_argument("--mask-size", type=int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10)")
+    sal.add_argument("--overlap", type=float, default=0.25, help="overlap of the occlusion cubes (default: 0.25)")
+    sal.add_argument("--steps", type=int, default=8, help="gradient: integration steps (default: 8)")
+    sal.add_argument("--spacing", help="embedding and class: auto (embedding 3 mm, class native), native, or MM")
+    sal.add_argument("--batch-size", type=int, help="occluded copies per pass (default 12) or gradient steps (1)")
+    sal.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    sal.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    sal.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    sal.set_defaults(func=cmd_saliency)
     return p
 
 

@@ -193,6 +193,22 @@ class Preprocessed:
                 full = full.astype(output.dtype, copy=False)
         return np.ascontiguousarray(_undo_orientation(full, self.perm, self.flip))
 
+    def to_model(self, array: np.ndarray, mode: str = "nearest") -> np.ndarray:
+        """Carry an array on the input voxel grid (e.g. a label map) onto the model grid: the same
+        orientation, resampling (``mode`` "nearest" for labels, "linear" for intensities) and crop
+        the image went through. The inverse of :meth:`to_input` inside the foreground box."""
+        array = np.asarray(array)
+        if tuple(array.shape[-3:]) != tuple(self.input_geometry.shape):
+            raise ValueError(f"array grid {array.shape[-3:]} is not the input grid {tuple(self.input_geometry.shape)}")
+        out = _apply_orientation(array, self.perm, self.flip)
+        if self.config.spacing is not None:
+            oriented_spacing = self.input_geometry.spacing[list(self.perm)]
+            out = resample_axes(out, self.geometry.spacing / oriented_spacing, self.resampled_shape, mode)
+            if mode == "nearest":
+                out = out.astype(array.dtype, copy=False)
+        box = tuple(slice(s, e) for s, e in zip(self.crop_start, self.crop_end))
+        return np.ascontiguousarray(out[(Ellipsis,) + box])
+
     def to_input_image(self, output: np.ndarray, mode: str = "nearest", fill=0, **metadata) -> Image:
         return Image.from_geometry(self.to_input(output, mode, fill), self.input_geometry, metadata)
 

@@ -265,7 +265,19 @@ def load_segmentation_model(source, progress=None):
     from .weights import load_model
 
     model, info = load_model(model_source(source), expect="SegResNetDS", progress=progress)
+    window = training_window(info.config)
+    if window is not None:
+        model.ctfm_window = window  # segment_image's default window for this network
     return model, labels_for_model(info)
+
+
+def training_window(config: dict) -> Optional[tuple]:
+    """The crop size a fine-tuned model was trained on (``_training.crop_size`` in its config.json), which
+    is also its sliding window, as upstream infers with the training patch size; ``None`` if not recorded."""
+    size = (config.get("_training") or {}).get("crop_size") if isinstance(config, dict) else None
+    if isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(s, int) and s > 0 for s in size):
+        return tuple(size)
+    return None
 
 
 def _label_list(labels, classes: int) -> list:
@@ -351,7 +363,7 @@ def segment_image(
     largest_component: bool = False,
     options: Optional[RunOptions] = None,
     progress=None,
-    roi: Sequence[int] = ROI,
+    roi: Optional[Sequence[int]] = None,
     max_memory_gb: Optional[float] = None,
     **run_kwargs,
 ) -> SegmentationResult:
@@ -365,6 +377,8 @@ def segment_image(
     threads, channels_last, batch_size) build the run options when ``options``
     is not given. ``max_memory_gb``: refuse (:class:`MemoryBudgetError`) before
     allocating when the estimated peak is higher (default: 85% of available memory).
+    ``roi``: the sliding window; by default the crop size a fine-tuned model was trained
+    on (:func:`training_window`), else the model card's 96x160x160.
     """
     start = time.perf_counter()
     progress = progress or null_progress
@@ -375,6 +389,7 @@ def segment_image(
         model, model_labels = load_segmentation_model(weights, progress)
         labels = model_labels if labels is None else labels
     classes = output_channels(model)
+    roi = tuple(roi or getattr(model, "ctfm_window", None) or ROI)
     label_info = _label_list(labels, classes)
     kept = select_structures(label_info, structures)
     options = options or run_options(report=progress, **run_kwargs)

@@ -46,7 +46,8 @@ SOURCE_KINDS = {"pretrain": "folder", "segment": "csv", "classify": "csv"}
 SOURCE_HINTS = {
     "pretrain": "the CT scans to pretrain on: a folder (searched recursively: NIfTI, NRRD, MHA, DICOM series), "
                 "image files or a CSV file with a 'path' column",
-    "segment": "a CSV file listing the training scans and their label maps",
+    "segment": "a CSV file with a 'path' column (the scans) and a 'segmentation' column (each scan's label map "
+               "on the same voxel grid)",
     "classify": "a CSV file with a 'path' column (the scans) and a 'label' column (0 normal, 1 abnormal)",
 }
 # Fine-tuning starts from the published CT-FM encoder; pretraining starts from random weights.

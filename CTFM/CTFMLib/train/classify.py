@@ -1,9 +1,12 @@
 """Scan-level triage (e.g. "is there an acute bleed?") fine-tuned from the CT-FM encoder.
 
-Input: a head CT in Hounsfield units, SPL-oriented ``(D, H, W)`` (resampling is the caller's job).
-:func:`triage_input` windows it four times (blood, subdural, stroke, bone), scales each window to
-``[0, 1]``, centre-pads/crops each to ``classify.size`` and stacks them along the first spatial axis:
-``(1, 4 * S, P, L)``, upstream's ``1 x 192 x 128 x 128`` for the default ``48 x 128 x 128``.
+Input: a head CT in Hounsfield units on the SPL triage grid ``(D, H, W)``, as
+:func:`CTFMLib.triage.triage_volume` gives it (orientation, foreground crop on HU > 0, then resampling to
+``classify.spacing``; training caches scans with it in :class:`TriageScanCache`, ``ctfm triage`` calls it
+at inference, so both feed the network the same input). :func:`triage_input` centre-pads (upstream's
+"minimum" mode) / crops it to ``classify.size``, windows it four times (blood, subdural, stroke, bone),
+scales each window to ``[0, 1]`` and stacks them along the first spatial axis: ``(1, 4 * S, P, L)``,
+upstream's ``1 x 192 x 128 x 128`` for the default ``48 x 128 x 128``.
 
 Model (:class:`TriageModel`): CT-FM encoder -> global average of the deepest map -> ``Linear(C, hidden)``
 -> ReLU -> ``Linear(hidden, 1)`` (``hidden = 0``: one ``Linear(C, 1)``): one logit per scan.
@@ -35,6 +38,7 @@ from torch import nn
 
 from ..networks import SegResEncoder, global_average
 from .common import config_section, pass_order_index, seeded_model
+from .data import ScanCache
 from .distributed import rank_indices
 from .probe import EmbeddingCache, Standardize, arrays_digest, cache_key, embed_all, fold_standardize, state_digest
 from .trainer import unwrap
@@ -42,9 +46,12 @@ from .trainer import unwrap
 ARCHITECTURE = "TriageModel"
 MODES = ("full", "frozen", "probe")
 DEFAULT_SIZE = (48, 128, 128)
+DEFAULT_SPACING = (5.0, 2.0, 2.0)  # mm (S, P, L) of the triage grid, upstream's pixdim
 # HU [lo, hi] per window, as upstream's triage recipe: blood (40/80), subdural (25/300), stroke (32/8), bone (600/3000).
 DEFAULT_WINDOWS = ((0.0, 80.0), (-125.0, 175.0), (28.0, 36.0), (-900.0, 2100.0))
-PAD_HU = -1024.0  # air: below every window, so padding is 0 in all of them
+# Upstream pads with MONAI SpatialPad(mode="minimum"), i.e. numpy's np.pad "minimum": each padded line takes
+# the lowest HU of that line of the scan (air for almost every line of a head CT, so 0 in every window).
+PAD_MODE = "minimum"
 
 # Tags mixed into the seeds so the sample order and the augmentation never share a random stream.
 _ORDER, _AUGMENT = 11, 12
@@ -53,27 +60,41 @@ _ORDER, _AUGMENT = 11, 12
 # --- preprocessing -------------------------------------------------------------------------
 
 
-def center_pad_crop(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
-    """``array`` centre-cropped / padded with ``value`` to ``size`` on every axis (odd leftovers go to the end)."""
+def center_pad_crop(array: np.ndarray, size: Sequence[int], value=PAD_MODE) -> np.ndarray:
+    """``array`` centre-cropped / padded to ``size`` on every axis, as MONAI's CenterSpatialCrop / SpatialPad.
+
+    A crop from ``n`` to ``s`` voxels starts at ``n // 2 - s // 2``; a pad puts ``(s - n) // 2`` voxels
+    before and the rest after. ``value``: a number pads with that constant; ``"minimum"`` pads each line
+    with its own minimum (np.pad's mode, axis after axis, as MONAI's SpatialPad(mode="minimum") runs it).
+    Each axis is either cropped or padded, so cropping first gives the same result as MONAI's pad-then-crop.
+    """
     out = np.asarray(array)
     size = tuple(int(s) for s in size)
     if len(size) != out.ndim:
         raise ValueError(f"size {size} has {len(size)} axes but the array has {out.ndim} (shape {out.shape})")
-    crop = tuple(slice((n - s) // 2, (n - s) // 2 + s) if n > s else slice(None) for n, s in zip(out.shape, size))
-    out = out[crop]
+    out = out[center_crop_slices(out.shape, size)]
     pad = [((s - n) // 2, s - n - (s - n) // 2) if n < s else (0, 0) for n, s in zip(out.shape, size)]
     if any(p != (0, 0) for p in pad):
-        out = np.pad(out, pad, mode="constant", constant_values=value)
+        if isinstance(value, str):
+            out = np.pad(out, pad, mode=value)
+        else:
+            out = np.pad(out, pad, mode="constant", constant_values=value)
     return out
+
+
+def center_crop_slices(shape: Sequence[int], size: Sequence[int]) -> tuple:
+    """The slices of MONAI's CenterSpatialCrop from ``shape`` to ``size`` (an axis already small enough: all)."""
+    return tuple(slice(n // 2 - s // 2, n // 2 - s // 2 + s) if n > s else slice(None) for n, s in zip(shape, size))
 
 
 def triage_input(volume_hu: np.ndarray, size: Sequence[int] = DEFAULT_SIZE,
                  windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS) -> np.ndarray:
-    """Head CT ``(D, H, W)`` in HU (SPL) -> float32 ``(1, len(windows) * S, P, L)`` with ``(S, P, L) = size``.
+    """Head CT ``(D, H, W)`` in HU (SPL triage grid) -> float32 ``(1, len(windows) * S, P, L)``, ``(S, P, L) = size``.
 
-    Each window ``[lo, hi]`` maps HU to ``(hu - lo) / (hi - lo)`` clipped to ``[0, 1]``; each windowed copy
-    is centre-padded (with air, i.e. 0) or cropped to ``size``; the copies follow each other along the
-    first axis in the order of ``windows``.
+    The HU volume is centre-padded (each padded line with its own minimum, upstream's "minimum" mode) or
+    cropped to ``size``; then each window ``[lo, hi]`` maps HU to ``(hu - lo) / (hi - lo)`` clipped to
+    ``[0, 1]`` (MONAI's ScaleIntensityRange arithmetic); the copies follow each other along the first
+    axis in the order of ``windows``.
     """
     volume = np.asarray(volume_hu)
     if volume.ndim != 3:
@@ -81,7 +102,7 @@ def triage_input(volume_hu: np.ndarray, size: Sequence[int] = DEFAULT_SIZE,
     size = tuple(int(s) for s in size)
     if len(size) != 3 or min(size) < 1:
         raise ValueError(f"classify.size must be three positive voxel counts (S, P, L), got {size}")
-    hu = center_pad_crop(volume.astype(np.float32, copy=False), size, PAD_HU)
+    hu = center_pad_crop(volume.astype(np.float32, copy=False), size, PAD_MODE)
     parts = []
     for window in windows:
         lo, hi = (float(v) for v in window)
@@ -89,6 +110,30 @@ def triage_input(volume_hu: np.ndarray, size: Sequence[int] = DEFAULT_SIZE,
             raise ValueError(f"HU window {list(window)} must be [lo, hi] with hi > lo")
         parts.append(np.clip((hu - lo) / (hi - lo), 0.0, 1.0))
     return np.concatenate(parts, axis=0)[None].astype(np.float32, copy=False)
+
+
+class TriageScanCache(ScanCache):
+    """:class:`~CTFMLib.train.data.ScanCache` of scans as triage sees them: float32 HU on the SPL grid at
+    ``spacing`` after the foreground crop, exactly :func:`CTFMLib.triage.triage_volume` (what ``ctfm triage``
+    computes at inference); :func:`triage_input` then pads/crops and windows it at each step."""
+
+    KIND = "triage"
+
+    def __init__(self, folder, spacing=DEFAULT_SPACING, orientation: str = "SPL"):
+        super().__init__(folder, spacing=spacing, orientation=orientation)
+
+    @property
+    def config(self) -> dict:
+        config = {k: v for k, v in super().config.items() if k != "hu_range"}  # HU kept as read
+        return {**config, "kind": self.KIND}
+
+    def _init_args(self) -> tuple:
+        return (str(self.folder), self.spacing, self.orientation)
+
+    def preprocess(self, image) -> np.ndarray:
+        from ..triage import triage_volume
+
+        return triage_volume(image, self.spacing, self.orientation).hu
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -205,8 +250,9 @@ def _check_items(items, what: str) -> list:
 class ClassifyTask:
     """The triage :class:`~CTFMLib.train.trainer.Task`.
 
-    ``data`` / ``validation``: sequences of ``(volume_hu, label)``; ``volume_hu`` a ``(D, H, W)`` HU array in
-    SPL (any size: :func:`triage_input` pads/crops), ``label`` 0 or 1. ``config`` is
+    ``data`` / ``validation``: sequences of ``(volume_hu, label)``; ``volume_hu`` a ``(D, H, W)`` HU array on
+    the SPL triage grid at ``classify.spacing`` (:func:`CTFMLib.triage.triage_volume`; any size:
+    :func:`triage_input` pads/crops), ``label`` 0 or 1. ``config`` is
     ``load_config(path, "classify")`` (sections ``classify``, ``model``, ``run``, ``optim``).
     ``cache_dir``: where probe mode keeps the embeddings (``None``: in memory only).
     """
@@ -228,6 +274,8 @@ class ClassifyTask:
         self.flip_p = float(cls.get("flip_p", 0.0))
         self.val_batch = max(1, int(cls.get("val_batch", 4)))
         self.default_threshold = float(cls.get("threshold", 0.5))
+        # Not used on the volumes (they come resampled); recorded in the export for inference to resample alike.
+        self.spacing = [float(v) for v in cls.get("spacing", DEFAULT_SPACING)]
         if self.hidden < 0 or not 0.0 <= self.flip_p <= 1.0 or not 0.0 < self.default_threshold < 1.0:
             raise ValueError(f"classify.hidden must be >= 0 (0 = a linear head), classify.flip_p in [0, 1] and "
                              f"classify.threshold in (0, 1); got {self.hidden}, {self.flip_p}, "
@@ -280,7 +328,7 @@ class ClassifyTask:
         if memo is None or memo[0]() is not encoder or memo[1] != device:
             if self._inputs_key is None:
                 prep = json.dumps({"size": list(self.size), "windows": [list(w) for w in self.windows],
-                                   "pad_hu": PAD_HU})
+                                   "pad": PAD_MODE})
                 self._inputs_key = cache_key(prep, arrays_digest([v for v, _ in self.data]),
                                              arrays_digest([v for v, _ in self.validation]))
             key = cache_key(state_digest(encoder), self._inputs_key)
@@ -410,9 +458,10 @@ class ClassifyTask:
             "validation_scans": len(self.validation),
             "training_scans": len(self.data),
             # Keys starting with "_" are notes: network builders ignore them.
-            "_preprocessing": {"orientation": "SPL", "input": "HU", "size": list(self.size),
+            "_preprocessing": {"orientation": "SPL", "input": "HU", "spacing": list(self.spacing),
+                               "crop_foreground": "HU > 0, before resampling", "size": list(self.size),
                                "windows": [list(w) for w in self.windows], "stack_axis": "S",
-                               "pad_hu": PAD_HU, "output": "logit; probability = sigmoid(logit)"},
+                               "pad": PAD_MODE, "output": "logit; probability = sigmoid(logit)"},
         }
         save_pretrained(net, Path(folder), config)
 
@@ -423,6 +472,18 @@ def _freeze(model: TriageModel) -> TriageModel:
         p.requires_grad_(False)
     model.train(model.training)
     return model
+
+
+def _what_folder_holds(config: dict) -> str:
+    """A model folder's network in words, from its config.json (for messages)."""
+    from ..networks import architecture_of
+
+    try:
+        name = architecture_of(config)
+    except ValueError:
+        return f"a {config.get('architecture') or config.get('_class_name')} network"
+    return {"SegResEncoder": "a CT-FM encoder (feature extractor, for `ctfm embed`)",
+            "SegResNetDS": "a segmentation network (for `ctfm segment`)"}.get(name, f"a {name} network")
 
 
 def load_triage_model(folder) -> tuple:
@@ -437,13 +498,17 @@ def load_triage_model(folder) -> tuple:
     )
 
     folder = Path(folder)
+    where = "point to the model folder a classification training wrote (<out_dir>/model of `ctfm train classify`)"
+    if folder.is_file():
+        raise WeightsError(f"{folder} is a file; a triage model is a folder holding config.json and "
+                           f"{WEIGHTS_NAME}: {where}")
     config = read_config(folder)
     if config is None:
-        raise WeightsError(f"{folder} has no config.json; point to the model folder a classification training "
-                           "wrote (<out_dir>/model)")
+        missing = "does not exist" if not folder.exists() else "is a folder without config.json"
+        raise WeightsError(f"{folder} {missing} (no config.json to read); {where}")
     if config.get("architecture") != ARCHITECTURE or not isinstance(config.get("encoder"), dict):
-        raise WeightsError(f"{folder} holds a {config.get('architecture') or 'CT-FM network'}, not a triage model; "
-                           "use weights.load_model for encoders and segmentation networks")
+        raise WeightsError(f"{folder} holds {_what_folder_holds(config)}, not a triage model (encoder + "
+                           f"classification head); {where}")
     encoder = build_network({k: v for k, v in config["encoder"].items() if not k.startswith("_")})
     head = config.get("head") or [encoder.out_channels, 256, 1]
     if len(head) not in (2, 3) or int(head[0]) != encoder.out_channels or int(head[-1]) != 1:

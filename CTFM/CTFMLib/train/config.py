@@ -79,12 +79,42 @@ _CLASSIFY = {
     "label_column": "label",  # the CSV column holding 0 (normal) or 1 (abnormal)
 }
 
-# Fine-tuning (segment) adds its own section later; until then it shares the common ones.
+# Segmentation fine-tuning (segmentation.py): SegResNetDS whose encoder starts from CT-FM, upstream's
+# TotalSegmentator recipe. Scans and labels are preprocessed as the segmentation model card runs them
+# (SPL, HU -1024..2048 -> 0..1, foreground crop, native spacing unless `spacing`), so the exported model
+# runs through CTFMSegment / `ctfm segment` unchanged.
+_SEGMENT = {
+    "label_column": "segmentation",  # CSV column: the label map of each scan (same grid), relative to the CSV
+    "labels": None,  # {value: name} or a labels.json path; None: label_<value>
+    "structures": [],  # label names or values to learn, output channels 1..K in this order; []: every labelled value
+    "spacing": None,  # mm (S, P, L) to resample to; None: each scan's own spacing, as inference runs by default
+    "crop_size": [96, 160, 160],  # voxels (S, P, L); each axis divisible by 2 ** (len(model.blocks_down) - 1)
+    "dsdepth": 4,  # decoder levels with an output head (deep supervision)
+    "freeze_encoder": False,  # True: only the decoder trains (the encoder keeps its weights and batch statistics)
+    "augment": {  # applied to each crop; upstream's (MONAI RandAffine, RandGaussianSmooth, ... with these values)
+        "affine_p": 0.2, "rotate": 0.26, "scale": 0.2,  # rotation +-rad per axis, zoom 1 +- scale per axis
+        "smooth_p": 0.2, "smooth_sigma": [0.5, 1.0],  # Gaussian smoothing, sigma in voxels
+        "intensity_scale_p": 0.5, "intensity_scale": 0.3,  # x * (1 + U(-s, s))
+        "intensity_shift_p": 0.5, "intensity_shift": 0.1,  # x + U(-s, s)
+        "noise_p": 0.2, "noise_std": 0.1,  # x + N(0, U(0, std))
+        "flip_p": 0.0,  # per axis; upstream used none
+    },
+    "val_overlap": 0.625,  # sliding-window overlap in validation (as inference)
+}
+
 DEFAULTS = {
     "pretrain": {"task": "pretrain", **_SHARED, "pretrain": _PRETRAIN},
-    "segment": {"task": "segment", **_SHARED},
+    # Upstream: AdamW lr 2e-4, weight decay 1e-5; fine-tuning starts from the published CT-FM encoder.
+    "segment": {"task": "segment", **_SHARED,
+                "optim": {**_SHARED["optim"], "lr": 2e-4, "weight_decay": 1e-5},
+                "model": {**_SHARED["model"], "weights": "project-lighter/ct_fm_feature_extractor"},
+                "segment": _SEGMENT},
     "classify": {"task": "classify", **_SHARED, "classify": _CLASSIFY},
 }
+
+
+# Keys whose default is a value but that also accept null (random init, no resampling, ...).
+_NULLABLE = {"model.weights", "segment.labels", "segment.spacing"}
 
 
 class ConfigError(ValueError):
@@ -183,7 +213,7 @@ def _merge(base: dict, new: dict, prefix: str, source: str) -> None:
 
 def _coerce(default: Any, value: Any, name: str, source: str) -> Any:
     """``value`` checked against the type of ``default`` (``None`` defaults accept anything)."""
-    if default is None:
+    if default is None or (value is None and name in _NULLABLE):
         return value
     if name == "data.source" and isinstance(value, str):
         return [value]  # one path is a natural thing to write

@@ -70,6 +70,8 @@ class ScanRef:
     data). ``label``: the other columns of the CSV row that named it (strings).
     ``key``: :func:`scan_key`, the scan's name in a :class:`ScanCache`.
     ``files``: a DICOM series' files in slice order (empty for image files).
+    ``base``: the folder of the CSV that named it, against which relative paths in its other
+    columns (e.g. a segmentation file) are resolved (``""`` when it was not named by a CSV).
     """
 
     path: str
@@ -77,6 +79,7 @@ class ScanRef:
     label: dict = field(default_factory=dict)
     key: str = ""
     files: tuple = ()
+    base: str = ""
 
     def __post_init__(self):
         self.path = os.path.abspath(os.path.expanduser(str(self.path)))  # the cache matches entries by this path
@@ -192,7 +195,9 @@ def _from_csv(path: Path, recursive: bool, missing: list) -> list:
             missing.append(f"{os.path.normpath(target)} (from {path.name} row {number})")
             continue
         label = {k: v for k, v in row.items() if k not in ("path", "series_uid") and k}
-        scans.extend(_from_path(target, recursive, label, row.get("series_uid") or None))
+        for scan in _from_path(target, recursive, label, row.get("series_uid") or None):
+            scan.base = str(path.parent.resolve())
+            scans.append(scan)
     return scans
 
 
@@ -444,6 +449,10 @@ class ScanCache:
     def _init_args(self) -> tuple:
         return (str(self.folder), self.spacing, self.hu_range, self.orientation)
 
+    def stamp(self, scan: ScanRef) -> str:
+        """What must not change for an entry to stay valid: the source files' sizes and times."""
+        return source_stamp(scan)
+
     def array_path(self, scan: ScanRef) -> Path:
         return self.folder / f"{scan.key}.npy"
 
@@ -455,7 +464,7 @@ class ScanCache:
         try:
             info = json.loads(self.info_path(scan).read_text(encoding="utf-8"))
             same_source = info.get("source") == scan.path and info.get("series_uid") == scan.series_uid
-            if info.get("config") != self.config or not same_source or info.get("stamp") != source_stamp(scan):
+            if info.get("config") != self.config or not same_source or info.get("stamp") != self.stamp(scan):
                 return None
         except (OSError, ValueError, AttributeError):
             return None
@@ -487,11 +496,15 @@ class ScanCache:
         """
         array = self.cached(scan)
         if array is None:
-            self._build(scan, source_stamp(scan), check=False)
+            self._build(scan, self.stamp(scan), check=False)
             array = self.cached(scan)
             if array is None:
                 raise ImageError(f"{scan.describe()} changed while it was being cached; run again")
         return array
+
+    def preprocess(self, image: Image) -> np.ndarray:
+        """The array an entry holds for one read scan (a subclass caches another preprocessing)."""
+        return pretrain_preprocess(image, self.spacing, self.hu_range, self.orientation)
 
     def _build(self, scan: ScanRef, stamp: str, check: bool) -> str | None:
         """Read, (filter,) preprocess and store one scan; returns the filter's reason when ``check`` rejects it.
@@ -509,7 +522,7 @@ class ScanCache:
             if reason:
                 self._write_info(scan, stamp, {"skipped": reason})
                 return reason
-        array = pretrain_preprocess(image, self.spacing, self.hu_range, self.orientation)
+        array = self.preprocess(image)
         spacing = self.spacing
         if spacing is None:
             perm, _ = orientation_transform(image.direction, self.orientation)
@@ -538,7 +551,7 @@ class ScanCache:
             recorded = self.skip_reason(scan)
             if recorded:
                 return recorded
-            stamp = source_stamp(scan)
+            stamp = self.stamp(scan)
         except Exception as e:  # noqa: BLE001 - one bad scan must not stop the others; the reason is reported
             return f"{type(e).__name__}: {_first_line(e)}"
         try:
@@ -609,7 +622,7 @@ class ScanCache:
             batch = list(pending.values()) if suspects is None else suspects
             size = min(workers, len(batch)) if suspects is None else 1
             with ProcessPoolExecutor(size, mp_context=context) as pool:
-                futures = {pool.submit(_prepare_worker, self._init_args(), scan): scan for scan in batch}
+                futures = {pool.submit(_prepare_worker, type(self), self._init_args(), scan): scan for scan in batch}
                 try:
                     for future in as_completed(futures):
                         scan = futures[future]
@@ -647,10 +660,9 @@ class ScanCache:
         _atomic_write(self.folder / "skipped.csv", lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
-def _prepare_worker(init_args: tuple, scan: ScanRef) -> str | None:
-    """Worker-process entry (module level, so "spawn" can import it)."""
-    folder, spacing, hu_range, orientation = init_args
-    return ScanCache(folder, spacing, hu_range, orientation)._prepare_one(scan)
+def _prepare_worker(cache_class: type, init_args: tuple, scan: ScanRef) -> str | None:
+    """Worker-process entry (module level, so "spawn" can import it); ``cache_class(*init_args)`` rebuilds the cache."""
+    return cache_class(*init_args)._prepare_one(scan)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -19,10 +19,6 @@ CHECKPOINT = Path("checkpoints") / "last.pt"  # in the output folder: what --res
 TASKS = ("pretrain", "segment", "classify")
 
 
-class NotAvailableYet(TrainingError):
-    """A valid request for a task this version cannot train yet."""
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -38,9 +34,6 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     """
     if task not in TASKS:
         raise ConfigError(f"unknown training task {task!r}; choose one of {', '.join(TASKS)}")
-    if task == "segment":
-        raise NotAvailableYet("training task 'segment' is not implemented yet in this version; "
-                              "pretraining and classification are (tasks 'pretrain', 'classify')")
     progress = progress or null_progress
     config = load_config(config_path, task, overrides)
     out = Path(out_dir or config["run"].get("out_dir") or "")
@@ -59,6 +52,8 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     report = progress if _rank() == 0 else null_progress
     if task == "classify":
         task_object, usable, skipped = _classify_task(config, scans, out, report)
+    elif task == "segment":
+        task_object, usable, skipped = _segment_task(config, scans, out, report)
     else:
         from .pretrain import PretrainTask
 
@@ -72,7 +67,11 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     return summary
 
 
-def _prepare(config, scans, out, spacing, hu_range, report):
+def _cache_folder(config, out) -> Path:
+    return Path(config["data"].get("cache_dir") or out / "data")
+
+
+def _prepare(config, scans, out, spacing, hu_range, report, cache=None):
     """Fill the preprocessed-scan cache; ``(usable scans, [(scan, reason)], cache)``.
 
     Every process prepares the same cache; its atomic writes make that safe, and after the
@@ -80,8 +79,8 @@ def _prepare(config, scans, out, spacing, hu_range, report):
     """
     from .data import ScanCache
 
-    cache = ScanCache(config["data"].get("cache_dir") or out / "data", spacing=tuple(spacing),
-                      hu_range=tuple(hu_range))
+    if cache is None:
+        cache = ScanCache(_cache_folder(config, out), spacing=tuple(spacing), hu_range=tuple(hu_range))
     usable, skipped = cache.prepare(scans, workers=int(config["data"].get("workers", 2)),
                                     progress=subrange(report, 0.0, 0.1))
     for scan, reason in skipped:
@@ -92,15 +91,15 @@ def _prepare(config, scans, out, spacing, hu_range, report):
     return usable, skipped, cache
 
 
-# The cache scales HU to [0, 1] over this range; the triage windows reach 2100 HU (bone).
-CLASSIFY_HU_RANGE = (-1024.0, 2100.0)
-
-
 def _classify_task(config, scans, out, report):
-    """Labelled scans (a CSV column, 0 or 1) -> ClassifyTask with a seeded validation split."""
+    """Labelled scans (a CSV column, 0 or 1) -> ClassifyTask with a seeded validation split.
+
+    Scans are cached as :func:`CTFMLib.triage.triage_volume` gives them (HU on the SPL triage grid), the
+    same function ``ctfm triage`` runs at inference, so training and inference feed the same input.
+    """
     import numpy as np
 
-    from .classify import ClassifyTask
+    from .classify import ClassifyTask, TriageScanCache
 
     c = config["classify"]
     column = c["label_column"]
@@ -111,9 +110,9 @@ def _classify_task(config, scans, out, report):
             raise ConfigError(f"{scan.path}: classification needs a 0/1 label in the CSV column {column!r} "
                               f"(classify.label_column), found {value or 'none'}")
         labels[scan.key] = int(value)
-    usable, skipped, cache = _prepare(config, scans, out, c["spacing"], CLASSIFY_HU_RANGE, report)
-    lo, hi = CLASSIFY_HU_RANGE
-    pairs = [(np.asarray(cache.get(s), dtype=np.float32) * (hi - lo) + lo, labels[s.key]) for s in usable]
+    cache = TriageScanCache(_cache_folder(config, out), spacing=tuple(c["spacing"]))
+    usable, skipped, cache = _prepare(config, scans, out, None, None, report, cache=cache)
+    pairs = [(cache.get(s), labels[s.key]) for s in usable]
     order = np.random.default_rng(int(config["run"]["seed"])).permutation(len(pairs))
     n_val = int(round(float(config["data"].get("val_fraction", 0.0)) * len(pairs)))
     validation = [pairs[i] for i in order[:n_val]]
@@ -122,3 +121,43 @@ def _classify_task(config, scans, out, report):
         raise ConfigError(f"data.val_fraction leaves no scans to train on ({len(pairs)} usable)")
     # Probe mode keeps the frozen encoder's embeddings there (keyed by weights and scans, so never stale).
     return ClassifyTask(config, training, validation or None, cache_dir=out / "embeddings"), usable, skipped
+
+
+def _split(config, items: list) -> tuple:
+    """``(training, validation)``: a seeded ``data.val_fraction`` of ``items`` held out."""
+    import numpy as np
+
+    order = np.random.default_rng(int(config["run"]["seed"])).permutation(len(items))
+    n_val = int(round(float(config["data"].get("val_fraction", 0.0)) * len(items)))
+    training = [items[i] for i in order[n_val:]]
+    if not training:
+        raise ConfigError(f"data.val_fraction leaves no scans to train on ({len(items)} usable)")
+    return training, [items[i] for i in order[:n_val]]
+
+
+def _segment_task(config, scans, out, report):
+    """Scans with label maps (CSV column ``segment.label_column``) -> SegmentTask with a seeded validation split."""
+    from .segmentation import LabelledScanCache, SegmentTask, resolve_classes
+
+    s = config["segment"]
+    column = s["label_column"]
+    unlabelled = [scan.path for scan in scans if not str(scan.label.get(column, "")).strip()]
+    if unlabelled:
+        raise ConfigError(f"segmentation needs a label map for every scan in the CSV column {column!r} "
+                          f"(segment.label_column); {len(unlabelled)} have none, e.g. {unlabelled[0]}")
+    cache = LabelledScanCache(_cache_folder(config, out), spacing=s["spacing"], label_column=column)
+    usable, skipped, cache = _prepare(config, scans, out, None, None, report, cache=cache)
+    items = [cache.get(scan) for scan in usable]
+    present = sorted({v for item in items for v in item.present})
+    try:
+        classes = resolve_classes(s["labels"], s["structures"], present)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    report(None, f"learning {len(classes)} structure(s): " + ", ".join(name for _, name in classes[:10])
+           + (" ..." if len(classes) > 10 else ""))
+    training, validation = _split(config, items)
+    try:
+        task = SegmentTask(config, classes, training, validation or None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return task, usable, skipped
