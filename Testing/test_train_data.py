@@ -356,3 +356,22 @@ def test_prepare_in_process_agrees_and_can_be_cancelled(tmp_path):
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(Cancelled):
         ScanCache(tmp_path / "cache").prepare(scans, workers=0, progress=cancel)
+
+
+def test_triage_cache_keeps_short_head_scans_that_pretraining_skips(tmp_path):
+    """30 slices of 5 mm: too few for pretraining's filter, a normal head CT for triage fine-tuning."""
+    from CTFMLib.image import write_image
+    from CTFMLib.train.classify import TriageScanCache
+    from CTFMLib.train.data import ScanCache, ScanRef, check_scan
+    from ctfm_testing.phantoms import head_phantom
+
+    image = head_phantom(shape=(48, 48, 30), spacing=(4.0, 4.0, 5.0))
+    write_image(image, tmp_path / "head.nii.gz")
+    scan = ScanRef(tmp_path / "head.nii.gz")
+    assert "too few slices" in check_scan(image)
+    assert check_scan(image, pretraining=False) is None
+    assert check_scan({"modality": "MR", "num_slices": 30}, pretraining=False).startswith("not CT")
+    _, skipped = ScanCache(tmp_path / "pretrain").prepare([scan], workers=0)
+    assert len(skipped) == 1 and "too few slices" in skipped[0][1]
+    usable, skipped = TriageScanCache(tmp_path / "triage").prepare([scan], workers=0)
+    assert [s.path for s in usable] == [scan.path] and skipped == []

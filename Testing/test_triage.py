@@ -398,3 +398,15 @@ def test_ctfm_triage_wrong_model_folder_exits_2_with_the_reason(tiny_encoder_fol
     wrong = run_ctfm("triage", path, "--model", tiny_encoder_folder, "--device", "cpu", timeout=300)
     assert wrong.returncode == 2 and "CT-FM encoder" in wrong.stderr and "not a triage model" in wrong.stderr
     assert "Traceback" not in wrong.stderr and not wrong.stdout.strip()
+
+
+def test_an_imported_triage_model_runs_by_its_id(ctfm_cache, tiny_triage_folder):
+    """`ctfm models import` (and the Models section) accept a triage folder; triage then finds it by id."""
+    from CTFMLib.weights import import_model
+
+    dest = import_model(tiny_triage_folder, repo_id="my-hospital/bleed-triage")
+    assert (dest / "config.json").is_file()
+    image = head("lps", seed=3)
+    by_id = triage_image(image, "my-hospital/bleed-triage", device="cpu")
+    by_folder = triage_image(image, tiny_triage_folder, device="cpu")
+    assert by_id.logit == pytest.approx(by_folder.logit, abs=1e-6)

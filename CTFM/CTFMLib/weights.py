@@ -412,8 +412,13 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
             known = entry.sha256(WEIGHTS_NAME)
             if known and sha256_file(staged / WEIGHTS_NAME) != known.lower():
                 raise WeightsError(f"{source} is not the published {repo_id}: its {WEIGHTS_NAME} checksum differs")
-        model = build_network(config)
-        load_state_dict_strict(model, read_state_dict(staged / WEIGHTS_NAME), str(source))
+        if config.get("architecture") == "TriageModel":  # a scan classifier written by `ctfm train classify`
+            from .train.classify import load_triage_model
+
+            load_triage_model(staged)  # strict: the same check the triage command makes
+        else:
+            model = build_network(config)
+            load_state_dict_strict(model, read_state_dict(staged / WEIGHTS_NAME), str(source))
         dest = cache.models_dir() / cache.model_folder_name(repo_id)
         partial = dest.with_name(dest.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)

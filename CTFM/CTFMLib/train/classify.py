@@ -118,6 +118,7 @@ class TriageScanCache(ScanCache):
     computes at inference); :func:`triage_input` then pads/crops and windows it at each step."""
 
     KIND = "triage"
+    PRETRAINING_FILTERS = False  # head CTs of 30 slices at 5 mm are what triage is for
 
     def __init__(self, folder, spacing=DEFAULT_SPACING, orientation: str = "SPL"):
         super().__init__(folder, spacing=spacing, orientation=orientation)
@@ -125,7 +126,7 @@ class TriageScanCache(ScanCache):
     @property
     def config(self) -> dict:
         config = {k: v for k, v in super().config.items() if k != "hu_range"}  # HU kept as read
-        return {**config, "kind": self.KIND}
+        return {**config, "kind": self.KIND, "filters": "modality and localizer only"}
 
     def _init_args(self) -> tuple:
         return (str(self.folder), self.spacing, self.orientation)

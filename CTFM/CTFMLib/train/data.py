@@ -204,7 +204,7 @@ def _from_csv(path: Path, recursive: bool, missing: list) -> list:
 # --- filtering ---------------------------------------------------------------------------
 
 
-def check_scan(scan) -> str | None:
+def check_scan(scan, pretraining: bool = True) -> str | None:
     """Why CT-FM's pretraining would not use this scan, or ``None`` when it would.
 
     ``scan`` is an :class:`~CTFMLib.image.Image` (its metadata and geometry), a
@@ -213,7 +213,8 @@ def check_scan(scan) -> str | None:
     Unknown facts (a NIfTI has no modality) do not exclude a scan.
     Rules: modality CT; not a localizer (ImageType LOCALIZER/SCOUT/TOPOGRAM,
     or at most 3 slices); more than 50 slices; slice thickness 1-5 mm (DICOM
-    SliceThickness, else the spacing along the slice axis).
+    SliceThickness, else the spacing along the slice axis). ``pretraining=False`` keeps only the
+    first two (fine-tuning data is curated: a 5 mm head CT of 30 slices is a fine triage scan).
     """
     from ..dicom import SeriesInfo
 
@@ -225,10 +226,10 @@ def check_scan(scan) -> str | None:
         facts = scan
     else:
         facts = scan_header(scan if isinstance(scan, ScanRef) else ScanRef(str(scan)))
-    return _reason(facts)
+    return _reason(facts, pretraining)
 
 
-def _reason(facts: Mapping) -> str | None:
+def _reason(facts: Mapping, pretraining: bool = True) -> str | None:
     modality = (facts.get("modality") or "").strip().upper()
     if modality and modality != "CT":
         return f"not CT: modality {modality}"
@@ -238,6 +239,8 @@ def _reason(facts: Mapping) -> str | None:
     slices = facts.get("num_slices")
     if slices is not None and slices <= LOCALIZER_MAX_SLICES:
         return f"localizer (scout) or single image: only {slices} slice(s)"
+    if not pretraining:
+        return None
     if slices is not None and slices < MIN_SLICES:
         return f"too few slices: {slices} (CT-FM pretraining uses scans with more than {MIN_SLICES - 1})"
     thickness = facts.get("slice_thickness")
@@ -429,6 +432,8 @@ class ScanCache:
     killed process never leaves a half-written entry under the final name.
     """
 
+    PRETRAINING_FILTERS = True  # check_scan's slice-count and thickness rules (False: modality and localizer only)
+
     def __init__(self, folder, spacing=(3.0, 1.0, 1.0), hu_range=(-1024.0, 2048.0), orientation: str = "SPL"):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -512,13 +517,15 @@ class ScanCache:
         ``stamp`` is taken before reading: a change during the read makes the entry stale, never wrong.
         """
         if check:
-            reason = check_scan(scan_header(scan))  # before the voxels: most rejects cost a header read
+            # Before the voxels: most rejects cost a header read.
+            reason = check_scan(scan_header(scan), self.PRETRAINING_FILTERS)
             if reason:
                 self._write_info(scan, stamp, {"skipped": reason})
                 return reason
         image = read_scan(scan)
         if check:
-            reason = check_scan(image)  # facts known only after reading (a DICOM folder named without its files)
+            # Facts known only after reading (a DICOM folder named without its files).
+            reason = check_scan(image, self.PRETRAINING_FILTERS)
             if reason:
                 self._write_info(scan, stamp, {"skipped": reason})
                 return reason
