@@ -305,6 +305,37 @@ def test_ctfm_train_segment_from_a_csv(tmp_path):
     assert refused.returncode != 0 and "'segmentation'" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_two_processes_under_torchrun_match_one_process(tmp_path):
+    """`torchrun -m CTFMLib.cli train segment` with 2 CPU processes (gloo) == 1 process, same global batch."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_train_runner import child_env, free_port
+
+    for name in ("a", "b"):
+        write_pair(tmp_path, name, shape=(40, 40, 24), spacing=(2.5, 2.5, 4.0))
+    (tmp_path / "list.csv").write_text("path,segmentation\na.nii.gz,a_seg.nii.gz\nb.nii.gz,b_seg.nii.gz\n")
+    config = tmp_path / "seg.json"
+    config.write_text(json.dumps({
+        "data": {"source": [str(tmp_path / "list.csv")], "workers": 0},
+        "model": {"init_filters": 4, "blocks_down": [1, 1, 1], "weights": None},
+        "run": {"scans_per_step": 2, "deterministic": True}, "optim": {"warmup_steps": 0},
+        "segment": {"labels": {"3": "liver"}, "crop_size": [16, 32, 32], "dsdepth": 2}}))
+    cli = ["-m", "CTFMLib.cli", "train", "segment", "--config", str(config), "--max-steps", "3", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    for cmd in (launch + cli + ["--out", str(tmp_path / "two")], [sys.executable] + cli + ["--out", str(tmp_path / "one")]):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert one.keys() == two.keys()
+    assert max(float((one[k].float() - two[k].float()).abs().max()) for k in one) < 1e-5
+    assert any(not torch.equal(one[k], SegmentTask(tiny_config(), [(3, "liver")], phantom_items(1)).build_model()
+                               .state_dict()[k]) for k in one)  # it did train
+
+
 # --- the real CT -----------------------------------------------------------------------------
 
 
