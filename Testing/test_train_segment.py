@@ -325,7 +325,8 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
     cli = ["-m", "CTFMLib.cli", "train", "segment", "--config", str(config), "--max-steps", "3", "--device", "cpu"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
               "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    for cmd in (launch + cli + ["--out", str(tmp_path / "two")], [sys.executable] + cli + ["--out", str(tmp_path / "one")]):
+    runs = (launch + cli + ["--out", str(tmp_path / "two")], [sys.executable] + cli + ["--out", str(tmp_path / "one")])
+    for cmd in runs:
         done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     one = load_file(tmp_path / "one" / "model" / "model.safetensors")
