@@ -357,7 +357,7 @@ def cmd_triage(args) -> int:
     if args.saliency:
         from .saliency import saliency_image  # imported only when a map is asked for
 
-        heat = saliency_image(image, target="triage", triage_model=model, method=args.method or "occlusion",
+        heat = saliency_image(image, target="triage", triage_model=model, method=args.method or "gradient",
                               device=args.device, progress=subrange(args.progress_cb, 0.2, 1.0))
         saliency = str(write_image(heat.heatmap, args.saliency))
     text = json.dumps({**result.to_dict(), "saliency": saliency})
@@ -491,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     tri.add_argument("--json", help="also write the result to this .json file")
     tri.add_argument("--saliency", help="also write a heat map of what drove the result (.nii.gz, .nrrd, .mha)")
-    tri.add_argument("--method", choices=("occlusion", "gradient"), help="saliency method (default: occlusion)")
+    tri.add_argument("--method", choices=("occlusion", "gradient"),
+                     help="saliency method (default: gradient; occlusion on the triage grid takes thousands of passes)")
     tri.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     tri.set_defaults(func=cmd_triage)
 
@@ -513,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--out", required=True, help="the heatmap: .nii.gz, .nii, .nrrd or .mha (+ a .json beside it)")
     sal.add_argument("--mask-size", type=int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10)")
     sal.add_argument("--overlap", type=float, default=0.25, help="overlap of the occlusion cubes (default: 0.25)")
-    sal.add_argument("--steps", type=int, default=8, help="gradient: integration steps (default: 8)")
+    sal.add_argument("--steps", type=int, default=4, help="gradient: integration steps (default: 4)")
     sal.add_argument("--spacing", help="embedding and class: auto (embedding 3 mm, class native), native, or MM")
     sal.add_argument("--batch-size", type=int, help="occluded copies per pass (default 12) or gradient steps (1)")
     sal.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
