@@ -1,10 +1,12 @@
-"""CT-FM hub module: models, embeddings, training, and (later) triage and saliency.
+"""CT-FM hub module: models, embeddings, triage, saliency maps and training.
 
 The widget stays thin: it binds the .ui to :class:`CTFMParameterNode` and
 calls :class:`CTFMLogic` and ``CTFMSlicer.train``, whose work lives in
-``CTFMSlicer`` (no Qt) and ``CTFMLib`` (no Slicer). The Train section runs the
-CTFMTrain CLI module with ``slicer.cli.run`` (Slicer stays responsive) and
-cancels it with the CLI node's ``Cancel()``.
+``CTFMSlicer`` (no Qt) and ``CTFMLib`` (no Slicer). Model downloads,
+embeddings, triage and saliency maps run as ``ctfm`` child processes (one at a
+time; the section's button cancels its run), followed from a QTimer. The Train
+section runs the CTFMTrain CLI module with ``slicer.cli.run`` (Slicer stays
+responsive) and cancels it with the CLI node's ``Cancel()``.
 """
 
 import logging
@@ -18,7 +20,7 @@ import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -33,6 +35,26 @@ from slicer.util import VTKObservationMixin
 from CTFMSlicer import CITATION
 from CTFMSlicer.logic import DEFAULT_WEIGHTS, DEVICES, EMBED_MODES
 from CTFMSlicer.logic import CTFMLogic as CTFMCoreLogic
+from CTFMSlicer.models import TRAIN_YOURSELF, download_problem
+from CTFMSlicer.overlay import (
+    DEFAULT_OPACITY,
+    DEFAULT_THRESHOLD,
+    TRIAGE_TABLE_NAME,
+    heatmap_layers,
+    set_heatmap_threshold,
+)
+from CTFMSlicer.saliency import (
+    DEFAULT_SEGMENTATION_MODEL,
+    MAX_CUBE_MM,
+    METHODS,
+    MIN_CUBE_MM,
+    POINT_SOURCES,
+    REGIONS,
+    TARGETS,
+    target_label,
+)
+from CTFMSlicer.triage import FOLDER as TRIAGE_FOLDER
+from CTFMSlicer.triage import triage_model_choices
 from CTFMSlicer.train import (
     MAX_STEPS_LIMIT,
     SOURCE_HINTS,
@@ -50,8 +72,6 @@ from CTFMSlicer.widget import ParameterNodeWidgetMixin
 
 CACHE_FOLDER_SETTING = "CTFM/CacheFolder"
 
-
-
 #
 # CTFM
 #
@@ -68,9 +88,10 @@ class CTFM(ScriptedLoadableModule):
         self.parent.contributors = ["CT-FM Slicer extension contributors"]
         self.parent.helpText = _(
             "CT-FM, a 3D foundation model for computed tomography, in 3D Slicer: manage the models, "
-            "compute embeddings of CT volumes (whole volume, scan patches, or around a point), and pretrain or "
-            "fine-tune CT-FM (Train: runs the CT-FM Train CLI module in the background). "
-            "Triage and saliency maps arrive in later versions. Segmentation and similar-case retrieval "
+            "compute embeddings of CT volumes (whole volume, scan patches, or around a point), triage head CTs "
+            "with a model trained in CT-FM Train, show saliency maps (which voxels drive an embedding, a "
+            "segmentation class or a triage decision) over the volume, and pretrain or fine-tune CT-FM (Train: "
+            "runs the CT-FM Train CLI module in the background). Segmentation and similar-case retrieval "
             "are in the CT-FM Segment and CT-FM Retrieve modules."
         )
         self.parent.acknowledgementText = _(
@@ -99,6 +120,20 @@ class CTFMParameterNode:
     trainDevice - auto, cpu, cuda or mps for training.
     trainResume - continue from the output folder's last checkpoint.
     trainMaxSteps - stop after this many steps; 0 follows the configuration's schedule.
+    triageVolume - the head CT to triage.
+    triageModel - "folder" (triageModelFolder) or a catalogue triage model's id.
+    triageModelFolder - a triage model folder (CT-FM Train classify's <output>/model).
+    triageSaliency, triageSaliencyMethod - also compute a saliency map of the decision, and how.
+    saliencyVolume - the volume to explain.
+    saliencyTarget - embedding, point, class or triage: what the map explains.
+    saliencyWeights - the encoder (targets embedding and point).
+    saliencySegmentationModel, saliencyClassName - the segmentation model and class (target class).
+    saliencyTriageModelFolder - the triage model folder (target triage).
+    saliencyPointSource - markup (saliencyPointList's first control point) or crosshair: the point of
+        target point and of the cube region.
+    saliencyMethod - occlusion or gradient.
+    saliencyRegion - whole, cube (saliencyCubeMm around the point) or roi (the box around saliencyRoi).
+    saliencyOpacity, saliencyThreshold - how the heatmap shows over the volume (0..1).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -112,6 +147,25 @@ class CTFMParameterNode:
     trainDevice: Annotated[str, Choice(list(DEVICES))] = "auto"
     trainResume: bool = False
     trainMaxSteps: Annotated[int, WithinRange(0, MAX_STEPS_LIMIT)] = 0
+    triageVolume: vtkMRMLScalarVolumeNode
+    triageModel: Annotated[str, Choice(list(triage_model_choices()))] = TRIAGE_FOLDER
+    triageModelFolder: Path
+    triageSaliency: bool = False
+    triageSaliencyMethod: Annotated[str, Choice(list(METHODS))] = "gradient"
+    saliencyVolume: vtkMRMLScalarVolumeNode
+    saliencyTarget: Annotated[str, Choice(list(TARGETS))] = "embedding"
+    saliencyWeights: str = DEFAULT_WEIGHTS
+    saliencySegmentationModel: str = DEFAULT_SEGMENTATION_MODEL
+    saliencyClassName: str = ""
+    saliencyTriageModelFolder: Path
+    saliencyPointSource: Annotated[str, Choice(list(POINT_SOURCES))] = "markup"
+    saliencyPointList: vtkMRMLMarkupsFiducialNode
+    saliencyMethod: Annotated[str, Choice(list(METHODS))] = "occlusion"
+    saliencyRegion: Annotated[str, Choice(list(REGIONS))] = "whole"
+    saliencyCubeMm: Annotated[float, WithinRange(MIN_CUBE_MM, MAX_CUBE_MM)] = 64.0
+    saliencyRoi: vtkMRMLMarkupsROINode
+    saliencyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_OPACITY
+    saliencyThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_THRESHOLD
 
 
 #
@@ -126,7 +180,11 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic = None
-        self._observedPointList = None
+        self._observedMarkups = []
+        self._jobSection = None  # the section whose child process runs (self._runner)
+        self._heatmapNode = None  # the heatmap the opacity and threshold controls apply to
+        self._heatmapShown = None  # (node id, opacity, threshold) last applied
+        self._modelRows = []
         self._trainRun = None  # the CTFMTrain run the Train section follows
         self._trainNode = None  # its CLI node, reused by the next run
         self._trainMessage = ""  # the last outcome, shown while the section's values stay as they were
@@ -142,6 +200,8 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
         self._setupModels()
         self.ui.computeEmbeddingButton.connect("clicked(bool)", self.onComputeEmbedding)
+        self.ui.triageButton.connect("clicked(bool)", self.onTriage)
+        self.ui.saliencyButton.connect("clicked(bool)", self.onSaliency)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
         self.ui.createTrainConfigButton.connect("clicked(bool)", self.onCreateTrainConfig)
         self.ui.openTrainOutputButton.connect("clicked(bool)", self.onOpenTrainOutput)
@@ -152,6 +212,22 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         """Reload & Test: re-import CTFMLib and CTFMSlicer too, not only this file."""
         _forgetPackages()
         ScriptedLoadableModuleWidget.onReload(self)
+
+    def _jobWidgets(self, section: str) -> tuple:
+        """(action button, progress bar, status label, the button's idle text) of a section that runs jobs.
+
+        One child process runs at a time (they compete for the same CPU/GPU memory); meanwhile the
+        other sections' buttons are disabled and the running section's button reads Cancel.
+        """
+        ui = self.ui
+        return {
+            "embedding": (ui.computeEmbeddingButton, ui.embeddingProgressBar, ui.embeddingStatusLabel,
+                          _("Compute embedding")),
+            "models": (ui.downloadModelButton, ui.modelsProgressBar, ui.modelsStatusLabel, _("Download")),
+            "triage": (ui.triageButton, ui.triageProgressBar, ui.triageStatusLabel, _("Run triage")),
+            "saliency": (ui.saliencyButton, ui.saliencyProgressBar, ui.saliencyStatusLabel,
+                         _("Compute saliency map")),
+        }[section]
 
     # --- models section ----------------------------------------------------------
 
@@ -165,63 +241,221 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
         self.ui.cacheFolderPathLineEdit.currentPath = str(ctfm_home())
         self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+        self.ui.modelsTableWidget.connect("itemSelectionChanged()", self._updateModelButtons)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self._fillModelsTable()
 
     def _fillModelsTable(self) -> None:
         table = self.ui.modelsTableWidget
+        selected = self._selectedModel()
         try:
-            rows = self.logic.catalogRows()
-        except Exception as e:  # a broken catalogue must not break the module panel
-            logging.error(f"CT-FM: cannot read the model catalogue: {e}")
-            rows = [{"title": _("Model catalogue unreadable: {error}").format(error=e), "task": "", "repo_id": ""}]
-        table.setRowCount(len(rows))
-        for r, row in enumerate(rows):
-            for c, key in enumerate(("title", "task", "repo_id")):
+            self._modelRows = self.logic.modelRows()
+        except Exception as e:  # a broken catalogue or model folder must not break the module panel
+            logging.error(f"CT-FM: cannot list the models: {e}")
+            self._modelRows = []
+            self.ui.modelsStatusLabel.text = _("Model catalogue unreadable: {error}").format(error=e)
+        table.clearSelection()
+        table.clearContents()
+        table.setRowCount(len(self._modelRows))
+        for r, row in enumerate(self._modelRows):
+            for c, key in enumerate(("title", "task", "status", "repo_id")):
                 item = qt.QTableWidgetItem(str(row.get(key, "")))
-                item.setToolTip(row.get("id", ""))
+                item.setToolTip(row.get("how_to") or row["id"])
                 table.setItem(r, c, item)
+            if selected is not None and row["id"] == selected["id"]:
+                table.selectRow(r)
         table.resizeColumnsToContents()
+        self._updateModelButtons()
+
+    def _selectedModel(self):
+        rows = [index.row() for index in self.ui.modelsTableWidget.selectionModel().selectedRows()]
+        return self._modelRows[rows[0]] if len(rows) == 1 and rows[0] < len(self._modelRows) else None
+
+    def _updateModelButtons(self) -> None:
+        row = self._selectedModel()
+        removable = row is not None and row["status"] in ("imported", "downloaded")
+        self.ui.removeModelButton.enabled = removable and self._jobSection is None
+        self.ui.importModelButton.enabled = self._jobSection is None
+        self._updateJobButton("models", download_problem(row), _(
+            "Download the selected model from Hugging Face into the model folder (runs in the background; "
+            "the button then cancels it)."))
 
     def onCacheFolderChanged(self, path: str) -> None:
         if not path:
             return
         os.environ["CTFM_CACHE"] = path
         qt.QSettings().setValue(CACHE_FOLDER_SETTING, path)
+        self._fillModelsTable()
+
+    def onDownloadModel(self) -> None:
+        if self._cancelIfRunning("models"):
+            return
+        row = self._selectedModel()
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the download."), waitCursor=False):
+            problem = download_problem(row)
+            if problem:
+                raise ValueError(problem)
+            from CTFMSlicer.dependencies import ensure_dependencies
+
+            ensure_dependencies()
+            self.ui.modelsStatusLabel.text = _("Downloading {model}...").format(model=row["title"])
+            self._startJob("models", self.logic.startDownload(
+                row["id"], on_progress=self._progressOf("models"),
+                on_done=lambda ok, message: self._onDownloadDone(ok, message)))
+
+    def _onDownloadDone(self, ok: bool, message: str) -> None:
+        self._endJob("models")
+        self.ui.modelsStatusLabel.text = message
+        if not ok and message != "Cancelled.":
+            logging.error(f"CT-FM download failed: {message}")
+        self._fillModelsTable()
+
+    def onImportModel(self) -> None:
+        row = self._selectedModel()
+        # A model users train themselves is imported under its catalogue id; any other model under its own name.
+        modelId = row["id"] if row is not None and row["status"] == TRAIN_YOURSELF else None
+        title = _("Import a CT-FM model: its config.json (the model folder) or a .zip")
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), title, str(Path.home()),
+                                              _("CT-FM model (config.json *.zip);;All files (*)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
+            from CTFMSlicer.dependencies import ensure_dependencies
+
+            ensure_dependencies()
+            folder = self.logic.importModel(path, modelId)
+            self.ui.modelsStatusLabel.text = _("Imported into {folder}.").format(folder=folder)
+            self._fillModelsTable()
+
+    def onRemoveModel(self) -> None:
+        self.removeSelectedModel(confirm=not slicer.app.testingEnabled())
+
+    def removeSelectedModel(self, confirm: bool = True) -> None:
+        """Remove the selected model's files (after asking, with ``confirm``) and refresh the table."""
+        row = self._selectedModel()
+        if row is None:
+            return
+        if confirm and not slicer.util.confirmYesNoDisplay(
+                _("Remove {model} from this computer?").format(model=row["title"])):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to remove the model."), waitCursor=True):
+            from CTFMSlicer.dependencies import ensure_dependencies
+
+            ensure_dependencies()
+            removed = self.logic.removeModel(row["id"])
+            self.ui.modelsStatusLabel.text = (_("Removed {folders}.").format(folders=", ".join(removed)) if removed
+                                              else _("{model}: nothing to remove.").format(model=row["title"]))
+            self._fillModelsTable()
 
     # --- parameter node ----------------------------------------------------------
 
-    def _observePointList(self, pointList) -> None:
-        """Placing or deleting the point changes whether Compute is possible; the parameter node does not see that."""
-        if pointList is self._observedPointList:
+    def initializeParameterNode(self) -> None:
+        super().initializeParameterNode()
+        first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        p = self._parameterNode
+        if first and p:
+            if not p.triageVolume:
+                p.triageVolume = first
+            if not p.saliencyVolume:
+                p.saliencyVolume = first
+
+    def _observeMarkups(self, nodes) -> None:
+        """Placing, moving or deleting points and ROIs changes what can run; the parameter node does not see that."""
+        nodes = [n for n in nodes if n is not None]
+        if nodes == self._observedMarkups:
             return
-        events = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
-        if self._observedPointList is not None:
+        events = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+        for node in self._observedMarkups:
             for event in events:
-                self.removeObserver(self._observedPointList, event, self._updateState)
-        self._observedPointList = pointList
-        if pointList is not None:
+                self.removeObserver(node, event, self._updateState)
+        self._observedMarkups = nodes
+        for node in nodes:
             for event in events:
-                self.addObserver(pointList, event, self._updateState)
+                self.addObserver(node, event, self._updateState)
 
     def _updateState(self, caller=None, event=None) -> None:
         p = self._parameterNode
         self._updateTrainState(p)
-        self._observePointList(p.pointList if p else None)
-        pointMode = bool(p) and p.embedMode == "point"
-        self.ui.pointListLabel.visible = pointMode
-        self.ui.pointListSelector.visible = pointMode
-        if self._runner is not None:
+        self._observeMarkups([p.pointList, p.saliencyPointList, p.saliencyRoi] if p else [])
+        self._updateEmbeddingState(p)
+        self._updateTriageState(p)
+        self._updateSaliencyState(p)
+        self._updateModelButtons()
+        self._applyHeatmapDisplay(p)
+
+    # --- jobs (child processes) ------------------------------------------------------
+
+    def _updateJobButton(self, section: str, problem, idleToolTip: str) -> None:
+        button = self._jobWidgets(section)[0]
+        if self._jobSection == section:
+            return  # it reads "Cancel" and stays enabled while its job runs
+        if self._jobSection is not None:
+            button.enabled = False
+            button.toolTip = _("Another CT-FM job is running ({section}); wait for it or cancel it.").format(
+                section=self._jobSection)
             return
-        problem = self.logic.embeddingInputProblem(p.inputVolume, p.weights, p.embedMode, p.pointList) if p else _("No parameter node")
-        self.ui.computeEmbeddingButton.enabled = problem is None
-        self.ui.computeEmbeddingButton.toolTip = problem or _("Compute the CT-FM embedding of the input volume.")
+        button.enabled = problem is None
+        button.toolTip = problem or idleToolTip
+
+    def _cancelIfRunning(self, section: str) -> bool:
+        """The section's button reads Cancel while its job runs: cancel it (True), else False."""
+        if self._jobSection != section or self._runner is None:
+            return False
+        self._jobWidgets(section)[2].text = _("Cancelling...")
+        self.cancelRunner()
+        return True
+
+    def _startJob(self, section: str, runner) -> None:
+        self._jobSection = section
+        self.followRunner(runner)
+        self._showJob(section, True)
+
+    def _endJob(self, section: str) -> None:
+        self._runner = None
+        self._jobSection = None
+        self._showJob(section, False)
+
+    def _showJob(self, section: str, running: bool) -> None:
+        button, bar, _label, idleText = self._jobWidgets(section)
+        bar.visible = running
+        bar.setRange(0, 0 if running else 100)  # busy until the child reports a fraction
+        bar.value = 0
+        button.text = _("Cancel") if running else idleText
+        button.enabled = True
+        self._updateState()
+
+    def _progressOf(self, section: str):
+        """A progress callback for the section's job (called in the GUI thread by the poll timer)."""
+        _button, bar, label, _idle = self._jobWidgets(section)
+
+        def progress(fraction, message: str = "") -> None:
+            self.showFraction(bar, fraction)
+            if message:
+                label.text = message
+
+        return progress
+
+    @staticmethod
+    def _reportFailure(label, what: str, message: str) -> None:
+        label.text = message.splitlines()[0] if message else _("Failed.")
+        if message and message != "Cancelled.":
+            logging.error(f"CT-FM {what} failed: {message}")
 
     # --- embedding ---------------------------------------------------------------
 
+    def _updateEmbeddingState(self, p) -> None:
+        pointMode = bool(p) and p.embedMode == "point"
+        self.ui.pointListLabel.visible = pointMode
+        self.ui.pointListSelector.visible = pointMode
+        problem = (self.logic.embeddingInputProblem(p.inputVolume, p.weights, p.embedMode, p.pointList) if p
+                   else _("No parameter node"))
+        self._updateJobButton("embedding", problem, _("Compute the CT-FM embedding of the input volume."))
+
     def onComputeEmbedding(self) -> None:
-        if self._runner is not None:  # the button reads "Cancel" while an embedding runs
-            self.ui.embeddingStatusLabel.text = _("Cancelling...")
-            self.cancelRunner()
+        if self._cancelIfRunning("embedding"):  # the button reads "Cancel" while an embedding runs
             return
         from CTFMSlicer.dependencies import ensure_dependencies
 
@@ -232,42 +466,174 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             pointRAS = self.logic.firstPointRAS(p.pointList) if p.embedMode == "point" else None
             volumeName = p.inputVolume.GetName()
             # The work runs in a child process: Slicer stays responsive and Cancel kills the process tree.
-            self.followRunner(self.logic.startEmbedding(
+            self._startJob("embedding", self.logic.startEmbedding(
                 p.inputVolume, p.weights, p.embedMode, pointRAS, p.device,
-                on_progress=self._onProgress,
+                on_progress=self._progressOf("embedding"),
                 on_done=lambda embedding, message: self._onEmbeddingDone(embedding, message, volumeName),
             ))
-            self._setRunning(True)
 
     def _onEmbeddingDone(self, embedding, message: str, volumeName: str) -> None:
-        self._runner = None
-        self._setRunning(False)
+        self._endJob("embedding")
         if embedding is None:
-            self.ui.embeddingStatusLabel.text = message.splitlines()[0] if message else _("Failed.")
-            if message and message != "Cancelled.":
-                logging.error(f"CT-FM embedding failed: {message}")
+            self._reportFailure(self.ui.embeddingStatusLabel, "embedding", message)
             return
         table = self.logic.embeddingTableNode(embedding, name=f"{volumeName} CT-FM embedding")
         self.ui.embeddingStatusLabel.text = _(
             "{size}-value embedding stored in table '{table}' (norm {norm:.3f})."
         ).format(size=embedding.size, table=table.GetName(), norm=float((embedding**2).sum() ** 0.5))
 
-    def _setRunning(self, running: bool) -> None:
-        self.ui.embeddingProgressBar.visible = running
-        self.ui.embeddingProgressBar.setRange(0, 100)
-        self.ui.embeddingProgressBar.value = 0
-        self.ui.computeEmbeddingButton.text = _("Cancel") if running else _("Compute embedding")
-        self.ui.computeEmbeddingButton.enabled = True
-        if not running:
-            self._updateState()
+    # --- triage ------------------------------------------------------------------
 
-    def _onProgress(self, fraction, message: str = "") -> None:
-        """Progress from the child process (delivered in the GUI thread by the poll timer)."""
-        bar = self.ui.embeddingProgressBar
-        self.showFraction(bar, fraction)
-        if message:
-            self.ui.embeddingStatusLabel.text = message
+    def _updateTriageState(self, p) -> None:
+        folder = bool(p) and p.triageModel == TRIAGE_FOLDER
+        self.ui.triageModelFolderLabel.visible = folder
+        self.ui.triageModelFolderPathLineEdit.visible = folder
+        withSaliency = bool(p) and p.triageSaliency
+        self.ui.triageSaliencyMethodLabel.visible = withSaliency
+        self.ui.triageSaliencyMethodComboBox.visible = withSaliency
+        problem = (self.logic.triageInputProblem(p.triageVolume, p.triageModel, p.triageModelFolder) if p
+                   else _("No parameter node"))
+        self._updateJobButton("triage", problem, _("Triage the volume in the background; the button then cancels it."))
 
+    def onTriage(self) -> None:
+        if self._cancelIfRunning("triage"):
+            return
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        p = self._parameterNode
+        self.ui.triageStatusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start triage."), waitCursor=False):
+            ensure_dependencies()
+            volume, method = p.triageVolume, p.triageSaliencyMethod
+            self._startJob("triage", self.logic.startTriage(
+                volume, p.triageModel, p.triageModelFolder, p.device, p.triageSaliency, method,
+                on_progress=self._progressOf("triage"),
+                on_done=lambda output, message: self._onTriageDone(output, message, volume, method),
+            ))
+
+    def _onTriageDone(self, output, message: str, volume, method: str) -> None:
+        self._endJob("triage")
+        if output is None:
+            self._reportFailure(self.ui.triageStatusLabel, "triage", message)
+            return
+        if not slicer.mrmlScene.IsNodePresent(volume):
+            self.ui.triageStatusLabel.text = _("The volume was removed while triage ran.")
+            return
+        existing = slicer.mrmlScene.GetFirstNodeByName(TRIAGE_TABLE_NAME)
+        table = self.logic.triageTableNode(output, volume.GetName(),
+                                           node=existing if existing and existing.IsA("vtkMRMLTableNode") else None)
+        text = _("{summary} Added to table '{table}'.").format(summary=output.summary(), table=table.GetName())
+        if output.saliency is not None:
+            heat = self._showHeatmap(output.saliency, volume, f"{volume.GetName()} triage saliency",
+                                     {"target": "triage", "method": method})
+            text += " " + _("Saliency map: '{heatmap}'.").format(heatmap=heat.GetName())
+        self.ui.triageStatusLabel.text = text
+
+    # --- saliency ----------------------------------------------------------------
+
+    def _saliencyValues(self, p) -> dict:
+        """The section's values as CTFMLogic.saliencyRequest keywords."""
+        return {"target": p.saliencyTarget, "method": p.saliencyMethod, "weights": p.saliencyWeights,
+                "segmentationModel": p.saliencySegmentationModel, "className": p.saliencyClassName,
+                "triageModelFolder": p.saliencyTriageModelFolder, "pointSource": p.saliencyPointSource,
+                "pointList": p.saliencyPointList, "region": p.saliencyRegion, "cubeMm": p.saliencyCubeMm,
+                "roiNode": p.saliencyRoi, "device": p.device}
+
+    def _updateSaliencyState(self, p) -> None:
+        target = p.saliencyTarget if p else "embedding"
+        region = p.saliencyRegion if p else "whole"
+        needsPoint = target == "point" or region == "cube"
+        rows = {
+            "saliencyWeights": target in ("embedding", "point"),
+            "saliencySegmentationModel": target == "class",
+            "saliencyClassName": target == "class",
+            "saliencyTriageModel": target == "triage",
+            "saliencyPointSource": needsPoint,
+            "saliencyPointList": needsPoint and bool(p) and p.saliencyPointSource == "markup",
+            "saliencyCube": region == "cube",
+            "saliencyRoi": region == "roi",
+        }
+        fields = {"saliencyWeights": self.ui.saliencyWeightsLineEdit,
+                  "saliencySegmentationModel": self.ui.saliencySegmentationModelLineEdit,
+                  "saliencyClassName": self.ui.saliencyClassNameLineEdit,
+                  "saliencyTriageModel": self.ui.saliencyTriageModelFolderPathLineEdit,
+                  "saliencyPointSource": self.ui.saliencyPointSourceComboBox,
+                  "saliencyPointList": self.ui.saliencyPointListSelector,
+                  "saliencyCube": self.ui.saliencyCubeDoubleSpinBox,
+                  "saliencyRoi": self.ui.saliencyRoiSelector}
+        labels = {"saliencyWeights": self.ui.saliencyWeightsLabel,
+                  "saliencySegmentationModel": self.ui.saliencySegmentationModelLabel,
+                  "saliencyClassName": self.ui.saliencyClassNameLabel,
+                  "saliencyTriageModel": self.ui.saliencyTriageModelLabel,
+                  "saliencyPointSource": self.ui.saliencyPointSourceLabel,
+                  "saliencyPointList": self.ui.saliencyPointListLabel,
+                  "saliencyCube": self.ui.saliencyCubeLabel,
+                  "saliencyRoi": self.ui.saliencyRoiLabel}
+        for name, shown in rows.items():
+            fields[name].visible = shown
+            labels[name].visible = shown
+        problem = (self.logic.saliencyInputProblem(p.saliencyVolume, **self._saliencyValues(p)) if p
+                   else _("No parameter node"))
+        self._updateJobButton("saliency", problem, _(
+            "Compute the saliency map in the background; the button then cancels it."))
+
+    def onSaliency(self) -> None:
+        if self._cancelIfRunning("saliency"):
+            return
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        p = self._parameterNode
+        self.ui.saliencyStatusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the saliency map."), waitCursor=False):
+            ensure_dependencies()
+            volume = p.saliencyVolume
+            request = self.logic.saliencyRequest(**self._saliencyValues(p))
+            label = target_label(p.saliencyTarget, p.saliencyClassName)
+            name = f"{volume.GetName()} {label} saliency"
+            self._startJob("saliency", self.logic.startSaliency(
+                volume, request, on_progress=self._progressOf("saliency"),
+                on_done=lambda output, message: self._onSaliencyDone(output, message, volume, name, request),
+            ))
+
+    def _onSaliencyDone(self, output, message: str, volume, name: str, request: dict) -> None:
+        self._endJob("saliency")
+        if output is None:
+            self._reportFailure(self.ui.saliencyStatusLabel, "saliency map", message)
+            return
+        if not slicer.mrmlScene.IsNodePresent(volume):
+            self.ui.saliencyStatusLabel.text = _("The volume was removed while the map was computed.")
+            return
+        heat = self._showHeatmap(output, volume, name, {"target": request["target"], "method": request["method"]})
+        self.ui.saliencyStatusLabel.text = _(
+            "{message} Heatmap '{heatmap}', its peak marked in '{heatmap} peak'."
+        ).format(message=message, heatmap=heat.GetName())
+
+    def _showHeatmap(self, output, volume, name: str, attributes: dict):
+        """Add the map and its peak to the scene and lay the map over the volume in the slice views."""
+        p = self._parameterNode
+        heat, _peak = self.logic.showHeatmap(output, volume, name, threshold=p.saliencyThreshold, attributes=attributes)
+        slicer.util.setSliceViewerLayers(**heatmap_layers(heat, volume, p.saliencyOpacity))
+        self._heatmapNode = heat
+        self._heatmapShown = (heat.GetID(), p.saliencyOpacity, p.saliencyThreshold)
+        return heat
+
+    def _applyHeatmapDisplay(self, p) -> None:
+        """The opacity and threshold controls act on the last heatmap shown (only when they changed)."""
+        heat = self._heatmapNode
+        if p is None or heat is None:
+            return
+        if not slicer.mrmlScene.IsNodePresent(heat):
+            self._heatmapNode = self._heatmapShown = None
+            return
+        shown = (heat.GetID(), p.saliencyOpacity, p.saliencyThreshold)
+        if shown == self._heatmapShown:
+            return
+        previous = self._heatmapShown
+        self._heatmapShown = shown
+        if previous is None or previous[2] != p.saliencyThreshold:
+            set_heatmap_threshold(heat, p.saliencyThreshold)
+        if previous is None or previous[1] != p.saliencyOpacity:
+            slicer.util.setSliceViewerLayers(foregroundOpacity=p.saliencyOpacity)
 
     # --- train section ---------------------------------------------------------------
 
@@ -454,6 +820,9 @@ class CTFMTest(ScriptedLoadableModuleTest):
             self.test_EmbedVolume,
             self.test_TrainSectionCheck,
             self.test_TrainSectionCancel,
+            self.test_ModelsSection,
+            self.test_TriageSection,
+            self.test_SaliencySection,
         ):
             self.setUp()
             try:
@@ -711,6 +1080,235 @@ class CTFMTest(ScriptedLoadableModuleTest):
             self.assertFalse(widget.ui.trainButton.enabled)
             p.trainResume = True
             self.assertTrue(widget.ui.trainButton.enabled, widget.ui.trainButton.toolTip)
+
+
+    # --- models, triage and saliency sections ---------------------------------------------------
+
+    def _hubWidget(self):
+        widget = slicer.modules.ctfm.widgetRepresentation().self()
+        widget.initializeParameterNode()  # setUp closed the scene, which drops the parameter node
+        return widget, widget.logic.getParameterNode()
+
+    def _requireTorch(self):
+        from CTFMSlicer.dependencies import missing_requirements, read_requirements, torch_is_sufficient
+
+        if not torch_is_sufficient() or missing_requirements(read_requirements()):
+            self.skipTest("PyTorch and CT-FM's Python packages are not installed "
+                          "(CTFM module: Compute embedding installs them)")
+
+    @staticmethod
+    def _waitForJob(widget, seconds: float) -> float:
+        """Process events while a section's child process runs; return the seconds waited."""
+        import time
+
+        started = time.time()
+        while widget._runner is not None and time.time() - started < seconds:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        return time.time() - started
+
+    @staticmethod
+    def _headScan(name="head"):
+        """A 64 x 64 x 40 head CT at 3 mm (skull around brain, a hyperdense blob on the left) as a volume node."""
+        import numpy as np
+
+        from CTFMLib.image import Image
+        from CTFMSlicer.nodes import volume_node_from_image
+
+        i, j, k = np.meshgrid(*[np.linspace(-1, 1, n) for n in (64, 64, 40)], indexing="ij")
+        r = i**2 + j**2 + k**2
+        hu = np.where(r < 0.7, 1000.0, -1000.0)
+        hu = np.where(r < 0.55, 35.0, hu)
+        hu = np.where((i - 0.3) ** 2 + j**2 + k**2 < 0.02, 75.0, hu)
+        image = Image(hu.astype(np.int16), spacing=(3.0, 3.0, 3.0), origin=(-95.0, -95.0, -60.0))
+        return volume_node_from_image(image, name=name)
+
+    @staticmethod
+    def _tinyTriageModel(folder):
+        """A random-weights TriageModel folder as `ctfm train classify` exports it (4 filters, 16 x 32 x 32 input)."""
+        import torch
+
+        from CTFMLib.networks import build_encoder
+        from CTFMLib.train.classify import DEFAULT_WINDOWS, TriageModel
+        from CTFMLib.weights import save_pretrained
+
+        torch.manual_seed(0)
+        encoderConfig = {"architecture": "SegResEncoder", "spatial_dims": 3, "in_channels": 1, "init_filters": 4,
+                         "blocks_down": [1, 1, 1]}
+        model = TriageModel(build_encoder({k: v for k, v in encoderConfig.items() if k != "architecture"}), hidden=0)
+        config = {"architecture": "TriageModel", "encoder": encoderConfig, "head": [model.encoder.out_channels, 1],
+                  "mode": "full", "threshold": 0.4, "threshold_source": "default",
+                  "_preprocessing": {"orientation": "SPL", "input": "HU", "size": [16, 32, 32],
+                                     "windows": [list(w) for w in DEFAULT_WINDOWS], "stack_axis": "S"}}
+        return save_pretrained(model.eval(), folder, config)
+
+    def test_ModelsSection(self):
+        """Model statuses in the table, Download refused where nothing is published, offline failure, Remove."""
+        import tempfile
+
+        self._requireTorch()
+        from CTFMLib.networks import build_encoder
+        from CTFMLib.weights import save_pretrained
+
+        self.delayDisplay("Models section")
+        widget, _p = self._hubWidget()
+        saved = {k: os.environ.get(k) for k in ("CTFM_CACHE", "HF_HUB_OFFLINE")}
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                os.environ["CTFM_CACHE"] = str(Path(folder) / "cache")  # this session only; the setting is untouched
+                os.environ["HF_HUB_OFFLINE"] = "1"  # the test never downloads
+                widget._fillModelsTable()
+                table = widget.ui.modelsTableWidget
+                ids = [row["id"] for row in widget._modelRows]
+                self.assertEqual(table.rowCount, len(ids))
+                status = lambda model: table.item(ids.index(model), 2).text()  # noqa: E731
+                self.assertEqual(status("ct_fm_feature_extractor"), "not on this computer")
+                self.assertEqual(status("msd_lung_tumor"), "train with CTFMTrain")
+
+                table.selectRow(ids.index("msd_lung_tumor"))
+                self.assertFalse(widget.ui.downloadModelButton.enabled)
+                self.assertIn("CTFMTrain", widget.ui.downloadModelButton.toolTip)
+                table.selectRow(ids.index("ct_fm_feature_extractor"))
+                self.assertTrue(widget.ui.downloadModelButton.enabled)
+                self.assertFalse(widget.ui.removeModelButton.enabled)
+
+                widget.ui.downloadModelButton.click()  # offline: the child fails and says how to get the model
+                self.assertEqual(widget.ui.downloadModelButton.text, "Cancel")
+                self.assertFalse(widget.ui.triageButton.enabled)  # one job at a time
+                self._waitForJob(widget, 120)
+                self.assertIsNone(widget._runner)
+                self.assertIn("not on this computer", widget.ui.modelsStatusLabel.text)
+                self.assertIn("import", widget.ui.modelsStatusLabel.text)
+                self.assertEqual(widget.ui.downloadModelButton.text, "Download")
+
+                encoder = Path(folder) / "encoder"
+                save_pretrained(build_encoder({"init_filters": 4, "blocks_down": [1, 1]}), encoder,
+                                {"architecture": "SegResEncoder", "init_filters": 4, "blocks_down": [1, 1]})
+                widget.logic.importModel(encoder, "ct_fm_feature_extractor")  # what Import... does after its dialog
+                widget._fillModelsTable()
+                self.assertEqual(status("ct_fm_feature_extractor"), "imported")
+                self.assertTrue(widget.ui.removeModelButton.enabled)  # the selection survived the refresh
+                widget.removeSelectedModel(confirm=False)  # what Remove does once confirmed
+                self.assertEqual(status("ct_fm_feature_extractor"), "not on this computer")
+                self.assertIn("Removed", widget.ui.modelsStatusLabel.text)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            widget._fillModelsTable()
+
+    def test_TriageSection(self):
+        """Run triage with a saliency map from the section: verdict, table row, heatmap over the volume."""
+        import tempfile
+
+        import numpy as np
+
+        self._requireTorch()
+        from CTFMLib.triage import triage_image
+        from CTFMSlicer.nodes import image_from_volume_node
+
+        self.delayDisplay("Triage section with a tiny random triage model")
+        widget, p = self._hubWidget()
+        with tempfile.TemporaryDirectory() as folder:
+            model = self._tinyTriageModel(Path(folder) / "triage")
+            volume = self._headScan()
+            p.triageVolume = volume
+            p.triageModel = "folder"
+            p.triageModelFolder = Path()
+            self.assertFalse(widget.ui.triageButton.enabled)
+            self.assertIn("folder", widget.ui.triageButton.toolTip)
+            p.triageModelFolder = model
+            p.triageSaliency = True
+            p.triageSaliencyMethod = "gradient"
+            p.device = "cpu"
+            self.assertTrue(widget.ui.triageButton.enabled, widget.ui.triageButton.toolTip)
+            widget.ui.triageButton.click()
+            self.assertEqual(widget.ui.triageButton.text, "Cancel")
+            self._waitForJob(widget, 180)
+            self.assertIsNone(widget._runner, "triage did not finish within 180 s")
+            reference = triage_image(image_from_volume_node(volume), str(model), device="cpu")
+            self.assertTrue(widget.ui.triageStatusLabel.text.startswith(reference.decision),
+                            widget.ui.triageStatusLabel.text)
+            table = slicer.mrmlScene.GetFirstNodeByName("CT-FM triage")
+            self.assertEqual(table.GetNumberOfRows(), 1)
+            self.assertAlmostEqual(float(slicer.util.arrayFromTableColumn(table, "probability")[0]),
+                                   reference.probability, places=5)
+            heat = slicer.mrmlScene.GetFirstNodeByName("head triage saliency")
+            self.assertIsNotNone(heat)
+            matrices = []
+            for node in (heat, volume):
+                m = vtk.vtkMatrix4x4()
+                node.GetIJKToRASMatrix(m)
+                matrices.append(slicer.util.arrayFromVTKMatrix(m))
+            self.assertTrue(np.array_equal(*matrices))
+            composite = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+            self.assertEqual(composite.GetForegroundVolumeID(), heat.GetID())
+            self.assertEqual(composite.GetBackgroundVolumeID(), volume.GetID())
+            self.assertAlmostEqual(composite.GetForegroundOpacity(), p.saliencyOpacity)
+            # the Saliency section's controls act on the map
+            p.saliencyThreshold = 0.55
+            self.assertAlmostEqual(heat.GetDisplayNode().GetLowerThreshold(), 0.55)
+            p.saliencyOpacity = 0.8
+            self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.8)
+
+    def test_SaliencySection(self):
+        """A point-target map in a cube from the section, its peak markup; then Cancel of an occlusion map."""
+        import tempfile
+
+        import numpy as np
+
+        self._requireTorch()
+        from CTFMLib.networks import build_encoder
+        from CTFMLib.weights import save_pretrained
+
+        self.delayDisplay("Saliency section with a tiny random encoder")
+        widget, p = self._hubWidget()
+        with tempfile.TemporaryDirectory() as folder:
+            encoder = Path(folder) / "encoder"
+            save_pretrained(build_encoder({"init_filters": 4, "blocks_down": [1, 1, 1]}), encoder,
+                            {"architecture": "SegResEncoder", "init_filters": 4, "blocks_down": [1, 1, 1]})
+            volume = self._headScan()
+            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+            p.saliencyVolume = volume
+            p.saliencyTarget = "point"
+            p.saliencyWeights = str(encoder)
+            p.saliencyPointSource = "markup"
+            p.saliencyPointList = points
+            p.saliencyMethod = "gradient"
+            p.saliencyRegion = "cube"
+            p.saliencyCubeMm = 48.0
+            p.device = "cpu"
+            self.assertTrue(widget.ui.saliencyPointListSelector.visible and widget.ui.saliencyCubeDoubleSpinBox.visible)
+            self.assertFalse(widget.ui.saliencyRoiSelector.visible or widget.ui.saliencyClassNameLineEdit.visible)
+            self.assertFalse(widget.ui.saliencyButton.enabled)  # no point placed yet
+            points.AddControlPoint([30.0, 10.0, 0.0])  # RAS x > 0: LPS x < 0, which must not read as an option
+            self.assertTrue(widget.ui.saliencyButton.enabled, widget.ui.saliencyButton.toolTip)
+            widget.ui.saliencyButton.click()
+            self._waitForJob(widget, 180)
+            self.assertIsNone(widget._runner, "the saliency map did not finish within 180 s")
+            heat = slicer.mrmlScene.GetFirstNodeByName("head point saliency")
+            self.assertIsNotNone(heat, widget.ui.saliencyStatusLabel.text)
+            values = slicer.util.arrayFromVolume(heat)
+            self.assertTrue(values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0)
+            peak = slicer.mrmlScene.GetFirstNodeByName("head point saliency peak")
+            position = np.array(peak.GetNthControlPointPositionWorld(0))
+            self.assertLessEqual(np.abs(position - [30.0, 10.0, 0.0]).max(), 24.0 + 1e-3)  # inside the cube
+            self.assertEqual(heat.GetDisplayNode().GetColorNodeID(), "vtkMRMLPETProceduralColorNodePET-Heat")
+
+            self.delayDisplay("Saliency section: Cancel")
+            p.saliencyTarget = "embedding"
+            p.saliencyRegion = "whole"
+            p.saliencyMethod = "occlusion"
+            widget.ui.saliencyButton.click()
+            self.assertEqual(widget.ui.saliencyButton.text, "Cancel")
+            widget.ui.saliencyButton.click()
+            waited = self._waitForJob(widget, 30)
+            self.assertIsNone(widget._runner)
+            self.assertLess(waited, 30)
+            self.assertEqual(widget.ui.saliencyStatusLabel.text, "Cancelled.")
+            self.assertEqual(widget.ui.saliencyButton.text, "Compute saliency map")
 
 
 def _forgetPackages():

@@ -29,6 +29,8 @@ MODULES = ("CTFM", "CTFMSegment", "CTFMRetrieve")
 SUFFIX_CLASSES = (
     ("CollapsibleButton", {"ctkCollapsibleButton"}),
     ("PathLineEdit", {"ctkPathLineEdit"}),
+    ("SliderWidget", {"ctkSliderWidget"}),
+    ("DoubleSpinBox", {"QDoubleSpinBox", "ctkDoubleSpinBox"}),
     ("Button", {"QPushButton"}),
     ("Selector", {"qMRMLNodeComboBox"}),
     ("ComboBox", {"QComboBox", "ctkComboBox"}),
@@ -49,7 +51,15 @@ REQUIRED_WIDGETS = {
         "removeModelButton", "cacheFolderPathLineEdit", "deviceComboBox",
         "embeddingCollapsibleButton", "inputVolumeSelector", "weightsLineEdit", "embedModeComboBox",
         "computeEmbeddingButton", "embeddingProgressBar", "embeddingStatusLabel",
-        "triageCollapsibleButton", "saliencyCollapsibleButton",
+        "modelsProgressBar", "modelsStatusLabel",
+        "triageCollapsibleButton", "triageVolumeSelector", "triageModelComboBox", "triageModelFolderPathLineEdit",
+        "triageSaliencyCheckBox", "triageSaliencyMethodComboBox", "triageButton", "triageProgressBar",
+        "triageStatusLabel",
+        "saliencyCollapsibleButton", "saliencyVolumeSelector", "saliencyTargetComboBox", "saliencyWeightsLineEdit",
+        "saliencySegmentationModelLineEdit", "saliencyClassNameLineEdit", "saliencyTriageModelFolderPathLineEdit",
+        "saliencyPointSourceComboBox", "saliencyPointListSelector", "saliencyMethodComboBox", "saliencyRegionComboBox",
+        "saliencyCubeDoubleSpinBox", "saliencyRoiSelector", "saliencyButton", "saliencyProgressBar",
+        "saliencyStatusLabel", "saliencyOpacitySliderWidget", "saliencyThresholdSliderWidget",
     },
     "CTFMSegment": {
         "inputVolumeSelector", "modelComboBox", "modelFolderPathLineEdit", "qualityComboBox", "qualityEstimateLabel",
@@ -71,10 +81,24 @@ def segment_model_choices() -> list:
     return ["whole-body", *tumour, "folder"]
 
 
+def triage_catalogue_ids() -> list:
+    """The catalogue's triage models (task "triage"), in catalogue order."""
+    import json
+
+    catalogue = json.loads((REPO / "Resources" / "Models.json").read_text(encoding="utf-8"))
+    return [m["id"] for m in catalogue["models"] if m["task"] == "triage"]
+
+
 # Choices the issue specifies for the parameter-node combo boxes.
 REQUIRED_CHOICES = {
     ("CTFM", "device"): ["auto", "cpu", "cuda", "mps"],
     ("CTFM", "embedMode"): ["volume", "scan", "point"],
+    ("CTFM", "saliencyTarget"): ["embedding", "point", "class", "triage"],
+    ("CTFM", "saliencyMethod"): ["occlusion", "gradient"],
+    ("CTFM", "triageSaliencyMethod"): ["occlusion", "gradient"],
+    ("CTFM", "saliencyRegion"): ["whole", "cube", "roi"],
+    ("CTFM", "saliencyPointSource"): ["markup", "crosshair"],
+    ("CTFM", "triageModel"): ["folder", *triage_catalogue_ids()],
     ("CTFMSegment", "device"): ["auto", "cpu", "cuda", "mps"],
     ("CTFMSegment", "model"): segment_model_choices(),
     ("CTFMSegment", "quality"): ["full", "fast"],
@@ -401,25 +425,50 @@ def test_bound_parameter_widgets_are_visible_or_collapsible(module, loaded):
         assert not root.findChild(QtWidgets.QWidget, widget_name).isHidden(), widget_name
 
 
-def test_hub_placeholders(qt_loader):
+def test_hub_sections(qt_loader):
+    """The Models buttons, Triage and Saliency sections are real (no "later version" placeholders left)."""
     _app, QUiLoader, QtWidgets, _ = qt_loader
     root = QUiLoader().load(str(REPO / "CTFM" / "Resources" / "UI" / "CTFM.ui"))
-    for name in ("downloadModelButton", "importModelButton", "removeModelButton"):
+    for name in ("downloadModelButton", "importModelButton", "removeModelButton", "triageButton", "saliencyButton"):
         button = root.findChild(QtWidgets.QPushButton, name)
-        assert not button.isEnabled() and "later" in button.toolTip()
+        assert not button.isEnabled()  # the code enables them once a model is selected / the inputs are valid
+        assert button.toolTip() and "later" not in button.toolTip()
     for name in ("triageCollapsibleButton", "saliencyCollapsibleButton"):
         section = root.findChild(QtWidgets.QWidget, name)
-        assert section.property("collapsed") is True
-        labels = section.findChildren(QtWidgets.QLabel)
-        assert labels and "later version" in labels[0].text()
+        assert section.property("collapsed") is True  # optional sections start closed
+        texts = [label.text() for label in section.findChildren(QtWidgets.QLabel)]
+        assert texts and not any("later version" in t for t in texts)
     for name in ("modelsCollapsibleButton", "embeddingCollapsibleButton"):
         assert not root.findChild(QtWidgets.QWidget, name).property("collapsed")
     table = root.findChild(QtWidgets.QTableWidget, "modelsTableWidget")
     headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
-    assert headers == ["Model", "Task", "Repository"]
+    assert headers == ["Model", "Task", "Status", "Repository"]
     assert table.editTriggers() == QtWidgets.QAbstractItemView.EditTrigger.NoEditTriggers
+    assert table.selectionMode() == QtWidgets.QAbstractItemView.SelectionMode.SingleSelection
     weights = root.findChild(QtWidgets.QLineEdit, "weightsLineEdit")
     assert weights.placeholderText() == "project-lighter/ct_fm_feature_extractor"
+    assert root.findChild(QtWidgets.QLineEdit, "saliencyWeightsLineEdit").placeholderText() == weights.placeholderText()
+    root.deleteLater()
+
+
+def test_hub_saliency_controls_match_the_parameter_ranges(qt_loader):
+    """The cube spin box starts at the parameter's default within its range; the sliders cover 0..1."""
+    _app, QUiLoader, QtWidgets, _ = qt_loader
+    tree = ast.parse((REPO / "CTFM" / "CTFM.py").read_text(encoding="utf-8"))
+    fields = parameter_fields(tree, module_namespace(tree))
+    cube = fields["saliencyCubeMm"]
+    (low, high), = [args for v, args in cube.validators if v == "WithinRange"]
+    root = QUiLoader().load(str(REPO / "CTFM" / "Resources" / "UI" / "CTFM.ui"))
+    spin = root.findChild(QtWidgets.QDoubleSpinBox, "saliencyCubeDoubleSpinBox")
+    assert (spin.minimum(), spin.maximum(), spin.value()) == (low, high, cube.default)
+    assert spin.suffix().strip() == "mm"
+    ui = parse_ui(REPO / "CTFM" / "Resources" / "UI" / "CTFM.ui")
+    for name, parameter in (("saliencyOpacitySliderWidget", "saliencyOpacity"),
+                            ("saliencyThresholdSliderWidget", "saliencyThreshold")):
+        props = ui.properties[name]
+        assert (float(props["minimum"].findtext("double")), float(props["maximum"].findtext("double"))) == (0.0, 1.0)
+        (low, high), = [args for v, args in fields[parameter].validators if v == "WithinRange"]
+        assert (low, high) == (0.0, 1.0) and 0.0 < fields[parameter].default < 1.0
     root.deleteLater()
 
 

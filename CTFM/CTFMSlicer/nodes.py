@@ -276,3 +276,29 @@ def rows_from_table_node(node) -> list:
             row[column] = value
         rows.append(row)
     return rows
+
+
+# --- handing a volume to a child process ------------------------------------------------
+
+
+def stage_volume(node, prefix: str = "ctfm-"):
+    """Write a volume node (world geometry) to ``<new temporary folder>/input.nrrd`` for a child process.
+
+    NRRD keeps the geometry in double precision (NIfTI would round it to float32, and
+    results computed on the rounded grid would no longer sit exactly on the volume).
+    Returns ``(folder, path)``; the caller removes the folder when the child is done.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from CTFMLib.image import write_image
+
+    image = image_from_volume_node(node)
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        path = write_image(image, folder / "input.nrrd", compress=False)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, Path(path)

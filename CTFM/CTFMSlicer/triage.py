@@ -1,0 +1,175 @@
+"""The hub's Triage section: ``ctfm triage`` in a child process, and reading back its verdict.
+
+A triage model is a folder that CT-FM Train's classify task wrote (``<output>/model``:
+``config.json`` with ``"architecture": "TriageModel"`` and the decision ``threshold``,
+``model.safetensors``), or a catalogue model of task "triage" imported under its id.
+The child prints ``{probability, logit, decision, threshold, model, seconds, saliency}``
+as its last stdout line and writes it to ``--json OUT``; with ``--saliency heat.nii.gz``
+it also writes the map that shows which voxels drove the decision. No Qt, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .models import CONFIG_NAME, WEIGHTS_NAME, failure_text, imported_model_path, triage_catalog_ids
+from .nodes import stage_volume
+from .process import ProcessRunner, ctfm_cli_command
+from .saliency import HEAT_NAME, METHODS, HeatmapOutput, last_json_object, read_heatmap, read_json_file
+
+FOLDER = "folder"
+ARCHITECTURE = "TriageModel"  # CTFMLib.train.classify.ARCHITECTURE (that module imports torch)
+DECISIONS = ("abnormal", "normal")
+RESULT_NAME = "triage.json"
+
+
+def triage_model_choices(catalog_path=None) -> tuple:
+    """What the Triage model box offers: a folder, then the catalogue's triage models."""
+    return (FOLDER, *triage_catalog_ids(catalog_path))
+
+
+def path_is_set(path) -> bool:
+    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
+    return path is not None and str(path) not in ("", ".")
+
+
+def folder_problem(folder) -> Optional[str]:
+    """Why ``folder`` is not a triage model folder (a sentence), or None."""
+    if not path_is_set(folder):
+        return "Choose the triage model folder (the 'model' folder that CT-FM Train's classify task wrote)."
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"The triage model folder {folder} does not exist."
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        return f"The triage model folder {folder} lacks {' and '.join(missing)}."
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{folder / CONFIG_NAME} cannot be read: {e}"
+    architecture = config.get("architecture") if isinstance(config, dict) else None
+    if architecture != ARCHITECTURE:
+        return (f"{folder} holds a {architecture or 'CT-FM encoder or segmentation model'}, not a triage model; "
+                "choose the 'model' folder of a CT-FM Train classify run.")
+    return None
+
+
+def model_folder(choice: str, folder=None, catalog_path=None) -> Path:
+    """The triage model folder for the section's choice; ``ValueError`` saying what to do otherwise."""
+    if choice == FOLDER:
+        problem = folder_problem(folder)
+        if problem:
+            raise ValueError(problem)
+        return Path(folder)
+    if choice not in triage_catalog_ids(catalog_path):
+        raise ValueError(f"unknown triage model '{choice}'")
+    path = imported_model_path(choice)
+    if path is None:
+        raise ValueError(f"the triage model {choice} is not on this computer: train it with CT-FM Train and import "
+                         "its model folder in the Models section (Import...) with the model selected.")
+    problem = folder_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+def triage_arguments(image, model, json_out, device: str = "auto", saliency_out=None,
+                     method: Optional[str] = None) -> list:
+    """``ctfm`` arguments (after ``--progress json``) for one triage run, optionally with its saliency map."""
+    args = ["triage", str(image), "--model", str(model), "--device", device, "--json", str(json_out)]
+    if saliency_out is not None:
+        args += ["--saliency", str(saliency_out)]
+        if method is not None:
+            if method not in METHODS:
+                raise ValueError(f"unknown saliency method '{method}'; choose one of {', '.join(METHODS)}")
+            args += ["--method", method]
+    return args
+
+
+@dataclass
+class TriageOutput:
+    """A triage verdict: probability = sigmoid(logit), decision at the model's threshold."""
+
+    probability: float
+    logit: float
+    decision: str
+    threshold: float
+    model: str
+    seconds: float
+    saliency: Optional[HeatmapOutput] = None
+
+    def row(self, volume: str) -> dict:
+        """The triage table's row (:data:`CTFMSlicer.overlay.TRIAGE_COLUMNS`)."""
+        return {"volume": volume, "model": self.model, "probability": self.probability, "threshold": self.threshold,
+                "decision": self.decision, "logit": self.logit}
+
+    def summary(self) -> str:
+        relation = ">=" if self.probability >= self.threshold else "<"
+        return (f"{self.decision}: probability {self.probability:.3f} {relation} threshold {self.threshold:.3f} "
+                f"(logit {self.logit:+.3f}).")
+
+
+def parse_result(value: Optional[dict]) -> TriageOutput:
+    """A :class:`TriageOutput` from the CLI's result object; ``ValueError`` naming what is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError("the triage command printed no result")
+    missing = [k for k in ("probability", "logit", "decision", "threshold") if value.get(k) is None]
+    if missing:
+        raise ValueError(f"the triage result lacks {', '.join(missing)}")
+    probability, logit, threshold = (float(value[k]) for k in ("probability", "logit", "threshold"))
+    if not (0.0 <= probability <= 1.0 and 0.0 <= threshold <= 1.0 and np.isfinite(logit)):
+        raise ValueError(f"the triage result is not a probability: {value}")
+    decision = str(value["decision"])
+    if decision not in DECISIONS:
+        raise ValueError(f"unknown triage decision '{decision}'")
+    return TriageOutput(probability, logit, decision, threshold, str(value.get("model") or ""),
+                        float(value.get("seconds") or 0.0))
+
+
+def start_triage(volumeNode, model, device: str = "auto", saliency: bool = False, method: str = "gradient",
+                 on_progress: Optional[Callable] = None, on_done: Optional[Callable] = None) -> ProcessRunner:
+    """Triage ``volumeNode`` with the model folder ``model`` in a child process; returns its runner.
+
+    ``on_done(output_or_None, message)``: a :class:`TriageOutput` on success (with its
+    ``saliency`` map read when ``saliency``); None and the child's error, or "Cancelled.".
+    """
+    work, source = stage_volume(volumeNode, prefix="ctfm-triage-")
+    result_path, heat = work / RESULT_NAME, (work / HEAT_NAME) if saliency else None
+    try:
+        args = triage_arguments(source, model, result_path, device, heat, method if saliency else None)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    stdout = []
+
+    def line(stream, text):
+        if stream == "stdout":
+            stdout.append(text)
+
+    def finished(result):
+        output, message = None, None
+        try:
+            if result.ok:
+                try:
+                    output = parse_result(read_json_file(result_path) or last_json_object(stdout))
+                    if heat is not None:
+                        output.saliency = read_heatmap(heat)
+                    message = output.summary()
+                except (OSError, ValueError) as e:
+                    output, message = None, f"Triage finished but its result cannot be read: {e}"
+            elif result.cancelled:
+                message = "Cancelled."
+            else:
+                message = failure_text(result.stderr_tail, result.describe())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if on_done:
+            on_done(output, message)
+
+    return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
