@@ -1,0 +1,472 @@
+"""An embedded, crash-safe vector index of CT scans: one vector per scan and one per patch.
+
+Records, layout and file format: :mod:`CTFMLib.retrieval.store`; search backends: :mod:`CTFMLib.retrieval.search`.
+
+- **One set of weights.** An index records the model id and weights sha256 it was built with and
+  refuses vectors (``add``), queries (``search``) or an ``open`` that name other weights: vectors of
+  different weights are not comparable, so one search never mixes them.
+- **Crash safety.** ``add``/``update`` take SQLite's write lock (``BEGIN IMMEDIATE``), append the
+  vectors after the committed rows, fsync them, and only then commit the scan's row ranges. A
+  process killed at any point leaves either the whole scan or none of it; bytes past the committed
+  rows are never read and are cut by the next writer (or by ``open`` when no writer is active).
+- **Concurrency.** One writer at a time (others wait up to ``timeout`` seconds), any number of
+  readers in other processes: SQLite's WAL gives each search a consistent snapshot of the committed
+  rows, and vector files only ever grow past them, so a reader sees whole scans only.
+- Not for network file systems (SQLite WAL needs shared memory on one machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from . import search as _search
+from . import store
+from .store import Hit, IndexError_, RetrievalIndexError, ScanRecord  # noqa: F401  (defined with the storage, used from here)
+
+FORMAT = 1
+_COLUMNS = ("id, path, series_uid, patient_id, study_uid, geometry, preprocessing, metadata, model_id, weights_hash, "
+            "added_at, scan_row, patch_start, patch_count, centres")
+
+
+class VectorIndex:
+    """Scan- and patch-level vectors of one model's embeddings; see the module docstring.
+
+    Use :meth:`create` or :meth:`open`; one instance may be shared by threads (calls are serialised).
+    """
+
+    def __init__(self, root: Path, conn: sqlite3.Connection, meta: dict, readonly: bool, timeout: float):
+        self.root, self._conn, self.readonly, self.timeout = root, conn, readonly, timeout
+        self.model_id, self.weights_hash = meta["model_id"], meta["weights_hash"]
+        self.dim, self.preprocessing = int(meta["dim"]), json.loads(meta["preprocessing"])
+        self._lock = threading.RLock()
+        self._snap: Optional[store.Snapshot] = None
+        self._views = {}
+        self._records = {}
+        self._faiss = _search.FaissCache(root, save=not readonly)
+
+    # ---- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, model_id: str, weights_hash: str, dim: int, preprocessing: Optional[dict] = None,
+               timeout: float = 60.0) -> "VectorIndex":
+        """A new, empty index in folder ``path`` (created; an existing folder must not hold an index)."""
+        root = Path(path)
+        if (root / store.DB_NAME).exists():
+            raise RetrievalIndexError(f"{root} already holds a retrieval index: open it, or choose another folder")
+        if not model_id or not weights_hash or int(dim) < 1:
+            raise RetrievalIndexError("create() needs a model id, the weights' sha256 and the vector length (dim >= 1)")
+        root.mkdir(parents=True, exist_ok=True)
+        for level in store.LEVELS:
+            store.create_vector_file(store.vector_file(root, level, 0), int(dim))
+        conn = _connect(root, timeout)
+        conn.execute("PRAGMA journal_mode=WAL")
+        meta = {"format": str(FORMAT), "model_id": str(model_id), "weights_hash": str(weights_hash).lower(),
+                "dim": str(int(dim)), "preprocessing": _json(preprocessing or {}, "preprocessing"),
+                "created_at": repr(time.time()), "generation": "0", "scan_rows": "0", "patch_rows": "0",
+                "version": "0"}
+        conn.execute("BEGIN IMMEDIATE")  # schema and meta appear together: no half-created index
+        for statement in store.SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        conn.execute("COMMIT")
+        store.fsync_dir(root)
+        return cls(root, conn, meta, False, timeout)
+
+    @classmethod
+    def open(cls, path, model_id: Optional[str] = None, weights_hash: Optional[str] = None, readonly: bool = False,
+             timeout: float = 60.0) -> "VectorIndex":
+        """Open an index; refuses when ``model_id``/``weights_hash`` are given and differ from the index's."""
+        root = Path(path)
+        if not (root / store.DB_NAME).is_file():
+            raise RetrievalIndexError(f"{root} is not a retrieval index (no {store.DB_NAME}): create one first "
+                                      "(`ctfm index add INDEX SCANS...`)")
+        conn = _connect(root, timeout)
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            if "no such table" in str(e):
+                raise RetrievalIndexError(f"{root} is an incompletely created index: delete the folder and create "
+                                          "it again") from e
+            raise RetrievalIndexError(f"{root / store.DB_NAME} cannot be read ({e}); rebuild the index") from e
+        if "format" not in meta:
+            conn.close()
+            raise RetrievalIndexError(f"{root} is an incompletely created index: delete the folder and create it again")
+        if int(meta["format"]) != FORMAT:
+            conn.close()
+            raise RetrievalIndexError(f"{root} has index format {meta['format']}; this version reads format {FORMAT}: "
+                                      "update CT-FM or rebuild the index")
+        index = cls(root, conn, meta, readonly, timeout)
+        try:
+            index._refuse_other_weights(model_id, weights_hash)
+        except RetrievalIndexError:
+            conn.close()
+            raise
+        if not readonly:
+            index._repair()
+        return index
+
+    @classmethod
+    def open_or_create(cls, path, model_id: str, weights_hash: str, dim: int, preprocessing: Optional[dict] = None,
+                       timeout: float = 60.0) -> "VectorIndex":
+        if (Path(path) / store.DB_NAME).exists():
+            index = cls.open(path, model_id, weights_hash, timeout=timeout)
+            if index.dim != int(dim):
+                index.close()
+                raise RetrievalIndexError(f"{path} holds {index.dim}-d vectors, not {dim}-d: use another index folder")
+            return index
+        return cls.create(path, model_id, weights_hash, dim, preprocessing, timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._snapshot().rows)
+
+    def _refuse_other_weights(self, model_id=None, weights_hash=None) -> None:
+        hash_differs = weights_hash is not None and str(weights_hash).lower() != self.weights_hash
+        if hash_differs or (model_id is not None and str(model_id) != self.model_id):
+            given = ([f"model '{model_id}'"] if model_id is not None else []) + (
+                [f"weights sha256 {str(weights_hash).lower()[:16]}..."] if weights_hash is not None else [])
+            raise RetrievalIndexError(
+                f"{self.root} was built with model '{self.model_id}' (weights sha256 {self.weights_hash[:16]}...), "
+                f"not with {' and '.join(given)}. Vectors of different weights are not comparable: use the weights "
+                "the index was built with, or build a separate index for these weights.")
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _writing(self):
+        """A write transaction holding SQLite's write lock; yields the current meta dict."""
+        if self.readonly:
+            raise RetrievalIndexError(f"{self.root} was opened read-only; open it with readonly=False to change it")
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                if "locked" in str(e) or "busy" in str(e):
+                    raise RetrievalIndexError(f"another process is writing to {self.root} (waited "
+                                              f"{self.timeout:g} s): let it finish, then retry") from e
+                raise RetrievalIndexError(f"cannot write to {self.root} ({e}): check its permissions and free space "
+                                          "or open it with readonly=True") from e
+            try:
+                yield dict(self._conn.execute("SELECT key, value FROM meta"))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _set_meta(self, **values) -> None:
+        self._conn.executemany("UPDATE meta SET value = ? WHERE key = ?", [(str(v), k) for k, v in values.items()])
+
+    def _repair(self) -> None:
+        """Cut uncommitted tails and delete other generations' files, if no writer is active right now."""
+        with self._lock:
+            self._conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                with self._writing() as meta:
+                    gen = int(meta["generation"])
+                    for level in store.LEVELS:
+                        store.truncate_tail(store.vector_file(self.root, level, gen), int(meta[f"{level}_rows"]),
+                                            self.dim)
+                    for _, g, p in store.vector_files(self.root):
+                        if g != gen:
+                            _search._unlink(p)
+                    self._faiss.drop_generations(gen)
+            except (RetrievalIndexError, OSError):
+                pass  # a writer is active (it cuts the tail itself before appending), or read-only files
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+
+    def _check_vectors(self, scan_vector, patch_vectors, patch_centres_lps):
+        s = np.asarray(scan_vector, dtype=np.float32)
+        p = np.asarray(patch_vectors, dtype=np.float32)
+        c = np.asarray(patch_centres_lps, dtype=np.float64)
+        if p.size == 0:  # a scan without patches
+            p, c = p.reshape(0, self.dim), c.reshape(-1, 3)
+        if s.shape != (self.dim,) or p.ndim != 2 or p.shape[1] != self.dim:
+            raise RetrievalIndexError(f"this index holds {self.dim}-d vectors; got a scan vector of shape {s.shape} "
+                                      f"and patch vectors of shape {p.shape}: embed with the index's model")
+        if c.shape != (len(p), 3):
+            raise RetrievalIndexError(f"{len(p)} patch vectors need ({len(p)}, 3) LPS centres; got shape {c.shape}")
+        if not (np.isfinite(s).all() and np.isfinite(p).all() and np.isfinite(c).all()):
+            raise RetrievalIndexError("vectors or centres contain NaN or infinity: the embedding failed; not added")
+        return s, p, c
+
+    def _put(self, record: ScanRecord, scan_vector, patch_vectors, patch_centres_lps, weights_hash, replace) -> int:
+        self._refuse_other_weights(weights_hash=weights_hash)
+        if not isinstance(record, ScanRecord) or not str(record.path):
+            raise RetrievalIndexError("add()/update() need a ScanRecord with a path")
+        s, p, c = self._check_vectors(scan_vector, patch_vectors, patch_centres_lps)
+        fields = (str(record.path), _opt_str(record.series_uid), _opt_str(record.patient_id),
+                  _opt_str(record.study_uid), _json(store.geometry_dict(record.geometry), "geometry"),
+                  _json(record.preprocessing, "preprocessing"), _json(record.metadata, "metadata"),
+                  self.model_id, self.weights_hash, time.time())
+        with self._writing() as meta:
+            old = self._id_of(record.path, record.series_uid)
+            if old is not None and not replace:
+                raise RetrievalIndexError(f"{record.path} (series {record.series_uid}) is already in the index as "
+                                          f"scan {old}: use update() to replace it, or skip it")
+            gen, scan_rows, patch_rows = int(meta["generation"]), int(meta["scan_rows"]), int(meta["patch_rows"])
+            store.append_rows(store.vector_file(self.root, "scan", gen), scan_rows, self.dim, s[None])
+            store.append_rows(store.vector_file(self.root, "patch", gen), patch_rows, self.dim, p)
+            # Only now, with the vectors on disk, does the commit below make them visible.
+            values = fields + (scan_rows, patch_rows, len(p), store.centres_to_blob(c))
+            if old is None:
+                cur = self._conn.execute(f"INSERT INTO scans ({_COLUMNS[4:]}) VALUES ({', '.join('?' * 14)})", values)
+                scan_id = cur.lastrowid
+            else:
+                names = _COLUMNS.split(", ")[1:]
+                self._conn.execute(f"UPDATE scans SET {', '.join(n + ' = ?' for n in names)} WHERE id = ?",
+                                   values + (old,))
+                scan_id = old
+            self._set_meta(scan_rows=scan_rows + 1, patch_rows=patch_rows + len(p), version=int(meta["version"]) + 1)
+        return int(scan_id)
+
+    def add(self, record: ScanRecord, scan_vector, patch_vectors, patch_centres_lps, weights_hash=None) -> int:
+        """Add one scan atomically: (D,) scan vector, (N, D) patch vectors, (N, 3) patch centres in LPS mm.
+
+        Returns the new scan id. Refuses a scan whose (path, series_uid) is already indexed (see :meth:`update`)
+        and, when ``weights_hash`` is given, vectors of weights other than the index's.
+        """
+        return self._put(record, scan_vector, patch_vectors, patch_centres_lps, weights_hash, replace=False)
+
+    def update(self, record: ScanRecord, scan_vector, patch_vectors, patch_centres_lps, weights_hash=None) -> int:
+        """Replace the scan with the same (path, series_uid) atomically, keeping its id (adds it when absent)."""
+        return self._put(record, scan_vector, patch_vectors, patch_centres_lps, weights_hash, replace=True)
+
+    def remove(self, target: Union[int, str, os.PathLike], series_uid: Optional[str] = None) -> int:
+        """Remove a scan by id, or by path (every series of it unless ``series_uid`` is given); returns the count.
+
+        The vectors stay in the files, unreachable, until :meth:`compact`.
+        """
+        with self._writing() as meta:
+            if isinstance(target, (int, np.integer)):
+                cur = self._conn.execute("DELETE FROM scans WHERE id = ?", (int(target),))
+            elif series_uid is None:
+                cur = self._conn.execute("DELETE FROM scans WHERE path = ?", (str(target),))
+            else:
+                cur = self._conn.execute("DELETE FROM scans WHERE path = ? AND ifnull(series_uid, '') = ?",
+                                         (str(target), str(series_uid)))
+            if cur.rowcount:
+                self._set_meta(version=int(meta["version"]) + 1)
+            return cur.rowcount
+
+    def compact(self) -> dict:
+        """Rewrite the vector files without removed rows (a new generation, switched to in one commit)."""
+        with self._writing() as meta:
+            gen = int(meta["generation"])
+            rows = self._conn.execute("SELECT id, scan_row, patch_start, patch_count FROM scans ORDER BY id").fetchall()
+            old = {lv: store.map_rows(store.vector_file(self.root, lv, gen), int(meta[f"{lv}_rows"]), self.dim)
+                   for lv in store.LEVELS}
+            new = {lv: store.vector_file(self.root, lv, gen + 1) for lv in store.LEVELS}
+            for path in new.values():
+                store.create_vector_file(path, self.dim)
+            store.copy_rows(old["scan"], store.merge_runs((r[1], 1) for r in rows), new["scan"])
+            moved, patch_rows = [], 0
+            for scan_id, _, start, count in rows:  # scans in id order; a scan's patches stay contiguous
+                moved.append((patch_rows, scan_id))
+                patch_rows += count
+            store.copy_rows(old["patch"], store.merge_runs((r[2], r[3]) for r in rows), new["patch"])
+            store.fsync_dir(self.root)
+            self._conn.executemany("UPDATE scans SET scan_row = ?, patch_start = ? WHERE id = ?",
+                                   [(i, ps, sid) for i, (ps, sid) in enumerate(moved)])
+            before = int(meta["scan_rows"]), int(meta["patch_rows"])
+            self._set_meta(generation=gen + 1, scan_rows=len(rows), patch_rows=patch_rows,
+                           version=int(meta["version"]) + 1)
+        del old
+        for lv in store.LEVELS:  # readers that mapped the old files keep reading them until they reload
+            _search._unlink(store.vector_file(self.root, lv, gen))
+        self._faiss.drop_generations(gen + 1)
+        return {"generation": gen + 1, "scan_rows_dropped": before[0] - len(rows),
+                "patch_rows_dropped": before[1] - patch_rows}
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def _id_of(self, path, series_uid) -> Optional[int]:
+        row = self._conn.execute("SELECT id FROM scans WHERE path = ? AND ifnull(series_uid, '') = ifnull(?, '')",
+                                 (str(path), _opt_str(series_uid))).fetchone()
+        return None if row is None else int(row[0])
+
+    def contains(self, path, series_uid: Optional[str] = None) -> bool:
+        """Whether (path, series_uid) is indexed (``None`` matches only a scan added without a series UID)."""
+        with self._lock:
+            return self._id_of(path, series_uid) is not None
+
+    def _snapshot(self) -> store.Snapshot:
+        with self._lock:
+            self._conn.execute("BEGIN")  # both SELECTs read the same committed state
+            try:
+                meta = dict(self._conn.execute("SELECT key, value FROM meta"))
+                if self._snap is not None and int(meta["version"]) == self._snap.version:
+                    return self._snap
+                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM scans ORDER BY id").fetchall()
+            finally:
+                self._conn.execute("COMMIT")
+            self._snap = store.Snapshot(int(meta["version"]), int(meta["generation"]), int(meta["scan_rows"]),
+                                   int(meta["patch_rows"]), rows)
+            return self._snap
+
+    def _view(self, snap: store.Snapshot, level: str) -> _search.LevelView:
+        cached = self._views.get(level)
+        if cached is not None and cached[0] == snap.version:
+            return cached[1]
+        rows = snap.scan_rows if level == "scan" else snap.patch_rows
+        vectors = store.map_rows(store.vector_file(self.root, level, snap.generation), rows, self.dim)
+        old = cached[1] if cached is not None else None
+        if old is not None and old.generation == snap.generation and old.rows <= rows:
+            norms = np.concatenate([old.norms, _search.row_norms(vectors, old.rows)])  # only the appended rows
+        else:
+            norms = _search.row_norms(vectors)
+        view = _search.LevelView(level, snap.generation, vectors, norms, snap.owner(level))
+        self._views[level] = (snap.version, view)
+        return view
+
+    def _record(self, row) -> ScanRecord:
+        key = (row[0], row[10])  # (id, added_at): an update gives a new added_at
+        rec = self._records.get(key)
+        if rec is None:
+            rec = ScanRecord(row[1], row[2], row[3], row[4], json.loads(row[5]), json.loads(row[6]),
+                             json.loads(row[7]))
+            self._records[key] = rec
+        return rec
+
+    def scans(self) -> list:
+        """(scan_id, ScanRecord) of every indexed scan, by id."""
+        return [(r[0], self._record(r)) for r in self._snapshot().rows]
+
+    def get(self, scan_id: int) -> ScanRecord:
+        for r in self._snapshot().rows:
+            if r[0] == scan_id:
+                return self._record(r)
+        raise RetrievalIndexError(f"no scan with id {scan_id} in {self.root}")
+
+    def vectors(self, scan_id: int) -> tuple:
+        """(scan vector (D,), patch vectors (N, D), patch centres (N, 3) LPS mm) of one scan, as stored."""
+        for _ in range(5):
+            snap = self._snapshot()
+            row = next((r for r in snap.rows if r[0] == scan_id), None)
+            if row is None:
+                raise RetrievalIndexError(f"no scan with id {scan_id} in {self.root}")
+            try:
+                s = store.map_rows(store.vector_file(self.root, "scan", snap.generation), snap.scan_rows, self.dim)
+                p = store.map_rows(store.vector_file(self.root, "patch", snap.generation), snap.patch_rows, self.dim)
+            except FileNotFoundError:  # compacted meanwhile: read the new generation
+                self._snap = None
+                continue
+            return (np.array(s[row[11]]), np.array(p[row[12]:row[12] + row[13]]), store.blob_to_centres(row[14]))
+        raise RetrievalIndexError(f"{self.root} keeps changing generation; retry")
+
+    def search(self, query, k: int = 10, level: str = "scan", metric: str = "cosine", exclude_patient=None,
+               exclude_study=None, where: Optional[Callable[[ScanRecord], bool]] = None, backend: str = "auto",
+               max_per_scan: Optional[int] = None, weights_hash: Optional[str] = None):
+        """The ``k`` most similar scans (``level="scan"``) or patches (``"patch"``) to ``query``.
+
+        query: (D,) -> list[Hit]; (Q, D) -> one list per query. exclude_patient / exclude_study: an id or a
+        collection of ids whose scans are left out; where: keep only scans whose record it accepts;
+        max_per_scan: at most this many patch hits per scan (1 = best location in each scan);
+        backend: "exact" (numpy), "faiss", or "auto" (FAISS when installed and >= 100,000 candidate rows).
+        """
+        if level not in store.LEVELS or metric not in ("cosine", "l2") or backend not in ("auto", "exact", "faiss"):
+            raise RetrievalIndexError(f"level must be scan|patch, metric cosine|l2, backend auto|exact|faiss; got "
+                                      f"{level!r}, {metric!r}, {backend!r}")
+        if int(k) < 1 or (max_per_scan is not None and int(max_per_scan) < 1):
+            raise RetrievalIndexError("k and max_per_scan must be at least 1")
+        self._refuse_other_weights(weights_hash=weights_hash)
+        q = np.asarray(query, dtype=np.float32)
+        single = q.ndim == 1
+        if q.shape[-1:] != (self.dim,) or q.ndim > 2:
+            raise RetrievalIndexError(f"queries must be ({self.dim},) or (Q, {self.dim}); got shape {q.shape}")
+        q = q.reshape(-1, self.dim)
+        if not np.isfinite(q).all():
+            raise RetrievalIndexError("the query contains NaN or infinity: its embedding failed")
+        with self._lock:
+            for _ in range(5):
+                snap = self._snapshot()
+                try:
+                    view = self._view(snap, level)
+                    break
+                except FileNotFoundError:  # compacted between the snapshot and the file: take a new snapshot
+                    self._snap = None
+            else:
+                raise RetrievalIndexError(f"{self.root} keeps changing generation; retry")
+            allowed = view.owner >= 0
+            keep = self._scan_filter(snap, exclude_patient, exclude_study, where)
+            if keep is not None:
+                allowed &= keep[view.owner]  # a removed row's owner -1 picks the final False
+            faiss_ok = _search.faiss_module() is not None
+            if backend == "faiss" and not faiss_ok:
+                raise RetrievalIndexError("backend='faiss' needs FAISS: pip install faiss-cpu (or use backend='exact')")
+            use_faiss = backend == "faiss" or (backend == "auto" and faiss_ok
+                                               and allowed.sum() >= _search.FAISS_AUTO_MIN_ROWS)
+            run = self._faiss.search if use_faiss else _search.search_exact
+            found = run(view, q, int(k), metric, allowed, max_per_scan)
+            hits = [[self._hit(snap, view, level, r, s) for r, s in zip(rows, sims)] for rows, sims in found]
+        return hits[0] if single else hits
+
+    def _scan_filter(self, snap, exclude_patient, exclude_study, where) -> Optional[np.ndarray]:
+        if exclude_patient is None and exclude_study is None and where is None:
+            return None
+        bad_p, bad_s = _as_set(exclude_patient), _as_set(exclude_study)
+        return np.array([(r[3] is None or r[3] not in bad_p) and (r[4] is None or r[4] not in bad_s)
+                         and (where is None or bool(where(self._record(r)))) for r in snap.rows] + [False], bool)
+
+    def _hit(self, snap, view, level, row, sim) -> Hit:
+        r = snap.rows[view.owner[row]]
+        centre = store.blob_to_centres(r[14])[row - r[12]] if level == "patch" else None
+        return Hit(int(r[0]), r[1], float(sim), level, centre, r[3], r[4], self._record(r))
+
+    # ---- status --------------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        snap = self._snapshot()
+        live_patches = sum(r[13] for r in snap.rows)
+        return {
+            "path": str(self.root), "format": FORMAT, "model_id": self.model_id, "weights_hash": self.weights_hash,
+            "dim": self.dim, "preprocessing": self.preprocessing, "scans": len(snap.rows), "patches": live_patches,
+            "stored_scan_rows": snap.scan_rows, "stored_patch_rows": snap.patch_rows,
+            "removed_rows": snap.scan_rows - len(snap.rows) + snap.patch_rows - live_patches,
+            "generation": snap.generation, "bytes": store.bytes_under(self.root),
+            "faiss_available": _search.faiss_module() is not None,
+        }
+
+    def check(self, deep: bool = False) -> list:
+        """Consistency problems (empty = consistent); ``deep`` also reads every vector for NaN/infinity."""
+        with self._lock:
+            return store.check_index(self.root, self._conn, self.dim, self.model_id, self.weights_hash, deep)
+
+
+def _connect(root: Path, timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(root / store.DB_NAME), timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA synchronous = FULL")  # a returned add() survives power loss too, not only a crash
+    return conn
+
+
+def _json(value, what: str) -> str:
+    try:
+        return json.dumps(value, default=store.plain, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise RetrievalIndexError(f"the scan's {what} must be JSON-serialisable (numbers, strings, lists, dicts): {e}")
+
+
+def _opt_str(v) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+def _as_set(v) -> set:
+    if v is None:
+        return set()
+    return {str(v)} if isinstance(v, (str, int)) else {str(x) for x in v}
