@@ -8,6 +8,7 @@
     ctfm triage IMAGE --model FOLDER [--json OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
     ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
                   [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz
+    ctfm index add|query|info|remove|compact|eval INDEX ...   (similar-case retrieval: CTFMLib.retrieval.commands)
 
 Points are LPS millimetres (DICOM/ITK), or RAS (Slicer) with ``--ras``.
 ``--progress json`` prints machine-readable progress for the Slicer modules.
@@ -521,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     sal.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     sal.set_defaults(func=cmd_saliency)
+
+    from .retrieval.commands import add_index_parser  # ctfm index add|query|info|remove|compact|eval
+
+    add_index_parser(sub, _add_run_options)
     return p
 
 

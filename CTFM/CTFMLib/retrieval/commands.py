@@ -1,0 +1,478 @@
+"""``ctfm index``: build, search, inspect and evaluate a retrieval index from the command line.
+
+    ctfm index add INDEX SCANS... [--weights SRC] [--stride S[,P,L]]   (files, folders, CSV lists, DICOM trees)
+    ctfm index query INDEX IMAGE [--point X,Y,Z [--ras] | --box X0,Y0,Z0,X1,Y1,Z1] [-k K] [--exclude-patient] [--json]
+    ctfm index info INDEX [--check] [--json]
+    ctfm index remove INDEX ID_OR_PATH [--series UID]
+    ctfm index compact INDEX
+    ctfm index eval INDEX --labels CSV [-k 1,3,5,10] [--metric cosine|l2] [--json]
+
+``add`` is resumable: scans already in the index are skipped, so an interrupted run is simply
+started again; a scan that cannot be read or embedded is reported and the others go on.
+Points and boxes are LPS mm, or RAS (as Slicer shows them) with ``--ras``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXIT_ERROR = 2
+DEFAULT_WEIGHTS = "ct_fm_feature_extractor"
+RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
+
+
+def add_index_parser(sub, add_run_options) -> None:
+    """Register ``ctfm index ...`` on the main parser's subcommands."""
+    p = sub.add_parser("index", help="similar-case retrieval: build, search and evaluate an index of CT scans")
+    actions = p.add_subparsers(dest="index_action", required=True)
+
+    add = actions.add_parser("add", help="embed scans and add them (skips scans already indexed)")
+    add.add_argument("index", help="the index folder (created when it does not exist)")
+    add.add_argument("scans", nargs="+", help="image files, folders, DICOM trees or CSV lists (column 'path')")
+    add.add_argument("--weights", help=f"the encoder: model id, folder or file (default: the index's, or "
+                                       f"{DEFAULT_WEIGHTS} for a new index)")
+    add.add_argument("--stride", help="a new index's patch stride in voxels of the 3x1x1 mm grid: S or S,P,L "
+                                      "(default: the patch size 24,128,128, no overlap)")
+    add_run_options(add)
+
+    q = actions.add_parser("query", help="the scans (or places in them) most similar to an image, a point or a box")
+    q.add_argument("index")
+    q.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--point", help="X,Y,Z in mm: search for the patch around this point "
+                                       "(write --point=-X,Y,Z when it starts with a minus)")
+    where.add_argument("--box", help="X0,Y0,Z0,X1,Y1,Z1 in mm (two opposite corners): search for this region "
+                                     "(--box=-X0,... when it starts with a minus)")
+    q.add_argument("--ras", action="store_true", help="--point/--box are RAS (as Slicer shows them), not LPS; "
+                                                      "matches are printed in RAS too")
+    q.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
+    q.add_argument("--per-scan", type=int, default=1,
+                   help="point/box: at most this many places per scan (default 1: the best place in each of the "
+                        "k most similar scans; 0: no limit)")
+    q.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    q.add_argument("--exclude-patient", action="store_true",
+                   help="leave out scans of the query's patient (its DICOM PatientID)")
+    q.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    q.add_argument("--weights", help="where the index's weights are now, if they moved (default: where they were "
+                                     "when it was built; they must be the same file)")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_run_options(q)
+
+    info = actions.add_parser("info", help="what the index holds: model, settings, scans, size")
+    info.add_argument("index")
+    info.add_argument("--check", action="store_true", help="also check files and rows for consistency")
+    info.add_argument("--json", action="store_true")
+
+    rm = actions.add_parser("remove", help="remove a scan by id or path (run compact to reclaim space)")
+    rm.add_argument("index")
+    rm.add_argument("target", help="a scan id (see info/query) or the scan's path")
+    rm.add_argument("--series", help="only this DICOM series of the path")
+
+    co = actions.add_parser("compact", help="rewrite the vector files without removed scans")
+    co.add_argument("index")
+
+    ev = actions.add_parser("eval", help="leave-one-out retrieval scores of the labelled scans: HR@k, P@k, AP@k, mAP")
+    ev.add_argument("index")
+    ev.add_argument("--labels", required=True,
+                    help="CSV with columns path,label (optional series_uid; optional split = query|database, "
+                         "else every labelled scan queries all the others)")
+    ev.add_argument("-k", default="1,3,5,10", help="cut-offs, comma-separated (default: %(default)s)")
+    ev.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    ev.add_argument("--exclude-patient", action="store_true", help="leave out scans of the query's patient")
+    ev.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_index)
+
+
+def cmd_index(args) -> int:
+    from .index import RetrievalIndexError
+
+    try:
+        return {"add": cmd_add, "query": cmd_query, "info": cmd_info, "remove": cmd_remove, "compact": cmd_compact,
+                "eval": cmd_eval}[args.index_action](args)
+    except RetrievalIndexError as e:
+        print(f"ctfm: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def parse_numbers(text: str, n: int, what: str) -> np.ndarray:
+    try:
+        values = [float(v) for v in str(text).replace(";", ",").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n or not np.all(np.isfinite(values)):
+        raise ValueError(f"{what}, not {text!r}")
+    return np.asarray(values)
+
+
+def parse_stride(text):
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or min(values) < 1:
+        raise ValueError(f"--stride is one positive whole number or three (S,P,L voxels), not {text!r}")
+    return tuple(values * 3 if len(values) == 1 else values)
+
+
+def model_id_of(source: str) -> str:
+    """How an index names its weights: an absolute path for files and folders, else the id as given."""
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def load_encoder(source: str, progress=None):
+    """``(model, model_id, sha256 of the weights file)`` for a weights source."""
+    from ..weights import load_model, sha256_file, weights_file_of
+
+    model, info = load_model(source, expect="SegResEncoder", progress=progress)
+    digest = info.sha256 or sha256_file(weights_file_of(Path(info.path)))
+    return model, model_id_of(source), digest
+
+
+def run_options(args):
+    from ..embed import RunOptions
+
+    return RunOptions(device=args.device, precision=args.precision, threads=args.threads,
+                      batch_size=args.batch_size)
+
+
+def geometry_dict(image) -> dict:
+    return {"shape": list(image.shape), "spacing": image.spacing.tolist(), "origin": image.origin.tolist(),
+            "direction": image.direction.tolist()}
+
+
+def _plain_metadata(metadata: dict) -> dict:
+    """The scalar entries of an image's metadata (JSON-serialisable), for the scan's record."""
+    return {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def settings_of(index) -> dict:
+    """``patch_size``, ``spacing`` and ``stride`` keyword arguments from an index's stored settings."""
+    pre = index.preprocessing or {}
+    return {k: tuple(pre[k]) for k in ("patch_size", "spacing", "stride") if k in pre}
+
+
+# --- add ---------------------------------------------------------------------------------
+
+
+def collect_scans(sources) -> tuple:
+    """``(scans, failed sources)``: every scan the sources name, once; a missing or empty source is reported."""
+    from ..train.data import DataError, find_scans
+
+    scans, seen, failed = [], set(), []
+    for source in sources:
+        try:
+            found = find_scans([source])
+        except DataError as e:
+            failed.append(str(source))
+            print(f"ctfm: FAILED {source}: {e}", file=sys.stderr, flush=True)
+            continue
+        for scan in found:
+            if scan.key not in seen:
+                seen.add(scan.key)
+                scans.append(scan)
+    return scans, failed
+
+
+def cmd_add(args) -> int:
+    from ..embed import Runner
+    from ..progress import Cancelled, subrange
+    from ..train.data import read_scan
+    from .embedding import embedding_settings, scan_embeddings
+    from .index import RetrievalIndexError, ScanRecord, VectorIndex
+
+    scans, failed = collect_scans(args.scans)
+    total = len(scans) + len(failed)
+    root = Path(args.index)
+    existing = (root / "index.sqlite").exists()
+    todo = scans
+    if existing:
+        with VectorIndex.open(root, readonly=True) as probe:
+            source = args.weights or probe.model_id
+            settings = settings_of(probe)
+            todo = [ref for ref in scans if not probe.contains(ref.path, ref.series_uid)]
+        if args.stride and parse_stride(args.stride) != settings.get("stride"):
+            raise ValueError(f"{root} was built with stride {list(settings.get('stride', []))}; "
+                             "vectors of another stride do not mix: leave out --stride or use a new index")
+    else:
+        source = args.weights or DEFAULT_WEIGHTS
+        settings = {"stride": parse_stride(args.stride)}
+    skipped = len(scans) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(scans)} scans are already indexed: skipped", flush=True)
+    added = 0
+    if todo:  # the weights are loaded (and hashed) only when there is work
+        model, model_id, digest = load_encoder(source, args.progress_cb)
+        runner = Runner(model, run_options(args), args.progress_cb)
+        config = embedding_settings(**settings)
+        settings = {k: tuple(config[k]) for k in ("patch_size", "spacing", "stride")}
+        index = VectorIndex.open(root, weights_hash=digest) if existing else None
+        try:
+            for n, ref in enumerate(todo, 1):
+                prefix = f"[{n}/{len(todo)}] {ref.describe()}"
+                sub = subrange(args.progress_cb, (n - 1) / len(todo), n / len(todo))
+                try:
+                    if index is not None and index.contains(ref.path, ref.series_uid):
+                        skipped += 1  # another process added it meanwhile
+                        continue
+                    image = read_scan(ref)
+                    scan_vector, patches, centres = scan_embeddings(
+                        image, runner, progress=lambda f, m, sub=sub, p=prefix: sub(f, f"{p}: {m}"), **settings)
+                    if index is None:  # created with the first vector: its length is the model's
+                        index = VectorIndex.create(root, model_id, digest, scan_vector.shape[0], config)
+                    record = ScanRecord(ref.path, ref.series_uid, _opt(image.metadata.get("patient_id")),
+                                        _opt(image.metadata.get("study_uid")), geometry_dict(image), config,
+                                        {**_plain_metadata(image.metadata), "columns": dict(ref.label)})
+                    scan_id = index.add(record, scan_vector, patches, centres, weights_hash=digest)
+                    added += 1
+                    print(f"{prefix}: added as scan {scan_id} ({len(patches)} patches)", flush=True)
+                except (Cancelled, KeyboardInterrupt, RetrievalIndexError):
+                    raise  # a refusal of the index itself (other weights, locked) would repeat for every scan
+                except Exception as e:  # noqa: BLE001 - one unusable scan is reported; the others go on
+                    failed.append(ref.describe())
+                    print(f"ctfm: FAILED {ref.describe()}: {e}", file=sys.stderr, flush=True)
+        finally:
+            if index is not None:
+                index.close()
+    print(f"added {added}, already indexed {skipped}, failed {len(failed)} of {total}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+def _opt(value):
+    return None if value in (None, "") else str(value)
+
+
+# --- query -------------------------------------------------------------------------------
+
+
+def cmd_query(args) -> int:
+    from ..embed import Runner
+    from ..image import read_image
+    from .embedding import query_vector
+    from .index import VectorIndex
+
+    if args.k < 1:
+        raise ValueError("-k must be at least 1")
+    point = parse_numbers(args.point, 3, "a point is three numbers X,Y,Z in mm") if args.point else None
+    box = (parse_numbers(args.box, 6, "a box is six numbers X0,Y0,Z0,X1,Y1,Z1 in mm (two opposite corners)")
+           .reshape(2, 3) if args.box else None)
+    if args.ras and point is None and box is None:
+        raise ValueError("--ras applies to --point or --box; give one of them")
+    if args.ras:
+        point = point * RAS if point is not None else None
+        box = box * RAS if box is not None else None
+    with VectorIndex.open(args.index, readonly=True) as index:
+        source = args.weights or index.model_id
+        model, _, digest = load_encoder(source, args.progress_cb)
+        if digest != index.weights_hash:
+            raise ValueError(f"the weights {source} are not those the index was built with (sha256 {digest[:16]}... "
+                             f"!= {index.weights_hash[:16]}...); give those weights, or rebuild the index")
+        image = read_image(args.image, series_uid=args.series)
+        exclude = None
+        if args.exclude_patient:
+            exclude = _opt(image.metadata.get("patient_id"))
+            if exclude is None:
+                raise ValueError("--exclude-patient needs the query's PatientID, and this image has none "
+                                 "(only DICOM series carry one); leave out --exclude-patient")
+        runner = Runner(model, run_options(args), args.progress_cb)
+        vector = query_vector(image, runner, point_lps=point, box_lps=box, progress=args.progress_cb,
+                              **settings_of(index))
+        level = "scan" if point is None and box is None else "patch"
+        per_scan = args.per_scan if level == "patch" and args.per_scan > 0 else None
+        hits = index.search(vector, k=args.k, level=level, metric=args.metric, exclude_patient=exclude,
+                            max_per_scan=per_scan, weights_hash=digest)
+    rows = [_hit_json(rank, h, args.ras) for rank, h in enumerate(hits, 1)]
+    if args.json:
+        query = {"image": str(args.image), "level": level, "metric": args.metric,
+                 "point_lps": None if point is None else point.tolist(),
+                 "box_lps": None if box is None else box.tolist()}
+        print(json.dumps({"index": str(args.index), "query": query, "hits": rows}), flush=True)
+        return 0
+    if not rows:
+        print("no results: the index holds no (other) scans", flush=True)
+        return 0
+    space = "RAS" if args.ras else "LPS"
+    print(f"{'rank':>4}  {'similarity':>10}  {'scan':>5}  " + (f"{'matching point (' + space + ' mm)':<28}  "
+                                                              if level == "patch" else "") + "path")
+    for r in rows:
+        where = ""
+        if level == "patch":
+            c = r["centre_ras"] if args.ras else r["centre_lps"]
+            where = f"{', '.join(f'{v:.1f}' for v in c):<28}  "
+        series = f" (series {r['series_uid']})" if r["series_uid"] else ""
+        print(f"{r['rank']:>4}  {r['similarity']:>10.4f}  {r['scan_id']:>5}  {where}{r['path']}{series}")
+    return 0
+
+
+def _hit_json(rank: int, hit, ras: bool) -> dict:
+    out = {"rank": rank, "scan_id": hit.scan_id, "path": hit.path, "series_uid": hit.record.series_uid,
+           "similarity": round(float(hit.similarity), 6), "patient_id": hit.patient_id, "study_uid": hit.study_uid}
+    if hit.centre_lps is not None:
+        out["centre_lps"] = [round(float(v), 3) for v in hit.centre_lps]
+        if ras:
+            out["centre_ras"] = [round(float(v), 3) for v in np.asarray(hit.centre_lps) * RAS]
+    return out
+
+
+# --- info, remove, compact -----------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    from .index import VectorIndex
+
+    with VectorIndex.open(args.index, readonly=True) as index:
+        info = index.info()
+        if args.check:
+            info["problems"] = index.check()
+    if args.json:
+        print(json.dumps(info, default=str), flush=True)
+    else:
+        for key in ("path", "model_id", "weights_hash", "dim", "scans", "patches", "removed_rows", "bytes"):
+            print(f"{key:<14} {info.get(key)}")
+        print(f"{'settings':<14} {json.dumps(info.get('preprocessing'))}")
+        if args.check:
+            print("consistent" if not info["problems"] else "PROBLEMS:\n  " + "\n  ".join(info["problems"]))
+    return 1 if args.check and info["problems"] else 0
+
+
+def cmd_remove(args) -> int:
+    from .index import VectorIndex
+
+    target = args.target
+    if target.isdigit() and not Path(target).exists():
+        if args.series:
+            raise ValueError("--series selects a series of a path; a scan id names one scan already")
+        target = int(target)
+    else:
+        target = str(Path(target).expanduser().resolve())  # the index stores absolute paths
+    with VectorIndex.open(args.index) as index:
+        count = index.remove(target, series_uid=args.series)
+    if not count:
+        print(f"ctfm: nothing removed: no scan {args.target!r} in {args.index} (see `ctfm index info`)",
+              file=sys.stderr)
+        return 1
+    print(f"removed {count} scan(s); `ctfm index compact {args.index}` reclaims their space", flush=True)
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from .index import VectorIndex
+
+    with VectorIndex.open(args.index) as index:
+        result = index.compact()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --- eval --------------------------------------------------------------------------------
+
+
+def read_labels(path) -> list:
+    """``[(absolute path, series_uid or None, label, split)]`` from a CSV with columns path,label[,series_uid,split]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no labels file {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise ValueError(f"{path} needs columns 'path' and 'label' (it has: {', '.join(columns) or 'none'})")
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    out = []
+    for number, row in enumerate(rows, start=2):
+        if not row.get("path") or not row.get("label"):
+            raise ValueError(f"{path} row {number}: 'path' and 'label' must not be empty")
+        split = row.get("split", "").lower() or None
+        if split not in (None, "query", "database"):
+            raise ValueError(f"{path} row {number}: split must be query or database, not {row['split']!r}")
+        p = Path(row["path"]).expanduser()
+        p = (p if p.is_absolute() else path.parent / p).resolve()
+        out.append((str(p), row.get("series_uid") or None, row["label"], split))
+    return out
+
+
+def evaluate(index, labels: list, ks=(1, 3, 5, 10), metric: str = "cosine", exclude_patient: bool = False) -> dict:
+    """Leave-one-out retrieval scores of an index's labelled scans (:mod:`CTFMLib.retrieval.metrics`).
+
+    Each query scan's stored scan vector ranks every database scan but itself (and its patient's
+    with ``exclude_patient``); relevant = same label. Without a ``split`` every labelled scan is
+    both a query and in the database.
+    """
+    from . import metrics
+
+    def find(path, series):
+        for key, value in by_key.items():
+            if key[0] == path and (series is None or key[1] == series):
+                yield key, value
+
+    by_key = {(rec.path, rec.series_uid): (scan_id, rec) for scan_id, rec in index.scans()}
+    label_of, queries, database, missing = {}, [], set(), []
+    for path, series, label, split in labels:
+        found = list(find(path, series))
+        if not found:
+            missing.append(path + (f" (series {series})" if series else ""))
+        for key, (scan_id, rec) in found:
+            label_of[scan_id] = label
+            if split in (None, "query"):
+                queries.append((scan_id, rec))
+            if split in (None, "database"):
+                database.add(scan_id)
+    if not queries or not database:
+        raise ValueError("the labels name no indexed scan to query with or to search"
+                         + (f" (not in the index: {'; '.join(missing[:5])})" if missing else "")
+                         + "; add the scans first (`ctfm index add`), with the same paths")
+    db_keys = {key for key, (sid, _) in by_key.items() if sid in database}
+    relevance = []
+    for scan_id, rec in queries:
+        allowed = db_keys - {(rec.path, rec.series_uid)}  # never the query itself
+        if not allowed:
+            continue
+        hits = index.search(index.vectors(scan_id)[0], k=len(allowed), level="scan", metric=metric,
+                            exclude_patient=rec.patient_id if exclude_patient else None,
+                            where=lambda r, allowed=allowed: (r.path, r.series_uid) in allowed)
+        relevance.append([int(label_of[h.scan_id] == label_of[scan_id]) for h in hits])
+    if not relevance:
+        raise ValueError("every query's database is empty: label at least two scans")
+    result = {"queries": len(relevance), "database": len(database), "metric": metric, "not_indexed": missing,
+              "mAP": metrics.mean_average_precision(relevance)}
+    for k in ks:
+        result[f"HR@{k}"] = metrics.hit_rate_at_k(relevance, k)
+        result[f"P@{k}"] = metrics.precision_at_k(relevance, k)
+        result[f"AP@{k}"] = metrics.average_precision_at_k(relevance, k)
+    return result
+
+
+def cmd_eval(args) -> int:
+    from .index import VectorIndex
+
+    try:
+        ks = sorted({int(v) for v in str(args.k).split(",")})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise ValueError(f"-k is a list of positive whole numbers like 1,3,5,10, not {args.k!r}")
+    labels = read_labels(args.labels)
+    with VectorIndex.open(args.index, readonly=True) as index:
+        result = evaluate(index, labels, ks, args.metric, args.exclude_patient)
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return 0
+    print(f"{result['queries']} queries against {result['database']} labelled scans ({args.metric})")
+    print(f"{'k':>4}  {'HR@k':>6}  {'P@k':>6}  {'AP@k':>6}")
+    for k in ks:
+        print(f"{k:>4}  {result[f'HR@{k}']:>6.3f}  {result[f'P@{k}']:>6.3f}  {result[f'AP@{k}']:>6.3f}")
+    print(f"mAP (whole ranking): {result['mAP']:.3f}")
+    if result["not_indexed"]:
+        print(f"not in the index (left out): {'; '.join(result['not_indexed'])}", file=sys.stderr)
+    return 0
