@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_ctfm
-from CTFMLib.embed import PATCH_SIZE, RunOptions, Runner, embed_image
+from CTFMLib.embed import PATCH_SIZE, RunOptions, Runner, embed_image, patch_starts
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.retrieval import metrics
 from CTFMLib.retrieval.embedding import (
-    embedding_settings, grid_starts, patch_grid, point_patch_start, query_vector, scan_embeddings,
+    embedding_settings, patch_grid, point_patch_start, query_vector, scan_embeddings,
 )
 from ctfm_testing.checkpoints import monai_encoder
 from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom, rotation_matrix
@@ -114,10 +114,10 @@ def test_relevance_from_labels_and_semantic_distance():
 
 def test_grid_starts_by_hand():
     # 300 voxels, patch 128, stride 64: 0, 64, 128 (ends at 256 < 300) then the flush start 300 - 128 = 172.
-    assert grid_starts(300, 128, 64) == [0, 64, 128, 172]
-    assert grid_starts(300, 128, 128) == [0, 128, 172]  # embed.py's tiling
-    assert grid_starts(256, 128, 128) == [0, 128]  # already flush
-    assert grid_starts(50, 128, 8) == [0]  # shorter than a patch: one, padded
+    assert patch_starts(300, 128, 64) == [0, 64, 128, 172]
+    assert patch_starts(300, 128, 128) == [0, 128, 172]  # embed.py's tiling
+    assert patch_starts(256, 128, 128) == [0, 128]  # already flush
+    assert patch_starts(50, 128, 8) == [0]  # shorter than a patch: one, padded
     starts = patch_grid((40, 300, 256), PATCH_SIZE, stride=(8, 64, 128))
     # S: 0, 8, 16 (16 + 24 = 40 is flush); P: 4 starts as above; L: 0, 128 -> 3 * 4 * 2 patches.
     assert starts.shape == (24, 3) and starts[0].tolist() == [0, 0, 0] and starts[-1].tolist() == [16, 172, 128]

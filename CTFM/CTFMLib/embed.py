@@ -162,11 +162,12 @@ def aggregate_vectors(vectors: np.ndarray, how: str) -> np.ndarray:
     return {"mean": np.mean, "max": np.max, "min": np.min}[how](vectors, axis=0).astype(np.float32)
 
 
-def patch_starts(size: int, patch: int) -> list:
-    """Start indices of patches covering ``size`` voxels; the last one is flush with the end."""
+def patch_starts(size: int, patch: int, stride: Optional[int] = None) -> list:
+    """Start indices of patches covering ``size`` voxels, ``stride`` apart (default: ``patch``, no overlap);
+    the last one is flush with the end."""
     if size <= patch:
         return [0]
-    starts = list(range(0, size - patch + 1, patch))
+    starts = list(range(0, size - patch + 1, stride or patch))
     if starts[-1] + patch < size:
         starts.append(size - patch)
     return starts

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, _cut, _load_encoder
+from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, _cut, _load_encoder, patch_starts
 from ..image import Image, ImageError
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, Preprocessed, preprocess
 from ..progress import null_progress
@@ -76,21 +76,11 @@ def as_runner(encoder, options: Optional[RunOptions] = None, progress=None) -> R
     raise TypeError(f"encoder must be a Runner, a torch.nn.Module or a weights source, not {type(encoder).__name__}")
 
 
-def grid_starts(size: int, patch: int, stride: int) -> list:
-    """Patch starts along one axis of ``size`` voxels: 0, stride, 2 stride ... and one flush with the end."""
-    if size <= patch:
-        return [0]
-    starts = list(range(0, size - patch + 1, stride))
-    if starts[-1] + patch < size:
-        starts.append(size - patch)
-    return starts
-
-
 def patch_grid(shape, patch_size=PATCH_SIZE, stride=None) -> np.ndarray:
     """``(N, 3)`` int start indices of the patches covering a volume of ``shape`` (axis 0 slowest)."""
     patch_size = _triple(patch_size, "patch_size")
     stride = _triple(stride if stride is not None else patch_size, "stride")
-    axes = [grid_starts(int(n), p, s) for n, p, s in zip(shape, patch_size, stride)]
+    axes = [patch_starts(int(n), p, s) for n, p, s in zip(shape, patch_size, stride)]
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
@@ -201,7 +191,7 @@ def box_patch_starts(pre: Preprocessed, box_lps, patch_size=PATCH_SIZE) -> np.nd
         if n <= p:  # one patch centred on the box
             axes.append([int(np.round((lo[a] + hi[a]) / 2 - (p - 1) / 2))])
         else:
-            axes.append([int(lo[a]) + s for s in grid_starts(n, p, p)])
+            axes.append([int(lo[a]) + s for s in patch_starts(n, p, p)])
     starts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     return np.unique(_clamp_starts(starts, shape, patch_size), axis=0)
 

@@ -97,8 +97,6 @@ def _classify_task(config, scans, out, report):
     Scans are cached as :func:`CTFMLib.triage.triage_volume` gives them (HU on the SPL triage grid), the
     same function ``ctfm triage`` runs at inference, so training and inference feed the same input.
     """
-    import numpy as np
-
     from .classify import ClassifyTask, TriageScanCache
 
     c = config["classify"]
@@ -113,12 +111,7 @@ def _classify_task(config, scans, out, report):
     cache = TriageScanCache(_cache_folder(config, out), spacing=tuple(c["spacing"]))
     usable, skipped, cache = _prepare(config, scans, out, None, None, report, cache=cache)
     pairs = [(cache.get(s), labels[s.key]) for s in usable]
-    order = np.random.default_rng(int(config["run"]["seed"])).permutation(len(pairs))
-    n_val = int(round(float(config["data"].get("val_fraction", 0.0)) * len(pairs)))
-    validation = [pairs[i] for i in order[:n_val]]
-    training = [pairs[i] for i in order[n_val:]]
-    if not training:
-        raise ConfigError(f"data.val_fraction leaves no scans to train on ({len(pairs)} usable)")
+    training, validation = _split(config, pairs)
     # Probe mode keeps the frozen encoder's embeddings there (keyed by weights and scans, so never stale).
     return ClassifyTask(config, training, validation or None, cache_dir=out / "embeddings"), usable, skipped
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -475,7 +476,8 @@ class SegmentTask:
             per_scan.append(dice_scores(self.predict(model, scan, device), self.channel_labels(scan),
                                         len(self.classes)))
         scores = np.array(per_scan)
-        with np.errstate(all="ignore"), _quiet_nan_mean():
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # structures absent from every validation scan
             by_class = np.nanmean(scores, axis=0)
             mean = float(np.nanmean(np.nanmean(scores, axis=1)))
         self.last_validation = {"dice": mean, "dice_per_structure": {
@@ -505,16 +507,3 @@ class SegmentTask:
         state_net.load_state_dict(net.state_dict())
         save_pretrained(state_net, Path(folder), config, labels)
 
-
-class _quiet_nan_mean:
-    """Silences numpy's "mean of empty slice" for structures absent from every validation scan."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
