@@ -163,11 +163,11 @@ def to_sitk(image: Image):
 # --- reading --------------------------------------------------------------------
 
 
-def read_image(path, series_uid: Optional[str] = None) -> Image:
+def read_image(path, series_uid: Optional[str] = None, recursive: bool = False) -> Image:
     """Read NIfTI, NRRD, MHA/MHD, a single DICOM file, or a DICOM series folder.
 
-    A folder is read as one DICOM series; when it holds several, ``series_uid``
-    chooses one, and without it an :class:`ImageError` lists them.
+    A folder is read as one DICOM series (its subfolders too with ``recursive``); when it
+    holds several, ``series_uid`` chooses one, and without it an :class:`ImageError` lists them.
     """
     path = Path(path)
     if not path.exists():
@@ -175,7 +175,7 @@ def read_image(path, series_uid: Optional[str] = None) -> Image:
     if path.is_dir():
         from .dicom import read_dicom_series
 
-        return read_dicom_series(path, series_uid=series_uid)
+        return read_dicom_series(path, series_uid=series_uid, recursive=recursive)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         check_nifti_complete(path)  # ITK reads a cut-off NIfTI without complaint, filling the rest with zeros
     sitk = _sitk()

@@ -9,6 +9,11 @@
 
 ``add`` is resumable: scans already in the index are skipped, so an interrupted run is simply
 started again; a scan that cannot be read or embedded is reported and the others go on.
+``add`` runs under ``torchrun`` as well: the processes (one per GPU, or several on the CPU) share
+the scans and write to the one index in turn (:mod:`CTFMLib.retrieval.parallel`)::
+
+    torchrun --nproc_per_node 4 -m CTFMLib.cli index add /data/index /archive --device cuda
+
 Points and boxes are LPS mm, or RAS (as Slicer shows them) with ``--ras``.
 """
 
@@ -18,6 +23,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -31,7 +37,12 @@ def add_index_parser(sub, add_run_options) -> None:
     p = sub.add_parser("index", help="similar-case retrieval: build, search and evaluate an index of CT scans")
     actions = p.add_subparsers(dest="index_action", required=True)
 
-    add = actions.add_parser("add", help="embed scans and add them (skips scans already indexed)")
+    add = actions.add_parser(
+        "add", help="embed scans and add them (skips scans already indexed; runs under torchrun as well)",
+        description="Embed scans and add them to the index; scans already indexed are skipped, so an interrupted "
+                    "run is simply started again. Under torchrun (torchrun --nproc_per_node N -m CTFMLib.cli "
+                    "index add ...) the N processes share the scans, each on its own GPU (cuda:LOCAL_RANK with "
+                    "--device auto or cuda), and add them to the one index in turn; rank 0 prints the summary.")
     add.add_argument("index", help="the index folder (created when it does not exist)")
     add.add_argument("scans", nargs="+", help="image files, folders, DICOM trees or CSV lists (column 'path')")
     add.add_argument("--weights", help=f"the encoder: model id, folder or file (default: the index's, or "
@@ -58,6 +69,11 @@ def add_index_parser(sub, add_run_options) -> None:
     q.add_argument("--exclude-patient", action="store_true",
                    help="leave out scans of the query's patient (its DICOM PatientID)")
     q.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    q.add_argument("--exclude-scan", action="append", default=[], metavar="PATH",
+                   help="leave out the indexed scan(s) of this file or folder (e.g. the query's own case); repeatable")
+    q.add_argument("--thumbnails", metavar="DIR",
+                   help="write an axial PNG of each hit through the matched place (the scan's centre for "
+                        "whole-scan hits) into DIR; the JSON names each hit's file")
     q.add_argument("--weights", help="where the index's weights are now, if they moved (default: where they were "
                                      "when it was built; they must be the same file)")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -184,15 +200,15 @@ def collect_scans(sources) -> tuple:
     return scans, failed
 
 
-def cmd_add(args) -> int:
-    from ..embed import Runner
-    from ..progress import Cancelled, subrange
-    from ..train.data import read_scan
-    from .embedding import embedding_settings, scan_embeddings
-    from .index import RetrievalIndexError, ScanRecord, VectorIndex
+def plan_add(args) -> SimpleNamespace:
+    """What ``add`` has to do: the scans not yet indexed (``todo``), the weights ``source`` and ``settings``.
+
+    Also ``root``, ``existing`` (the index exists), ``failed`` (sources that named no scan, reported here),
+    ``skipped`` (scans already indexed) and ``total`` (scans and failed sources).
+    """
+    from .index import VectorIndex
 
     scans, failed = collect_scans(args.scans)
-    total = len(scans) + len(failed)
     root = Path(args.index)
     existing = (root / "index.sqlite").exists()
     todo = scans
@@ -210,42 +226,83 @@ def cmd_add(args) -> int:
     skipped = len(scans) - len(todo)
     if skipped:
         print(f"{skipped} of {len(scans)} scans are already indexed: skipped", flush=True)
-    added = 0
-    if todo:  # the weights are loaded (and hashed) only when there is work
-        model, model_id, digest = load_encoder(source, args.progress_cb)
-        runner = Runner(model, run_options(args), args.progress_cb)
-        config = embedding_settings(**settings)
-        settings = {k: tuple(config[k]) for k in ("patch_size", "spacing", "stride")}
-        index = VectorIndex.open(root, weights_hash=digest) if existing else None
-        try:
-            for n, ref in enumerate(todo, 1):
-                prefix = f"[{n}/{len(todo)}] {ref.describe()}"
-                sub = subrange(args.progress_cb, (n - 1) / len(todo), n / len(todo))
-                try:
-                    if index is not None and index.contains(ref.path, ref.series_uid):
-                        skipped += 1  # another process added it meanwhile
-                        continue
-                    image = read_scan(ref)
-                    scan_vector, patches, centres = scan_embeddings(
-                        image, runner, progress=lambda f, m, sub=sub, p=prefix: sub(f, f"{p}: {m}"), **settings)
-                    if index is None:  # created with the first vector: its length is the model's
-                        index = VectorIndex.create(root, model_id, digest, scan_vector.shape[0], config)
-                    record = ScanRecord(ref.path, ref.series_uid, _opt(image.metadata.get("patient_id")),
-                                        _opt(image.metadata.get("study_uid")), geometry_dict(image), config,
-                                        {**_plain_metadata(image.metadata), "columns": dict(ref.label)})
-                    scan_id = index.add(record, scan_vector, patches, centres, weights_hash=digest)
-                    added += 1
-                    print(f"{prefix}: added as scan {scan_id} ({len(patches)} patches)", flush=True)
-                except (Cancelled, KeyboardInterrupt, RetrievalIndexError):
-                    raise  # a refusal of the index itself (other weights, locked) would repeat for every scan
-                except Exception as e:  # noqa: BLE001 - one unusable scan is reported; the others go on
-                    failed.append(ref.describe())
-                    print(f"ctfm: FAILED {ref.describe()}: {e}", file=sys.stderr, flush=True)
-        finally:
-            if index is not None:
-                index.close()
+    return SimpleNamespace(root=root, existing=existing, todo=todo, failed=failed, skipped=skipped,
+                           total=len(scans) + len(failed), source=source, settings=settings)
+
+
+def add_scans(todo, runner, digest: str, config: dict, progress, index=None, create=None, label: str = "") -> tuple:
+    """Embed each scan of ``todo`` and add it to ``index``: ``(added, skipped, failed descriptions)``.
+
+    ``index``: an open index, or ``None`` and ``create(dim)`` makes it with the first vector (its length is
+    the model's). The index is closed at the end. ``label`` starts every line printed (e.g. the rank).
+    A scan that cannot be read or embedded is reported and the others go on; a refusal of the index
+    itself (other weights, locked) is raised, as it would repeat for every scan.
+    """
+    from ..progress import Cancelled, subrange
+    from ..train.data import read_scan
+    from .embedding import scan_embeddings
+    from .index import RetrievalIndexError, ScanRecord
+
+    settings = {k: tuple(config[k]) for k in ("patch_size", "spacing", "stride")}
+    added, skipped, failed = 0, 0, []
+    try:
+        for n, ref in enumerate(todo, 1):
+            prefix = f"{label}[{n}/{len(todo)}] {ref.describe()}"
+            sub = subrange(progress, (n - 1) / len(todo), n / len(todo))
+            try:
+                if index is not None and index.contains(ref.path, ref.series_uid):
+                    skipped += 1  # another process added it meanwhile
+                    continue
+                image = read_scan(ref)
+                scan_vector, patches, centres = scan_embeddings(
+                    image, runner, progress=lambda f, m, sub=sub, p=prefix: sub(f, f"{p}: {m}"), **settings)
+                if index is None:
+                    index = create(scan_vector.shape[0])
+                record = ScanRecord(ref.path, ref.series_uid, _opt(image.metadata.get("patient_id")),
+                                    _opt(image.metadata.get("study_uid")), geometry_dict(image), config,
+                                    {**_plain_metadata(image.metadata), "columns": dict(ref.label)})
+                scan_id = index.add(record, scan_vector, patches, centres, weights_hash=digest)
+                added += 1
+                print(f"{prefix}: added as scan {scan_id} ({len(patches)} patches)", flush=True)
+            except (Cancelled, KeyboardInterrupt, RetrievalIndexError):
+                raise
+            except Exception as e:  # noqa: BLE001 - one unusable scan is reported; the others go on
+                failed.append(ref.describe())
+                print(f"ctfm: {label}FAILED {ref.describe()}: {e}", file=sys.stderr, flush=True)
+    finally:
+        if index is not None:
+            index.close()
+    return added, skipped, failed
+
+
+def print_summary(added: int, skipped: int, failed: list, total: int) -> None:
     print(f"added {added}, already indexed {skipped}, failed {len(failed)} of {total}"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+
+
+def cmd_add(args) -> int:
+    from . import parallel
+
+    if parallel.requested():  # under torchrun: ranks share the work (CTFMLib.retrieval.parallel)
+        return parallel.cmd_add(args)
+    from ..embed import Runner
+    from .embedding import embedding_settings
+    from .index import VectorIndex
+
+    plan = plan_add(args)
+    added, skipped, failed = 0, plan.skipped, list(plan.failed)
+    if plan.todo:  # the weights are loaded (and hashed) only when there is work
+        model, model_id, digest = load_encoder(plan.source, args.progress_cb)
+        runner = Runner(model, run_options(args), args.progress_cb)
+        config = embedding_settings(**plan.settings)
+        index = VectorIndex.open(plan.root, weights_hash=digest) if plan.existing else None
+
+        def create(dim):
+            return VectorIndex.create(plan.root, model_id, digest, dim, config)
+
+        done, late, bad = add_scans(plan.todo, runner, digest, config, args.progress_cb, index, create)
+        added, skipped, failed = done, skipped + late, failed + bad
+    print_summary(added, skipped, failed, plan.total)
     return 1 if failed else 0
 
 
@@ -290,9 +347,13 @@ def cmd_query(args) -> int:
                               **settings_of(index))
         level = "scan" if point is None and box is None else "patch"
         per_scan = args.per_scan if level == "patch" and args.per_scan > 0 else None
+        excluded = {str(Path(p).expanduser().resolve()) for p in args.exclude_scan}
         hits = index.search(vector, k=args.k, level=level, metric=args.metric, exclude_patient=exclude,
-                            max_per_scan=per_scan, weights_hash=digest)
+                            max_per_scan=per_scan, weights_hash=digest,
+                            where=(lambda r: r.path not in excluded) if excluded else None)
     rows = [_hit_json(rank, h, args.ras) for rank, h in enumerate(hits, 1)]
+    if args.thumbnails:
+        _write_thumbnails(rows, hits, Path(args.thumbnails), args.progress_cb)
     if args.json:
         query = {"image": str(args.image), "level": level, "metric": args.metric,
                  "point_lps": None if point is None else point.tolist(),
@@ -316,13 +377,47 @@ def cmd_query(args) -> int:
 
 
 def _hit_json(rank: int, hit, ras: bool) -> dict:
+    """A hit for ``--json``: ``centre_lps`` is the matched patch's centre, or for a whole-scan hit the scan's centre."""
     out = {"rank": rank, "scan_id": hit.scan_id, "path": hit.path, "series_uid": hit.record.series_uid,
            "similarity": round(float(hit.similarity), 6), "patient_id": hit.patient_id, "study_uid": hit.study_uid}
-    if hit.centre_lps is not None:
-        out["centre_lps"] = [round(float(v), 3) for v in hit.centre_lps]
+    centre = hit.centre_lps if hit.centre_lps is not None else _scan_centre(hit.record.geometry)
+    if centre is not None:
+        out["centre_lps"] = [round(float(v), 3) for v in centre]
         if ras:
-            out["centre_ras"] = [round(float(v), 3) for v in np.asarray(hit.centre_lps) * RAS]
+            out["centre_ras"] = [round(float(v), 3) for v in np.asarray(centre) * RAS]
     return out
+
+
+def _scan_centre(geometry: dict):
+    """The LPS centre of a scan's voxel grid from its stored geometry (None when it was not stored)."""
+    try:
+        shape, spacing = np.asarray(geometry["shape"], float), np.asarray(geometry["spacing"], float)
+        origin = np.asarray(geometry["origin"], float)
+        direction = np.asarray(geometry["direction"], float).reshape(3, 3)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return origin + direction @ (spacing * (shape - 1) / 2.0)
+
+
+def _write_thumbnails(rows: list, hits: list, folder: Path, progress=None) -> None:
+    """One PNG per hit (``<rank>.png``) through its ``centre_lps``; each scan is read once and then let go."""
+    from ..image import read_image
+    from .thumbnails import write_thumbnail
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_scan = {}
+    for row, hit in zip(rows, hits):
+        row["thumbnail"] = None
+        by_scan.setdefault((hit.path, hit.record.series_uid), []).append(row)
+    for n, ((path, series), scan_rows) in enumerate(by_scan.items(), 1):
+        if progress:
+            progress(n / (len(by_scan) + 1), f"thumbnails: scan {n}/{len(by_scan)}")
+        try:
+            image = read_image(path, series, recursive=True)  # a DICOM tree too
+            for row in scan_rows:
+                row["thumbnail"] = str(write_thumbnail(image, folder / f"{row['rank']}.png", row.get("centre_lps")))
+        except Exception as e:  # noqa: BLE001 - a moved or unreadable scan costs its picture, not the results
+            print(f"ctfm: no thumbnail for {path}: {e}", file=sys.stderr, flush=True)
 
 
 # --- info, remove, compact -----------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""``ctfm index add`` under ``torchrun``: N processes embed disjoint shares of the scans into one index.
+
+    torchrun --nproc_per_node 4 -m CTFMLib.cli index add /data/index /archive --device cuda
+
+``cmd_add`` in :mod:`CTFMLib.retrieval.commands` comes here when ``WORLD_SIZE`` > 1; one process runs the
+plain path, without a process group. The processes work together like this:
+
+- **Plan, once.** Rank 0 finds the scans, leaves out those already indexed, loads the weights and, for a
+  new index, creates it (the vector length from one patch of air through the encoder), so the index is
+  created exactly once with the settings of this run. It sends the list of scans still to do to the
+  other ranks, which then load the weights (from the cache rank 0 filled: no concurrent downloads). An
+  error in this step (other weights, another stride, ...) is printed once, by rank 0; every rank exits 2.
+- **Embed, apart.** Rank r of N takes scans r, r + N, r + 2N, ... of that list, on its own device:
+  ``cuda:LOCAL_RANK`` when ``--device`` is auto or cuda and CUDA is available, else the ``--device``
+  given. On the CPU torchrun gives each process one thread (``OMP_NUM_THREADS=1``) unless ``--threads``.
+- **Write, in turn.** Every rank adds its scans to the index itself; SQLite's write lock lets one writer
+  in at a time and the others wait (up to :data:`LOCK_TIMEOUT`), each scan added atomically as in the
+  single-process add. Resumable the same way: a run started again skips the scans already added.
+- **Report.** Each rank prints its own lines (``rank r: [n/m] scan: added as scan ...`` and
+  ``ctfm: rank r: FAILED scan: reason``); only rank 0 reports ``--progress`` (over its own share, about the
+  whole when the shares are alike), so ``--progress json`` stays one JSON object a line. At the end the
+  counts and the failed inputs are gathered, rank 0 prints the summary line of the single-process add,
+  and every rank exits 1 when any input failed anywhere (then torchrun exits 1 too).
+
+The ranks talk over gloo (CPU) whatever device they embed on, with a long timeout (:data:`WAIT_TIMEOUT`):
+ranks that finish early wait for the others. One machine only: the index (SQLite WAL) must not be on a
+network file system, so a multi-node launch is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+LOCK_TIMEOUT = 24 * 3600.0  # seconds a rank waits for the index's write lock (held by another rank's add)
+WAIT_TIMEOUT = timedelta(days=7)  # how long a rank waits for the others (planning, the slowest share)
+
+
+def requested() -> bool:
+    """Whether the environment describes more than one process (torchrun's ``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """This process's device: ``cuda:LOCAL_RANK`` for auto/cuda when CUDA is available, else ``device``.
+
+    A CUDA device chosen here becomes the current one, so no process opens a context on GPU 0 as well.
+    """
+    import torch
+
+    if (device or "auto").lower() in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def share(todo: list, rank: int, world: int) -> list:
+    """The scans of ``todo`` that process ``rank`` of ``world`` embeds: every world-th, from the rank's."""
+    return todo[rank::world]
+
+
+def _join() -> bool:
+    """Join torchrun's process group (gloo); True when this module created it (and must destroy it)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 asks for several processes but this PyTorch build has no "
+                         "torch.distributed; run a single process")
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None and int(local) != int(os.environ["WORLD_SIZE"]):
+        raise ValueError("`ctfm index add` under torchrun runs on one machine (--nnodes 1): the index (SQLite "
+                         "WAL) must not be written from several machines")
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return True
+
+
+def cmd_add(args) -> int:
+    """``ctfm index add`` in one of several processes (module docstring); the exit code of this process."""
+    import torch.distributed as dist
+
+    from ..embed import Runner
+    from ..progress import null_progress
+    from . import commands
+    from .embedding import embedding_settings
+    from .index import VectorIndex
+
+    owns = _join()
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        progress = args.progress_cb if rank == 0 else null_progress
+        options = commands.run_options(args)
+        options.device = rank_device(options.device, int(os.environ.get("LOCAL_RANK", rank) or 0))
+        runner = digest = None
+        box = [None]
+        if rank == 0:
+            try:
+                plan = commands.plan_add(args)
+                if plan.todo:
+                    model, model_id, digest = commands.load_encoder(plan.source, progress)
+                    runner = Runner(model, options, progress)
+                    config = embedding_settings(**plan.settings)
+                    if plan.existing:  # other weights are refused here, once
+                        VectorIndex.open(plan.root, weights_hash=digest).close()
+                    else:
+                        dim = runner.embed(_air(config["patch_size"])).shape[1]
+                        VectorIndex.create(plan.root, model_id, digest, dim, config).close()
+                box = [vars(plan)]
+            except BaseException:
+                dist.broadcast_object_list([{"error": True}], src=0)
+                raise
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+        if plan.get("error"):
+            return commands.EXIT_ERROR  # rank 0 printed why
+
+        mine = share(plan["todo"], rank, world)
+        added, skipped, failed = 0, 0, []
+        if mine:
+            if runner is None:
+                model, _, digest = commands.load_encoder(plan["source"], progress)
+                runner = Runner(model, options, progress)
+            config = embedding_settings(**plan["settings"])
+            index = VectorIndex.open(plan["root"], weights_hash=digest, timeout=LOCK_TIMEOUT)
+            added, skipped, failed = commands.add_scans(mine, runner, digest, config, progress, index,
+                                                        label=f"rank {rank}: ")
+
+        results = [None] * world
+        dist.all_gather_object(results, (added, skipped, failed))
+        failed = list(plan["failed"]) + [f for r in results for f in r[2]]
+        if rank == 0:
+            commands.print_summary(sum(r[0] for r in results), plan["skipped"] + sum(r[1] for r in results),
+                                   failed, plan["total"])
+        dist.barrier()  # no rank exits (and has torchrun stop the others) before the summary is out
+        return 1 if failed else 0
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _air(patch_size):
+    import numpy as np
+
+    return np.zeros((1, *patch_size), dtype=np.float32)
