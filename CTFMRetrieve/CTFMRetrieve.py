@@ -1,10 +1,11 @@
-"""CT-FM Retrieve module: find cases similar to a CT volume by their CT-FM embeddings.
+"""CT-FM Retrieve module: find cases and places similar to the current view in an index of CT-FM embeddings.
 
-This version lays out the panel, checks the inputs and shows results as a
-table; searching an index arrives in a later version, and the Find similar
-button says so.
+The panel binds its .ui to a parameter node and calls :class:`CTFMRetrieveLib.logic.CTFMRetrieveLogic`;
+adding cases and searching run as ``ctfm index`` child processes (Slicer stays responsive; the
+button that started the work reads Cancel and kills the process tree).
 """
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ from typing import Annotated
 
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -41,11 +42,10 @@ def _addCTFMPackagesToPath():
 
 _addCTFMPackagesToPath()
 
-from CTFMRetrieveLib.logic import NOT_AVAILABLE_MESSAGE, RESULT_COLUMNS, RETRIEVAL_AVAILABLE  # noqa: E402
+from CTFMRetrieveLib.logic import RESULT_COLUMNS  # noqa: E402
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
-
 
 
 #
@@ -63,8 +63,10 @@ class CTFMRetrieve(ScriptedLoadableModule):
         self.parent.dependencies = ["CTFM"]  # its CTFMLib and CTFMSlicer packages
         self.parent.contributors = ["CT-FM Slicer extension contributors"]
         self.parent.helpText = _(
-            "Find cases similar to a CT volume in an index of CT-FM embeddings. This version checks the "
-            "inputs; searching the index arrives in a later version."
+            "Find cases similar to a CT volume, or the places in them most like the one under the crosshair or "
+            "inside an ROI, in an index of CT-FM embeddings. Create an index by choosing an empty folder and adding "
+            "loaded volumes or a folder of scans; double-click a result to load the case with the crosshair on the "
+            "matched place. The same index works from the command line: ctfm index add|query|info."
         )
         self.parent.acknowledgementText = _(
             "CT-FM was developed by the AIM Program (Mass General Brigham, Harvard Medical School, Maastricht University). "
@@ -81,15 +83,29 @@ class CTFMRetrieve(ScriptedLoadableModule):
 class CTFMRetrieveParameterNode:
     """The retrieval module's state, saved with the scene.
 
-    indexPath - the index of embedded cases.
+    indexPath - the index folder (an empty or new folder for a new index).
+    weights - the encoder of a new index (model id, folder or file; empty: the published feature extractor).
+    addFolder - a folder of scans (or a file, or a CSV list) to add.
     inputVolume - the query volume.
-    numberOfResults - how many similar cases to list.
-    resultsTable - the ranked results (case, similarity).
+    queryMode - crosshair (the place around the crosshair), roi (a markups ROI) or scan (the whole scan).
+    queryRoi - the region for roi mode.
+    numberOfResults - how many cases to list.
+    excludeQueryCase - leave out the indexed case the query volume came from.
+    thumbnails - draw an axial picture of each match.
+    device - where embeddings are computed.
+    resultsTable - the ranked results.
     """
 
     indexPath: Path
+    weights: str = ""
+    addFolder: Path
     inputVolume: vtkMRMLScalarVolumeNode
+    queryMode: Annotated[str, Choice(["crosshair", "roi", "scan"])] = "crosshair"
+    queryRoi: vtkMRMLMarkupsROINode
     numberOfResults: Annotated[int, WithinRange(1, 100)] = 10
+    excludeQueryCase: bool = True
+    thumbnails: bool = True
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     resultsTable: vtkMRMLTableNode
 
 
@@ -99,43 +115,200 @@ class CTFMRetrieveParameterNode:
 
 
 class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The retrieval module's panel."""
+    """The retrieval module's panel: Index, Find similar, Similar cases."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._jobButton = None  # the button that started the running job; it reads Cancel meanwhile
+        self._statisticsFor = None  # the index path the statistics line describes
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         self.loadModuleUI("CTFMRetrieve.ui")
-
         self.logic = CTFMRetrieveLogic()
-
         self.observeSceneClose()
-
+        # Add loaded volumes is possible only once there are volumes.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._updateState)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateState)
+        self._idleText = {self.ui.addVolumesButton: self.ui.addVolumesButton.text,
+                          self.ui.addFolderButton: self.ui.addFolderButton.text,
+                          self.ui.findSimilarButton: self.ui.findSimilarButton.text}
+        self.ui.addVolumesButton.connect("clicked(bool)", self.onAddVolumes)
+        self.ui.addFolderButton.connect("clicked(bool)", self.onAddFolder)
+        self.ui.refreshStatisticsButton.connect("clicked(bool)", lambda: self.updateStatistics(force=True))
         self.ui.findSimilarButton.connect("clicked(bool)", self.onFindSimilar)
-
+        self.ui.showResultButton.connect("clicked(bool)", self.onShowResult)
+        # The view may sort rows: act on the selected table row (a double-click selects it), not the view's row.
+        self.ui.resultsTableView.connect("doubleClicked(QModelIndex)", lambda index: self.onShowResult())
+        self.ui.resultsTableView.connect("selectionChanged()", self.onResultSelected)
         self.initializeParameterNode()
 
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.logic:
+            self.logic.clearThumbnails()
+
+    # --- state -------------------------------------------------------------------------
 
     def _updateState(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        problems = self.logic.inputProblems(p.indexPath, p.inputVolume) if p else [_("No parameter node")]
-        self.ui.findSimilarButton.enabled = not problems
-        self.ui.findSimilarButton.toolTip = "\n".join(problems) if problems else _("Search the index for similar cases.")
-        self.ui.resultsTableView.setMRMLTableNode(p.resultsTable if p else None)
+        self.ui.queryRoiLabel.visible = self.ui.queryRoiSelector.visible = bool(p) and p.queryMode == "roi"
+        table = p.resultsTable if p else None
+        if self.ui.resultsTableView.mrmlTableNode() != table:  # re-setting would drop the selection
+            self.ui.resultsTableView.setMRMLTableNode(table)
+        self.updateStatistics()
+        if self._jobButton is not None:
+            for button in self._idleText:
+                button.enabled = button is self._jobButton
+            return
+        addProblem = self.logic.indexProblem(p.indexPath, forAdding=True) if p else _("No parameter node")
+        self._enable(self.ui.addVolumesButton, addProblem or (None if self.logic.volumesToAdd() else
+                                                              _("Load CT volumes first.")),
+                     _("Embed the scene's CT volumes and add them to the index."))
+        folderProblem = None if (p and p.addFolder and str(p.addFolder) not in ("", ".")) else _("Choose a folder.")
+        self._enable(self.ui.addFolderButton, addProblem or folderProblem,
+                     _("Embed every scan in the folder and add it to the index (already indexed scans are skipped)."))
+        problems = self.logic.queryProblems(p.indexPath, p.inputVolume, p.queryMode, p.queryRoi) if p else [
+            _("No parameter node")]
+        self._enable(self.ui.findSimilarButton, "\n".join(problems) or None,
+                     _("Search the index; the button then cancels the search."))
+        self._updateShowButton()
+
+    @staticmethod
+    def _enable(button, problem, idleToolTip: str) -> None:
+        button.enabled = not problem
+        button.toolTip = problem or idleToolTip
+
+    def updateStatistics(self, force: bool = False) -> None:
+        """The Holds: line, read again when the index path changed (or ``force``)."""
+        path = self._parameterNode.indexPath if self._parameterNode else None
+        if force or path != self._statisticsFor:
+            self._statisticsFor = path
+            self.ui.indexStatisticsLabel.text = self.logic.indexStatisticsText(path)
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def _cancelIfRunning(self, button) -> bool:
+        if self._jobButton is not button or self._runner is None:
+            return False
+        self.cancelRunner()
+        return True
+
+    def _startJob(self, button, runner, bar) -> None:
+        self._jobButton = button
+        self.followRunner(runner)
+        bar.visible = True
+        bar.setRange(0, 0)
+        button.text = _("Cancel")
+        self._updateState()
+
+    def _endJob(self, bar) -> None:
+        if self._jobButton is not None:
+            self._jobButton.text = self._idleText[self._jobButton]
+        self._runner, self._jobButton = None, None
+        bar.visible = False
+        self._updateState()
+
+    def _progress(self, bar, label):
+        def progress(fraction, message: str = "") -> None:
+            self.showFraction(bar, fraction)
+            if message:
+                label.text = message
+
+        return progress
+
+    def _startAdd(self, button, volumeNodes=(), folders=()) -> None:
+        if self._cancelIfRunning(button):
+            self.ui.indexStatusLabel.text = _("Cancelling... (cases added so far stay in the index)")
+            return
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        p = self._parameterNode
+        self.ui.indexStatusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Failed to add cases to the index."), waitCursor=True):
+            ensure_dependencies()
+            runner = self.logic.startAdd(p.indexPath, volumeNodes, folders, p.weights, p.device,
+                                         on_progress=self._progress(self.ui.indexProgressBar, self.ui.indexStatusLabel),
+                                         on_done=self._onAddDone)
+            self._startJob(button, runner, self.ui.indexProgressBar)
+
+    def onAddVolumes(self) -> None:
+        self._startAdd(self.ui.addVolumesButton, volumeNodes=self.logic.volumesToAdd())
+
+    def onAddFolder(self) -> None:
+        self._startAdd(self.ui.addFolderButton, folders=[self._parameterNode.addFolder])
+
+    def _onAddDone(self, outcome, message: str) -> None:
+        self._endJob(self.ui.indexProgressBar)
+        self.ui.indexStatusLabel.text = message
+        if outcome is None and message != "Cancelled.":
+            logging.error(f"CT-FM Retrieve: adding cases failed: {message}")
+        self.updateStatistics(force=True)
 
     def onFindSimilar(self) -> None:
-        p = self._parameterNode
-        problems = self.logic.inputProblems(p.indexPath, p.inputVolume)
-        if problems:
-            self.ui.statusLabel.text = "\n".join(problems)
+        if self._cancelIfRunning(self.ui.findSimilarButton):
+            self.ui.statusLabel.text = _("Cancelling...")
             return
-        if not RETRIEVAL_AVAILABLE:
-            # Honest placeholder: the inputs are valid, but no search runs in this version.
-            self.ui.statusLabel.text = NOT_AVAILABLE_MESSAGE
-            slicer.util.infoDisplay(NOT_AVAILABLE_MESSAGE, windowTitle=_("CT-FM Retrieve"))
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        p = self._parameterNode
+        self.ui.statusLabel.text = ""
+        with slicer.util.tryWithErrorDisplay(_("Failed to search the index."), waitCursor=False):
+            ensure_dependencies()
+            runner = self.logic.startQuery(p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults,
+                                           p.excludeQueryCase, p.thumbnails, p.device,
+                                           on_progress=self._progress(self.ui.retrieveProgressBar, self.ui.statusLabel),
+                                           on_done=self._onQueryDone)
+            self._startJob(self.ui.findSimilarButton, runner, self.ui.retrieveProgressBar)
+
+    def _onQueryDone(self, hits, message: str) -> None:
+        self._endJob(self.ui.retrieveProgressBar)
+        self.ui.statusLabel.text = message
+        if hits is None:
+            if message != "Cancelled.":
+                logging.error(f"CT-FM Retrieve: search failed: {message}")
+            return
+        p = self._parameterNode
+        table = p.resultsTable
+        p.resultsTable = self.logic.resultsTableNode(hits, tableNode=table if table else None)
+        self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
+        self.onResultSelected()
+
+    # --- results -----------------------------------------------------------------------
+
+    def _selectedRow(self):
+        rows = self.ui.resultsTableView.selectedMRMLTableRowIndices()  # rows of the table node (0-based)
+        return rows[0] if rows else None
+
+    def _updateShowButton(self) -> None:
+        self.ui.showResultButton.enabled = self._selectedRow() is not None
+
+    def onResultSelected(self) -> None:
+        import qt
+
+        self._updateShowButton()
+        row, table = self._selectedRow(), self._parameterNode.resultsTable if self._parameterNode else None
+        thumbnail = self.logic.resultOfRow(table, row)["thumbnail"] if row is not None and table else None
+        if thumbnail and os.path.isfile(thumbnail):
+            self.ui.thumbnailLabel.setPixmap(qt.QPixmap(thumbnail))
+        else:
+            self.ui.thumbnailLabel.clear()
+
+    def onShowResult(self) -> None:
+        row = self._selectedRow()
+        if row is not None:
+            self.showResult(row)
+
+    def showResult(self, row: int) -> None:
+        """Load the row's case (or switch to it), show it, and put the crosshair on the matched place."""
+        table = self._parameterNode.resultsTable
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the case."), waitCursor=True):
+            node, ras = self.logic.showResult(table, row)
+            slicer.util.setSliceViewerLayers(background=node, fit=False)  # the logic centred the views on the match
+            self.ui.statusLabel.text = _("Showing {case} at R {r:.1f}, A {a:.1f}, S {s:.1f} mm.").format(
+                case=node.GetName(), r=ras[0], a=ras[1], s=ras[2])
 
 
 #
@@ -144,10 +317,11 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
 
 class CTFMRetrieveLogic(ScriptedLoadableModuleLogic, CTFMRetrieveCoreLogic):
-    """Slicer's module logic plus CTFMRetrieveLib's input checks and results table."""
+    """Slicer's module logic plus CTFMRetrieveLib's index, search and results."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        CTFMRetrieveCoreLogic.__init__(self)
 
     def getParameterNode(self):
         return CTFMRetrieveParameterNode(super().getParameterNode())
@@ -165,42 +339,112 @@ class CTFMRetrieveTest(ScriptedLoadableModuleTest):
           --python-code "import slicer.testing; slicer.testing.runUnitTest(['CTFMRetrieve'], 'CTFMRetrieve')"
 
     or ctest (py_CTFMRetrieve) in an extension build, or Reload and Test in developer mode; see Testing/SlicerTests.md.
+    The logic behind the panel is tested without the application in Testing/test_retrieve_slicer.py.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_ResultsTable, self.test_FindSimilarButtonState):
+        for test in (self.test_ResultsTable, self.test_ButtonStates, self.test_AddFindAndShow):
             self.setUp()
             test()
 
-    def test_ResultsTable(self):
-        """Results are ranked by decreasing similarity and shown in the table view."""
-        self.delayDisplay("Results table")
-        logic = CTFMRetrieveLogic()
-        table = logic.resultsTableNode([("case-b", 0.2), ("case-a", 0.9), ("case-c", 0.5)])
-        self.assertEqual([table.GetColumnName(c) for c in range(table.GetNumberOfColumns())], list(RESULT_COLUMNS))
-        self.assertEqual([table.GetCellText(r, 1) for r in range(3)], ["case-a", "case-c", "case-b"])
-        self.assertEqual([table.GetCellText(r, 0) for r in range(3)], ["1", "2", "3"])
+    def _widget(self):
         widget = slicer.modules.ctfmretrieve.widgetRepresentation().self()
         widget.initializeParameterNode()
+        return widget
+
+    def _wait(self, widget, seconds: float = 300.0) -> None:
+        import time
+
+        deadline = time.time() + seconds
+        while widget._runner is not None and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertIsNone(widget._runner, "the job did not finish in time")
+
+    def test_ResultsTable(self):
+        """Results are ranked by decreasing similarity and shown in the table view, locations in RAS."""
+        import numpy as np
+
+        from CTFMRetrieveLib.jobs import QueryHit
+
+        self.delayDisplay("Results table")
+        hits = [QueryHit(2, 0.5, 7, "/data/b.nii.gz", None, np.array([10.0, -20.0, 30.0]), "patch"),
+                QueryHit(1, 0.9, 3, "/data/a.nrrd", None, np.array([1.0, 2.0, 3.0]), "patch")]
+        table = CTFMRetrieveLogic().resultsTableNode(hits)
+        self.assertEqual([table.GetColumnName(c) for c in range(table.GetNumberOfColumns())], list(RESULT_COLUMNS))
+        self.assertEqual([table.GetCellText(r, 2) for r in range(2)], ["a", "b"])
+        self.assertEqual([float(table.GetCellText(1, c)) for c in (3, 4, 5)], [-10.0, 20.0, 30.0])
+        widget = self._widget()
         widget.logic.getParameterNode().resultsTable = table
         self.assertEqual(widget.ui.resultsTableView.mrmlTableNode(), table)
 
-    def test_FindSimilarButtonState(self):
-        """Find similar needs an existing index and a query volume."""
+    def test_ButtonStates(self):
+        """Find similar needs an index and a query volume; adding needs an index folder and volumes."""
         import tempfile
 
         import numpy as np
 
-        self.delayDisplay("Find similar button")
-        widget = slicer.modules.ctfmretrieve.widgetRepresentation().self()
-        widget.initializeParameterNode()
+        self.delayDisplay("Button states")
+        widget = self._widget()
         parameterNode = widget.logic.getParameterNode()
         parameterNode.inputVolume = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), dtype=np.int16), name="query")
+        parameterNode.queryMode = "scan"
         self.assertFalse(widget.ui.findSimilarButton.enabled)  # no index yet
         with tempfile.TemporaryDirectory() as folder:
             parameterNode.indexPath = Path(folder)
-            self.assertTrue(widget.ui.findSimilarButton.enabled)
+            self.assertTrue(widget.ui.addVolumesButton.enabled)  # an empty folder takes a new index
+            self.assertFalse(widget.ui.findSimilarButton.enabled)  # but holds nothing to search yet
         self.assertFalse(widget.ui.retrieveProgressBar.visible)
+
+    def test_AddFindAndShow(self):
+        """Add two phantoms with a tiny random encoder, find the place under the crosshair, double-click the best."""
+        import tempfile
+
+        import numpy as np
+
+        from CTFMLib.image import Image
+
+        self.delayDisplay("Add, find similar, show")
+        with tempfile.TemporaryDirectory() as folder:
+            weights = self._tinyEncoder(Path(folder) / "encoder")
+            widget = self._widget()
+            p = widget.logic.getParameterNode()
+            rng = np.random.default_rng(0)
+            for name in ("case-a", "case-b"):
+                hu = np.where(rng.random((48, 48, 30)) > 0.5, 40, -1000).astype(np.int16)
+                from CTFMSlicer.nodes import volume_node_from_image
+
+                volume_node_from_image(Image(hu, spacing=np.array([2.0, 2.0, 4.0])), name=name)
+            p.indexPath, p.weights, p.device = Path(folder) / "index", str(weights), "cpu"
+            widget.ui.addVolumesButton.click()
+            self._wait(widget)
+            self.assertIn("Added 2", widget.ui.indexStatusLabel.text)
+            p.inputVolume, p.queryMode, p.excludeQueryCase = slicer.util.getNode("case-a"), "crosshair", False
+            slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode").SetCrosshairRAS(-20.0, -20.0, 20.0)
+            widget.ui.findSimilarButton.click()
+            self._wait(widget)
+            self.assertEqual(p.resultsTable.GetNumberOfRows(), 2, widget.ui.statusLabel.text)
+            widget.showResult(0)
+            crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode").GetCrosshairRAS()
+            row = widget.logic.resultOfRow(p.resultsTable, 0)
+            np.testing.assert_allclose(crosshair, row["ras"], atol=1e-6)
+
+    @staticmethod
+    def _tinyEncoder(folder):
+        """A 4-filter SegResEncoder in the published layout (needs MONAI, as the extension's tests do)."""
+        import json
+
+        import torch
+        from monai.networks.nets.segresnet_ds import SegResEncoder
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True)
+        config = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 1, 1]}
+        torch.manual_seed(0)
+        model = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=4, blocks_down=(1, 1, 1, 1))
+        (folder / "config.json").write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        return folder

@@ -1,5 +1,5 @@
 """The modules' Qt-free logic on a real MRML scene (slicer-core): CTFMSlicer.logic and
-.dependencies, CTFMSegmentLib, CTFMRetrieveLib.
+.dependencies, CTFMSegmentLib (CTFMRetrieveLib: test_retrieve_slicer.py).
 
 Embeddings use a tiny random-weights encoder written to tmp_path in the
 published layout, and are compared with CTFMLib's own embedding of the same
@@ -214,31 +214,6 @@ def test_segment_refuses_vector_volume(mrml_scene):
 
     rgb = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6, 3), dtype=np.uint8), nodeClassName="vtkMRMLVectorVolumeNode")
     assert any("scalar" in p for p in CTFMSegmentLogic().inputProblems(rgb, "whole-body"))
-
-
-# --- CTFMRetrieveLib ---------------------------------------------------------------------------
-
-
-def test_retrieve_results_are_ranked(mrml_scene):
-    from CTFMRetrieveLib.logic import RESULT_COLUMNS, CTFMRetrieveLogic
-
-    node = CTFMRetrieveLogic().resultsTableNode([("case-b", 0.2), ("case-a", 0.9), ("case-c", 0.5)])
-    assert [node.GetColumnName(c) for c in range(node.GetNumberOfColumns())] == list(RESULT_COLUMNS)
-    rows = rows_from_table_node(node)
-    assert [r["case"] for r in rows] == ["case-a", "case-c", "case-b"]
-    assert [r["rank"] for r in rows] == [1, 2, 3]
-    assert [r["similarity"] for r in rows] == pytest.approx([0.9, 0.5, 0.2])
-
-
-def test_retrieve_input_checks(mrml_scene, tmp_path):
-    from CTFMRetrieveLib.logic import CTFMRetrieveLogic
-
-    logic = CTFMRetrieveLogic()
-    ct = volume_node_from_image(body_phantom(**GEOMETRIES["lps"]), name="query")
-    assert logic.inputProblems(tmp_path, ct) == []
-    assert any("index" in p.lower() for p in logic.inputProblems(Path(), ct))
-    assert any("does not exist" in p for p in logic.inputProblems(tmp_path / "nope.db", ct))
-    assert any("volume" in p.lower() for p in logic.inputProblems(tmp_path, None))
 
 
 # --- embedding in a child process (what the widget uses) ---------------------------------

@@ -67,7 +67,11 @@ REQUIRED_WIDGETS = {
         "segmentButton", "segmentProgressBar", "logTextEdit",
     },
     "CTFMRetrieve": {
-        "indexPathLineEdit", "inputVolumeSelector", "findSimilarButton", "resultsTableView", "retrieveProgressBar",
+        "indexPathLineEdit", "weightsLineEdit", "indexStatisticsLabel", "addVolumesButton", "addFolderPathLineEdit",
+        "addFolderButton", "indexProgressBar", "indexStatusLabel", "inputVolumeSelector", "queryModeComboBox",
+        "queryRoiSelector", "numberOfResultsSpinBox", "excludeQueryCaseCheckBox", "thumbnailsCheckBox",
+        "deviceComboBox", "findSimilarButton", "retrieveProgressBar", "statusLabel", "resultsTableView",
+        "thumbnailLabel", "showResultButton",
     },
 }
 
@@ -102,6 +106,8 @@ REQUIRED_CHOICES = {
     ("CTFMSegment", "device"): ["auto", "cpu", "cuda", "mps"],
     ("CTFMSegment", "model"): segment_model_choices(),
     ("CTFMSegment", "quality"): ["full", "fast"],
+    ("CTFMRetrieve", "queryMode"): ["crosshair", "roi", "scan"],
+    ("CTFMRetrieve", "device"): ["auto", "cpu", "cuda", "mps"],
 }
 ACTION_BUTTONS = {"CTFM": "computeEmbeddingButton", "CTFMSegment": "segmentButton", "CTFMRetrieve": "findSimilarButton"}
 # Parameter-node fields that are deliberately not bound to a widget.

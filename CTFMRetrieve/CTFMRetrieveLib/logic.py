@@ -1,43 +1,166 @@
-"""What the CT-FM Retrieve module can already do: check inputs, show results as a table.
+"""The CT-FM Retrieve module's logic: MRML in, ``ctfm index`` child processes, MRML out (no Qt).
 
-Searching an index of embeddings arrives in a later version; until then
-:data:`RETRIEVAL_AVAILABLE` is False and the module says so.
+- Index: :meth:`indexProblem`, :meth:`indexStatistics`; :meth:`startAdd` adds loaded volumes
+  (written into the index folder when they exist only in the scene) and/or folders.
+- Find similar: :meth:`startQuery` from the crosshair (the place around a point), a markups ROI
+  (a box) or the whole scan; world RAS in, LPS to the child.
+- Results: :meth:`resultsTableNode`; :meth:`showResult` loads a hit's case and puts the crosshair
+  and a point on the matched location (RAS).
+
+``CTFMRetrieve.py`` subclasses :class:`CTFMRetrieveLogic` together with Slicer's
+``ScriptedLoadableModuleLogic``; scripts and tests use it directly.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Optional, Sequence
 
-from CTFMLib.image import ImageError
-from CTFMSlicer.nodes import check_scalar_volume, table_node_from_rows
+import numpy as np
 
-RETRIEVAL_AVAILABLE = False
-NOT_AVAILABLE_MESSAGE = (
-    "Similar-case retrieval is not available yet in this version of CT-FM. "
-    "The inputs are checked, but no index is searched."
-)
-RESULT_COLUMNS = ("rank", "case", "similarity")
+from CTFMSlicer.nodes import ras_to_lps
+from CTFMSlicer.overlay import crosshair_ras, roi_lps_box
+
+from . import cases, jobs, results
+from .cases import index_folder_problem, path_is_set
+from .results import RESULT_COLUMNS, RESULTS_TABLE_NAME  # noqa: F401  (part of the logic's interface)
+
+QUERY_MODES = jobs.QUERY_MODES
+DEVICES = jobs.DEVICES
 
 
 class CTFMRetrieveLogic:
-    """Input checks and the results table of the CT-FM Retrieve module."""
+    """Index, search and show similar cases for the CT-FM Retrieve module."""
 
-    def inputProblems(self, indexPath, volumeNode) -> list:
-        """Everything that keeps a search from running; empty when the inputs are usable."""
-        problems = []
-        if indexPath is None or str(indexPath) in ("", "."):
-            problems.append("Choose an index of embedded cases.")
-        elif not Path(indexPath).exists():
-            problems.append(f"The index {indexPath} does not exist.")
-        try:
-            check_scalar_volume(volumeNode)
-        except ImageError as e:
-            problems.append(f"Query volume: {e}.")
+    def __init__(self) -> None:
+        self._thumbnails: Optional[Path] = None  # the last query's thumbnail PNGs, removed with the next query
+
+    # --- checks ------------------------------------------------------------------------
+
+    def indexProblem(self, indexPath, forAdding: bool = False) -> Optional[str]:
+        return index_folder_problem(indexPath, must_exist=not forAdding)
+
+    def queryProblems(self, indexPath, volumeNode, mode: str = "scan", roiNode=None, scene=None) -> list:
+        """Everything that keeps a search from running; empty when it can run."""
+        problems = [p for p in (self.indexProblem(indexPath),) if p]
+        problem = cases.check_volume(volumeNode)
+        if problem:
+            problems.append(f"Query volume: {problem}")
+        if mode not in QUERY_MODES:
+            problems.append(f"Unknown query mode '{mode}'.")
+        elif mode == "roi":
+            try:
+                roi_lps_box(roiNode)
+            except ValueError as e:
+                problems.append(f"{e}.")
+        elif mode == "crosshair":
+            try:
+                crosshair_ras(scene)
+            except ValueError as e:
+                problems.append(f"{e}.")
         return problems
 
-    def resultsTableNode(self, results: Iterable, tableNode=None, name: str = "CT-FM similar cases", scene=None):
-        """``(case, similarity)`` pairs as a table ranked by decreasing similarity (rank 1 = most similar)."""
-        ranked = sorted(((str(case), float(score)) for case, score in results), key=lambda r: -r[1])
-        rows = [(rank, case, score) for rank, (case, score) in enumerate(ranked, start=1)]
-        return table_node_from_rows(rows, name=name, columns=RESULT_COLUMNS, scene=scene, node=tableNode)
+    # --- index -------------------------------------------------------------------------
+
+    def indexStatistics(self, indexPath) -> Optional[dict]:
+        """``ctfm index info`` of the index, or None when the folder holds none yet."""
+        return cases.index_statistics(indexPath) if cases.is_index(indexPath) else None
+
+    def indexStatisticsText(self, indexPath) -> str:
+        """One line saying what the index holds, or why it cannot be read."""
+        if not path_is_set(indexPath):
+            return "No index chosen."
+        if not cases.is_index(indexPath):
+            problem = self.indexProblem(indexPath, forAdding=True)
+            return problem or "A new index: add cases to create it."
+        try:
+            return cases.statistics_text(self.indexStatistics(indexPath))
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign index is reported, not raised into the GUI
+            return f"The index cannot be read: {e}"
+
+    def volumesToAdd(self, scene=None) -> list:
+        import slicer
+
+        return cases.volumes_to_add(scene or slicer.mrmlScene)
+
+    def startAdd(self, indexPath, volumeNodes: Sequence = (), folders: Sequence = (), weights: str = "",
+                 device: str = "auto", on_progress: Optional[Callable] = None, on_done: Optional[Callable] = None):
+        """Add volume nodes and folders (files, DICOM trees) to the index in a child process; returns its runner.
+
+        Volume nodes that exist only in the scene are first written to ``<index>/volumes``.
+        ``on_done(outcome, message)``: see :func:`CTFMRetrieveLib.jobs.start_add`.
+        """
+        problem = self.indexProblem(indexPath, forAdding=True)
+        if problem:
+            raise ValueError(problem)
+        paths = []
+        for node in volumeNodes:
+            problem = cases.check_volume(node)
+            if problem:
+                raise ValueError(f"Volume '{node.GetName() if node else None}': {problem}")
+            paths.append(cases.volume_file_for_index(node, indexPath))
+        for folder in folders:
+            if not path_is_set(folder) or not Path(folder).exists():
+                raise ValueError(f"There is no folder or file {folder} to add.")
+            paths.append(Path(folder).resolve())
+        if not paths:
+            raise ValueError("Nothing to add: load volumes or choose a folder.")
+        paths = list(dict.fromkeys(str(p) for p in paths))  # the same file twice is added once
+        return jobs.start_add(indexPath, paths, weights or None, device, on_progress, on_done)
+
+    # --- search ------------------------------------------------------------------------
+
+    def queryRegion(self, mode: str, roiNode=None, scene=None) -> dict:
+        """``point_lps`` (crosshair) or ``box_lps`` (ROI) for :func:`jobs.start_query`, from world RAS."""
+        if mode == "crosshair":
+            return {"point_lps": ras_to_lps(crosshair_ras(scene))}
+        if mode == "roi":
+            return {"box_lps": np.concatenate(roi_lps_box(roiNode))}
+        return {}
+
+    def startQuery(self, indexPath, volumeNode, mode: str = "crosshair", roiNode=None, k: int = 10,
+                   excludeQueryCase: bool = True, thumbnails: bool = True, device: str = "auto",
+                   on_progress: Optional[Callable] = None, on_done: Optional[Callable] = None, scene=None):
+        """Find the ``k`` cases (or places in them) most like the query in a child process; returns its runner.
+
+        ``excludeQueryCase``: leave out the indexed file the query volume came from, when known.
+        ``on_done(hits_or_None, message)``: see :func:`CTFMRetrieveLib.jobs.start_query`.
+        """
+        problems = self.queryProblems(indexPath, volumeNode, mode, roiNode, scene)
+        if problems:
+            raise ValueError(" ".join(problems))
+        region = self.queryRegion(mode, roiNode, scene)
+        exclude = []
+        if excludeQueryCase:
+            known = cases.case_of(volumeNode)
+            if known is not None:
+                exclude.append(known[0])
+        folder = None
+        if thumbnails:
+            self.clearThumbnails()
+            folder = self._thumbnails = jobs.new_thumbnails_folder()
+        return jobs.start_query(volumeNode, indexPath, mode, k=k, exclude_paths=exclude, thumbnails_folder=folder,
+                                device=device, on_progress=on_progress, on_done=on_done, **region)
+
+    def clearThumbnails(self) -> None:
+        if self._thumbnails is not None:
+            shutil.rmtree(self._thumbnails, ignore_errors=True)
+            self._thumbnails = None
+
+    # --- results -----------------------------------------------------------------------
+
+    def resultsTableNode(self, hits, tableNode=None, name: str = RESULTS_TABLE_NAME, scene=None):
+        """The hits as a table node (:data:`RESULT_COLUMNS`), replacing ``tableNode``'s rows when given."""
+        return results.results_table_node(hits, node=tableNode, name=name, scene=scene)
+
+    def resultOfRow(self, tableNode, row: int) -> dict:
+        return results.hit_of_row(tableNode, row)
+
+    def showResult(self, tableNode, row: int, scene=None) -> tuple:
+        """Load row ``row``'s case (or reuse it when loaded) and mark the matched place; ``(volume node, RAS)``."""
+        hit = self.resultOfRow(tableNode, row)
+        node = results.load_case(hit["path"], hit["series_uid"], name=hit["case"], scene=scene)
+        ras = hit["ras"] if hit["ras"] is not None else results.volume_centre_ras(node)
+        results.show_location(ras, scene=scene or node.GetScene(), label=f"#{hit['rank']} {hit['case']}")
+        return node, ras
