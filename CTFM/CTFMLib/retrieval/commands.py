@@ -5,6 +5,7 @@
     ctfm index info INDEX [--check] [--json]
     ctfm index remove INDEX ID_OR_PATH [--series UID]
     ctfm index compact INDEX
+    ctfm index reembed INDEX NEW_INDEX --weights SRC   (the same scans, embedded with other weights)
     ctfm index eval INDEX --labels CSV [-k 1,3,5,10] [--metric cosine|l2] [--json]
 
 ``add`` is resumable: scans already in the index are skipped, so an interrupted run is simply
@@ -92,6 +93,16 @@ def add_index_parser(sub, add_run_options) -> None:
     co = actions.add_parser("compact", help="rewrite the vector files without removed scans")
     co.add_argument("index")
 
+    re_ = actions.add_parser(
+        "reembed", help="embed every scan of an index again with other weights, into a new index",
+        description="When the model changes: the scans of INDEX (paths, DICOM series, CSV columns, patch stride) "
+                    "are embedded with --weights into NEW_INDEX; INDEX is left as it is (vectors of different "
+                    "weights never share an index). Resumable like add, and runs under torchrun like add.")
+    re_.add_argument("index", help="the index whose scans are re-embedded (not changed)")
+    re_.add_argument("output", help="the new index folder (created; started again, it continues)")
+    re_.add_argument("--weights", required=True, help="the new encoder: model id, folder or file")
+    add_run_options(re_)
+
     ev = actions.add_parser("eval", help="leave-one-out retrieval scores of the labelled scans: HR@k, P@k, AP@k, mAP")
     ev.add_argument("index")
     ev.add_argument("--labels", required=True,
@@ -109,7 +120,7 @@ def cmd_index(args) -> int:
 
     try:
         return {"add": cmd_add, "query": cmd_query, "info": cmd_info, "remove": cmd_remove, "compact": cmd_compact,
-                "eval": cmd_eval}[args.index_action](args)
+                "eval": cmd_eval, "reembed": cmd_reembed}[args.index_action](args)
     except RetrievalIndexError as e:
         print(f"ctfm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -468,6 +479,39 @@ def cmd_compact(args) -> int:
         result = index.compact()
     print(json.dumps(result), flush=True)
     return 0
+
+
+def cmd_reembed(args) -> int:
+    """``index reembed``: ``add`` into the new index from a CSV listing the old index's scans."""
+    import argparse
+    import tempfile
+
+    from .index import VectorIndex
+
+    source, output = Path(args.index).resolve(), Path(args.output).resolve()
+    if output == source:
+        raise ValueError("the re-embedded index must be a new folder: an index holds the vectors of one model only")
+    with VectorIndex.open(source, readonly=True) as old:
+        records = [record for _, record in old.scans()]
+        stride = settings_of(old).get("stride")
+    if not records:
+        raise ValueError(f"{source} holds no scans to re-embed")
+    groups = {}  # one CSV per set of columns: a scan without a column must not get an empty one
+    for r in records:
+        labels = {k: v for k, v in (r.metadata.get("columns") or {}).items() if k not in ("path", "series_uid")}
+        groups.setdefault(tuple(sorted(labels)), []).append((r, labels))
+    with tempfile.TemporaryDirectory(prefix="ctfm-reembed-") as folder:
+        listings = []
+        for n, (columns, rows) in enumerate(groups.items()):
+            listings.append(Path(folder) / f"scans{n}.csv")
+            with open(listings[-1], "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "series_uid", *columns])
+                for r, labels in rows:
+                    writer.writerow([r.path, r.series_uid or "", *[labels[c] for c in columns]])
+        add_args = argparse.Namespace(**{**vars(args), "index": str(output), "scans": [str(p) for p in listings],
+                                         "stride": None if stride is None else ",".join(map(str, stride))})
+        return cmd_add(add_args)
 
 
 # --- eval --------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ class VectorIndex:
             raise RetrievalIndexError(
                 f"{self.root} was built with model '{self.model_id}' (weights sha256 {self.weights_hash[:16]}...), "
                 f"not with {' and '.join(given)}. Vectors of different weights are not comparable: use the weights "
-                "the index was built with, or build a separate index for these weights.")
+                "the index was built with, or build a separate index for these weights (`ctfm index reembed "
+                "INDEX NEW_INDEX --weights ...` re-embeds all its scans).")
 
     # ---- writing -------------------------------------------------------------------------------------------
     @contextmanager
