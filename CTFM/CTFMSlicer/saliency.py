@@ -16,16 +16,14 @@ caller converts from RAS). No Qt, no torch.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .models import failure_text
-from .nodes import stage_volume
-from .process import ProcessRunner, ctfm_cli_command
+from .jobs import start_volume_command
+from .process import ProcessRunner
 
 TARGETS = ("embedding", "point", "class", "triage")
 METHODS = ("occlusion", "gradient")
@@ -203,35 +201,9 @@ def start_saliency(volumeNode, on_progress: Optional[Callable] = None, on_done: 
     :class:`HeatmapOutput` on success; None and the child's error, or "Cancelled.".
     The temporary folder (input and map) is removed once the map is read.
     """
-    work, source = stage_volume(volumeNode, prefix="ctfm-saliency-")
-    out = work / HEAT_NAME
-    try:
-        args = saliency_arguments(source, out, **request)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    stdout = []
+    def read(work, stdout, result):
+        output = read_heatmap(work / HEAT_NAME, last_json_object(stdout))
+        return output, f"Saliency map computed in {result.seconds:.1f} s."
 
-    def line(stream, text):
-        if stream == "stdout":
-            stdout.append(text)
-
-    def finished(result):
-        output, message = None, None
-        try:
-            if result.ok:
-                try:
-                    output = read_heatmap(out, last_json_object(stdout))
-                    message = f"Saliency map computed in {result.seconds:.1f} s."
-                except (OSError, ValueError) as e:
-                    message = f"The saliency map finished but cannot be read: {e}"
-            elif result.cancelled:
-                message = "Cancelled."
-            else:
-                message = failure_text(result.stderr_tail, result.describe())
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if on_done:
-            on_done(output, message)
-
-    return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
+    return start_volume_command(volumeNode, "ctfm-saliency-", lambda work, source: saliency_arguments(
+        source, work / HEAT_NAME, **request), read, "The saliency map", on_progress, on_done)

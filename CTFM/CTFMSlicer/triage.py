@@ -11,16 +11,15 @@ it also writes the map that shows which voxels drove the decision. No Qt, no tor
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from .models import CONFIG_NAME, WEIGHTS_NAME, failure_text, imported_model_path, triage_catalog_ids
-from .nodes import stage_volume
-from .process import ProcessRunner, ctfm_cli_command
+from .jobs import start_volume_command
+from .models import CONFIG_NAME, WEIGHTS_NAME, imported_model_path, triage_catalog_ids
+from .process import ProcessRunner
 from .saliency import HEAT_NAME, METHODS, HeatmapOutput, last_json_object, read_heatmap, read_json_file
 
 FOLDER = "folder"
@@ -139,37 +138,14 @@ def start_triage(volumeNode, model, device: str = "auto", saliency: bool = False
     ``on_done(output_or_None, message)``: a :class:`TriageOutput` on success (with its
     ``saliency`` map read when ``saliency``); None and the child's error, or "Cancelled.".
     """
-    work, source = stage_volume(volumeNode, prefix="ctfm-triage-")
-    result_path, heat = work / RESULT_NAME, (work / HEAT_NAME) if saliency else None
-    try:
-        args = triage_arguments(source, model, result_path, device, heat, method if saliency else None)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    stdout = []
+    def arguments(work, source):
+        return triage_arguments(source, model, work / RESULT_NAME, device, work / HEAT_NAME if saliency else None,
+                                method if saliency else None)
 
-    def line(stream, text):
-        if stream == "stdout":
-            stdout.append(text)
+    def read(work, stdout, result):
+        output = parse_result(read_json_file(work / RESULT_NAME) or last_json_object(stdout))
+        if saliency:
+            output.saliency = read_heatmap(work / HEAT_NAME)
+        return output, output.summary()
 
-    def finished(result):
-        output, message = None, None
-        try:
-            if result.ok:
-                try:
-                    output = parse_result(read_json_file(result_path) or last_json_object(stdout))
-                    if heat is not None:
-                        output.saliency = read_heatmap(heat)
-                    message = output.summary()
-                except (OSError, ValueError) as e:
-                    output, message = None, f"Triage finished but its result cannot be read: {e}"
-            elif result.cancelled:
-                message = "Cancelled."
-            else:
-                message = failure_text(result.stderr_tail, result.describe())
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if on_done:
-            on_done(output, message)
-
-    return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
+    return start_volume_command(volumeNode, "ctfm-triage-", arguments, read, "Triage", on_progress, on_done)

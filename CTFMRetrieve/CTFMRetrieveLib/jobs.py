@@ -11,7 +11,6 @@ with LPS centres, plus an axial PNG thumbnail each when asked for. No Qt, no tor
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from CTFMSlicer.jobs import start_volume_command
 from CTFMSlicer.models import failure_text
-from CTFMSlicer.nodes import stage_volume
 from CTFMSlicer.process import ProcessRunner, ctfm_cli_command
 from CTFMSlicer.saliency import coordinates, last_json_object
 
@@ -181,38 +180,15 @@ def start_query(volumeNode, index, mode: str, point_lps=None, box_lps=None, k: i
     ``on_done(hits_or_None, message)``: a list of :class:`QueryHit` (possibly empty); None and the
     error, or "Cancelled.", otherwise.
     """
-    work, source = stage_volume(volumeNode, prefix="ctfm-retrieve-")
-    try:
-        args = query_arguments(index, source, mode, point_lps, box_lps, k, exclude_paths, thumbnails_folder, device)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    stdout = []
+    def arguments(work, source):
+        return query_arguments(index, source, mode, point_lps, box_lps, k, exclude_paths, thumbnails_folder, device)
 
-    def line(stream, text):
-        if stream == "stdout":
-            stdout.append(text)
+    def read(work, stdout, result):
+        hits = parse_hits(last_json_object(stdout))
+        found = "places" if mode != "scan" else "cases"
+        return hits, (f"{len(hits)} similar {found} found." if hits else "No results: the index holds no other cases.")
 
-    def finished(result):
-        hits, message = None, None
-        try:
-            if result.ok:
-                try:
-                    hits = parse_hits(last_json_object(stdout))
-                    message = (f"{len(hits)} similar {'places' if mode != 'scan' else 'cases'} found."
-                               if hits else "No results: the index holds no other cases.")
-                except ValueError as e:
-                    hits, message = None, f"The search finished but its results cannot be read: {e}"
-            elif result.cancelled:
-                message = "Cancelled."
-            else:
-                message = failure_text(result.stderr_tail, result.describe())
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        if on_done:
-            on_done(hits, message)
-
-    return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
+    return start_volume_command(volumeNode, "ctfm-retrieve-", arguments, read, "The search", on_progress, on_done)
 
 
 def new_thumbnails_folder() -> Path:

@@ -87,7 +87,7 @@ def volume_centre_ras(node) -> np.ndarray:
 
 
 def show_location(ras, scene=None, label: str = "match", markupNode=None):
-    """Put the crosshair on ``ras``, centre the slice views there, mark it with a locked point; returns the point list."""
+    """Crosshair on ``ras``, slice views centred there, a locked point marking it; returns the point list."""
     import slicer
 
     scene = scene or slicer.mrmlScene
