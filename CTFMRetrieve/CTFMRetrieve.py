@@ -434,17 +434,12 @@ class CTFMRetrieveTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _tinyEncoder(folder):
-        """A 4-filter SegResEncoder in the published layout (needs MONAI, as the extension's tests do)."""
-        import json
-
+        """A random-weights 4-filter SegResEncoder in the published layout (CTFMLib's network: no MONAI needed)."""
         import torch
-        from monai.networks.nets.segresnet_ds import SegResEncoder
-        from safetensors.torch import save_file
 
-        folder.mkdir(parents=True)
-        config = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 1, 1]}
+        from CTFMLib.networks import build_encoder
+        from CTFMLib.weights import save_pretrained
+
         torch.manual_seed(0)
-        model = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=4, blocks_down=(1, 1, 1, 1))
-        (folder / "config.json").write_text(json.dumps(config))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-        return folder
+        config = {"architecture": "SegResEncoder", "init_filters": 4, "blocks_down": [1, 1, 1, 1]}
+        return save_pretrained(build_encoder({"init_filters": 4, "blocks_down": [1, 1, 1, 1]}), folder, config)
