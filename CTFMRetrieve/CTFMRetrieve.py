@@ -279,8 +279,13 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
     # --- results -----------------------------------------------------------------------
 
     def _selectedRow(self):
-        rows = self.ui.resultsTableView.selectedMRMLTableRowIndices()  # rows of the table node (0-based)
-        return rows[0] if rows else None
+        """The table node's row (0-based) of the view's current cell, through the view's sorting; None if none."""
+        view = self.ui.resultsTableView
+        index = view.currentIndex()
+        if not index.isValid() or view.mrmlTableNode() is None:
+            return None
+        row = view.sortFilterProxyModel().mapToSource(index).row()  # model row = table row (column names as headers)
+        return row if 0 <= row < view.mrmlTableNode().GetNumberOfRows() else None
 
     def _updateShowButton(self) -> None:
         self.ui.showResultButton.enabled = self._selectedRow() is not None
