@@ -98,6 +98,17 @@ class CTFM(ScriptedLoadableModule):
             "CT-FM was developed by the AIM Program (Mass General Brigham, Harvard Medical School, Maastricht University). "
             "If you use it, please cite: {citation}"
         ).format(citation=CITATION)
+        # Every CT-FM module's child processes (CT-FM Segment and Retrieve too, whose panels may be
+        # opened first) must find the models where the user chose to keep them.
+        applyRememberedModelFolder()
+
+
+def applyRememberedModelFolder() -> None:
+    """The model folder chosen in the Models section applies to this session and the processes it starts,
+    unless CTFM_CACHE was set before Slicer started."""
+    remembered = qt.QSettings().value(CACHE_FOLDER_SETTING)
+    if remembered and not os.environ.get("CTFM_CACHE"):
+        os.environ["CTFM_CACHE"] = str(remembered)
 
 
 #
@@ -232,11 +243,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
     # --- models section ----------------------------------------------------------
 
     def _setupModels(self) -> None:
-        # A remembered model folder applies to this session (and the processes it starts)
-        # unless CTFM_CACHE was set before Slicer started.
-        remembered = qt.QSettings().value(CACHE_FOLDER_SETTING)
-        if remembered and not os.environ.get("CTFM_CACHE"):
-            os.environ["CTFM_CACHE"] = str(remembered)
+        applyRememberedModelFolder()
         from CTFMLib.cache import ctfm_home
 
         self.ui.cacheFolderPathLineEdit.currentPath = str(ctfm_home())
