@@ -415,6 +415,22 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.cancelRunner()
         return True
 
+    def _launch(self, section: str, failure: str, start) -> None:
+        """The section's button: cancel its running job, or start one.
+
+        ``start()`` (called after the Python dependencies are in place, inside an error display
+        titled ``failure``) returns the job's runner: the work runs in a child process, so Slicer
+        stays responsive and Cancel kills the process tree.
+        """
+        if self._cancelIfRunning(section):  # the button reads "Cancel" while the section's job runs
+            return
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        self._jobWidgets(section)[2].text = ""
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=False):
+            ensure_dependencies()
+            self._startJob(section, start())
+
     def _startJob(self, section: str, runner) -> None:
         self._jobSection = section
         self.followRunner(runner)
@@ -462,22 +478,16 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self._updateJobButton("embedding", problem, _("Compute the CT-FM embedding of the input volume."))
 
     def onComputeEmbedding(self) -> None:
-        if self._cancelIfRunning("embedding"):  # the button reads "Cancel" while an embedding runs
-            return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
-        p = self._parameterNode
-        self.ui.embeddingStatusLabel.text = ""
-        with slicer.util.tryWithErrorDisplay(_("Failed to compute the embedding."), waitCursor=False):
-            ensure_dependencies()
+        def start():
+            p = self._parameterNode
             pointRAS = self.logic.firstPointRAS(p.pointList) if p.embedMode == "point" else None
             volumeName = p.inputVolume.GetName()
-            # The work runs in a child process: Slicer stays responsive and Cancel kills the process tree.
-            self._startJob("embedding", self.logic.startEmbedding(
+            return self.logic.startEmbedding(
                 p.inputVolume, p.weights, p.embedMode, pointRAS, p.device,
                 on_progress=self._progressOf("embedding"),
-                on_done=lambda embedding, message: self._onEmbeddingDone(embedding, message, volumeName),
-            ))
+                on_done=lambda embedding, message: self._onEmbeddingDone(embedding, message, volumeName))
+
+        self._launch("embedding", _("Failed to compute the embedding."), start)
 
     def _onEmbeddingDone(self, embedding, message: str, volumeName: str) -> None:
         self._endJob("embedding")
@@ -503,20 +513,15 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self._updateJobButton("triage", problem, _("Triage the volume in the background; the button then cancels it."))
 
     def onTriage(self) -> None:
-        if self._cancelIfRunning("triage"):
-            return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
-        p = self._parameterNode
-        self.ui.triageStatusLabel.text = ""
-        with slicer.util.tryWithErrorDisplay(_("Failed to start triage."), waitCursor=False):
-            ensure_dependencies()
+        def start():
+            p = self._parameterNode
             volume, method = p.triageVolume, p.triageSaliencyMethod
-            self._startJob("triage", self.logic.startTriage(
+            return self.logic.startTriage(
                 volume, p.triageModel, p.triageModelFolder, p.device, p.triageSaliency, method,
                 on_progress=self._progressOf("triage"),
-                on_done=lambda output, message: self._onTriageDone(output, message, volume, method),
-            ))
+                on_done=lambda output, message: self._onTriageDone(output, message, volume, method))
+
+        self._launch("triage", _("Failed to start triage."), start)
 
     def _onTriageDone(self, output, message: str, volume, method: str) -> None:
         self._endJob("triage")
@@ -585,22 +590,16 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             "Compute the saliency map in the background; the button then cancels it."))
 
     def onSaliency(self) -> None:
-        if self._cancelIfRunning("saliency"):
-            return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
-        p = self._parameterNode
-        self.ui.saliencyStatusLabel.text = ""
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the saliency map."), waitCursor=False):
-            ensure_dependencies()
+        def start():
+            p = self._parameterNode
             volume = p.saliencyVolume
             request = self.logic.saliencyRequest(**self._saliencyValues(p))
-            label = target_label(p.saliencyTarget, p.saliencyClassName)
-            name = f"{volume.GetName()} {label} saliency"
-            self._startJob("saliency", self.logic.startSaliency(
+            name = f"{volume.GetName()} {target_label(p.saliencyTarget, p.saliencyClassName)} saliency"
+            return self.logic.startSaliency(
                 volume, request, on_progress=self._progressOf("saliency"),
-                on_done=lambda output, message: self._onSaliencyDone(output, message, volume, name, request),
-            ))
+                on_done=lambda output, message: self._onSaliencyDone(output, message, volume, name, request))
+
+        self._launch("saliency", _("Failed to start the saliency map."), start)
 
     def _onSaliencyDone(self, output, message: str, volume, name: str, request: dict) -> None:
         self._endJob("saliency")

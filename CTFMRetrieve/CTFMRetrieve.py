@@ -219,20 +219,27 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
         return progress
 
-    def _startAdd(self, button, volumeNodes=(), folders=()) -> None:
+    def _launch(self, button, bar, label, failure: str, cancelling: str, start) -> None:
+        """``button`` cancels its running job, or starts ``start()`` (which returns the job's runner) after the
+        Python dependencies are in place, inside an error display titled ``failure``."""
         if self._cancelIfRunning(button):
-            self.ui.indexStatusLabel.text = _("Cancelling... (cases added so far stay in the index)")
+            label.text = cancelling
             return
         from CTFMSlicer.dependencies import ensure_dependencies
 
-        p = self._parameterNode
-        self.ui.indexStatusLabel.text = ""
-        with slicer.util.tryWithErrorDisplay(_("Failed to add cases to the index."), waitCursor=True):
+        label.text = ""
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
             ensure_dependencies()
-            runner = self.logic.startAdd(p.indexPath, volumeNodes, folders, p.weights, p.device,
-                                         on_progress=self._progress(self.ui.indexProgressBar, self.ui.indexStatusLabel),
-                                         on_done=self._onAddDone)
-            self._startJob(button, runner, self.ui.indexProgressBar)
+            self._startJob(button, start(), bar)
+
+    def _startAdd(self, button, volumeNodes=(), folders=()) -> None:
+        p = self._parameterNode
+        self._launch(button, self.ui.indexProgressBar, self.ui.indexStatusLabel, _("Failed to add cases to the index."),
+                     _("Cancelling... (cases added so far stay in the index)"),
+                     lambda: self.logic.startAdd(
+                         p.indexPath, volumeNodes, folders, p.weights, p.device,
+                         on_progress=self._progress(self.ui.indexProgressBar, self.ui.indexStatusLabel),
+                         on_done=self._onAddDone))
 
     def onAddVolumes(self) -> None:
         self._startAdd(self.ui.addVolumesButton, volumeNodes=self.logic.volumesToAdd())
@@ -248,20 +255,14 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self.updateStatistics(force=True)
 
     def onFindSimilar(self) -> None:
-        if self._cancelIfRunning(self.ui.findSimilarButton):
-            self.ui.statusLabel.text = _("Cancelling...")
-            return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
         p = self._parameterNode
-        self.ui.statusLabel.text = ""
-        with slicer.util.tryWithErrorDisplay(_("Failed to search the index."), waitCursor=False):
-            ensure_dependencies()
-            runner = self.logic.startQuery(p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults,
-                                           p.excludeQueryCase, p.thumbnails, p.device,
-                                           on_progress=self._progress(self.ui.retrieveProgressBar, self.ui.statusLabel),
-                                           on_done=self._onQueryDone)
-            self._startJob(self.ui.findSimilarButton, runner, self.ui.retrieveProgressBar)
+        self._launch(self.ui.findSimilarButton, self.ui.retrieveProgressBar, self.ui.statusLabel,
+                     _("Failed to search the index."), _("Cancelling..."),
+                     lambda: self.logic.startQuery(
+                         p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults, p.excludeQueryCase,
+                         p.thumbnails, p.device,
+                         on_progress=self._progress(self.ui.retrieveProgressBar, self.ui.statusLabel),
+                         on_done=self._onQueryDone))
 
     def _onQueryDone(self, hits, message: str) -> None:
         self._endJob(self.ui.retrieveProgressBar)
