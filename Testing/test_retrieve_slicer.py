@@ -278,6 +278,20 @@ def test_errors_say_what_is_wrong(mrml_scene, scene_cases, tiny_encoder_folder, 
     problems = logic.queryProblems(tmp_path / "none", None, "roi", None)
     assert any("index" in p for p in problems) and any("volume" in p.lower() for p in problems)
     assert any("ROI" in p for p in problems)
+    # A crosshair or ROI away from the query volume is refused before any child process starts.
+    query_node = scene_cases[0]
+    set_crosshair(mrml_scene, (-12.0, 8.0, 6.0))
+    assert not any("outside" in p for p in logic.queryProblems(tmp_path, query_node, "crosshair"))
+    set_crosshair(mrml_scene, (400.0, 0.0, 0.0))
+    assert any("crosshair (400.0, 0.0, 0.0) is outside the query volume" in p
+               for p in logic.queryProblems(tmp_path, query_node, "crosshair"))
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "far")
+    roi.SetCenter(0.0, 0.0, 500.0)
+    roi.SetSize(20.0, 20.0, 20.0)
+    assert any("ROI is outside" in p for p in logic.queryProblems(tmp_path, query_node, "roi", roi))
+    roi.SetCenter(0.0, 0.0, 50.0)  # half in the volume (z extent about +-60 mm): searchable
+    roi.SetSize(20.0, 20.0, 40.0)
+    assert not any("outside" in p for p in logic.queryProblems(tmp_path, query_node, "roi", roi))
     rgb = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode")
     assert any("scalar" in p for p in logic.queryProblems(tmp_path / "none", rgb, "scan"))
     with pytest.raises(ValueError, match="scalar"):

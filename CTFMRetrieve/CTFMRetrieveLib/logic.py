@@ -49,16 +49,22 @@ class CTFMRetrieveLogic:
             problems.append(f"Query volume: {problem}")
         if mode not in QUERY_MODES:
             problems.append(f"Unknown query mode '{mode}'.")
-        elif mode == "roi":
-            try:
-                roi_lps_box(roiNode)
-            except ValueError as e:
-                problems.append(f"{e}.")
-        elif mode == "crosshair":
-            try:
-                crosshair_ras(scene)
-            except ValueError as e:
-                problems.append(f"{e}.")
+            return problems
+        try:
+            if mode == "roi":
+                low, high = (lps * [-1.0, -1.0, 1.0] for lps in roi_lps_box(roiNode))
+                low, high = np.minimum(low, high), np.maximum(low, high)
+                where = "The ROI"
+            elif mode == "crosshair":
+                low = high = crosshair_ras(scene)
+                where = "The crosshair ({}, {}, {})".format(*np.round(low, 1))
+        except ValueError as e:
+            problems.append(f"{e}.")
+            return problems
+        if mode != "scan" and not problem and not _overlaps(volumeNode, low, high):
+            problems.append(f"{where} is outside the query volume '{volumeNode.GetName()}': "
+                            + ("Shift + move the mouse over the volume in a slice view." if mode == "crosshair"
+                               else "place the ROI on the volume."))
         return problems
 
     # --- index -------------------------------------------------------------------------
@@ -164,3 +170,11 @@ class CTFMRetrieveLogic:
         ras = hit["ras"] if hit["ras"] is not None else results.volume_centre_ras(node)
         results.show_location(ras, scene=scene or node.GetScene(), label=f"#{hit['rank']} {hit['case']}")
         return node, ras
+
+
+def _overlaps(volumeNode, low, high) -> bool:
+    """Whether the world RAS box ``low``..``high`` (a point when equal) touches the volume (its RAS bounds)."""
+    bounds = [0.0] * 6
+    volumeNode.GetRASBounds(bounds)
+    lower, upper = np.array(bounds[0::2]), np.array(bounds[1::2])
+    return bool(np.all(high >= lower - 1e-6) and np.all(low <= upper + 1e-6))
