@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from CTFMLib.image import ImageError
+from CTFMLib.image import ImageError, write_image
+from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node
 
 INDEX_DB = "index.sqlite"  # CTFMLib.retrieval.store.DB_NAME
 VOLUMES_FOLDER = "volumes"
@@ -119,8 +120,6 @@ def volume_file_for_index(node, index_root) -> Path:
 
     Never overwrites: a name already taken in ``<index>/volumes`` gets a numbered suffix.
     """
-    from CTFMSlicer.nodes import image_from_volume_node
-
     known = case_of(node)
     if known is not None:
         return known[0]
@@ -131,8 +130,6 @@ def volume_file_for_index(node, index_root) -> Path:
     while path.exists():
         n += 1
         path = folder / f"{base}-{n}.nrrd"
-    from CTFMLib.image import write_image
-
     write_image(image_from_volume_node(node), path, compress=True)
     remember_case(node, path.resolve())
     return path.resolve()
@@ -145,7 +142,7 @@ def volumes_to_add(scene) -> list:
         node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
         if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(HEATMAP_ATTRIBUTE) is not None:
             continue
-        if node.GetImageData() is None or check_volume(node) is not None:  # vector volumes subclass scalar ones
+        if check_volume(node) is not None:  # no voxels, or a vector volume (they subclass scalar ones)
             continue
         nodes.append(node)
     return nodes
@@ -153,8 +150,6 @@ def volumes_to_add(scene) -> list:
 
 def check_volume(node) -> Optional[str]:
     """Why ``node`` cannot be a query or be added (a sentence), or None."""
-    from CTFMSlicer.nodes import check_scalar_volume
-
     try:
         check_scalar_volume(node)
     except ImageError as e:

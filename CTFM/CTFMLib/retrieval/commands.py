@@ -401,13 +401,13 @@ def _hit_json(rank: int, hit, ras: bool) -> dict:
 
 def _scan_centre(geometry: dict):
     """The LPS centre of a scan's voxel grid from its stored geometry (None when it was not stored)."""
+    from ..image import Geometry, ImageError
+
     try:
-        shape, spacing = np.asarray(geometry["shape"], float), np.asarray(geometry["spacing"], float)
-        origin = np.asarray(geometry["origin"], float)
-        direction = np.asarray(geometry["direction"], float).reshape(3, 3)
-    except (KeyError, TypeError, ValueError):
+        grid = Geometry(tuple(geometry["shape"]), geometry["spacing"], geometry["origin"], geometry["direction"])
+    except (KeyError, TypeError, ValueError, ImageError):
         return None
-    return origin + direction @ (spacing * (shape - 1) / 2.0)
+    return grid.index_to_physical((np.asarray(grid.shape, dtype=np.float64) - 1) / 2.0)
 
 
 def _write_thumbnails(rows: list, hits: list, folder: Path, progress=None) -> None:
