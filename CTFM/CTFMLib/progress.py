@@ -15,15 +15,51 @@ slice of its parent's range.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
-from typing import Callable, Optional, TextIO
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, TextIO
 
 ProgressCallback = Callable[[Optional[float], str], None]
 
 
 class Cancelled(Exception):
     """Raised by a progress callback to stop the work it reports on."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (what Slicer's Cancel and schedulers send).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: it unwinds through ``except Exception`` (a batch's
+    per-input error handling) and every ``finally``, so temporary files are removed on the way out.
+    """
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises :class:`Terminated` where the program is.
+
+    Further SIGTERMs are ignored once the first arrived, so the cleanup it starts is not cut short
+    (a caller that must stop at once sends SIGKILL, as CT-FM's process runner does after a grace time).
+    Code that stops gracefully itself (the training loop) installs its own handler inside.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def null_progress(fraction: Optional[float], message: str = "") -> None:
