@@ -603,7 +603,8 @@ def test_cancelled_write_removes_what_it_wrote(tmp_path):
     with pytest.raises(Cancelled):
         write_dicom_series(image, tmp_path / "new" / "series", progress=cancel_on_second_report(seen))
     assert 0 < seen[1] < 1  # some slices were written before the cancel
-    assert list((tmp_path / "new").iterdir()) == []  # the series folder it made is gone too
+    # The series folder it made is gone, and so is the parent it made for it (issue 14: leave nothing behind).
+    assert list(tmp_path.iterdir()) == []
 
     (tmp_path / "kept").mkdir()  # a folder the caller made stays, empty
     with pytest.raises(Cancelled):

@@ -14,6 +14,19 @@ a single slice, missing geometry, differing matrix size, pixel spacing or
 orientation, two slices at one position, gantry tilt, and uneven spacing
 (with a hint when a gap looks like missing slices).
 
+Values GDCM would otherwise replace silently are refused too: a CT series
+without PixelSpacing (GDCM assumes 1 mm) or with a spacing that is not a pair
+of positive numbers, row and column directions that are not at right angles,
+and a RescaleSlope/RescaleIntercept that cannot give numbers. A CT series
+without RescaleSlope/RescaleIntercept is read as stored only when the stored
+values are clearly Hounsfield units already (some below ``HU_EVIDENCE`` =
+-500: air or the padding outside the field of view; stored values of a
+scanner that rescales are 0 or more), with a warning line on stderr; else it
+is refused, since taking raw stored values for HU shifts every voxel (usually
+by +1024). After reading, the grid is checked like every other format
+(:func:`CTFMLib.image.check_read_geometry`: 0.05-50 mm spacing, orthonormal
+axes, finite origin).
+
 Slices are ordered by their position along the slice normal
 ``cross(row direction, column direction)``, ascending, as GDCM orders them,
 so the result equals ``sitk.ImageSeriesReader`` on
@@ -25,13 +38,14 @@ Writing a series is :mod:`CTFMLib.dicom_write`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .image import Image, ImageError, _first_line, _sitk, from_sitk
+from .image import Image, ImageError, _first_line, _native_stderr_captured, _sitk, check_read_geometry, from_sitk
 
 # Direction cosines of two slices may differ by this much (about 0.06 degrees).
 ORIENTATION_TOLERANCE = 1e-3
@@ -44,6 +58,11 @@ SPACING_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE_FRACTION = 0.01
 # Sideways drift of slice positions per mm along the normal (tan of ~0.06 degrees).
 TILT_TOLERANCE = 1e-3
+# Row and column directions may be off a right angle by this much (cosine; about 0.06 degrees).
+PERPENDICULAR_TOLERANCE = 1e-3
+# A CT series without Rescale tags is taken as HU only when some stored value is below this
+# (air is -1000 HU; a scanner that rescales stores 0 or more for it).
+HU_EVIDENCE = -500.0
 # ImageType values that mark a projection image planned on, not a slice of the volume.
 LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
 
@@ -93,12 +112,13 @@ class _Slice:
     rows: int
     columns: int
     frames: int
-    pixel_spacing: Optional[tuple]
+    pixel_spacing: Optional[tuple]  # as stored (may be non-positive or NaN); None when absent
     position: Optional[np.ndarray]
     row_dir: Optional[np.ndarray]
     col_dir: Optional[np.ndarray]
     slope: float
     intercept: float
+    rescale: Optional[str]  # None: valid tags; "missing ..." (judged on the values read); or what is wrong
     instance: Optional[int]
     thickness: Optional[float]
 
@@ -160,17 +180,50 @@ def read_dicom_series(folder, series_uid: Optional[str] = None, recursive: bool 
     if progress:
         progress(0.5, "reading voxels")
     if len(slices) == 1 and slices[0].frames > 1:
-        image = _read_multiframe(slices[0])
+        image, rescale = _read_multiframe(slices[0])
     else:
         ordered = _checked_order(slices)
         image = _read_voxels(ordered)
-    image.metadata = _metadata(slices[0], folder, image.shape[2])
+        rescale = next((s.rescale for s in ordered if s.rescale), None)
+    image = _finish(slices, image, rescale, folder)
     skipped = scan.not_dicom + scan.non_image
     if skipped:
         # Not silent: a caller can show which files were not part of any image series.
         image.metadata["skipped_files"] = [str(p.relative_to(folder)) for p in skipped]
     if progress:
         progress(1.0, "read DICOM series")
+    return image
+
+
+def read_dicom_file(path) -> Image:
+    """Read one DICOM image file: a multi-frame file (Enhanced CT) with every check a series gets,
+    a single slice with its PixelSpacing and Rescale tags checked (a 2-D image; CT-FM needs a volume)."""
+    path = Path(path)
+    try:
+        s = _read_header(path)
+    except _NotDicom:
+        raise ImageError(f"cannot read {path.name}: not a DICOM file") from None
+    except Exception as e:  # pydicom raises many types on damaged files
+        raise ImageError(f"cannot read {path.name}: a corrupt or truncated DICOM file ({_first_line(e)})") from None
+    if s is None:
+        raise ImageError(f"{path.name} is a DICOM file without an image (e.g. RTSTRUCT, SR or DICOMDIR)")
+    if s.frames > 1:
+        image, rescale = _read_multiframe(s)
+    else:
+        name = _info([s]).summary()
+        _check_pixel_spacing([s], name)
+        _check_rescale_tags([s], name)
+        image, rescale = _read_voxels([s]), s.rescale
+    return _finish([s], image, rescale, path)
+
+
+def _finish(slices: list, image: Image, rescale: Optional[str], source: Path) -> Image:
+    """The checks every DICOM image gets after reading (grid, HU without Rescale tags), and its metadata."""
+    name = _info(slices).summary()
+    check_read_geometry(image, f"series {name}")
+    if rescale and slices[0].modality.upper() in ("CT", ""):
+        _check_stored_values_are_hu(image, name, rescale.split()[-1])
+    image.metadata = _metadata(slices[0], source, image.shape[2])
     return image
 
 
@@ -245,12 +298,13 @@ def _read_header(path: Path) -> Optional[_Slice]:
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         frames=int(_number(ds, "NumberOfFrames") or 1),
-        pixel_spacing=_vector(ds, "PixelSpacing", 2),
+        pixel_spacing=_pixel_spacing(ds),
         position=_vector(ds, "ImagePositionPatient", 3),
         row_dir=None if (iop := _vector(ds, "ImageOrientationPatient", 6)) is None else _unit(iop[:3]),
         col_dir=None if iop is None else _unit(iop[3:]),
         slope=_number(ds, "RescaleSlope") or 1.0,
         intercept=_number(ds, "RescaleIntercept") or 0.0,
+        rescale=_rescale_problem(ds),
         instance=None if (i := _number(ds, "InstanceNumber")) is None else int(i),
         thickness=_number(ds, "SliceThickness"),
     )
@@ -284,6 +338,34 @@ def _vector(ds, keyword: str, length: int) -> Optional[np.ndarray]:
     except ValueError:
         return None
     return v if v.shape == (length,) and np.all(np.isfinite(v)) else None
+
+
+def _pixel_spacing(ds) -> Optional[tuple]:
+    """PixelSpacing as stored (two numbers, NaN for one that does not parse), or None when absent."""
+    values = _values(ds, "PixelSpacing")
+    if not values:
+        return None
+    numbers = []
+    for v in values:
+        try:
+            numbers.append(float(v))
+        except ValueError:
+            numbers.append(math.nan)
+    return tuple(numbers)
+
+
+def _rescale_problem(ds) -> Optional[str]:
+    """None when RescaleSlope and RescaleIntercept are both usable, "missing ..." naming the absent
+    tag(s) (GDCM then uses slope 1, intercept 0), or what is wrong with them."""
+    present = [k for k in ("RescaleSlope", "RescaleIntercept") if ds.get(k) not in (None, "")]
+    if not present:
+        return "missing RescaleSlope/RescaleIntercept"
+    if len(present) == 1:
+        return f"missing {'RescaleIntercept' if present[0] == 'RescaleSlope' else 'RescaleSlope'}"
+    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
+    if slope is None or intercept is None or not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        return f"RescaleSlope {ds.get('RescaleSlope')} / RescaleIntercept {ds.get('RescaleIntercept')} cannot give values"
+    return None
 
 
 def _unit(v: np.ndarray) -> Optional[np.ndarray]:
@@ -372,7 +454,9 @@ def _checked_order(slices: list) -> list:
             f"({_names(missing)}), so the slices cannot be placed in space"
         )
     _check_same(slices, name, lambda s: (s.rows, s.columns), "matrix size (rows, columns)")
-    _check_same(slices, name, lambda s: None if s.pixel_spacing is None else tuple(np.round(s.pixel_spacing, 4)), "PixelSpacing")
+    _check_pixel_spacing(slices, name)
+    _check_same(slices, name, lambda s: tuple(round(float(v), 4) for v in s.pixel_spacing), "PixelSpacing")
+    _check_rescale_tags(slices, name)
     order, _, _ = _check_geometry(
         np.array([s.position for s in slices]),
         np.array([s.row_dir for s in slices]),
@@ -384,11 +468,44 @@ def _checked_order(slices: list) -> list:
     return [slices[i] for i in order]
 
 
+def _check_rescale_tags(slices: list, name: str) -> None:
+    """Refuse Rescale tags that are present but unusable (missing ones are judged on the values read)."""
+    broken = [s for s in slices if s.rescale is not None and not s.rescale.startswith("missing")]
+    if broken:
+        raise ImageError(
+            f"series {name}: {broken[0].path.name} has {broken[0].rescale} ({len(broken)} file(s) like it), so its "
+            "stored values cannot be turned into Hounsfield units; fix the tags, or export the series again"
+        )
+
+
+def _check_pixel_spacing(slices: list, name: str, where: str = "") -> None:
+    """Refuse slices without PixelSpacing (GDCM would assume 1 mm) or with one that is not two positive sizes."""
+    missing = [s for s in slices if s.pixel_spacing is None]
+    if missing:
+        raise ImageError(
+            f"series {name}: {len(missing)} file(s) lack PixelSpacing{where} ({_names(missing)}), so the size of a "
+            "voxel is unknown (readers would assume 1 mm); add the tag, or export the series again"
+        )
+    bad = [s for s in slices if len(s.pixel_spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in s.pixel_spacing)]
+    if bad:
+        raise ImageError(
+            f"series {name}: PixelSpacing{where} {_fmt(np.asarray(bad[0].pixel_spacing))} of {bad[0].path.name} is not "
+            f"two positive sizes in mm ({len(bad)} file(s) like it); fix the tag, or export the series again"
+        )
+
+
 def _check_geometry(positions, row_dirs, col_dirs, labels: list, name: str, unit: str):
     """Check a stack of planes; returns (indices in position order, slice normal, median gap in mm).
 
     ``labels`` name the planes (file names, or "frame 3") in messages; ``unit`` is "slice" or "frame".
     """
+    cosine = float(row_dirs[0] @ col_dirs[0])
+    if abs(cosine) > PERPENDICULAR_TOLERANCE:
+        raise ImageError(
+            f"series {name}: the ImageOrientationPatient of {labels[0]} gives row and column directions "
+            f"{_fmt(row_dirs[0])} and {_fmt(col_dirs[0])} at {math.degrees(math.acos(max(-1.0, min(1.0, cosine)))):.1f} "
+            "degrees, not at right angles (a corrupt header?); fix the tag, or export the series again"
+        )
     for k in range(1, len(positions)):
         if max(np.abs(row_dirs[k] - row_dirs[0]).max(), np.abs(col_dirs[k] - col_dirs[0]).max()) > ORIENTATION_TOLERANCE:
             raise ImageError(
@@ -415,7 +532,7 @@ def _names(slices: list, limit: int = 5) -> str:
 
 
 def _fmt(v: np.ndarray) -> str:
-    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
 
 
 def _check_same(slices: list, name: str, key, what: str) -> None:
@@ -491,6 +608,25 @@ def _check_spacing(labels: list, along: np.ndarray, name: str, unit: str) -> flo
 # --- reading voxels -------------------------------------------------------------------------
 
 
+def _check_stored_values_are_hu(image: Image, name: str, missing: str) -> None:
+    """For a CT series without RescaleSlope and/or RescaleIntercept (``missing`` names them): accept the
+    values read as HU only when some lie below ``HU_EVIDENCE`` (air), saying so on stderr; else refuse
+    (they are raw stored units)."""
+    lowest = float(image.array.min())
+    if lowest >= HU_EVIDENCE:
+        raise ImageError(
+            f"series {name} has no {missing} and its values ({lowest:g} to "
+            f"{float(image.array.max()):g}) do not look like Hounsfield units (air, about -1000 HU, is missing), so "
+            "they cannot be turned into HU; add the tags (e.g. RescaleIntercept -1024, RescaleSlope 1), or export "
+            "the series again"
+        )
+    print(
+        f"warning: series {name} has no {missing}; its values go down to {lowest:g}, so they are taken as "
+        "Hounsfield units unchanged",
+        file=sys.stderr,
+    )
+
+
 def _read_voxels(ordered: list) -> Image:
     sitk = _sitk()
     reader = sitk.ImageSeriesReader()
@@ -501,7 +637,8 @@ def _read_voxels(ordered: list) -> Image:
         # with another slope could fall outside it or lose its fractions.
         reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        img = reader.Execute()
+        with _native_stderr_captured():  # GDCM's complaints would add lines to the one-line refusal
+            img = reader.Execute()
     except RuntimeError as e:
         culprit = _first_unreadable(ordered)
         where = f" ({culprit})" if culprit else ""
@@ -517,28 +654,32 @@ def _first_unreadable(ordered: list) -> str:
         reader.SetImageIO("GDCMImageIO")
         reader.SetFileName(str(s.path))
         try:
-            reader.Execute()
+            with _native_stderr_captured():
+                reader.Execute()
         except RuntimeError:
             return f"{s.path.name} is corrupt or truncated"
     return ""
 
 
-def _read_multiframe(s: _Slice) -> Image:
+def _read_multiframe(s: _Slice) -> tuple:
     """A single multi-frame file (e.g. Enhanced CT), checked frame by frame like a series.
 
     GDCM stacks the frames in stored order and takes spacing and direction from
     their positions; so the frames must be stored in position order (either
     way) and evenly spaced, and the result is checked against those positions.
+    Returns ``(image, rescale problem or None)``.
     """
     name = _info([s]).summary()
     if s.is_localizer:
         raise ImageError(f"series {name} is a localizer (scout) image, not a volume; choose the axial series")
-    positions, row_dirs, col_dirs = _frame_planes(s.path, s.frames)
+    positions, row_dirs, col_dirs, spacing, rescale = _frame_planes(s.path, s.frames)
     if positions is None:
         raise ImageError(
             f"multi-frame file {s.path.name} has no position and orientation for each of its {s.frames} frames, "
             "so they cannot be placed in space"
         )
+    _check_pixel_spacing([replace(s, pixel_spacing=spacing)], name, " (in PixelMeasuresSequence)")
+    _check_rescale_tags([replace(s, rescale=rescale)], name)
     order, normal, median = _check_geometry(positions, row_dirs, col_dirs, [f"frame {k + 1}" for k in range(s.frames)], name, "frame")
     if order != sorted(order) and order != sorted(order, reverse=True):
         raise ImageError(f"multi-frame file {s.path.name}: its frames are not stored in position order, so they cannot be stacked as stored")
@@ -547,7 +688,8 @@ def _read_multiframe(s: _Slice) -> Image:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(s.path))
     try:
-        image = from_sitk(reader.Execute())
+        with _native_stderr_captured():
+            image = from_sitk(reader.Execute())
     except RuntimeError as e:
         raise ImageError(f"cannot read multi-frame DICOM file {s.path.name}: {_first_line(e)}") from None
     # The frames' own positions say where the volume is; refuse a reader that placed it elsewhere.
@@ -561,17 +703,29 @@ def _read_multiframe(s: _Slice) -> Image:
             f"{_fmt(image.direction[:, 2])}, spacing {image.spacing[2]:.3f} mm, but the frame positions say "
             f"{_fmt(positions[0])}, {_fmt(stacking)}, {median:.3f} mm"
         )
-    return image
+    return image, rescale
 
 
 def _frame_planes(path: Path, frames: int):
-    """Per-frame positions and orientations of a multi-frame file, or (None, None, None)."""
+    """Per-frame positions and orientations of a multi-frame file (or None, None, None), its pixel
+    spacing (as stored, None when absent) and its rescale problem (None when the tags are usable)."""
     ds = _pydicom().dcmread(str(path), stop_before_pixels=True)
     shared = ds.get("SharedFunctionalGroupsSequence")
     shared = shared[0] if shared else None
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    first = per_frame[0] if per_frame else None
+
+    def item(sequence: str):
+        # The first frame's own functional group wins over the shared one, which wins over the top level.
+        for group in (first, shared):
+            if group is not None and group.get(sequence):
+                return group.get(sequence)[0]
+        return ds
+
+    spacing = _pixel_spacing(item("PixelMeasuresSequence"))
+    rescale = _rescale_problem(item("PixelValueTransformationSequence"))
     if len(per_frame) != frames:
-        return None, None, None
+        return None, None, None, spacing, rescale
 
     def find(group, sequence: str, keyword: str, length: int):
         # A frame's own functional group wins over the shared one.
@@ -585,16 +739,16 @@ def _frame_planes(path: Path, frames: int):
     positions = [find(g, "PlanePositionSequence", "ImagePositionPatient", 3) for g in per_frame]
     orientations = [find(g, "PlaneOrientationSequence", "ImageOrientationPatient", 6) for g in per_frame]
     if any(v is None for v in positions + orientations):
-        return None, None, None
+        return None, None, None, spacing, rescale
     rows = [_unit(o[:3]) for o in orientations]
     cols = [_unit(o[3:]) for o in orientations]
     if any(v is None for v in rows + cols):
-        return None, None, None
-    return np.array(positions), np.array(rows), np.array(cols)
+        return None, None, None, spacing, rescale
+    return np.array(positions), np.array(rows), np.array(cols), spacing, rescale
 
 
-def _metadata(first: _Slice, folder: Path, num_slices: int) -> dict:
-    metadata = {"source": str(folder), "modality": first.modality, "num_slices": int(num_slices)}
+def _metadata(first: _Slice, source: Path, num_slices: int) -> dict:
+    metadata = {"source": str(source), "modality": first.modality, "num_slices": int(num_slices)}
     for key, value in (
         ("series_uid", first.series_uid),
         ("study_uid", first.study_uid),

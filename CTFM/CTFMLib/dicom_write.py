@@ -8,7 +8,6 @@ never overwritten or mixed with a new series.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -16,6 +15,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from .dicom import _scan
+from .files import OutputExistsError, WriteError, atomic_output, describe_os_error
 from .image import Image, ImageError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -208,9 +208,12 @@ def save_dicom_files(datasets: Iterable, paths: Iterable, progress=None) -> list
     """Save ``datasets`` to ``paths`` in pairs; returns the paths.
 
     Never overwrites: an existing path is an :class:`ImageError` before
-    anything is written. Each file is written under a hidden temporary name and
-    renamed, so no truncated file carries a final name; on any failure (or a
-    cancelling ``progress`` callback) the files written so far are removed.
+    anything is written (and a file that appears meanwhile is never replaced).
+    Each file is written through :func:`CTFMLib.files.atomic_output` (a private
+    temporary folder, fsync, rename), so no truncated file carries a final name
+    and a full disk is a :class:`~CTFMLib.files.WriteError`; on any failure
+    (or a cancelling ``progress`` callback, or SIGTERM) the files written so far
+    are removed.
     """
     paths = [Path(p) for p in paths]
     existing = [p for p in paths if p.exists()]
@@ -224,15 +227,11 @@ def save_dicom_files(datasets: Iterable, paths: Iterable, progress=None) -> list
             path = paths[n]
             if progress and n % 10 == 0:
                 progress(n / len(paths), f"writing DICOM file {n + 1}/{len(paths)}")
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             try:
-                ds.save_as(tmp, enforce_file_format=True)
-                if path.exists():  # appeared while writing: someone else's file
-                    raise ImageError(f"{path} appeared while writing; not overwriting it")
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+                with atomic_output(path, overwrite=False) as tmp:
+                    ds.save_as(tmp, enforce_file_format=True)
+            except OutputExistsError:  # appeared while writing: someone else's file
+                raise ImageError(f"{path} appeared while writing; existing files are never overwritten") from None
             written.append(path)
         if len(written) != len(paths):
             raise ValueError(f"{len(written)} datasets for {len(paths)} paths")
@@ -273,9 +272,11 @@ def write_dicom_series(
     :func:`ct_slice_datasets`); ``tags`` are DICOM keywords set on every slice
     (e.g. ``SeriesNumber=901``, ``RescaleType="US"`` for values that are not HU).
 
-    ``folder`` is created if needed. A folder that already holds DICOM files
-    is refused with an :class:`ImageError` and left untouched (other files may
-    stay beside the series). ``progress`` is an optional ``callback(fraction, message)``.
+    ``folder`` is created if needed, and removed again when the write fails
+    (only the files written here are removed; the folder only while empty). A
+    folder that already holds DICOM files is refused with an :class:`ImageError`
+    and left untouched (other files may stay beside the series). ``progress`` is
+    an optional ``callback(fraction, message)``.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -293,11 +294,27 @@ def write_dicom_series(
     datasets = ct_slice_datasets(image, rescale, series_uid, study_uid, description, reference, **tags)
     width = max(4, len(str(image.shape[2])))
     paths = [folder / f"CT{k + 1:0{width}d}.dcm" for k in range(image.shape[2])]
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    created = _make_folders(folder)
     try:
         return save_dicom_files(datasets, paths, progress)
     except BaseException:
-        if created and not any(folder.iterdir()):
-            folder.rmdir()
+        for made in created:  # innermost first; a folder someone else put files into stays
+            try:
+                made.rmdir()
+            except OSError:
+                break
         raise
+
+
+def _make_folders(folder: Path) -> list:
+    """Create ``folder`` and missing parents; returns the folders created, innermost first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot create {folder}: {describe_os_error(e, folder / 'x')}") from None
+    return missing

@@ -19,12 +19,13 @@ axis 1 towards Posterior, axis 2 towards Left.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .image import Geometry, Image, ImageError
+from .image import Geometry, Image, ImageError, check_read_geometry
 
 HU_MIN, HU_MAX = -1024.0, 2048.0
 
@@ -128,6 +129,28 @@ def _interp_axis(array: np.ndarray, axis: int, coords: np.ndarray, mode: str) ->
     return a + (b - a) * w
 
 
+def physical_memory_bytes() -> int:
+    """This computer's physical memory (16 GiB where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 16 << 30
+
+
+def check_grid_fits(shape, what: str, bytes_per_voxel: int = 4) -> None:
+    """Refuse, before allocating, a float grid that would need more than half of this computer's memory.
+
+    A voxel size typed in the wrong unit (0.05 mm for 5 mm) asks for a grid of 10^11 voxels; numpy would
+    fail with an allocation error after the work started, or the system would start swapping.
+    """
+    voxels = float(np.prod([float(n) for n in shape]))
+    needed = voxels * bytes_per_voxel
+    if needed > physical_memory_bytes() / 2:
+        dims = "x".join(str(int(n)) for n in shape)
+        raise ImageError(f"{what} would make a grid of {dims} voxels ({needed / 2**30:.1f} GB), more than this "
+                         "computer can hold: choose a coarser voxel size or a smaller region")
+
+
 def resample_axes(array: np.ndarray, scale: Sequence[float], out_shape: Sequence[int], mode: str = "linear") -> np.ndarray:
     """Separable (tri)linear or nearest resampling of the last three axes.
 
@@ -135,6 +158,7 @@ def resample_axes(array: np.ndarray, scale: Sequence[float], out_shape: Sequence
     stays at the same physical point (the origin does not move).
     """
     lead = array.ndim - 3
+    check_grid_fits(tuple(array.shape[:lead]) + tuple(int(n) for n in out_shape), "resampling")
     for a in range(3):
         if out_shape[a] == array.shape[lead + a] and scale[a] == 1:
             continue
@@ -217,15 +241,24 @@ class Preprocessed:
 
 
 def validate_ct(image: Image) -> None:
-    """Refuse inputs CT-FM cannot give meaningful results for, naming the problem."""
+    """Refuse inputs CT-FM cannot give meaningful results for, naming the problem.
+
+    Files are checked when read (:func:`CTFMLib.image.read_image`); this repeats the grid check
+    (spacing 0.05-50 mm, orthonormal axes, finite origin) for images that come from elsewhere
+    (a Slicer volume node), and checks values: NaN/inf voxels, and a range that is not HU.
+    """
     modality = str(image.metadata.get("modality", "CT")).upper()
     if modality not in ("CT", ""):
         raise ImageError(f"CT-FM needs a CT scan; this image's modality is {modality}")
     if min(image.shape) < 2:
         raise ImageError(f"CT-FM needs a 3-D volume; this image has shape {image.shape} (a single slice?)")
+    check_read_geometry(image, "the image")
     arr = image.array
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ImageError(f"the image contains {int((~np.isfinite(arr)).sum())} NaN or infinite voxels")
+        raise ImageError(
+            f"the image contains {int((~np.isfinite(arr)).sum())} NaN or infinite voxels; replace them with a HU "
+            "value (e.g. -1024 for air) and run again"
+        )
     if arr.dtype.kind not in "iuf":
         raise ImageError(f"unsupported voxel type {arr.dtype}")
     lo, hi = float(arr.min()), float(arr.max())
