@@ -35,7 +35,7 @@ from slicer.util import VTKObservationMixin
 from CTFMSlicer import CITATION
 from CTFMSlicer.logic import DEFAULT_WEIGHTS, DEVICES, EMBED_MODES
 from CTFMSlicer.logic import CTFMLogic as CTFMCoreLogic
-from CTFMSlicer.models import TRAIN_YOURSELF, download_problem
+from CTFMSlicer.models import NOT_PUBLISHED, TRAIN_YOURSELF, download_problem
 from CTFMSlicer.overlay import (
     DEFAULT_OPACITY,
     DEFAULT_THRESHOLD,
@@ -282,7 +282,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
     def _updateModelButtons(self) -> None:
         row = self._selectedModel()
-        removable = row is not None and row["status"] in ("imported", "downloaded")
+        removable = row is not None and row["status"] in ("imported", "downloaded", NOT_PUBLISHED)
         self.ui.removeModelButton.enabled = removable and self._jobSection is None
         self.ui.importModelButton.enabled = self._jobSection is None
         self._updateJobButton("models", download_problem(row), _(
@@ -332,7 +332,16 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             from CTFMSlicer.dependencies import ensure_dependencies
 
             ensure_dependencies()
-            folder = self.logic.importModel(path, modelId)
+            from CTFMLib.weights import NotPublishedError
+
+            try:
+                folder = self.logic.importModel(path, modelId)
+            except NotPublishedError as e:
+                question = _("{reason}\n\nImport it anyway? It will be shown as \"{status}\".").format(
+                    reason=str(e).split(" Import it under another id")[0], status=NOT_PUBLISHED)
+                if not slicer.util.confirmYesNoDisplay(question):
+                    return
+                folder = self.logic.importModel(path, modelId, force=True)
             self.ui.modelsStatusLabel.text = _("Imported into {folder}.").format(folder=folder)
             self._fillModelsTable()
 
@@ -1190,9 +1199,14 @@ class CTFMTest(ScriptedLoadableModuleTest):
                 encoder = Path(folder) / "encoder"
                 save_pretrained(build_encoder({"init_filters": 4, "blocks_down": [1, 1]}), encoder,
                                 {"architecture": "SegResEncoder", "init_filters": 4, "blocks_down": [1, 1]})
-                widget.logic.importModel(encoder, "ct_fm_feature_extractor")  # what Import... does after its dialog
+                # Other weights under the published id: refused, then imported when the user confirms.
+                from CTFMLib.weights import NotPublishedError
+
+                with self.assertRaises(NotPublishedError):
+                    widget.logic.importModel(encoder, "ct_fm_feature_extractor")
+                widget.logic.importModel(encoder, "ct_fm_feature_extractor", force=True)
                 widget._fillModelsTable()
-                self.assertEqual(status("ct_fm_feature_extractor"), "imported")
+                self.assertEqual(status("ct_fm_feature_extractor"), NOT_PUBLISHED)
                 self.assertTrue(widget.ui.removeModelButton.enabled)  # the selection survived the refresh
                 widget.removeSelectedModel(confirm=False)  # what Remove does once confirmed
                 self.assertEqual(status("ct_fm_feature_extractor"), "not on this computer")

@@ -420,9 +420,15 @@ def test_models_import_status_and_remove(ctfm_cache, tmp_path):
     assert before["ct_fm_feature_extractor"] == "not on this computer"
     assert before["msd_lung_tumor"] == "train with CTFMTrain"
 
-    # A published model imported from a folder (picked in the dialog by its config.json).
+    # Other weights under a published model's id (picked in the dialog by its config.json): refused unless
+    # forced, and then shown as not the published weights (the catalogue knows the published config's size).
+    from CTFMLib.weights import WeightsError
+
     encoder = write_encoder(tmp_path / "encoder")
-    folder = logic.importModel(encoder / "config.json", "ct_fm_feature_extractor")
+    with pytest.raises(WeightsError, match="--force"):
+        logic.importModel(encoder / "config.json", "ct_fm_feature_extractor")
+    assert not (ctfm_cache / "models" / "project-lighter--ct_fm_feature_extractor").exists()
+    folder = models.import_model(encoder / "config.json", "ct_fm_feature_extractor", force=True)
     assert folder == ctfm_cache / "models" / "project-lighter--ct_fm_feature_extractor"
     assert (folder / "model.safetensors").read_bytes() == (encoder / "model.safetensors").read_bytes()
 
@@ -444,7 +450,7 @@ def test_models_import_status_and_remove(ctfm_cache, tmp_path):
     logic.importModel(write_encoder(tmp_path / "my-encoder", init_filters=8))
 
     after = statuses()
-    assert after["ct_fm_feature_extractor"] == "imported"
+    assert after["ct_fm_feature_extractor"] == "imported, not the published weights"
     assert after["msd_lung_tumor"] == "imported"
     assert after["ct_fm_segresnet"] == "downloaded"
     assert after["msd_liver_tumor"] == "train with CTFMTrain"
@@ -461,7 +467,7 @@ def test_models_import_status_and_remove(ctfm_cache, tmp_path):
     final = statuses()
     assert final["msd_lung_tumor"] == "train with CTFMTrain"
     assert final["ct_fm_segresnet"] == "not on this computer"
-    assert final["ct_fm_feature_extractor"] == "imported"
+    assert final["ct_fm_feature_extractor"] == "imported, not the published weights"
     assert not [r for r in logic.modelRows() if not r["in_catalogue"]]
 
 

@@ -156,7 +156,8 @@ def test_checksum_is_checked_when_the_catalogue_knows_it(ctfm_cache, tiny_encode
 
 
 def test_import_folder_and_zip_then_remove(ctfm_cache, tiny_encoder_folder, tmp_path):
-    cat = _catalog("someone/tiny-ctfm")
+    # The catalogue publishes this model's checksum: an import under its id must be those weights.
+    cat = _catalog("someone/tiny-ctfm", sha=W.sha256_file(tiny_encoder_folder / "model.safetensors"))
     dest = W.import_model(tiny_encoder_folder, repo_id="someone/tiny-ctfm", catalog=cat)
     assert (dest / "model.safetensors").is_file() and dest.parent == ctfm_cache / "models"
     model, info = W.load_model("tiny", catalog=cat)  # found offline without any hub cache
@@ -174,7 +175,7 @@ def test_import_folder_and_zip_then_remove(ctfm_cache, tiny_encoder_folder, tmp_
 
 
 def test_import_refuses_a_corrupt_model_and_keeps_the_previous_one(ctfm_cache, tiny_encoder_folder, tmp_path):
-    cat = _catalog("someone/tiny-ctfm")
+    cat = _catalog("someone/tiny-ctfm", sha=W.sha256_file(tiny_encoder_folder / "model.safetensors"))
     dest = W.import_model(tiny_encoder_folder, repo_id="someone/tiny-ctfm", catalog=cat)
     before = (dest / "model.safetensors").read_bytes()
     broken = tmp_path / "broken"

@@ -2,15 +2,18 @@
 
 ``Models.json`` (``Resources/Models.json`` in the source tree, installed next to
 this package as ``resources/Models.json``) lists each model: ``id``, ``title``,
-``task``, Hugging Face ``repo_id`` and ``revision``, ``files`` (name and
-``sha256`` where known), ``architecture`` and ``labels``. ``CTFM_CATALOG``
-(environment) points to another catalogue, e.g. a site's own.
+``task``, Hugging Face ``repo_id`` and ``revision``, ``files`` (``name``, and the published
+file's ``sha256`` and ``size`` in bytes where known, with the ``source`` page they were read
+from), ``architecture`` and ``labels``. A file that differs from a known ``sha256`` or ``size``
+is refused (:mod:`CTFMLib.weights`). ``CTFM_CATALOG`` (environment) points to another
+catalogue, e.g. a site's own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -45,9 +48,18 @@ class ModelEntry:
     how_to: str = ""
 
     def sha256(self, filename: str) -> Optional[str]:
+        """The published file's sha256 (lower-case hex), or None when the catalogue does not know it."""
         for f in self.files:
             if f.get("name") == filename:
-                return f.get("sha256") or None
+                return (f.get("sha256") or "").lower() or None
+        return None
+
+    def size(self, filename: str) -> Optional[int]:
+        """The published file's size in bytes, or None when the catalogue does not know it."""
+        for f in self.files:
+            if f.get("name") == filename:
+                value = f.get("size")
+                return value if isinstance(value, int) and not isinstance(value, bool) else None
         return None
 
     @property
@@ -66,6 +78,8 @@ class Catalog:
         data = json.loads(path.read_text(encoding="utf-8"))
         known = set(ModelEntry.__dataclass_fields__)
         models = [ModelEntry(**{k: v for k, v in m.items() if k in known}) for m in data["models"]]
+        for m in models:
+            _check_files(m, path)
         ids = [m.id for m in models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate model ids in {path}")
@@ -80,6 +94,21 @@ class Catalog:
 
     def __iter__(self):
         return iter(self.models)
+
+
+def _check_files(entry: ModelEntry, path) -> None:
+    """A published checksum or size that could never match is a broken catalogue, not a broken download."""
+    if not isinstance(entry.files, list):
+        raise ValueError(f"{path}: files of {entry.id} must be a list")
+    for f in entry.files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise ValueError(f"{path}: each file of {entry.id} needs a name")
+        sha = f.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+            raise ValueError(f"{path}: sha256 of {entry.id}/{f['name']} is not 64 hex digits")
+        size = f.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"{path}: size of {entry.id}/{f['name']} is not a number of bytes")
 
 
 def load_catalog(path=None) -> Catalog:

@@ -245,11 +245,32 @@ def _color01(color) -> tuple:
     return tuple(round(c, 6) for c in values)
 
 
-def _check_name(name) -> str:
+MAX_NAME_LENGTH = 128  # longer than any anatomical name; a segment name and ID in Slicer
+
+
+def _shown(text) -> str:
+    text = repr(text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_name(name, what: str = "a label name", display: bool = False) -> str:
+    """``name`` stripped, when it is fit to be a segment's name and ID in ``.labels.json`` and ``.seg.nrrd`` alike.
+
+    Refused: non-text, empty, longer than :data:`MAX_NAME_LENGTH`, control characters (NUL cuts an
+    NRRD value short, ESC drives terminals, tabs and line breaks end header fields), ``|`` (the
+    segment tag separator), and path-like text (``/``, ``\\``, ``.``, ``..``): a structure name never
+    names a file. A ``display`` name (shown, never an ID) may hold ``/``.
+    """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a label name must be a non-empty string, not {name!r}")
-    if any(ch in name for ch in "\n\r|"):
-        raise ValueError(f"a label name may not contain '|' or a line break: {name!r}")
+        raise ValueError(f"{what} must be a non-empty string, not {_shown(name)}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} is {len(name):,} characters long, more than {MAX_NAME_LENGTH}: {_shown(name)}")
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in "\u2028\u2029" for ch in name):
+        raise ValueError(f"{what} may not contain control characters (NUL, tab, escape, line breaks): {_shown(name)}")
+    if "|" in name:
+        raise ValueError(f"{what} may not contain '|': {_shown(name)}")
+    if not display and ("/" in name or "\\" in name or name.strip() in (".", "..")):
+        raise ValueError(f"{what} may not look like a path ('/', '\\', '.', '..'): {_shown(name)}")
     return name.strip()
 
 
@@ -265,17 +286,24 @@ def load_labels(folder_or_dict: Union[str, os.PathLike, dict]) -> list:
     terminology (:func:`generic_terminology`) and a colour of its own. Given fields win.
     """
     if isinstance(folder_or_dict, dict):
-        data = folder_or_dict
-    else:
-        path = Path(folder_or_dict)
-        if path.is_dir():
-            path = path / LABELS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {LABELS_FILE} at {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return _labels_of(folder_or_dict)
+    path = Path(folder_or_dict)
+    if path.is_dir():
+        path = path / LABELS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {LABELS_FILE} at {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return _labels_of(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _labels_of(data) -> list:
+    """:func:`load_labels` of a parsed ``labels.json`` (every value checked: names, display names, colours)."""
     if not isinstance(data, dict):
         raise ValueError("labels must be a JSON object {value: name or {name, color, terminology}}")
     items = []
@@ -286,7 +314,7 @@ def load_labels(folder_or_dict: Union[str, os.PathLike, dict]) -> list:
             raise ValueError(f"label keys are integer values, not {key!r}") from None
         if not isinstance(spec, dict):
             spec = {"name": spec}
-        name = _check_name(spec.get("name"))
+        name = _check_name(spec.get("name"), f"the name of label {_shown(key)}")
         if value == 0:  # background
             continue
         if value < 0 or value > 65535:
@@ -312,11 +340,17 @@ def load_labels(folder_or_dict: Union[str, os.PathLike, dict]) -> list:
                 generated += 1
             display = _display(name)
         if spec.get("terminology"):
-            terminology = str(spec["terminology"])
+            terminology = spec["terminology"]
+            if not isinstance(terminology, str) or any(ord(ch) < 32 or ch == "|" for ch in terminology):
+                raise ValueError(f"the terminology of {name} must be one line of text without '|'")
             parse_terminology(terminology)  # refuse a malformed entry now, not in Slicer
         if spec.get("color") is not None:
-            color = _color01(spec["color"])
-        display = str(spec.get("display_name") or display)
+            try:
+                color = _color01(spec["color"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"the colour of {name}: {e}"[:300]) from None
+        if spec.get("display_name") is not None:
+            display = _check_name(spec["display_name"], f"the display name of {name}", display=True)
         labels.append(LabelInfo(value, name, color, terminology, display))
     return labels
 
@@ -371,7 +405,7 @@ def _segment_extents(array: np.ndarray) -> dict:
     return out
 
 
-def write_seg_nrrd(labels_image: Image, labels: Iterable[LabelInfo], path) -> Path:
+def write_seg_nrrd(labels_image: Image, labels: Iterable[LabelInfo], path, overwrite: bool = True) -> Path:
     """Write a label map as a Slicer segmentation (``.seg.nrrd``): one shared labelmap layer.
 
     Only the labels present in the image become segments (an absent structure is not a
@@ -380,11 +414,9 @@ def write_seg_nrrd(labels_image: Image, labels: Iterable[LabelInfo], path) -> Pa
     is an error, never a silently dropped structure. The geometry is the image's (LPS),
     written as NRRD ``space: left-posterior-superior``; the image grid is also stored as the
     segmentation's reference image geometry, as Slicer does. The file is gzip-compressed
-    and written under a temporary name, then renamed.
+    and written atomically (:func:`CTFMLib.image.write_sitk`); ``overwrite=False`` refuses an existing file.
     """
-    import SimpleITK as sitk
-
-    from .image import to_sitk
+    from .image import to_sitk, write_sitk
 
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
@@ -441,15 +473,7 @@ def write_seg_nrrd(labels_image: Image, labels: Iterable[LabelInfo], path) -> Pa
     for k, v in meta.items():
         img.SetMetaData(k, v)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[: -len('.seg.nrrd')]}.tmp{os.getpid()}.seg.nrrd")
-    try:
-        sitk.WriteImage(img, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_sitk(img, path, True, overwrite)
 
 
 def read_seg_nrrd(path) -> tuple:

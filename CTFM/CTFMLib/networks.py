@@ -231,6 +231,114 @@ def build_network(config: dict) -> nn.Module:
     return ARCHITECTURES[name](**kwargs)
 
 
+# --- checking a config before anything is built ----------------------------------------------
+
+# The biggest published CT-FM network (whole-body SegResNetDS) has about 87 million parameters. One
+# billion parameters (4 GB of float32 weights, more again while loading) is over ten times that and
+# still fits a workstation; a config asking for more is a typo or a hostile file, refused before
+# any memory is allocated.
+MAX_PARAMETERS = 1_000_000_000
+# Ranges a config.json value must lie in. They hold every CT-FM network with room to spare
+# (published: in_channels 1, init_filters 32, five levels of 1-4 blocks, 118 classes).
+CONFIG_LIMITS = {"in_channels": (1, 4), "init_filters": (1, 128), "levels": (1, 8), "blocks": (1, 16),
+                 "blocks_up": (0, 16), "out_channels": (1, 1024)}
+_ENCODER_KEYS = {"spatial_dims", "in_channels", "init_filters", "blocks_down", "act", "norm"}
+_SEGMENTER_KEYS = _ENCODER_KEYS | {"out_channels", "blocks_up", "dsdepth", "upsample_mode", "resolution",
+                                   "head_module", "anisotropic_scales", "preprocess"}
+_NOTE_KEYS = {"architecture", "_class_name", "architectures", "model_type", "task", "labels"}
+
+
+def _whole(config: dict, key: str, default, low: int, high: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be a whole number, not {value!r}"[:200])
+    if not low <= value <= high:
+        raise ValueError(f"{key} = {value} is outside {low}..{high}")
+    return value
+
+
+def _block_list(config: dict, key: str, default, levels: tuple, blocks: tuple) -> list:
+    value = config.get(key, default)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} must be a list of whole numbers (blocks per level), not {value!r}"[:200])
+    if not levels[0] <= len(value) <= levels[1]:
+        raise ValueError(f"{key} must list {levels[0]}..{levels[1]} levels, not {len(value)}")
+    for n in value:
+        if isinstance(n, bool) or not isinstance(n, int) or not blocks[0] <= n <= blocks[1]:
+            raise ValueError(f"{key} = {list(value)!r} must hold whole numbers {blocks[0]}..{blocks[1]}"[:200])
+    return list(value)
+
+
+def validate_config(config) -> str:
+    """Check a ``config.json`` before any network is built; returns its architecture name.
+
+    Types and ranges (:data:`CONFIG_LIMITS`), keys the constructor knows (keys starting with ``_``
+    and Hugging Face bookkeeping are notes), and options this re-implementation does not reproduce.
+    Every problem is a one-line ``ValueError``; nothing is allocated.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"a network config is a JSON object, not {type(config).__name__}")
+    name = architecture_of(config)
+    allowed = _SEGMENTER_KEYS if name == "SegResNetDS" else _ENCODER_KEYS
+    unknown = sorted(str(k) for k in config if k not in allowed and k not in _NOTE_KEYS and not str(k).startswith("_"))
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        raise ValueError(f"unknown {name} options: {shown}")
+    spatial = config.get("spatial_dims", 3)
+    if spatial != 3 or isinstance(spatial, bool):
+        raise ValueError(f"CT-FM networks are 3-D; spatial_dims={spatial!r} is not supported"[:200])
+    _whole(config, "in_channels", 1, *CONFIG_LIMITS["in_channels"])
+    _whole(config, "init_filters", 32, *CONFIG_LIMITS["init_filters"])
+    levels = _block_list(config, "blocks_down", (1, 2, 2, 4), CONFIG_LIMITS["levels"], CONFIG_LIMITS["blocks"])
+    for key in ("act", "norm", "upsample_mode"):
+        if key in config and not isinstance(config[key], str):
+            raise ValueError(f"{key} must be a name, not {config[key]!r}"[:200])
+    if name == "SegResNetDS":
+        n_up = len(levels) - 1
+        if n_up < 1:
+            raise ValueError("SegResNetDS needs at least two encoder levels (blocks_down)")
+        _whole(config, "out_channels", 2, *CONFIG_LIMITS["out_channels"])
+        if config.get("blocks_up") is not None:
+            up = _block_list(config, "blocks_up", None, (n_up, n_up), CONFIG_LIMITS["blocks_up"])
+            if len(up) != n_up:
+                raise ValueError(f"blocks_up must list {n_up} levels")
+        _whole(config, "dsdepth", 1, 1, n_up)
+    kwargs = {k: v for k, v in config.items() if k in allowed}
+    kwargs.pop("spatial_dims", None)
+    for key in ("in_channels", "init_filters", "blocks_down", "out_channels", "blocks_up", "dsdepth"):
+        kwargs.pop(key, None)
+    _check_supported(**kwargs)
+    return name
+
+
+def meta_network(build) -> nn.Module:
+    """``build()`` on the meta device: the module tree with every tensor's shape and dtype, no memory."""
+    with torch.device("meta"):
+        return build()
+
+
+def state_layout(model: nn.Module) -> dict:
+    """``{state-dict name: (shape, floating)}`` of a (meta) network."""
+    return {k: (tuple(v.shape), bool(v.is_floating_point())) for k, v in model.state_dict().items()}
+
+
+def check_network_size(model: nn.Module, what: str = "the network") -> int:
+    """Number of parameters and buffers of a (meta) network; ``ValueError`` past :data:`MAX_PARAMETERS`."""
+    total = sum(int(v.numel()) for v in model.state_dict().values())
+    if total > MAX_PARAMETERS:
+        raise ValueError(f"{what} would have {total:,} parameters ({total * 4 / 1e9:.1f} GB), more than the "
+                         f"{MAX_PARAMETERS:,} CT-FM allows: the config is wrong")
+    return total
+
+
+def probe_size(model: nn.Module) -> int:
+    """The smallest cube edge (voxels) every level of ``model``'s encoder accepts, at least 4."""
+    encoder = model if isinstance(model, SegResEncoder) else getattr(model, "encoder", None)
+    levels = len(encoder.blocks_down) if isinstance(encoder, SegResEncoder) else 1
+    factor = 2 ** max(levels - 1, 0)
+    return factor * max(1, -(-4 // factor))
+
+
 def build_encoder(config: dict | None = None) -> SegResEncoder:
     """The CT-FM encoder (or a smaller one for tests, from ``config``)."""
     return SegResEncoder(**{**CTFM_ENCODER_CONFIG, **(config or {})})

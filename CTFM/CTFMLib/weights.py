@@ -2,42 +2,72 @@
 
 A weights *source* is one of:
 
-- a catalogue id (``ct_fm_feature_extractor``) or Hugging Face repo id
-  (``project-lighter/ct_fm_feature_extractor``): an imported copy in the CTFM
-  model folder is used first, else the Hugging Face cache, else a download
-  (unless ``HF_HUB_OFFLINE`` is set);
+- a catalogue id (``ct_fm_feature_extractor``), a Hugging Face repo id
+  (``project-lighter/ct_fm_feature_extractor``) or the id a model was imported
+  under (``my-model``): an imported copy in the CTFM model folder is used first,
+  else the Hugging Face cache, else a download (unless ``HF_HUB_OFFLINE`` is set);
 - a folder in the published layout: ``config.json`` + ``model.safetensors``;
 - a single ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.ckpt`` file
   read with ``torch.load(weights_only=True)``: nothing is ever unpickled.
 
-Loading is strict: every tensor must match by name and shape, otherwise
-:class:`WeightsMismatchError` names the missing, unexpected and mis-shaped
-tensors. (Upstream users lost results to a ``strict=False`` load that matched
-nothing and left the network random.)
+Nothing is built or loaded before it is checked (:func:`build_and_load`): the config's types and
+ranges (:func:`CTFMLib.networks.validate_config`), the network's size (built on the meta device,
+which allocates nothing), and every tensor's name, shape and dtype against the file's header
+(safetensors headers are read without loading; pickled checkpoints are size-checked before
+``torch.load``). Only then are the tensors read; they must be finite floating-point values where the
+network has floats (float16/bfloat16/float64 are cast to float32), batch-norm variances must not be
+negative, and the loaded network must give finite outputs on a small constant input. Loading is
+strict: :class:`WeightsMismatchError` names the missing, unexpected and mis-shaped tensors.
+(Upstream users lost results to a ``strict=False`` load that matched nothing and left the network
+random.)
+
+Imports (:func:`import_model`) copy only the files a model needs, as regular files, into a private
+folder in the model store, check them there, and then replace an earlier import in one rename;
+every delete goes through :func:`CTFMLib.files.remove_tree` with the store it cleans.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
-import shutil
+import signal
+import stat
+import struct
 import tempfile
+import time
+import zipfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from pathlib import Path, PurePosixPath
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from . import cache
+from . import cache, files
 from .catalog import Catalog, ModelEntry, load_catalog
-from .networks import ARCHITECTURES, CTFM_ENCODER_CONFIG, architecture_of, build_network
+from .networks import (
+    ARCHITECTURES,
+    CTFM_ENCODER_CONFIG,
+    MAX_PARAMETERS,
+    build_network,
+    check_network_size,
+    meta_network,
+    probe_size,
+    state_layout,
+    validate_config,
+)
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = cache.WEIGHTS_NAME
 LABELS_NAME = "labels.json"
+MARKER_NAME = cache.MARKER_NAME
+TERM_SUFFIX = ".term.json"
+NOT_PUBLISHED = cache.NOT_PUBLISHED
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # Prefixes under which a checkpoint may hold the network we want: Lightning
 # systems (``model.``, upstream pretraining's ``backbone.``), DDP (``module.``),
@@ -45,13 +75,33 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 SUBMODULE_PREFIXES = ("model.backbone.", "backbone.", "model.encoder.", "model.", "module.", "_orig_mod.", "encoder.")
 SHOW = 8
 
+# Size limits of the files a model is made of. The weights: the largest network allowed
+# (networks.MAX_PARAMETERS) in float64, plus safetensors' own 100 MB header limit. A config or
+# labels file is a few kB; these caps only stop a hostile file from filling memory or disk.
+MAX_HEADER_BYTES = 100_000_000
+MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + MAX_HEADER_BYTES
+MAX_CONFIG_BYTES = 1 << 20
+MAX_JSON_BYTES = 16 << 20
+# A zip holding a model is refused when it claims to expand past this (what it holds beyond the model's
+# own files is never extracted).
+MAX_ZIP_BYTES = MAX_WEIGHTS_BYTES + 64 * MAX_JSON_BYTES
+# torch.save stores its records uncompressed: a checkpoint expands to about its own size. This much
+# more (zip headers, a re-zipped small file) is tolerated; more is a decompression bomb.
+PICKLE_ALLOWANCE = 1 << 20
+_CHUNK = 1 << 20
 
-class WeightsError(Exception):
-    """Weights cannot be used: unreadable, unsafe, corrupt or not what the model needs."""
+
+class WeightsError(ValueError):
+    """Weights cannot be used: unreadable, unsafe, corrupt or not what the model needs (one-line message)."""
 
 
 class WeightsNotAvailableError(WeightsError):
     """The weights are not on this computer and cannot be downloaded now."""
+
+
+class NotPublishedError(WeightsError):
+    """Weights offered under a published catalogue id cannot be shown to be the published ones
+    (``force`` imports them anyway, marked as not the published weights)."""
 
 
 class WeightsMismatchError(WeightsError):
@@ -72,9 +122,17 @@ class WeightsMismatchError(WeightsError):
 
 
 def _listing(names) -> str:
-    names = list(names)
+    names = [_short(n) for n in names]
     more = f", ... ({len(names) - SHOW} more)" if len(names) > SHOW else ""
     return ", ".join(names[:SHOW]) + more
+
+
+def _short(text, limit: int = 120) -> str:
+    """``text`` on one line and at most ``limit`` characters (names from a file may be anything)."""
+    text = str(text)
+    if len(text) > limit or any(ord(c) < 32 for c in text):
+        text = repr(text[:limit]) + ("..." if len(text) > limit else "")
+    return text
 
 
 @dataclass
@@ -94,7 +152,7 @@ class ModelInfo:
 # --- reading tensors ---------------------------------------------------------------
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
+def sha256_file(path, chunk: int = _CHUNK) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -102,8 +160,121 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a weights file, known without reading its values."""
+
+    shape: tuple
+    dtype: str
+    floating: bool
+
+
+# safetensors dtype -> (bytes per element, floating point)
+_ST_DTYPES = {
+    "F64": (8, True), "F32": (4, True), "F16": (2, True), "BF16": (2, True), "F8_E4M3": (1, True),
+    "F8_E5M2": (1, True), "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
+    "U64": (8, False), "U32": (4, False), "U16": (2, False), "U8": (1, False), "BOOL": (1, False),
+}
+
+
+def _invalid_safetensors(name: str, why: str) -> WeightsError:
+    return WeightsError(f"{name} is not a valid safetensors file (corrupt or truncated?): {why}")
+
+
+def parse_safetensors_header(header: bytes, file_size: int, name: str) -> dict:
+    """``{tensor name: TensorInfo}`` from a safetensors header (the JSON after the 8-byte length).
+
+    The tensors must exactly tile the data that follows the header in a file of ``file_size`` bytes.
+    """
+    try:
+        data = json.loads(header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _invalid_safetensors(name, "its header is not JSON") from None
+    if not isinstance(data, dict):
+        raise _invalid_safetensors(name, "its header is not a JSON object")
+    data_size = file_size - 8 - len(header)
+    layout, spans = {}, []
+    for key, spec in data.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            itemsize, floating = _ST_DTYPES[dtype]
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in [*shape, begin, end]):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise _invalid_safetensors(name, f"tensor {_short(key, 60)} is described wrongly") from None
+        count = 1
+        for n in shape:
+            count *= n
+        if end - begin != count * itemsize:
+            raise _invalid_safetensors(name, f"tensor {_short(key, 60)} has {end - begin} bytes for shape {shape}")
+        layout[key] = TensorInfo(tuple(shape), dtype, floating)
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise _invalid_safetensors(name, "its tensors overlap or leave gaps")
+        position = end
+    if position != data_size:
+        raise _invalid_safetensors(name, f"the header describes {position} bytes of tensors, the file holds "
+                                         f"{max(data_size, 0)}")
+    return layout
+
+
+def _header_length(first: bytes, file_size: int, name: str) -> int:
+    if len(first) < 8:
+        raise _invalid_safetensors(name, f"{file_size} bytes is too short")
+    (n,) = struct.unpack("<Q", first[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise _invalid_safetensors(name, f"its header claims {n} bytes")
+    return n
+
+
+def safetensors_header(path) -> dict:
+    """``{tensor name: TensorInfo}`` of a ``.safetensors`` file, read from its header alone (no tensor is loaded)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = _header_length(f.read(8), size, path.name)
+            header = f.read(n)
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(header) != n:
+        raise _invalid_safetensors(path.name, "it ends inside its header")
+    return parse_safetensors_header(header, size, path.name)
+
+
+def check_torch_archive(path) -> None:
+    """Refuse a pickled checkpoint whose zip records would expand far beyond the file (a decompression bomb).
+
+    ``torch.save`` stores records uncompressed, so a real checkpoint expands to about its own size;
+    the zip directory is read without inflating anything. Legacy (non-zip) checkpoints are not
+    compressed and pass; ``torch.load(weights_only=True)`` still refuses anything but tensors.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise WeightsError(f"refused to load {path.name}: its zip directory is damaged (not a checkpoint torch "
+                           "wrote)") from None
+    total = sum(i.file_size for i in infos)
+    bombs = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED
+             and i.file_size > PICKLE_ALLOWANCE and i.file_size > 20 * max(i.compress_size, 1)]
+    if total > size + PICKLE_ALLOWANCE or bombs:
+        raise WeightsError(
+            f"refused to load {path.name}: its records would expand to {total:,} bytes from {size:,} on disk "
+            f"(a decompression bomb, not a checkpoint torch wrote); convert it to .safetensors in a trusted "
+            "environment")
+
+
 def read_state_dict(path) -> dict:
-    """Read tensors from a .safetensors file or a weights-only torch checkpoint."""
+    """Read tensors from a .safetensors file or a weights-only torch checkpoint (checked before reading)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"no weights file at {path}")
@@ -112,11 +283,13 @@ def read_state_dict(path) -> dict:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        safetensors_header(path)  # a clear refusal, before safetensors reads anything
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path.name} is not a valid safetensors file (corrupt or truncated?): {e}") from None
+            raise _invalid_safetensors(path.name, _short(e, 200)) from None
     if name.endswith(PICKLE_SUFFIXES):
+        check_torch_archive(path)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # the unpickler raises several types; all mean "not plain tensors"
@@ -141,6 +314,31 @@ def _tensors_of_checkpoint(obj, name: str) -> dict:
     return tensors
 
 
+class WeightsFile:
+    """A weights file whose tensor names, shapes and dtypes (:attr:`layout`) are known before its values.
+
+    Safetensors: from the header, the values are read by :meth:`tensors` only when asked for.
+    Pickled checkpoints: size-checked (:func:`check_torch_archive`), then read weights-only.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WeightsError(f"no weights file at {self.path}")
+        self._tensors = None
+        if self.path.name.lower().endswith(".safetensors"):
+            self.layout = safetensors_header(self.path)
+        else:
+            self._tensors = read_state_dict(self.path)
+            self.layout = {k: TensorInfo(tuple(v.shape), str(v.dtype).replace("torch.", ""), v.is_floating_point())
+                           for k, v in self._tensors.items()}
+
+    def tensors(self) -> dict:
+        if self._tensors is None:
+            self._tensors = read_state_dict(self.path)
+        return self._tensors
+
+
 def select_submodule(state: dict, expected: set) -> tuple:
     """Return ``(state, prefix)``: the tensors under the prefix that names the wanted network.
 
@@ -157,36 +355,161 @@ def select_submodule(state: dict, expected: set) -> tuple:
     return state, ""
 
 
-def check_state_dict(model: nn.Module, state: dict, source: str = "") -> None:
-    """Raise :class:`WeightsMismatchError` unless names and shapes match exactly."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [(k, own[k].shape, state[k].shape) for k in own if k in state and own[k].shape != state[k].shape]
+def _compare_layout(layout: dict, found: dict, source: str) -> None:
+    """Names and shapes (``found``: name -> shape) must match the network's ``layout`` exactly."""
+    missing = [k for k in layout if k not in found]
+    unexpected = [k for k in found if k not in layout]
+    mismatched = [(k, layout[k][0], tuple(found[k])) for k in layout if k in found and tuple(found[k]) != layout[k][0]]
     if missing or unexpected or mismatched:
         raise WeightsMismatchError(missing, unexpected, mismatched, source)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _where(source: str) -> str:
+    return f" in {source}" if source else ""
+
+
+def _check_dtypes(layout: dict, floating: dict, dtypes: dict, source: str) -> None:
+    """Floating-point tensors where the network has floating-point ones (names the others)."""
+    wrong = [f"{k} ({dtypes[k]})" for k, is_float in floating.items() if layout[k][1] and not is_float]
+    if wrong:
+        raise WeightsError(f"the weights{_where(source)} hold integer or boolean tensors where the network has "
+                           f"floating-point ones: {_listing(wrong)}; they are not usable weights")
+
+
+def checked_state(layout: dict, state: dict, source: str = "") -> dict:
+    """``state`` made ready to load: dtypes checked and cast, values checked.
+
+    Floating-point parameters and buffers must be finite floating-point tensors (cast to float32);
+    batch-norm ``running_var`` must be >= 0; integer buffers (``num_batches_tracked``) become int64.
+    Every refusal names the tensors.
+    """
+    _check_dtypes(layout, {k: v.is_floating_point() for k, v in state.items()},
+                  {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}, source)
+    out, bad, negative = {}, [], []
+    for k, v in state.items():
+        if layout[k][1]:
+            v = v.to(torch.float32)
+            if not bool(torch.isfinite(v).all()):
+                bad.append(k)
+            elif k.rsplit(".", 1)[-1] == "running_var" and bool((v < 0).any()):
+                negative.append(k)
+        elif v.is_complex():
+            raise WeightsError(f"the weights{_where(source)} hold a complex tensor: {_short(k)}")
+        else:
+            v = v.to(torch.int64)
+        out[k] = v
     if bad:
-        raise WeightsError(f"the weights{' in ' + source if source else ''} contain NaN or infinite values in {_listing(bad)}")
+        raise WeightsError(f"the weights{_where(source)} contain NaN or infinite values in {_listing(bad)}")
+    if negative:
+        raise WeightsError(f"the weights{_where(source)} have negative batch-norm variances in {_listing(negative)} "
+                           "(a variance is never negative): the file is corrupt")
+    return out
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str = "") -> None:
+    """Raise :class:`WeightsError` unless names, shapes, dtypes and values fit ``model``."""
+    layout = state_layout(model)
+    _compare_layout(layout, {k: v.shape for k, v in state.items()}, source)
+    checked_state(layout, state, source)
 
 
 def load_state_dict_strict(model: nn.Module, state: dict, source: str = "") -> str:
-    """Load ``state`` into ``model`` strictly; returns the checkpoint prefix that was stripped."""
-    state, prefix = select_submodule(state, set(model.state_dict()))
-    check_state_dict(model, state, source)
-    model.load_state_dict(state, strict=True)
+    """Load ``state`` into ``model`` strictly (checked, cast); returns the checkpoint prefix that was stripped."""
+    layout = state_layout(model)
+    state, prefix = select_submodule(state, set(layout))
+    _compare_layout(layout, {k: v.shape for k, v in state.items()}, source)
+    model.load_state_dict(checked_state(layout, state, source), strict=True)
     return prefix
+
+
+def check_outputs_finite(model: nn.Module, source: str = "") -> None:
+    """Run ``model`` once on a small constant input; refuse non-finite outputs, naming the first layer that made them.
+
+    The input is a cube of :func:`~CTFMLib.networks.probe_size` voxels of value 0.5 (a normalised CT lies
+    in about 0..1): small enough to cost nothing, large enough for every level of the network.
+    """
+    from .networks import SegResEncoder
+
+    encoder = model if isinstance(model, SegResEncoder) else getattr(model, "encoder", None)
+    channels = getattr(encoder, "in_channels", 1)
+    size = probe_size(model)
+    x = torch.full((1, channels, size, size, size), 0.5)
+    first = []
+
+    def finite(values) -> bool:
+        if isinstance(values, torch.Tensor):
+            return not values.is_floating_point() or bool(torch.isfinite(values).all())
+        if isinstance(values, (list, tuple)):
+            return all(finite(v) for v in values)
+        return True
+
+    def hook(module, inputs, output, name=""):
+        if not first and finite(inputs) and not finite(output):
+            first.append(name)
+
+    handles = [m.register_forward_hook(lambda mod, i, o, n=name: hook(mod, i, o, n))
+               for name, m in model.named_modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            out = model.forward(x)  # a check, not a use: hooks that count the model's calls are not run
+    finally:
+        for h in handles:
+            h.remove()
+    if finite(out):
+        return
+    if first:
+        module = model.get_submodule(first[0])
+        names = [f"{first[0]}.{n}" for n, _ in [*module.named_parameters(recurse=False),
+                                                 *module.named_buffers(recurse=False)]
+                 if not n.startswith("num_batches")]
+        where = f"first at {_listing(names) if names else first[0]}"
+    else:
+        where = "the network as a whole"
+    raise WeightsError(f"the weights{_where(source)} make the network's output NaN or infinite on a constant "
+                       f"test input ({where}): they are corrupt or not trained weights")
+
+
+def build_and_load(build: Callable[[], nn.Module], weights, source: str = "") -> tuple:
+    """Build the network ``build()`` makes and load ``weights`` (a path or :class:`WeightsFile`) into it, checked.
+
+    In order, before anything large is allocated: the network is built on the meta device and its
+    size checked (:func:`~CTFMLib.networks.check_network_size`); the file's tensor names, shapes and
+    dtypes are compared with it. Then the tensors are read and checked (:func:`checked_state`), the
+    real network is built and loaded strictly, and its output on a constant input must be finite.
+    Returns ``(model in eval mode on the CPU, prefix stripped from the checkpoint's names)``.
+    """
+    weights = weights if isinstance(weights, WeightsFile) else WeightsFile(weights)
+    source = source or str(weights.path)
+    try:
+        meta = meta_network(build)
+        check_network_size(meta, "the network its config describes")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"the config of {source} does not describe a usable network: {_short(e, 300)}") from None
+    layout = state_layout(meta)
+    found, prefix = select_submodule(weights.layout, set(layout))
+    _compare_layout(layout, {k: v.shape for k, v in found.items()}, source)
+    _check_dtypes(layout, {k: v.floating for k, v in found.items()}, {k: v.dtype for k, v in found.items()}, source)
+    state, _ = select_submodule(weights.tensors(), set(layout))
+    state = checked_state(layout, state, source)
+    every = {n for n, _ in meta.named_parameters()} | {n for n, _ in meta.named_buffers()}
+    # Every tensor comes from the file: allocate without the random initialisation a build() would do.
+    model = meta.to_empty(device="cpu") if every <= set(layout) else build()
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    check_outputs_finite(model, source)
+    return model, prefix
 
 
 def infer_config(state: dict) -> dict:
     """Constructor arguments of the CT-FM network that ``state`` was saved from.
 
-    Used for a bare weights file without ``config.json``.
+    Used for a bare weights file without ``config.json``. ``state`` maps names to tensors or
+    anything with a ``shape`` (:class:`TensorInfo`).
     """
     keys = set(state)
     encoder_prefix = "encoder." if any(k.startswith("encoder.") for k in keys) else ""
     init = state.get(f"{encoder_prefix}conv_init.weight")
-    if init is None:
+    if init is None or len(init.shape) != 5:
         raise WeightsError("cannot tell which network these weights belong to (no conv_init.weight); provide config.json")
     blocks = {}
     for k in keys:
@@ -194,6 +517,8 @@ def infer_config(state: dict) -> dict:
         if m:
             level, block = int(m.group(1)), int(m.group(2))
             blocks[level] = max(blocks.get(level, 0), block + 1)
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise WeightsError("cannot tell how many levels these weights have; provide config.json")
     config = {
         "spatial_dims": 3,
         "in_channels": int(init.shape[1]),
@@ -217,31 +542,50 @@ def _is_repo_id(source: str) -> bool:
 
 
 def resolve(source: str, catalog: Optional[Catalog] = None, progress=None) -> tuple:
-    """Find weights on this computer (downloading if allowed); returns ``(path, catalogue entry or None)``."""
+    """Find weights on this computer (downloading if allowed); returns ``(path, catalogue entry or None)``.
+
+    An existing path is taken as it is; otherwise ``source`` is a catalogue id, a repo id or the id
+    a model was imported under (any id :func:`CTFMLib.cache.model_folder_name` accepts).
+    """
     path = Path(str(source)).expanduser()
     if path.exists():
         return path, None
     catalog = catalog if catalog is not None else load_catalog()
     entry = catalog.find(str(source))
-    if entry is None and not _is_repo_id(str(source)):
-        known = ", ".join(m.id for m in catalog) or "none"
-        raise WeightsError(f"no file, folder or known model named {source!r} (catalogue models: {known})")
-    repo_id = (entry.repo_id or entry.id) if entry else str(source)
-    imported = imported_model_path(repo_id)
+    model_id = (entry.repo_id or entry.id) if entry else str(source)
+    imported = imported_model_path(model_id)
     if imported is not None:
         return imported, entry
+    if entry is None and not _is_repo_id(str(source)):
+        known = ", ".join(m.id for m in catalog) or "none"
+        mine = ", ".join(i for i, _ in cache.imported_models()) or "none"
+        raise WeightsError(f"no file, folder or known model named {_short(source, 80)} (catalogue models: {known}; "
+                           f"imported: {mine})")
     if entry is not None and not entry.repo_id:
         raise WeightsNotAvailableError(f"{entry.title} ({entry.id}) has no published weights. {entry.how_to}".strip())
-    return download(repo_id, revision=entry.revision if entry else None, entry=entry, progress=progress), entry
+    return download(model_id, revision=entry.revision if entry else None, entry=entry, progress=progress), entry
 
 
 def imported_model_path(repo_id: str) -> Optional[Path]:
-    folder = cache.models_dir() / cache.model_folder_name(repo_id)
-    return folder if (folder / WEIGHTS_NAME).is_file() else None
+    """The imported copy of a model id, or None (an id that cannot name a model folder has none)."""
+    return cache.imported_model(repo_id)
+
+
+def _hub_root() -> Path:
+    """The Hugging Face cache folder CT-FM downloads into (the store :func:`remove_model` cleans)."""
+    if cache.hub_cache_dir() is not None:
+        return cache.hub_cache_dir()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def download(repo_id: str, revision: Optional[str] = None, entry: Optional[ModelEntry] = None, progress=None) -> Path:
-    """Fetch a model repo's files into the Hugging Face cache (or find them there when offline)."""
+    """Fetch a model repo's files into the Hugging Face cache (or find them there when offline).
+
+    The files are checked against the catalogue's published sizes and checksums where it knows them.
+    """
+    cache.model_folder_name(repo_id)  # the same rule for every id that becomes a folder
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -266,12 +610,50 @@ def download(repo_id: str, revision: Optional[str] = None, entry: Optional[Model
             f"(or in Slicer: CT-FM > Models > Download), or copy a model folder (config.json + model.safetensors) "
             f"here with `ctfm models import FOLDER_OR_ZIP`."
         )
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if cache.hub_offline() else f"{type(e).__name__}: {e}"
+        why = "HF_HUB_OFFLINE is set and it is not in the cache" if cache.hub_offline() else f"{type(e).__name__}: {_short(e, 200)}"
         raise WeightsNotAvailableError(f"weights {repo_id} are not on this computer ({why}). {how}") from None
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file():
         raise WeightsNotAvailableError(f"{repo_id} has no {WEIGHTS_NAME}")
+    if entry is not None:
+        verify_published(folder, folder / WEIGHTS_NAME, entry, [])
     return folder
+
+
+def verify_published(path: Path, weights_file: Path, entry: Optional[ModelEntry], notes: list) -> Optional[str]:
+    """Compare a model's files with the sizes and checksums its catalogue entry publishes; returns the weights' sha256.
+
+    A copy imported with ``--force`` under a published id is not compared (it says it is not the
+    published model); ``notes`` gets a line saying so.
+    """
+    if entry is None:
+        return None
+    folder = path if path.is_dir() else None
+    marker = cache.import_marker(folder) if folder is not None else None
+    if marker is not None and marker.get("published") is False:
+        notes.append(f"{NOT_PUBLISHED}: imported with --force as {entry.id}, not checked against the catalogue")
+        return None
+    digest = None
+    for spec in entry.files:
+        name = spec.get("name")
+        target = weights_file if name == weights_file.name else (folder / name if folder is not None and name else None)
+        if target is None or not target.is_file():
+            continue
+        size, known = entry.size(name), entry.sha256(name)
+        if size is not None and target.stat().st_size != size:
+            raise WeightsError(
+                f"{target} is {target.stat().st_size:,} bytes, the published {name} of {entry.repo_id or entry.id} "
+                f"{size:,}: the file is corrupt or not the published one; remove it (`ctfm models remove {entry.id}`) "
+                "and download again")
+        if known:
+            actual = sha256_file(target)
+            if actual != known.lower():
+                raise WeightsError(
+                    f"checksum mismatch for {target}: expected sha256 {known}, got {actual}. The file is corrupt "
+                    f"or not the published one; remove it (`ctfm models remove {entry.id}`) and download again.")
+            if target == weights_file:
+                digest = actual
+    return digest
 
 
 # --- loading -----------------------------------------------------------------------
@@ -287,19 +669,59 @@ def weights_file_of(path: Path) -> Path:
     raise WeightsError(f"{path} holds no {WEIGHTS_NAME}")
 
 
-def read_config(folder: Path) -> Optional[dict]:
-    f = folder / CONFIG_NAME
+def _read_json(path: Path, limit: int, what: str, shown=None):
+    shown = shown or path
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise WeightsError(f"{shown} is {size:,} bytes, too large for a {what} (at most {limit:,})")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise WeightsError(f"{shown} is not UTF-8 text") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read {shown}: {e.strerror or e}") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise WeightsError(f"{shown} is not valid JSON: {e}") from None
+
+
+def read_config(folder: Path, shown=None) -> Optional[dict]:
+    """A folder's ``config.json`` (a JSON object), or None when it has none.
+
+    ``shown``: the folder named in messages (an import names its source, not its staging folder).
+    """
+    f = Path(folder) / CONFIG_NAME
     if not f.is_file():
         return None
+    where = f"{shown}/{CONFIG_NAME}" if shown else f
+    config = _read_json(f, MAX_CONFIG_BYTES, "config.json", where)
+    if not isinstance(config, dict):
+        raise WeightsError(f"{where} must hold a JSON object (the network's settings), not a {type(config).__name__}")
+    return config
+
+
+def read_labels(folder: Path, shown=None) -> Optional[dict]:
+    """A folder's ``labels.json``, checked (:func:`CTFMLib.labels.load_labels`), or None; errors name the file."""
+    from .labels import load_labels
+
+    f = Path(folder) / LABELS_NAME
+    if not f.is_file():
+        return None
+    where = f"{shown}/{LABELS_NAME}" if shown else f
+    data = _read_json(f, MAX_JSON_BYTES, "labels.json", where)
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        load_labels(data)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{where}: {_short(e, 300)}") from None
+    return data
+
+
+def _network_config(config: dict, where: str) -> str:
+    try:
+        return validate_config(config)
     except ValueError as e:
-        raise WeightsError(f"{f} is not valid JSON: {e}") from None
-
-
-def read_labels(folder: Path) -> Optional[dict]:
-    f = folder / LABELS_NAME
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        raise WeightsError(f"{where} does not describe a supported network: {_short(e, 300)}") from None
 
 
 def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] = None, progress=None):
@@ -307,39 +729,30 @@ def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] 
 
     ``expect="SegResEncoder"`` loads only the encoder, also from a segmentation
     checkpoint (its ``encoder.`` tensors). The model is returned in eval mode on the CPU.
+    Everything is checked first (:func:`build_and_load`).
     """
+    if expect is not None and expect not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {expect!r}")
     path, entry = resolve(str(source), catalog, progress)
     weights_file = weights_file_of(path)
     folder = path if path.is_dir() else path.parent
-    known = entry.sha256(weights_file.name) if entry else None
-    digest = None
-    if known:
-        digest = sha256_file(weights_file)
-        if digest != known.lower():
-            raise WeightsError(
-                f"checksum mismatch for {weights_file}: expected sha256 {known}, got {digest}. "
-                "The file is corrupt or not the published one; remove it (`ctfm models remove`) and download again."
-            )
-    state = read_state_dict(weights_file)
+    notes = []
+    digest = verify_published(path, weights_file, entry, notes)
+    weights = WeightsFile(weights_file)
     config = read_config(folder) if path.is_dir() else None
+    where = f"{folder / CONFIG_NAME}" if config is not None else f"the config inferred from {weights_file.name}"
     if config is None:
-        config = infer_config(select_submodule(state, {"conv_init.weight", "encoder.conv_init.weight"})[0])
-    arch = architecture_of(config)
-    if expect is not None and expect not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {expect!r}")
+        config = infer_config(select_submodule(weights.layout, {"conv_init.weight", "encoder.conv_init.weight"})[0])
+    arch = _network_config(config, where)
     if expect == "SegResEncoder" and arch != "SegResEncoder":
         config = {k: config[k] for k in ("spatial_dims", "in_channels", "init_filters", "blocks_down") if k in config}
         config = {**{k: v for k, v in CTFM_ENCODER_CONFIG.items() if k not in config}, **config}
-        arch = "SegResEncoder"
+        arch = _network_config(config, where)
     elif expect is not None and expect != arch:
         raise WeightsError(f"{source} holds a {arch}, not a {expect}")
-    try:
-        model = build_network(config)
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"config.json of {source} does not describe a supported network: {e}") from None
-    prefix = load_state_dict_strict(model, state, str(weights_file))
-    model.eval()
-    info = ModelInfo(str(source), path, arch, config, digest, read_labels(folder) if path.is_dir() else None, entry)
+    model, prefix = build_and_load(lambda: build_network(config), weights, str(weights_file))
+    info = ModelInfo(str(source), path, arch, config, digest, read_labels(folder) if path.is_dir() else None, entry,
+                     notes)
     if info.labels is None and entry is not None and entry.labels and arch == "SegResNetDS":
         info.labels = entry.labels
     if prefix:
@@ -353,100 +766,361 @@ def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] 
 def save_pretrained(model: nn.Module, folder, config: dict, labels: Optional[dict] = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``labels.json``), the published layout.
 
-    Files are written under temporary names and renamed, so an interrupted save
-    never leaves a half-written model that would later load.
+    Each file is written atomically (:func:`CTFMLib.files.atomic_output`: a private temporary file,
+    fsync'ed, given normal permissions and renamed), so an interrupted save never leaves a
+    half-written file that would later load, and colleagues can read a shared model folder.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    files = {WEIGHTS_NAME: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-             CONFIG_NAME: lambda p: p.write_text(json.dumps(config, indent=2), encoding="utf-8")}
+    with files.atomic_output(folder / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    files.atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2))
     if labels is not None:
-        files[LABELS_NAME] = lambda p: p.write_text(json.dumps(labels, indent=1), encoding="utf-8")
-    for name, write in files.items():
-        tmp = folder / f".{name}.tmp{os.getpid()}"
-        write(tmp)
-        os.replace(tmp, folder / name)
+        files.atomic_write_text(folder / LABELS_NAME, json.dumps(labels, indent=1))
     return folder
 
 
-def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalog] = None) -> Path:
-    """Copy a model folder or zip into the CTFM model folder, for computers without internet.
+def _needed(name: str) -> bool:
+    """The files a model is made of (nothing else is ever copied into the model store)."""
+    return name in (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME) or (name.endswith(TERM_SUFFIX) and name != TERM_SUFFIX)
 
-    The copy is checked (readable tensors, known checksum) before it replaces
-    an earlier import of the same model.
+
+def _limit(name: str) -> int:
+    return {WEIGHTS_NAME: MAX_WEIGHTS_BYTES, CONFIG_NAME: MAX_CONFIG_BYTES}.get(name, MAX_JSON_BYTES)
+
+
+def _copy_member(read: Callable[[int], bytes], size: int, dest: Path, label: str) -> None:
+    """Copy ``size`` bytes from ``read`` into the new file ``dest`` (atomically), never more.
+
+    ``size`` is what the source declares (a zip's ``file_size``, a file's ``st_size``); it must be within the
+    member's limit, and for the weights exactly what the safetensors header describes. The copy stops with
+    an error as soon as the source gives more or fewer bytes than declared.
+    """
+    name = dest.name
+    if size > _limit(name):
+        raise WeightsError(f"{label} is {size:,} bytes, more than a {name} may be ({_limit(name):,})")
+    with files.atomic_output(dest, overwrite=False) as tmp:
+        with open(tmp, "xb") as out:
+            copied = 0
+            if name == WEIGHTS_NAME:
+                first = read(8)
+                n = _header_length(first, size, label)
+                header = _read_exactly(read, n, label)
+                parse_safetensors_header(header, size, label)  # size must be exactly what the tensors need
+                out.write(first + header)
+                copied = 8 + n
+            while True:
+                block = read(min(_CHUNK, size - copied + 1))
+                if not block:
+                    break
+                copied += len(block)
+                if copied > size:
+                    raise WeightsError(f"{label} holds more bytes than it declares ({size:,}): refused")
+                out.write(block)
+            if copied != size:
+                raise WeightsError(f"{label} ends after {copied:,} of its {size:,} bytes (truncated)")
+
+
+def _read_exactly(read, n: int, label: str) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        block = read(min(_CHUNK, n - got))
+        if not block:
+            raise _invalid_safetensors(label, "it ends inside its header")
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
+
+
+def _zip_member_path(name: str) -> Optional[PurePosixPath]:
+    """A zip member's path, or None when it could point outside the extraction folder."""
+    normal = name.replace("\\", "/")
+    if normal.startswith("/") or re.match(r"^[A-Za-z]:", normal):
+        return None
+    parts = PurePosixPath(normal).parts
+    if any(p == ".." for p in parts):
+        return None
+    return PurePosixPath(normal)
+
+
+def _is_zip_symlink(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _stage_zip(source: Path, staged: Path) -> None:
+    """Extract only the model's own files from a zip into ``staged``, each checked and capped."""
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise WeightsError(f"{source.name} is not a valid zip file") from None
+    with archive:
+        infos = archive.infolist()
+        paths = {}
+        for info in infos:
+            member = _zip_member_path(info.filename)
+            if member is None:
+                raise WeightsError(f"{source.name} has an unsafe path: {_short(info.filename, 200)}")
+            paths[info.filename] = member
+        total = sum(i.file_size for i in infos)
+        if total > MAX_ZIP_BYTES:
+            raise WeightsError(f"{source.name} claims to expand to {total:,} bytes, more than any model "
+                               f"({MAX_ZIP_BYTES:,}): refused")
+        hits = [i for i in infos if not i.is_dir() and paths[i.filename].name == WEIGHTS_NAME]
+        if len(hits) != 1:
+            raise WeightsError(f"{source.name} must hold exactly one {WEIGHTS_NAME}, found {len(hits)}")
+        home = paths[hits[0].filename].parent
+        members = [i for i in infos if not i.is_dir() and paths[i.filename].parent == home
+                   and _needed(paths[i.filename].name)]
+        names = [paths[i.filename].name for i in members]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise WeightsError(f"{source.name} holds {', '.join(twice)} more than once")
+        for info in members:
+            label = f"{source.name}:{info.filename}"
+            if _is_zip_symlink(info):
+                raise WeightsError(f"{label} is a symbolic link; a model's files must be regular files")
+            try:
+                with archive.open(info) as member:
+                    _copy_member(member.read, info.file_size, staged / paths[info.filename].name, label)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise WeightsError(f"{label} is damaged ({_short(e, 120)})") from None
+
+
+def _stage_folder(source: Path, staged: Path) -> None:
+    """Copy only the model's own files from a folder into ``staged``: regular files, never through a link."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    for name in sorted(os.listdir(source)):
+        if not _needed(name):
+            continue
+        path = source / name
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            raise WeightsError(f"{path} is a symbolic link; CT-FM copies only regular files: put the file itself "
+                               "in the folder")
+        if not stat.S_ISREG(info.st_mode):
+            raise WeightsError(f"{path} is not a regular file")
+        try:
+            fd = os.open(path, os.O_RDONLY | nofollow | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise WeightsError(f"cannot read {path}: {e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            now = os.fstat(f.fileno())
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                raise WeightsError(f"{path} changed while it was being imported")
+            _copy_member(f.read, now.st_size, staged / name, str(path))
+
+
+def _import_id(repo_id: Optional[str], config: dict, source: Path) -> str:
+    """The id to file an import under: the one given, else the config's ``_name_or_path`` / ``repo_id``
+    when it is a usable id, else the folder's (or zip's) name."""
+    if repo_id is not None:
+        cache.model_folder_name(repo_id)  # refused here, before anything else, when it could name another place
+        return repo_id
+    for candidate in (config.get("_name_or_path"), config.get("repo_id")):
+        if isinstance(candidate, str):
+            try:
+                cache.model_folder_name(candidate)
+                return candidate
+            except ValueError:
+                continue  # a local path or a name that cannot be a folder: not an id
+    stem = source.name[: -len(".zip")] if source.name.lower().endswith(".zip") else source.name
+    try:
+        cache.model_folder_name(stem)
+    except ValueError as e:
+        raise WeightsError(f"cannot name the imported model after {source.name} ({e}); give an id with --id NAME") \
+            from None
+    return stem
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGTERM/SIGINT back for a few system calls that must not be separated (POSIX; elsewhere a no-op).
+
+    A signal that arrives meanwhile is delivered when the block ends, so a cancel still cancels.
+    """
+    block = getattr(signal, "pthread_sigmask", None)
+    if block is None:
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = block(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        block(signal.SIG_SETMASK, previous)
+
+
+def _install(staged: Path, dest: Path, work: Path) -> None:
+    """Put the checked folder ``staged`` at ``dest``, replacing an earlier import, with renames only.
+
+    Whatever runs at the same time, ``dest`` is always absent or a complete model; an earlier import
+    is moved into ``work`` (deleted with it) only in the moment before the new one takes its place,
+    with signals held back, and moved back if that fails.
+    """
+    with _signals_held():
+        moved = None
+        try:
+            for attempt in range(50):
+                try:
+                    os.rename(staged, dest)
+                    files.fsync_dir(dest.parent)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EACCES, errno.EPERM) or (
+                            e.errno in (errno.EACCES, errno.EPERM) and not os.path.lexists(dest)):
+                        raise
+                if dest.is_symlink() or (os.path.lexists(dest) and not dest.is_dir()):
+                    raise WeightsError(f"{dest} exists and is not a model folder; remove it and import again")
+                try:
+                    os.rename(dest, work / f"previous-{attempt}")
+                    moved = work / f"previous-{attempt}"
+                except FileNotFoundError:
+                    pass  # another import moved it meanwhile
+                except OSError as e:  # Windows: a file in the old folder is open
+                    if attempt >= 49:
+                        raise WeightsError(f"cannot replace {dest} ({e.strerror or e}); close what uses it and "
+                                           "retry") from None
+                    time.sleep(0.1)
+            raise WeightsError(f"cannot replace {dest}: other imports keep writing it; retry")
+        except BaseException:
+            if moved is not None and not os.path.lexists(dest):
+                try:
+                    os.rename(moved, dest)  # the earlier import stays, rather than none
+                except OSError:
+                    pass
+            raise
+
+
+def _check_model_folder(staged: Path, config: dict, label: str) -> None:
+    """Everything a later load will check, done now on the staged copy (labels included)."""
+    if config.get("architecture") == "TriageModel":  # a scan classifier written by `ctfm train classify`
+        from .train.classify import load_triage_model
+
+        try:
+            load_triage_model(staged)  # strict: the same check the triage command makes
+        except WeightsError as e:  # name the folder the user gave, not the staging folder
+            raise WeightsError(str(e).replace(str(staged), label)) from None
+    else:
+        _network_config(config, f"{label}/{CONFIG_NAME}")
+        build_and_load(lambda: build_network(config), staged / WEIGHTS_NAME, label)
+    read_labels(staged, label)
+
+
+def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalog] = None,
+                 force: bool = False) -> Path:
+    """Copy a model folder or zip into the CTFM model folder, for computers without internet; returns its folder.
+
+    Only ``config.json``, ``model.safetensors``, ``labels.json`` and ``*.term.json`` are copied, as
+    regular files (a symbolic link among them is refused), each size-capped. The copy is staged in a
+    private folder in the model store, checked there like a load would (config, network size, tensors,
+    values, labels), and then replaces an earlier import of the same id in one rename; on any error,
+    cancel or signal nothing is left behind.
+
+    Under a catalogue id with published weights the import must be those weights (the published
+    checksum), or ``force=True``: it is then recorded (``ctfm-import.json``) and shown everywhere as
+    "imported, not the published weights".
     """
     source = Path(source)
     catalog = catalog if catalog is not None else load_catalog()
-    with tempfile.TemporaryDirectory(prefix="ctfm-import-") as tmp:
-        tmp = Path(tmp)
-        if source.is_file() and source.suffix.lower() == ".zip":
-            import zipfile
-
-            try:
-                with zipfile.ZipFile(source) as z:
-                    for member in z.namelist():
-                        target = (tmp / member).resolve()
-                        if not str(target).startswith(str(tmp.resolve())):
-                            raise WeightsError(f"{source.name} has an unsafe path: {member}")
-                    z.extractall(tmp)
-            except zipfile.BadZipFile:
-                raise WeightsError(f"{source.name} is not a valid zip file") from None
-            hits = [p.parent for p in tmp.rglob(WEIGHTS_NAME)]
-            if len(hits) != 1:
-                raise WeightsError(f"{source.name} must hold exactly one {WEIGHTS_NAME}, found {len(hits)}")
-            staged = hits[0]
-        elif source.is_dir():
-            staged = source
+    if repo_id is not None:
+        given = catalog.find(repo_id)
+        cache.model_folder((given.repo_id or given.id) if given else repo_id)  # refuse a bad id before any work
+    if not (source.is_dir() or (source.is_file() and source.suffix.lower() == ".zip")):
+        raise WeightsError(f"import takes a model folder or a .zip, not {source}")
+    store = cache.models_dir()
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=files.TEMP_PREFIX + "import-", dir=store))
+    except OSError as e:
+        raise files.WriteError(e.errno, files.describe_os_error(e, store / "model")) from None
+    dest = None
+    try:
+        staged = work / "model"
+        os.mkdir(staged)  # normal permissions (the umask's); the private folder around it keeps others out
+        if source.is_dir():
+            _stage_folder(source, staged)
         else:
-            raise WeightsError(f"import takes a model folder or a .zip, not {source}")
+            _stage_zip(source, staged)
         if not (staged / WEIGHTS_NAME).is_file() or not (staged / CONFIG_NAME).is_file():
             raise WeightsError(f"a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}; {source} lacks one")
-        config = read_config(staged)
-        repo_id = repo_id or config.get("_name_or_path") or config.get("repo_id") or staged.name
-        entry = catalog.find(repo_id)
+        config = read_config(staged, source)
+        model_id = _import_id(repo_id, config, source)
+        entry = catalog.find(model_id)
         if entry is not None:
-            repo_id = entry.repo_id or entry.id
-            known = entry.sha256(WEIGHTS_NAME)
-            if known and sha256_file(staged / WEIGHTS_NAME) != known.lower():
-                raise WeightsError(f"{source} is not the published {repo_id}: its {WEIGHTS_NAME} checksum differs")
-        if config.get("architecture") == "TriageModel":  # a scan classifier written by `ctfm train classify`
-            from .train.classify import load_triage_model
-
-            load_triage_model(staged)  # strict: the same check the triage command makes
-        else:
-            model = build_network(config)
-            load_state_dict_strict(model, read_state_dict(staged / WEIGHTS_NAME), str(source))
-        dest = cache.models_dir() / cache.model_folder_name(repo_id)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(staged, partial)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(partial, dest)
+            model_id = entry.repo_id or entry.id
+        dest = cache.model_folder(model_id)
+        digest = sha256_file(staged / WEIGHTS_NAME)
+        published = None
+        if entry is not None and entry.repo_id:
+            published = _published_check(staged, digest, entry, source, force)
+        _check_model_folder(staged, config, str(source))
+        marker = {"id": model_id, "source": str(source.resolve()), "sha256": digest, "published": published,
+                  "forced": bool(force and published is False),
+                  "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        files.atomic_write_text(staged / MARKER_NAME, json.dumps(marker, indent=1), overwrite=False)
+        _install(staged, dest, work)
+    except OSError as e:
+        if isinstance(e, files.WriteError):
+            raise
+        raise files.WriteError(e.errno, files.describe_os_error(e, dest or store / "model")) from None
+    finally:
+        try:
+            files.remove_tree(work, store, "temporary import folder")
+        except OSError:
+            pass
     return dest
 
 
+def _published_check(staged: Path, digest: str, entry: ModelEntry, source: Path, force: bool) -> bool:
+    """Whether an import under a published catalogue id is the published model; refuses it unless ``force``."""
+    problems = []
+    for spec in entry.files:
+        name, target = spec.get("name"), staged / str(spec.get("name"))
+        if not name or not target.is_file():
+            continue
+        size, known = entry.size(name), entry.sha256(name)
+        if size is not None and target.stat().st_size != size:
+            problems.append(f"its {name} is {target.stat().st_size:,} bytes, the published one {size:,}")
+        elif known and (digest if name == WEIGHTS_NAME else sha256_file(target)) != known.lower():
+            problems.append(f"its {name} checksum differs from the published one")
+    if not entry.sha256(WEIGHTS_NAME):
+        problems.append(f"the catalogue has no published checksum of {WEIGHTS_NAME} to verify it against")
+    if not problems:
+        return True
+    if force:
+        return False
+    raise NotPublishedError(
+        f"{source} cannot be imported as the published {entry.id} ({entry.repo_id}): {'; '.join(problems)}. "
+        f"Import it under another id (--id NAME), or add --force to import it anyway; it is then shown as "
+        f"'{NOT_PUBLISHED}'")
+
+
 def remove_model(name: str, catalog: Optional[Catalog] = None) -> list:
-    """Delete a model's imported copy and its Hugging Face cache entry; returns what was removed."""
+    """Delete a model's imported copy and its Hugging Face cache entry; returns what was removed.
+
+    Each delete names the store it cleans (the model store, the Hugging Face cache), so nothing
+    outside them is ever removed; an id that could name another place is refused.
+    """
     catalog = catalog if catalog is not None else load_catalog()
     entry = catalog.find(name)
     repo_id = (entry.repo_id or entry.id) if entry else name
+    folder = cache.model_folder(repo_id)
     removed = []
-    folder = cache.models_dir() / cache.model_folder_name(repo_id)
-    if folder.exists():
-        shutil.rmtree(folder)
+    if os.path.lexists(folder):
+        files.remove_tree(folder, cache.models_dir(), "model folder")
         removed.append(str(folder))
     try:
         from huggingface_hub import scan_cache_dir
 
-        info = scan_cache_dir(cache.hub_cache_dir())
-        for repo in info.repos:
-            if repo.repo_id == repo_id:
-                shutil.rmtree(repo.repo_path)
-                removed.append(str(repo.repo_path))
-    except Exception:  # no HF cache at all is not an error when removing
-        pass
+        root = _hub_root()
+        info = scan_cache_dir(root)
+    except Exception:  # no Hugging Face cache (or no huggingface_hub) is not an error when removing
+        return removed
+    for repo in info.repos:
+        if repo.repo_id == repo_id and repo.repo_type == "model":
+            files.remove_tree(repo.repo_path, root, "download")
+            removed.append(str(repo.repo_path))
     return removed

@@ -26,13 +26,14 @@ from .process import ProcessRunner, ctfm_cli_command
 # The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME), repeated
 # here because CTFMLib.weights imports torch.
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = cache.WEIGHTS_NAME
 
-IMPORTED = "imported"
+IMPORTED = cache.IMPORTED
+NOT_PUBLISHED = cache.NOT_PUBLISHED  # imported with --force under a published id: other weights
 DOWNLOADED = "downloaded"
 MISSING = "not on this computer"
 TRAIN_YOURSELF = "train with CTFMTrain"
-STATUSES = (IMPORTED, DOWNLOADED, MISSING, TRAIN_YOURSELF)
+STATUSES = (IMPORTED, NOT_PUBLISHED, DOWNLOADED, MISSING, TRAIN_YOURSELF)
 
 TRIAGE_TASK = "triage"
 # config.json "architecture" -> the task shown for an imported model the catalogue does not list.
@@ -40,9 +41,8 @@ ARCHITECTURE_TASKS = {"TriageModel": TRIAGE_TASK, "SegResNetDS": "segmentation",
 
 
 def imported_model_path(name: str) -> Optional[Path]:
-    """The imported copy of a model (repo id or catalogue id), or None (as ``CTFMLib.weights``, without torch)."""
-    folder = cache.models_dir() / cache.model_folder_name(name)
-    return folder if (folder / WEIGHTS_NAME).is_file() else None
+    """The imported copy of a model id, or None (:func:`CTFMLib.cache.imported_model`, as ``CTFMLib.weights``)."""
+    return cache.imported_model(name)
 
 
 def _in_hub_cache(repo_id: str, revision: Optional[str]) -> bool:
@@ -61,12 +61,14 @@ def model_status(entry) -> str:
     """One of :data:`STATUSES` for a catalogue entry (as ``ctfm models list`` reports it).
 
     A model without published weights (``repo_id`` null) is one users train with
-    CTFMTrain and import under its catalogue id.
+    CTFMTrain and import under its catalogue id; other weights imported with ``--force``
+    under a published id are :data:`NOT_PUBLISHED`.
     """
+    imported = imported_model_path(entry.repo_id or entry.id)
+    if imported is not None:
+        return cache.import_status(imported)  # "imported, not the published weights" after a forced import
     if not entry.repo_id:
-        return IMPORTED if imported_model_path(entry.id) is not None else TRAIN_YOURSELF
-    if imported_model_path(entry.repo_id) is not None:
-        return IMPORTED
+        return TRAIN_YOURSELF
     return DOWNLOADED if _in_hub_cache(entry.repo_id, entry.revision) else MISSING
 
 
@@ -98,19 +100,18 @@ def model_rows(catalog_path=None) -> list:
     catalog = load_catalog(catalog_path)
     rows, claimed = [], set()
     for m in catalog:
-        name = m.repo_id or m.id
-        claimed.add(cache.model_folder_name(name))
+        try:
+            claimed.add(cache.model_folder_name(m.repo_id or m.id))
+        except ValueError:
+            pass  # a catalogue id that cannot be a folder has no import
         rows.append({"id": m.id, "title": m.title, "task": m.task, "repo_id": m.repo_id or "",
                      "status": model_status(m), "in_catalogue": True, "how_to": m.how_to})
-    folder = cache.models_dir()
-    extra = sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in claimed) if folder.is_dir() else []
-    for path in extra:
-        if not (path / WEIGHTS_NAME).is_file():
-            continue  # an interrupted import (".partial") or a stray folder
+    for model_id, path in cache.imported_models():  # complete imports only: never one being written
+        if path.name in claimed:
+            continue
         config = _read_config(path)
-        rows.append({"id": path.name, "title": str(config.get("_name_or_path") or path.name),
-                     "task": _imported_task(config), "repo_id": "", "status": IMPORTED, "in_catalogue": False,
-                     "how_to": ""})
+        rows.append({"id": model_id, "title": model_id, "task": _imported_task(config), "repo_id": "",
+                     "status": cache.import_status(path), "in_catalogue": False, "how_to": ""})
     return rows
 
 
@@ -172,13 +173,14 @@ def start_download(model_id: str, on_progress: Optional[Callable] = None, on_don
                          on_line=line, on_done=finished)
 
 
-def import_model(source, model_id: Optional[str] = None, catalog_path=None) -> Path:
+def import_model(source, model_id: Optional[str] = None, catalog_path=None, force: bool = False) -> Path:
     """Copy a model folder (``config.json`` + ``model.safetensors``) or ``.zip`` into the model folder.
 
     ``model_id`` files it under a catalogue or repo id (a task you trained yourself is
     imported under its catalogue id); by default the id comes from its config or name.
-    The weights are checked (readable, matching the network, known checksum) first.
-    Returns the imported folder. Needs torch.
+    The weights are checked (readable, matching the network, known checksum) first; other
+    weights than the published ones under a published id need ``force`` and are then shown
+    as :data:`NOT_PUBLISHED`. Returns the imported folder. Needs torch.
     """
     from CTFMLib.catalog import load_catalog
     from CTFMLib.weights import import_model as _import
@@ -188,7 +190,7 @@ def import_model(source, model_id: Optional[str] = None, catalog_path=None) -> P
         source = source.parent  # the file dialog picked the folder's config.json
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist; choose a model folder or a .zip file")
-    return _import(source, repo_id=model_id or None, catalog=load_catalog(catalog_path))
+    return _import(source, repo_id=model_id or None, catalog=load_catalog(catalog_path), force=force)
 
 
 def remove_model(model_id: str, catalog_path=None) -> list:
