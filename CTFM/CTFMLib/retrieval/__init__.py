@@ -4,6 +4,7 @@
 model's weights, and searches them exactly (numpy) or with FAISS when it is installed.
 """
 
-from .index import Hit, IndexError_, RetrievalIndexError, ScanRecord, VectorIndex
+from .index import AlreadyIndexedError, CheckReport, Hit, IndexError_, RetrievalIndexError, ScanRecord, VectorIndex
 
-__all__ = ["Hit", "IndexError_", "RetrievalIndexError", "ScanRecord", "VectorIndex"]
+__all__ = ["AlreadyIndexedError", "CheckReport", "Hit", "IndexError_", "RetrievalIndexError", "ScanRecord",
+           "VectorIndex"]

@@ -3,13 +3,21 @@
     ctfm index add INDEX SCANS... [--weights SRC] [--stride S[,P,L]]   (files, folders, CSV lists, DICOM trees)
     ctfm index query INDEX IMAGE [--point X,Y,Z [--ras] | --box X0,Y0,Z0,X1,Y1,Z1] [-k K] [--exclude-patient] [--json]
     ctfm index info INDEX [--check] [--json]
+    ctfm index check INDEX [--repair] [--json]   (verify every vector; --repair drops damaged scans)
     ctfm index remove INDEX ID_OR_PATH [--series UID]
     ctfm index compact INDEX
     ctfm index reembed INDEX NEW_INDEX --weights SRC   (the same scans, embedded with other weights)
     ctfm index eval INDEX --labels CSV [-k 1,3,5,10] [--metric cosine|l2] [--json]
 
-``add`` is resumable: scans already in the index are skipped, so an interrupted run is simply
-started again; a scan that cannot be read or embedded is reported and the others go on.
+``add`` is resumable: scans already in the index are skipped (also those another ``add`` running at the
+same time added meanwhile), so an interrupted run is simply started again; a scan that cannot be read
+or embedded is reported and the others go on. A damaged index (a truncated or missing vector file, a
+checksum mismatch) is refused with one line naming ``ctfm index check INDEX --repair``.
+
+``--stride`` of a new index: up to :data:`STRIDE_WARN_FACTOR` times the default number of patches is
+accepted silently, up to :data:`STRIDE_MAX_FACTOR` times with a one-line warning (time and disk grow
+with it), more is refused (``--stride 1`` would store ~400,000 times as many patches).
+
 ``add`` runs under ``torchrun`` as well: the processes (one per GPU, or several on the CPU) share
 the scans and write to the one index in turn (:mod:`CTFMLib.retrieval.parallel`)::
 
@@ -21,6 +29,7 @@ Points and boxes are LPS mm, or RAS (as Slicer shows them) with ``--ras``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -30,6 +39,8 @@ import numpy as np
 
 EXIT_ERROR = 2
 DEFAULT_WEIGHTS = "ct_fm_feature_extractor"
+STRIDE_WARN_FACTOR = 8  # patches per scan relative to the default stride: beyond this a warning (half overlap = 8)
+STRIDE_MAX_FACTOR = 64  # beyond this refused: the index and the embedding time grow as many times
 RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
 
 
@@ -49,7 +60,9 @@ def add_index_parser(sub, add_run_options) -> None:
     add.add_argument("--weights", help=f"the encoder: model id, folder or file (default: the index's, or "
                                        f"{DEFAULT_WEIGHTS} for a new index)")
     add.add_argument("--stride", help="a new index's patch stride in voxels of the 3x1x1 mm grid: S or S,P,L "
-                                      "(default: the patch size 24,128,128, no overlap)")
+                                      "(default: the patch size 24,128,128, no overlap; a warning past "
+                                      f"{STRIDE_WARN_FACTOR} times the default number of patches, refused past "
+                                      f"{STRIDE_MAX_FACTOR} times, e.g. 6,32,32 is the finest accepted)")
     add_run_options(add)
 
     q = actions.add_parser("query", help="the scans (or places in them) most similar to an image, a point or a box")
@@ -63,7 +76,7 @@ def add_index_parser(sub, add_run_options) -> None:
     q.add_argument("--ras", action="store_true", help="--point/--box are RAS (as Slicer shows them), not LPS; "
                                                       "matches are printed in RAS too")
     q.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
-    q.add_argument("--per-scan", type=int, default=1,
+    q.add_argument("--per-scan", type=non_negative_int, default=1,
                    help="point/box: at most this many places per scan (default 1: the best place in each of the "
                         "k most similar scans; 0: no limit)")
     q.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
@@ -74,7 +87,9 @@ def add_index_parser(sub, add_run_options) -> None:
                    help="leave out the indexed scan(s) of this file or folder (e.g. the query's own case); repeatable")
     q.add_argument("--thumbnails", metavar="DIR",
                    help="write an axial PNG of each hit through the matched place (the scan's centre for "
-                        "whole-scan hits) into DIR; the JSON names each hit's file")
+                        "whole-scan hits) into DIR; the JSON names each hit's file. Existing <rank>.png files "
+                        "in DIR are refused unless --overwrite")
+    q.add_argument("--overwrite", action="store_true", help="--thumbnails: replace 1.png, 2.png, ... left in DIR")
     q.add_argument("--weights", help="where the index's weights are now, if they moved (default: where they were "
                                      "when it was built; they must be the same file)")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -82,8 +97,20 @@ def add_index_parser(sub, add_run_options) -> None:
 
     info = actions.add_parser("info", help="what the index holds: model, settings, scans, size")
     info.add_argument("index")
-    info.add_argument("--check", action="store_true", help="also check files and rows for consistency")
+    info.add_argument("--check", action="store_true",
+                      help="also verify files, rows and every vector (as `ctfm index check` does)")
     info.add_argument("--json", action="store_true")
+
+    ck = actions.add_parser(
+        "check", help="verify every scan's vectors against their checksums; --repair drops the damaged ones",
+        description="Verify the index: its files, rows and every committed vector (against the checksum written "
+                    "when the scan was added; scans added before checksums are checked for NaN and all-zero "
+                    "vectors). Exit 0 when consistent, 1 when damaged. --repair drops the damaged scans (vectors "
+                    "past a file's end or lost with it, checksum mismatch), says which by id and path, and leaves a "
+                    "consistent, writable index: add the dropped scans again.")
+    ck.add_argument("index")
+    ck.add_argument("--repair", action="store_true", help="drop the damaged scans (a new generation of the files)")
+    ck.add_argument("--json", action="store_true")
 
     rm = actions.add_parser("remove", help="remove a scan by id or path (run compact to reclaim space)")
     rm.add_argument("index")
@@ -119,8 +146,8 @@ def cmd_index(args) -> int:
     from .index import RetrievalIndexError
 
     try:
-        return {"add": cmd_add, "query": cmd_query, "info": cmd_info, "remove": cmd_remove, "compact": cmd_compact,
-                "eval": cmd_eval, "reembed": cmd_reembed}[args.index_action](args)
+        return {"add": cmd_add, "query": cmd_query, "info": cmd_info, "check": cmd_check, "remove": cmd_remove,
+                "compact": cmd_compact, "eval": cmd_eval, "reembed": cmd_reembed}[args.index_action](args)
     except RetrievalIndexError as e:
         print(f"ctfm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -139,6 +166,13 @@ def parse_numbers(text: str, n: int, what: str) -> np.ndarray:
     return np.asarray(values)
 
 
+def non_negative_int(text) -> int:
+    """``--per-scan``: a whole number >= 0 (0: no limit)."""
+    from ..arguments import non_negative_int as parse
+
+    return parse(text)
+
+
 def parse_stride(text):
     if text is None:
         return None
@@ -149,6 +183,21 @@ def parse_stride(text):
     if len(values) not in (1, 3) or min(values) < 1:
         raise ValueError(f"--stride is one positive whole number or three (S,P,L voxels), not {text!r}")
     return tuple(values * 3 if len(values) == 1 else values)
+
+
+def check_stride(stride, text) -> None:
+    """Refuse a new index's stride that multiplies the patches past :data:`STRIDE_MAX_FACTOR`; warn past
+    :data:`STRIDE_WARN_FACTOR` (one line on stderr)."""
+    from ..embed import PATCH_SIZE
+
+    factor = float(np.prod(np.asarray(PATCH_SIZE, float) / np.asarray(stride, float)))
+    if factor > STRIDE_MAX_FACTOR:
+        raise ValueError(f"--stride {text} would store about {factor:,.0f} times as many patches as the default "
+                         f"(stride {','.join(map(str, PATCH_SIZE))}, no overlap); at most {STRIDE_MAX_FACTOR} times "
+                         "is accepted: use a coarser stride, e.g. --stride 12,64,64 (half overlap, 8 times)")
+    if factor > STRIDE_WARN_FACTOR:
+        print(f"ctfm: warning: --stride {text} stores about {factor:.0f} times as many patches as the default: "
+              "embedding takes and the index needs about as many times more", file=sys.stderr, flush=True)
 
 
 def model_id_of(source: str) -> str:
@@ -219,21 +268,28 @@ def plan_add(args) -> SimpleNamespace:
     """
     from .index import VectorIndex
 
-    scans, failed = collect_scans(args.scans)
     root = Path(args.index)
-    existing = (root / "index.sqlite").exists()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not an index folder: give a folder (a new one is created)")
+    stride = parse_stride(args.stride)
+    db = root / "index.sqlite"
+    existing = db.is_file() and db.stat().st_size > 0  # an empty one: a creator died; creating completes it
+    if stride is not None and not existing:
+        check_stride(stride, args.stride)
+    scans, failed = collect_scans(args.scans)
     todo = scans
     if existing:
         with VectorIndex.open(root, readonly=True) as probe:
+            probe.verify_files()  # a damaged index is refused before any weights are loaded
             source = args.weights or probe.model_id
             settings = settings_of(probe)
             todo = [ref for ref in scans if not probe.contains(ref.path, ref.series_uid)]
-        if args.stride and parse_stride(args.stride) != settings.get("stride"):
+        if stride is not None and stride != settings.get("stride"):
             raise ValueError(f"{root} was built with stride {list(settings.get('stride', []))}; "
                              "vectors of another stride do not mix: leave out --stride or use a new index")
     else:
         source = args.weights or DEFAULT_WEIGHTS
-        settings = {"stride": parse_stride(args.stride)}
+        settings = {"stride": stride}
     skipped = len(scans) - len(todo)
     if skipped:
         print(f"{skipped} of {len(scans)} scans are already indexed: skipped", flush=True)
@@ -252,7 +308,7 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
     from ..progress import Cancelled, subrange
     from ..train.data import read_scan
     from .embedding import scan_embeddings
-    from .index import RetrievalIndexError, ScanRecord
+    from .index import AlreadyIndexedError, RetrievalIndexError, ScanRecord
 
     settings = {k: tuple(config[k]) for k in ("patch_size", "spacing", "stride")}
     added, skipped, failed = 0, 0, []
@@ -272,7 +328,12 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
                 record = ScanRecord(ref.path, ref.series_uid, _opt(image.metadata.get("patient_id")),
                                     _opt(image.metadata.get("study_uid")), geometry_dict(image), config,
                                     {**_plain_metadata(image.metadata), "columns": dict(ref.label)})
-                scan_id = index.add(record, scan_vector, patches, centres, weights_hash=digest)
+                try:
+                    scan_id = index.add(record, scan_vector, patches, centres, weights_hash=digest)
+                except AlreadyIndexedError:
+                    skipped += 1
+                    print(f"{prefix}: already indexed (added by another process meanwhile): skipped", flush=True)
+                    continue
                 added += 1
                 print(f"{prefix}: added as scan {scan_id} ({len(patches)} patches)", flush=True)
             except (Cancelled, KeyboardInterrupt, RetrievalIndexError):
@@ -308,8 +369,8 @@ def cmd_add(args) -> int:
         config = embedding_settings(**plan.settings)
         index = VectorIndex.open(plan.root, weights_hash=digest) if plan.existing else None
 
-        def create(dim):
-            return VectorIndex.create(plan.root, model_id, digest, dim, config)
+        def create(dim):  # atomic: an index another add created meanwhile is opened (same weights and settings)
+            return VectorIndex.open_or_create(plan.root, model_id, digest, dim, config)
 
         done, late, bad = add_scans(plan.todo, runner, digest, config, args.progress_cb, index, create)
         added, skipped, failed = done, skipped + late, failed + bad
@@ -332,14 +393,16 @@ def cmd_query(args) -> int:
 
     if args.k < 1:
         raise ValueError("-k must be at least 1")
-    point = parse_numbers(args.point, 3, "a point is three numbers X,Y,Z in mm") if args.point else None
+    point = parse_numbers(args.point, 3, "a point is three numbers X,Y,Z in mm") if args.point is not None else None
     box = (parse_numbers(args.box, 6, "a box is six numbers X0,Y0,Z0,X1,Y1,Z1 in mm (two opposite corners)")
-           .reshape(2, 3) if args.box else None)
+           .reshape(2, 3) if args.box is not None else None)
     if args.ras and point is None and box is None:
         raise ValueError("--ras applies to --point or --box; give one of them")
     if args.ras:
         point = point * RAS if point is not None else None
         box = box * RAS if box is not None else None
+    if args.thumbnails:
+        check_thumbnail_folder(Path(args.thumbnails), args.k, args.overwrite)
     with VectorIndex.open(args.index, readonly=True) as index:
         source = args.weights or index.model_id
         model, _, digest = load_encoder(source, args.progress_cb)
@@ -364,7 +427,7 @@ def cmd_query(args) -> int:
                             where=(lambda r: r.path not in excluded) if excluded else None)
     rows = [_hit_json(rank, h, args.ras) for rank, h in enumerate(hits, 1)]
     if args.thumbnails:
-        _write_thumbnails(rows, hits, Path(args.thumbnails), args.progress_cb)
+        _write_thumbnails(rows, hits, Path(args.thumbnails), args.progress_cb, args.overwrite)
     if args.json:
         query = {"image": str(args.image), "level": level, "metric": args.metric,
                  "point_lps": None if point is None else point.tolist(),
@@ -410,8 +473,27 @@ def _scan_centre(geometry: dict):
     return grid.index_to_physical((np.asarray(grid.shape, dtype=np.float64) - 1) / 2.0)
 
 
-def _write_thumbnails(rows: list, hits: list, folder: Path, progress=None) -> None:
-    """One PNG per hit (``<rank>.png``) through its ``centre_lps``; each scan is read once and then let go."""
+def check_thumbnail_folder(folder: Path, k: int, overwrite: bool) -> None:
+    """Refuse a ``--thumbnails`` folder that is a file, or that holds ``<rank>.png`` files (without ``--overwrite``)."""
+    from ..files import FileSafetyError, OutputExistsError
+
+    if folder.exists() and not folder.is_dir():
+        raise FileSafetyError(f"--thumbnails {folder} is a file: give a folder")
+    if overwrite or not folder.is_dir():
+        return
+    taken = sorted(int(p.stem) for p in folder.iterdir()
+                   if p.suffix.lower() == ".png" and p.stem.isascii() and p.stem.isdigit() and 1 <= int(p.stem) <= k)
+    if taken:
+        names = ", ".join(f"{n}.png" for n in taken[:3]) + (", ..." if len(taken) > 3 else "")
+        raise OutputExistsError(f"{folder} already holds {names} (from an earlier query?): choose another folder "
+                                "for --thumbnails, or add --overwrite to replace them")
+
+
+def _write_thumbnails(rows: list, hits: list, folder: Path, progress=None, overwrite: bool = False) -> None:
+    """One PNG per hit (``<rank>.png``) through its ``centre_lps``; each scan is read once and then let go.
+
+    Each file is written atomically (:mod:`CTFMLib.files`) and, without ``overwrite``, never replaces a file.
+    """
     from ..image import read_image
     from .thumbnails import write_thumbnail
 
@@ -426,7 +508,8 @@ def _write_thumbnails(rows: list, hits: list, folder: Path, progress=None) -> No
         try:
             image = read_image(path, series, recursive=True)  # a DICOM tree too
             for row in scan_rows:
-                row["thumbnail"] = str(write_thumbnail(image, folder / f"{row['rank']}.png", row.get("centre_lps")))
+                row["thumbnail"] = str(write_thumbnail(image, folder / f"{row['rank']}.png", row.get("centre_lps"),
+                                                       overwrite=overwrite))
         except Exception as e:  # noqa: BLE001 - a moved or unreadable scan costs its picture, not the results
             print(f"ctfm: no thumbnail for {path}: {e}", file=sys.stderr, flush=True)
 
@@ -440,7 +523,8 @@ def cmd_info(args) -> int:
     with VectorIndex.open(args.index, readonly=True) as index:
         info = index.info()
         if args.check:
-            info["problems"] = index.check()
+            report = index.check_report(deep=True)
+            info["problems"], info["notes"] = report.problems, report.notes
     if args.json:
         print(json.dumps(info, default=str), flush=True)
     else:
@@ -449,7 +533,48 @@ def cmd_info(args) -> int:
         print(f"{'settings':<14} {json.dumps(info.get('preprocessing'))}")
         if args.check:
             print("consistent" if not info["problems"] else "PROBLEMS:\n  " + "\n  ".join(info["problems"]))
+            for note in info["notes"]:
+                print(f"note: {note}")
+            if info["problems"]:
+                print(f"`ctfm index check {args.index} --repair` drops the damaged scans")
     return 1 if args.check and info["problems"] else 0
+
+
+def cmd_check(args) -> int:
+    """``index check``: verify every vector (exit 1 when damaged); ``--repair`` drops the damaged scans."""
+    from .index import VectorIndex
+
+    if args.repair:
+        with VectorIndex.open(args.index) as index:
+            result = index.repair()
+        if args.json:
+            print(json.dumps(result), flush=True)
+            return 0
+        if not result["repaired"]:
+            print(f"consistent: {result['kept']} scans; nothing to repair", flush=True)
+            return 0
+        for d in result["dropped"]:
+            series = f", series {d['series_uid']}" if d["series_uid"] else ""
+            print(f"dropped scan {d['scan_id']} ({d['path']}{series}): {d['reason']}", flush=True)
+        print(f"repaired: dropped {len(result['dropped'])} damaged scan(s), kept {result['kept']}; the index is "
+              f"consistent again (add the dropped scans again: `ctfm index add {args.index} ...`)", flush=True)
+        return 0
+    with VectorIndex.open(args.index, readonly=True) as index:
+        report = index.check_report(deep=True)
+    if args.json:
+        print(json.dumps(report.as_dict()), flush=True)
+    else:
+        if report.problems:
+            print("PROBLEMS:\n  " + "\n  ".join(report.problems))
+            hint = ("rebuild the index: its SQLite file is damaged" if report.fatal else
+                    f"`ctfm index check {args.index} --repair` drops the {len(report.damaged)} damaged scan(s) "
+                    "and keeps the others")
+            print(hint)
+        else:
+            print(f"consistent: {report.scans} scans, every vector verified")
+        for note in report.notes:
+            print(f"note: {note}")
+    return 1 if report.problems else 0
 
 
 def cmd_remove(args) -> int:
@@ -486,6 +611,7 @@ def cmd_reembed(args) -> int:
     import argparse
     import tempfile
 
+    from .. import files
     from .index import VectorIndex
 
     source, output = Path(args.index).resolve(), Path(args.output).resolve()
@@ -500,18 +626,21 @@ def cmd_reembed(args) -> int:
     for r in records:
         labels = {k: v for k, v in (r.metadata.get("columns") or {}).items() if k not in ("path", "series_uid")}
         groups.setdefault(tuple(sorted(labels)), []).append((r, labels))
-    with tempfile.TemporaryDirectory(prefix="ctfm-reembed-") as folder:
+    folder = Path(tempfile.mkdtemp(prefix="ctfm-reembed-"))  # private (0700); removed on any exit or SIGTERM
+    try:
         listings = []
         for n, (columns, rows) in enumerate(groups.items()):
-            listings.append(Path(folder) / f"scans{n}.csv")
-            with open(listings[-1], "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "series_uid", *columns])
-                for r, labels in rows:
-                    writer.writerow([r.path, r.series_uid or "", *[labels[c] for c in columns]])
+            text = io.StringIO()
+            writer = csv.writer(text)
+            writer.writerow(["path", "series_uid", *columns])
+            for r, labels in rows:
+                writer.writerow([r.path, r.series_uid or "", *[labels[c] for c in columns]])
+            listings.append(files.atomic_write_text(folder / f"scans{n}.csv", text.getvalue(), overwrite=False))
         add_args = argparse.Namespace(**{**vars(args), "index": str(output), "scans": [str(p) for p in listings],
                                          "stride": None if stride is None else ",".join(map(str, stride))})
         return cmd_add(add_args)
+    finally:
+        files.remove_tree(folder, folder.parent, "temporary folder")
 
 
 # --- eval --------------------------------------------------------------------------------

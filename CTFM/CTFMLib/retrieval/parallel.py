@@ -105,7 +105,7 @@ def cmd_add(args) -> int:
                         VectorIndex.open(plan.root, weights_hash=digest).close()
                     else:
                         dim = runner.embed(_air(config["patch_size"])).shape[1]
-                        VectorIndex.create(plan.root, model_id, digest, dim, config).close()
+                        VectorIndex.open_or_create(plan.root, model_id, digest, dim, config).close()
                 box = [vars(plan)]
             except BaseException:
                 dist.broadcast_object_list([{"error": True}], src=0)

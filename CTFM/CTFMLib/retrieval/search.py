@@ -210,14 +210,15 @@ class FaissCache:
             return None, 0
 
     def _save(self, index, view, metric) -> int:
+        from .. import files
+
         faiss = faiss_module()
         target = self._name(view, metric, index.ntotal)
         try:
             self.root.mkdir(exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, target)
-        except (OSError, RuntimeError):  # a read-only index folder: keep the index in memory only
+            with files.atomic_output(target) as tmp:  # private temporary, fsync'ed, renamed; removed on failure
+                faiss.write_index(index, str(tmp))
+        except (OSError, RuntimeError, ValueError):  # read-only or full: keep the index in memory only
             return index.ntotal
         for _, _, p in self._saved(view.level, metric):
             if p != target:

@@ -14,10 +14,20 @@ writer appends and fsyncs rows *before* the SQLite commit that counts them, so a
 mid-add leaves at most an uncommitted tail that readers never look at and the next writer truncates.
 ``compact()`` writes generation G+1 files and switches to them in one commit; files of other
 generations are leftovers and are deleted by the next writer.
+
+Integrity: each scan's row carries ``checksum``, the SHA-256 (hex) of its scan vector's bytes
+followed by its patch vectors' bytes, written in the commit that makes the scan visible (compaction
+copies rows unchanged, so it stays valid). :func:`check_index` with ``deep`` verifies every scan
+against it; rows of indexes made before checksums (``NULL``) are reported as unverified and checked
+for what damage looks like there (all-zero or non-finite vectors). A writer never extends a vector
+file that is shorter than its committed rows (that would zero-fill the missing vectors): it refuses
+and names ``ctfm index check INDEX --repair``.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
 import struct
@@ -51,7 +61,8 @@ CREATE TABLE scans (
     scan_row INTEGER NOT NULL,              -- row in scan-g<G>.f32
     patch_start INTEGER NOT NULL,           -- first row in patch-g<G>.f32
     patch_count INTEGER NOT NULL,
-    centres BLOB NOT NULL                   -- (patch_count, 3) float64 LPS mm, little-endian
+    centres BLOB NOT NULL,                  -- (patch_count, 3) float64 LPS mm, little-endian
+    checksum TEXT                           -- SHA-256 hex of the vector bytes (NULL: added before checksums)
 );
 CREATE UNIQUE INDEX scans_key ON scans (path, ifnull(series_uid, ''));
 """
@@ -62,6 +73,17 @@ class RetrievalIndexError(RuntimeError):
 
 
 IndexError_ = RetrievalIndexError  # the name used in the design notes
+
+
+class AlreadyIndexedError(RetrievalIndexError):
+    """``add()`` of a scan that is in the index already (another process may have added it meanwhile)."""
+
+    def __init__(self, message: str, scan_id: int):
+        super().__init__(message)
+        self.scan_id = scan_id
+
+
+NO_CHECKSUM = "no checksum (added before checksums)"
 
 
 @dataclass
@@ -181,30 +203,51 @@ def vector_files(root: Path) -> list:
 
 def fsync_dir(path: Path) -> None:
     """Make a file creation/rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from ..files import fsync_dir as _fsync_dir
+
+    _fsync_dir(path)
+
+
+# --- messages for damage ------------------------------------------------------------------------
+
+
+def repair_hint(root) -> str:
+    return f"the index is damaged; run `ctfm index check {root} --repair` (it drops the damaged scans and says which)"
+
+
+def missing_file_error(path: Path) -> RetrievalIndexError:
+    path = Path(path)
+    return RetrievalIndexError(f"vector file {path.name} is missing from {path.parent}: {repair_hint(path.parent)}, "
+                               "or rebuild the index")
+
+
+def short_file_error(path: Path, rows: int, dim: int, size: int) -> RetrievalIndexError:
+    path = Path(path)
+    whole = max(0, (size - HEADER) // row_bytes(dim))
+    return RetrievalIndexError(f"vector file {path.name} is shorter than its rows: it holds {whole} of its {rows} "
+                               f"committed rows (truncated or damaged); {repair_hint(path.parent)}")
+
+
+def bad_header_error(path: Path, reason: str) -> RetrievalIndexError:
+    path = Path(path)
+    return RetrievalIndexError(f"vector file {path.name} {reason}; {repair_hint(path.parent)}, or rebuild the index")
+
+
+# --- vector files ---------------------------------------------------------------------------------
 
 
 def create_vector_file(path: Path, dim: int) -> None:
     header = MAGIC + struct.pack("<II", FILE_FORMAT, dim)
-    with open(path, "wb") as f:
+    # Called under the index's exclusive lock: whatever is there is a dead creator's leftover (or a planted
+    # link, removed as a link), and the new file is created exclusively, so no link is ever followed.
+    Path(path).unlink(missing_ok=True)
+    with open(path, "xb") as f:
         f.write(header.ljust(HEADER, b"\0"))
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_header(path: Path) -> int:
-    """The row width D of a vector file; ValueError when the header is not ours."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER)
+def _parse_header(head: bytes, path: Path) -> int:
     if len(head) < HEADER or head[:8] != MAGIC:
         raise ValueError(f"{path} is not a CT-FM vector file (bad header)")
     fmt, dim = struct.unpack("<II", head[8:16])
@@ -213,8 +256,19 @@ def read_header(path: Path) -> int:
     return dim
 
 
+def read_header(path: Path) -> int:
+    """The row width D of a vector file; ValueError when the header is not ours."""
+    with open(path, "rb") as f:
+        return _parse_header(f.read(HEADER), path)
+
+
 def row_bytes(dim: int) -> int:
     return 4 * dim
+
+
+def whole_rows(path: Path, dim: int) -> int:
+    """How many whole rows the file holds (0 for a file shorter than its header)."""
+    return max(0, (os.path.getsize(path) - HEADER) // row_bytes(dim))
 
 
 def truncate_tail(path: Path, rows: int, dim: int) -> int:
@@ -230,13 +284,35 @@ def truncate_tail(path: Path, rows: int, dim: int) -> int:
     return 0
 
 
+def verify_vector_file(path: Path, rows: int, dim: int) -> None:
+    """Refuse (:class:`RetrievalIndexError` naming the repair) a vector file that is missing, not ours, of
+    another row length or shorter than its ``rows`` committed rows: what a writer must not extend."""
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(HEADER), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise missing_file_error(path) from None
+    try:
+        found = _parse_header(head, path)
+    except ValueError as e:
+        raise bad_header_error(path, f"has a damaged header ({str(e).split(' (')[-1].rstrip(')')})") from None
+    if found != dim:
+        raise bad_header_error(path, f"holds {found}-d rows, not the index's {dim}-d")
+    if size < HEADER + rows * row_bytes(dim):
+        raise short_file_error(path, rows, dim, size)
+
+
 def append_rows(path: Path, rows: int, dim: int, block: np.ndarray) -> int:
     """Write ``block`` (n, dim) after the ``rows`` committed rows and fsync; returns its first row.
 
-    Anything past the committed rows is overwritten: it can only be a dead writer's tail.
+    Anything past the committed rows is overwritten: it can only be a dead writer's tail. A file
+    shorter than the committed rows, missing, or with a foreign header is damage: refused with a
+    :class:`RetrievalIndexError` that names ``ctfm index check --repair`` (extending it would
+    zero-fill the lost vectors and hide the damage).
     """
     block = np.ascontiguousarray(block, dtype="<f4")
     end = HEADER + rows * row_bytes(dim)
+    verify_vector_file(path, rows, dim)  # the caller holds the write lock: nobody changes it meanwhile
     with open(path, "r+b") as f:
         if os.fstat(f.fileno()).st_size != end:  # only then: Windows refuses to resize a file others have mapped
             f.truncate(end)
@@ -263,11 +339,42 @@ def copy_rows(source: np.ndarray, runs, path: Path, chunk: int = 65536) -> int:
 
 
 def map_rows(path: Path, rows: int, dim: int) -> np.ndarray:
-    """The first ``rows`` rows of a vector file, memory-mapped read-only, shape (rows, dim) float32."""
+    """The first ``rows`` rows of a vector file, memory-mapped read-only, shape (rows, dim) float32.
+
+    FileNotFoundError for a missing file (a reader may retry: compaction replaced it); a file shorter
+    than ``rows`` rows is a :class:`RetrievalIndexError` naming the damage and the repair.
+    """
     if rows == 0:
         read_header(path)  # still fail on a missing file, as for rows > 0
         return np.zeros((0, dim), dtype=np.float32)
+    size = os.path.getsize(path)
+    if size < HEADER + rows * row_bytes(dim):
+        raise short_file_error(path, rows, dim, size)
     return np.memmap(path, dtype="<f4", mode="r", offset=HEADER, shape=(rows, dim))
+
+
+def map_available(path: Path, rows: int, dim: int):
+    """``(vectors, None)``: the committed rows the file still holds (at most ``rows``), or ``(None, reason)``."""
+    try:
+        found = read_header(path)
+    except FileNotFoundError:
+        return None, f"{Path(path).name} is missing"
+    except (OSError, ValueError) as e:
+        return None, f"{Path(path).name} is unreadable ({e})"
+    if found != dim:
+        return None, f"{Path(path).name} holds {found}-d vectors, not the index's {dim}-d"
+    n = min(rows, whole_rows(path, dim))
+    if n == 0:
+        return np.zeros((0, dim), dtype=np.float32), None
+    return np.memmap(path, dtype="<f4", mode="r", offset=HEADER, shape=(n, dim)), None
+
+
+def checksum(scan_vector, patch_vectors) -> str:
+    """SHA-256 (hex) of a scan's vector bytes as stored: the scan vector, then its patch vectors."""
+    h = hashlib.sha256()
+    for part in (scan_vector, patch_vectors):
+        h.update(memoryview(np.ascontiguousarray(part, dtype="<f4")).cast("B"))
+    return h.hexdigest()
 
 
 def centres_to_blob(centres: np.ndarray) -> bytes:
@@ -278,61 +385,202 @@ def blob_to_centres(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f8").reshape(-1, 3).copy()
 
 
-def check_index(root: Path, conn, dim: int, model_id: str, weights_hash: str, deep: bool = False) -> list:
-    """Problems of an index as plain sentences (empty = consistent); ``deep`` also scans vectors for NaN/inf.
+def has_checksums(conn) -> bool:
+    """Whether the ``scans`` table has the ``checksum`` column (indexes made before it do not)."""
+    return any(r[1] == "checksum" for r in conn.execute("PRAGMA table_info(scans)"))
 
-    An uncommitted tail after the committed rows is not a problem: it is never read and the next writer cuts it.
+
+# --- checking -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_index` found.
+
+    problems: sentences (empty = consistent); notes: facts that are not damage (scans without a
+    checksum); damaged: {scan id: (path, series_uid, reason)}, the scans :meth:`VectorIndex.repair`
+    drops; fatal: problems a repair cannot fix (SQLite's own file is damaged: rebuild).
+    """
+
+    problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    damaged: dict = field(default_factory=dict)
+    fatal: list = field(default_factory=list)
+    scans: int = 0
+
+    def as_dict(self) -> dict:
+        return {"consistent": not self.problems, "scans": self.scans, "problems": list(self.problems),
+                "notes": list(self.notes), "fatal": list(self.fatal),
+                "damaged": [{"scan_id": sid, "path": p, "series_uid": s, "reason": r}
+                            for sid, (p, s, r) in sorted(self.damaged.items())]}
+
+
+def check_index(root: Path, conn, dim: int, model_id: str, weights_hash: str, deep: bool = False,
+                in_transaction: bool = False) -> CheckReport:
+    """Problems of an index as plain sentences in a :class:`CheckReport` (no problems = consistent).
+
+    ``deep`` also reads every committed vector: each scan is verified against its checksum (scans
+    without one: no NaN/infinity and no all-zero vector, the marks of a zero-filled file). An
+    uncommitted tail after the committed rows is not a problem: it is never read and the next
+    writer cuts it. ``in_transaction``: the caller holds a transaction (the repair does).
     """
     import json
 
-    problems = []
+    report = CheckReport()
     quick = conn.execute("PRAGMA quick_check").fetchone()[0]
     if quick != "ok":
-        problems.append(f"SQLite reports: {quick}")
-    conn.execute("BEGIN")
+        report.fatal.append(f"SQLite reports: {quick}")
+    checked = has_checksums(conn)
+    columns = ("id, path, series_uid, geometry, preprocessing, metadata, model_id, weights_hash, scan_row, "
+               "patch_start, patch_count, length(centres), " + ("checksum" if checked else "NULL"))
+    if not in_transaction:
+        conn.execute("BEGIN")
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
-        rows = conn.execute("SELECT id, path, geometry, preprocessing, metadata, model_id, weights_hash, scan_row, "
-                            "patch_start, patch_count, length(centres) FROM scans ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT {columns} FROM scans ORDER BY id").fetchall()
     finally:
-        conn.execute("COMMIT")
+        if not in_transaction:
+            conn.execute("COMMIT")
+    report.scans = len(rows)
     gen = int(meta["generation"])
     committed = {lv: int(meta[f"{lv}_rows"]) for lv in LEVELS}
+    available, lost = {}, {}  # level -> committed rows the file really holds; why the others are lost
     for lv in LEVELS:
         path = vector_file(root, lv, gen)
+        lost[lv] = f"past the end of {path.name}"
         try:
             if read_header(path) != dim:
-                problems.append(f"{path.name} holds vectors of another length than the index's {dim}")
-            elif os.path.getsize(path) < HEADER + committed[lv] * row_bytes(dim):
-                problems.append(f"{path.name} is shorter than its {committed[lv]} committed rows")
+                report.problems.append(f"{path.name} holds vectors of another length than the index's {dim}")
+                available[lv], lost[lv] = 0, f"unreadable ({path.name} holds vectors of another length)"
+            else:
+                available[lv] = min(committed[lv], whole_rows(path, dim))
+                if available[lv] < committed[lv]:
+                    report.problems.append(f"{path.name} is shorter than its {committed[lv]} committed rows "
+                                           f"(it holds {available[lv]})")
+        except FileNotFoundError:
+            report.problems.append(f"{path.name} is missing")
+            available[lv], lost[lv] = 0, f"lost ({path.name} is missing)"
         except (OSError, ValueError) as e:
-            problems.append(f"{path.name}: {e}")
-    scan_rows_seen, spans = set(), []
-    for sid, path, geom, prep, md, mid, wh, srow, pstart, pcount, clen in rows:
-        where = f"scan {sid} ({path})"
+            report.problems.append(f"{path.name}: {e}")
+            available[lv], lost[lv] = 0, f"lost ({path.name} is unreadable)"
+
+    def damage(sid, path, series, reason):
+        if sid not in report.damaged:
+            report.damaged[sid] = (path, series, reason)
+            report.problems.append(f"scan {sid} ({path}{f', series {series}' if series else ''}): {reason}")
+
+    scan_rows_seen, spans, unverified = {}, [], 0
+    for sid, path, series, geom, prep, md, mid, wh, srow, pstart, pcount, clen, digest in rows:
         if mid != model_id or wh != weights_hash:
-            problems.append(f"{where} was embedded with model {mid} / weights {wh[:16]}..., not the index's")
+            damage(sid, path, series, f"embedded with model {mid} / weights {wh[:16]}..., not the index's")
         if not 0 <= srow < committed["scan"] or srow in scan_rows_seen:
-            problems.append(f"{where} points at scan row {srow}, outside the committed rows or shared")
-        scan_rows_seen.add(srow)
+            damage(sid, path, series, f"points at scan row {srow}, outside the committed rows or shared")
+        scan_rows_seen.setdefault(srow, sid)
         if pstart < 0 or pcount < 0 or pstart + pcount > committed["patch"]:
-            problems.append(f"{where} points at patch rows {pstart}..{pstart + pcount}, past the committed rows")
+            damage(sid, path, series, f"points at patch rows {pstart}..{pstart + pcount}, past the committed rows")
         spans.append((pstart, pstart + pcount, sid))
         if clen != 24 * pcount:
-            problems.append(f"{where} has {clen // 24} patch centres for {pcount} patches")
+            damage(sid, path, series, f"has {clen // 24} patch centres for {pcount} patches")
         for name, text in (("geometry", geom), ("preprocessing", prep), ("metadata", md)):
             try:
                 json.loads(text)
             except ValueError:
-                problems.append(f"{where} has unreadable {name}")
+                damage(sid, path, series, f"has unreadable {name}")
+        if sid in report.damaged:
+            continue
+        if srow >= available["scan"]:
+            damage(sid, path, series, f"its scan vector is {lost['scan']} and its patch vectors are {lost['patch']}"
+                   if pcount and pstart + pcount > available["patch"] else f"its scan vector is {lost['scan']}")
+        elif pcount and pstart + pcount > available["patch"]:
+            damage(sid, path, series, f"its patch vectors are {lost['patch']}")
+        if digest is None:
+            unverified += 1
     spans.sort()
     for (a0, a1, sa), (b0, b1, sb) in zip(spans, spans[1:]):
         if b0 < a1 and b1 > b0:
-            problems.append(f"scans {sa} and {sb} share patch rows {b0}..{min(a1, b1)}")
-    if deep and not problems:
-        for lv in LEVELS:
-            vecs = map_rows(vector_file(root, lv, gen), committed[lv], dim)
-            for a in range(0, committed[lv], 65536):
-                if not np.isfinite(vecs[a:a + 65536]).all():
-                    problems.append(f"{lv} vectors in rows {a}..{a + 65536} contain NaN or infinity")
-    return problems
+            report.problems.append(f"scans {sa} and {sb} share patch rows {b0}..{min(a1, b1)}")
+    if deep:
+        _verify_vectors(root, gen, dim, committed, available, rows, report, damage)
+    if unverified:
+        report.notes.append(f"{unverified} of {len(rows)} scans have {NO_CHECKSUM}: "
+                            + ("only NaN and all-zero vectors were looked for there" if deep else "not verified"))
+    report.problems[:0] = report.fatal
+    return report
+
+
+def _verify_vectors(root, gen, dim, committed, available, rows, report, damage) -> None:
+    """The deep part of :func:`check_index`: every committed vector of every intact-looking scan."""
+    vectors = {}
+    for lv in LEVELS:
+        if available[lv]:
+            vectors[lv] = np.memmap(vector_file(root, lv, gen), dtype="<f4", mode="r", offset=HEADER,
+                                    shape=(available[lv], dim))
+    for sid, path, series, *_, srow, pstart, pcount, clen, digest in rows:
+        if sid in report.damaged:
+            continue
+        s = np.asarray(vectors["scan"][srow])
+        p = np.asarray(vectors["patch"][pstart:pstart + pcount]) if pcount else np.zeros((0, dim), np.float32)
+        if digest is not None:
+            if checksum(s, p) != digest:
+                damage(sid, path, series, "its vectors do not match their checksum (changed on disk since added)")
+            continue
+        if not (np.isfinite(s).all() and np.isfinite(p).all()):
+            damage(sid, path, series, "its vectors contain NaN or infinity")
+            continue
+        zeros = int(not s.any()) + int((~p.any(axis=1)).sum()) if p.size else int(not s.any())
+        if zeros:
+            damage(sid, path, series, f"{zeros} of its {1 + pcount} vectors are all zeros (zero-filled: lost)")
+    # rows of removed scans are never read; rows beyond them only by a repair's copy, which skips them
+    del vectors
+
+
+# --- SQLite and OS errors as one line --------------------------------------------------------------
+
+
+def low_on_space(root, limit: int = 1 << 20) -> bool:
+    """Whether the disk holding ``root`` has less than ``limit`` bytes free (1 MiB)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(root).free < limit
+    except OSError:
+        return False
+
+
+def index_error(e: BaseException, root) -> RetrievalIndexError:
+    """One line for a failed SQLite or file operation on the index at ``root``, naming the cause."""
+    root = Path(root)
+    db = root / DB_NAME
+    text = str(e).strip() or type(e).__name__
+    low = text.lower()
+    full = f"no space left on the disk that holds {root}: free some space and run again (the index is unchanged)"
+    if isinstance(e, OSError):
+        if getattr(e, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return RetrievalIndexError(full)
+        name = getattr(e, "filename", None)
+        if isinstance(e, FileNotFoundError) and name and _NAME.match(Path(str(name)).name):
+            return missing_file_error(Path(str(name)))
+        if getattr(e, "errno", None) == errno.EROFS:
+            return RetrievalIndexError(f"{root} is on a read-only disk: `ctfm index add/remove/compact` need to "
+                                       "write there; query, info and eval work")
+        if getattr(e, "errno", None) in (errno.EACCES, errno.EPERM):
+            return RetrievalIndexError(f"not allowed to change files in {root}: check its permissions")
+        return RetrievalIndexError(f"the index {root} could not be used: {e.strerror or text}"
+                                   + (f" ({name})" if name else ""))
+    if "not a database" in low:
+        return RetrievalIndexError(f"{root} is not a CT-FM index ({DB_NAME} is not a SQLite database: file is not "
+                                   "a database): rebuild the index")
+    if "disk is full" in low or ("disk i/o" in low and low_on_space(root)):
+        return RetrievalIndexError(full)
+    if "locked" in low or "busy" in low:
+        return RetrievalIndexError(f"another process is writing to {root}: let it finish, then retry")
+    if "readonly" in low or "read-only" in low:
+        return RetrievalIndexError(f"{db} cannot be written (read-only disk or file): `ctfm index add/remove/"
+                                   "compact` need to write there; query, info and eval work")
+    if "disk i/o" in low:
+        return RetrievalIndexError(f"{db} could not be read or written (disk I/O error): check the disk and its "
+                                   "free space, then run again")
+    if "unable to open" in low:
+        return RetrievalIndexError(f"{db} cannot be opened: check that its folder exists and that you may read "
+                                   "(and, to change the index, write) it")
+    return RetrievalIndexError(f"{db} cannot be read ({text}); rebuild the index")

@@ -8,7 +8,9 @@ pixels of ``pixel_mm`` each, linear interpolation, air (-1024 HU) outside the sc
 soft-tissue window, and a red cross on the matched point (the image centre).
 
 PNG is written here (zlib, no imaging library): the retrieval child process needs nothing
-beyond CTFMLib's own dependencies, and Slicer's Qt shows PNG as it is.
+beyond CTFMLib's own dependencies, and Slicer's Qt shows PNG as it is. Files are written
+atomically through :mod:`CTFMLib.files` (never half a picture under the final name; with
+``overwrite=False`` never over an existing file).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .. import files
 from ..image import Image, to_sitk
 
 SIZE = 128  # pixels per side
@@ -66,8 +69,11 @@ def window_rgb(hu: np.ndarray, window: Sequence[float] = WINDOW, mark: bool = Tr
     return rgb
 
 
-def write_png(rgb: np.ndarray, path) -> Path:
-    """Write ``uint8`` RGB (rows, columns, 3) as an 8-bit truecolour PNG (no filtering, zlib level 6)."""
+def write_png(rgb: np.ndarray, path, overwrite: bool = True) -> Path:
+    """Write ``uint8`` RGB (rows, columns, 3) as an 8-bit truecolour PNG (no filtering, zlib level 6).
+
+    Atomic (:func:`CTFMLib.files.atomic_write_bytes`); ``overwrite=False`` refuses an existing ``path``.
+    """
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape[:2]:
         raise ValueError(f"a PNG thumbnail needs a (rows, columns, 3) array, got shape {rgb.shape}")
@@ -78,11 +84,9 @@ def write_png(rgb: np.ndarray, path) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no interlace
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
-                     + chunk(b"IEND", b""))
-    return path
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND", b""))
+    return files.atomic_write_bytes(Path(path), data, overwrite=overwrite)
 
 
 def scan_centre_lps(image: Image) -> np.ndarray:
@@ -91,7 +95,7 @@ def scan_centre_lps(image: Image) -> np.ndarray:
 
 
 def write_thumbnail(image: Image, path, centre_lps: Optional[Sequence[float]] = None, size: int = SIZE,
-                    pixel_mm: float = PIXEL_MM) -> Path:
+                    pixel_mm: float = PIXEL_MM, overwrite: bool = True) -> Path:
     """The axial thumbnail of ``image`` around ``centre_lps`` (the scan's centre when None) as a PNG file."""
     centre = scan_centre_lps(image) if centre_lps is None else centre_lps
-    return write_png(window_rgb(axial_slice(image, centre, size, pixel_mm)), path)
+    return write_png(window_rgb(axial_slice(image, centre, size, pixel_mm)), path, overwrite=overwrite)
