@@ -13,9 +13,13 @@ configuration file parses). ``--task pretrain`` trains CT-FM on the scans the
 configuration lists, ``--task segment`` fine-tunes a segmentation network on scans
 with label maps, ``--task classify`` a scan-level classifier on labelled scans
 (CTFMLib.train); each writes checkpoints, metrics.csv and at the end a model folder.
-SIGTERM or SIGINT ends a run after the current step with a checkpoint; a process
-killed outright (Slicer's Cancel may do that) loses at most the steps since the
-last periodic checkpoint, and ``--resume`` continues from there.
+The output folder must be new, empty or an earlier run of the same task (it holds
+``ctfm-run.json``); anything else is refused before anything is written.
+SIGTERM or SIGINT ends a run after the current step with a checkpoint; the run then
+exits 143 (SIGTERM) or 130 (SIGINT), not 0, with an ERROR line saying how to resume,
+so a scheduler (and Slicer: "completed with errors") sees that it did not finish.
+A process killed outright (Slicer's Cancel kills the CLI process) loses at most the
+steps since the last periodic checkpoint, and ``--resume`` continues from there.
 """
 
 import argparse
@@ -190,9 +194,13 @@ def run_check(args, report: Report) -> int:
 def run_training(args, report: Report) -> int:
     report.info(None, f"Task: {args.task}")
     check_config_file(args.config_file, report, required=True)
-    check_output_directory(args.output_directory, report, required=True)
+    if not args.output_directory:
+        # Not created here: the training checks the folder (new, empty or a run of this task) before writing.
+        report.problem("no output folder given (--outputDirectory)")
     if report.problems:
         return EXIT_PROBLEMS
+    from CTFMLib.files import WriteError
+    from CTFMLib.progress import Terminated, terminate_on_sigterm
     from CTFMLib.train.config import ConfigError
     from CTFMLib.train.run import CHECKPOINT, run
     from CTFMLib.train.trainer import TrainingError
@@ -201,15 +209,23 @@ def run_training(args, report: Report) -> int:
         report.problem(f"--resume: no checkpoint ({CHECKPOINT}) in {args.output_directory}")
         return EXIT_PROBLEMS
     try:
-        summary = run(args.task, args.config_file, args.output_directory, resume=args.resume,
-                      max_steps=args.max_steps or None, device=args.device, progress=report.info)
-    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
-        report.problem(str(e))
+        with terminate_on_sigterm():  # before the loop (which stops gracefully itself): unwind and clean up
+            summary = run(args.task, args.config_file, args.output_directory, resume=args.resume,
+                          max_steps=args.max_steps or None, device=args.device, progress=report.info)
+    except Terminated as e:
+        report.problem("terminated (SIGTERM); run again (with Resume when a checkpoint was written) to continue")
+        return e.exit_code
+    except (ConfigError, TrainingError, FileNotFoundError, ValueError, WriteError) as e:
+        report.problem(" ".join(str(e).split()))
         return EXIT_PROBLEMS
     if summary.get("stopped"):
         report.info(None, f"Stopped at step {summary.get('steps')} ({summary.get('stop_reason')}); "
                           f"checkpoint {summary.get('checkpoint')}; run again with Resume to continue")
-        return EXIT_OK
+        # Not a success: the schedule did not run to its end (143 after SIGTERM, 130 after SIGINT).
+        report.problem(f"training stopped ({summary.get('stop_reason')}) at step {summary.get('steps')} before the "
+                       f"end of its schedule; the checkpoint {summary.get('checkpoint')} is kept: run again with "
+                       "Resume to continue")
+        return int(summary.get("exit_code") or 143)
     report.info(1.0, f"Done: {summary.get('steps')} steps, last loss {summary.get('last_loss')}; "
                      f"model in {Path(args.output_directory) / 'model'}")
     return EXIT_OK

@@ -84,7 +84,9 @@ def trainRequest(task: str, configFile=None, outputFolder=None, device: str = "a
     """The CTFMTrain parameters (``task configFile outputDirectory device resume maxSteps``) for these values.
 
     Training tasks need an existing configuration that :func:`CTFMLib.train.config.load_config` accepts
-    and an output folder; one that already holds ``checkpoints/last.pt`` needs ``resume``. ``resume``
+    and an output folder that is new, empty or an earlier run of the same task
+    (:func:`CTFMLib.train.runfolder.inspect_run_folder`: a model folder or any other user folder is refused
+    before the CLI starts); one that already holds ``checkpoints/last.pt`` needs ``resume``. ``resume``
     without a checkpoint is dropped (the CLI would refuse it) with a note that training starts from
     scratch. ``maxSteps`` 0 keeps the configuration's schedule. Raises :class:`TrainSetupError`.
     """
@@ -111,6 +113,12 @@ def trainRequest(task: str, configFile=None, outputFolder=None, device: str = "a
     elif out.exists() and not out.is_dir():
         raise TrainSetupError(f"The output folder {out} is a file; choose a folder.")
     elif training:
+        from CTFMLib.train.runfolder import RunFolderError, inspect_run_folder
+
+        try:
+            inspect_run_folder(out, task)  # torch-free: a run made before markers is checked by the CLI
+        except RunFolderError as e:
+            raise TrainSetupError(f"The output folder cannot be used: {e}.") from None
         checkpoint = out / CHECKPOINT
         if checkpoint.is_file() and not resume:
             raise TrainSetupError(f"The output folder {out} already holds a training run ({CHECKPOINT.as_posix()}): "
@@ -175,8 +183,12 @@ def writeStarterConfig(task: str, path, sources, weights: Optional[str] = "task 
     config = copy.deepcopy(DEFAULTS[task])
     config["data"]["source"] = [str(s) for s in chosen]
     config["model"]["weights"] = STARTER_WEIGHTS[task] if weights == "task default" else weights
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    from CTFMLib.files import FileSafetyError, WriteError, atomic_write_text
+
+    try:  # atomic: a failed write leaves no half file; without overwrite an existing file is never replaced
+        atomic_write_text(target, json.dumps(config, indent=2) + "\n", overwrite=overwrite)
+    except (FileSafetyError, WriteError) as e:
+        raise TrainSetupError(f"Cannot write {target}: {e}.") from None
     return target
 
 
@@ -401,6 +413,9 @@ class TrainRun:
     def _failedMessage(self) -> str:
         errors = [line.strip() for line in self.node.GetErrorText().splitlines() if line.strip()]
         reasons = [line[len("ERROR:"):].strip() for line in errors if line.startswith("ERROR:")]
+        if reasons and reasons[-1].startswith("training stopped ("):
+            # SIGTERM from outside Slicer (a shutdown, a scheduler): exit 143 with its checkpoint kept.
+            return f"CT-FM Train ({self.task}) did not finish: {reasons[-1]}"
         if reasons or errors:
             return f"CT-FM Train ({self.task}) failed: {reasons[-1] if reasons else errors[-1]}"
         return (f"CT-FM Train ({self.task}) failed ({self.node.GetStatusString()}) without an error message; "

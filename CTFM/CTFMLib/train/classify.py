@@ -488,15 +488,14 @@ def _what_folder_holds(config: dict) -> str:
 
 
 def load_triage_model(folder) -> tuple:
-    """``(TriageModel in eval mode on the CPU, config dict)`` from an exported folder, loaded strictly."""
-    from ..networks import build_network
-    from ..weights import (
-        WEIGHTS_NAME,
-        WeightsError,
-        load_state_dict_strict,
-        read_config,
-        read_state_dict,
-    )
+    """``(TriageModel in eval mode on the CPU, config dict)`` from an exported folder, loaded strictly.
+
+    Checked before anything is allocated, as every CT-FM model is (:func:`CTFMLib.weights.build_and_load`):
+    the encoder config's types and ranges, the head's sizes, the network's size, the tensors' names, shapes
+    and dtypes; then their values and a finite output on a constant input.
+    """
+    from ..networks import build_network, meta_network, validate_config
+    from ..weights import WEIGHTS_NAME, WeightsError, build_and_load, read_config
 
     folder = Path(folder)
     where = "point to the model folder a classification training wrote (<out_dir>/model of `ctfm train classify`)"
@@ -510,12 +509,19 @@ def load_triage_model(folder) -> tuple:
     if config.get("architecture") != ARCHITECTURE or not isinstance(config.get("encoder"), dict):
         raise WeightsError(f"{folder} holds {_what_folder_holds(config)}, not a triage model (encoder + "
                            f"classification head); {where}")
-    encoder = build_network({k: v for k, v in config["encoder"].items() if not k.startswith("_")})
-    head = config.get("head") or [encoder.out_channels, 256, 1]
-    if len(head) not in (2, 3) or int(head[0]) != encoder.out_channels or int(head[-1]) != 1:
-        raise WeightsError(f"{folder}/config.json: head {head} is neither [C, 1] (linear) nor [C, hidden, 1] "
-                           f"with C = {encoder.out_channels}, the encoder's output; re-export the model")
-    model = TriageModel(encoder, int(head[1]) if len(head) == 3 else 0, frozen=False)
-    load_state_dict_strict(model, read_state_dict(folder / WEIGHTS_NAME), str(folder))
-    model.eval()
+    encoder_config = {k: v for k, v in config["encoder"].items() if not str(k).startswith("_")}
+    try:
+        validate_config(encoder_config)
+        channels = meta_network(lambda: build_network(encoder_config)).out_channels
+    except ValueError as e:
+        raise WeightsError(f"{folder}/config.json: the encoder does not describe a supported network: {e}") from None
+    head = config.get("head") or [channels, 256, 1]
+    whole = isinstance(head, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in head)
+    if not whole or len(head) not in (2, 3) or head[0] != channels or head[-1] != 1 or \
+            (len(head) == 3 and not 1 <= head[1] <= 65536):
+        raise WeightsError(f"{folder}/config.json: head {str(head)[:80]} is neither [C, 1] (linear) nor [C, hidden, 1] "
+                           f"(hidden 1..65536) with C = {channels}, the encoder's output; re-export the model")
+    hidden = head[1] if len(head) == 3 else 0
+    model, _ = build_and_load(lambda: TriageModel(build_network(encoder_config), hidden, frozen=False),
+                              folder / WEIGHTS_NAME, str(folder))
     return model, config

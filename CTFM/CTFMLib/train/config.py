@@ -8,7 +8,7 @@ type of their default (a default of ``None`` accepts anything).
 Sections shared by all tasks (units in brackets):
 
 - ``data``: ``source`` (list of files / folders / CSV / DICOM trees), ``cache_dir`` (preprocessed-scan cache,
-  ``None`` = ``<out_dir>/cache``), ``workers`` (preprocessing processes), ``val_fraction`` (0-1).
+  ``None`` = ``<out_dir>/data``), ``workers`` (preprocessing processes), ``val_fraction`` (0-1).
 - ``optim``: ``lr``, ``weight_decay`` (AdamW), ``warmup_steps``, ``max_steps`` [optimizer updates],
   ``grad_clip`` (max gradient norm, ``None`` = off).
 - ``run``: ``seed``, ``device`` (auto/cpu/cuda[:N]), ``precision`` (auto/fp32/bf16/fp16; mixed precision on
@@ -17,12 +17,19 @@ Sections shared by all tasks (units in brackets):
   scans per update, split evenly over the processes).
 - ``model``: ``init_filters``, ``blocks_down`` (SegResEncoder), ``weights`` (start from these weights: any
   ``weights.load_model`` source, ``None`` = random init).
+
+Every value is range-checked when the configuration is loaded (see "value checks" below: finite numbers,
+spacings in 0.05-50 mm, probabilities in [0, 1], crop sizes that fit a training step's memory, ...), and
+:func:`check_for_training` checks the keys that go together, so a wrong value is a one-line
+:class:`ConfigError` before any scan is read or any folder made.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +241,8 @@ def _coerce(default: Any, value: Any, name: str, source: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(float(value)):  # JSON's Infinity / NaN and 1e309 parse as floats
+            raise bad("a finite number")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -246,24 +255,258 @@ def _coerce(default: Any, value: Any, name: str, source: str) -> Any:
     return value
 
 
+
+
+# --- value checks ------------------------------------------------------------------------------
+#
+# Every value is checked here, when the configuration is loaded, so that a wrong one is a one-line
+# ConfigError before any scan is read or any folder is made.
+#
+# Crop limits. A crop edge below MIN_CROP_EDGE voxels leaves nothing for the encoder's downsampling
+# levels to see; above MAX_CROP_EDGE it is wider than any CT (512 mm at 0.5 mm voxels). The voxel count
+# of one crop is limited to MAX_CROP_VOXELS (2**24, e.g. 256 x 256 x 256): the encoder keeps about
+# 11 x init_filters float32 values per input voxel for the backward pass (the first level's convolution,
+# norm and activation maps at full resolution, then a quarter as much per level), so one crop of 2**24
+# voxels already needs ~24 GB with the published 32 filters, and beyond it not even one crop fits on an
+# accelerator. The input array of one step (scans x views x crops x voxels x 4 bytes), which is allocated
+# before the network runs, is limited to MAX_STEP_INPUT_BYTES. [4000, 4000, 4000] (6.4e10 voxels, a
+# 238 GiB array for ONE crop) is refused by both.
+
+SPACING_RANGE_MM = (0.05, 50.0)  # a voxel edge outside this is no CT (as CTFMLib.image's geometry checks)
+MIN_CROP_EDGE, MAX_CROP_EDGE = 8, 1024
+MAX_CROP_VOXELS = 2 ** 24
+MAX_STEP_INPUT_BYTES = 16 * 2 ** 30
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding takes 32 bits
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _number(value, name: str, low=None, high=None, low_open=False, high_open=False, integer=False, what=""):
+    """``value`` as a finite int/float inside the bounds, else a ConfigError naming the key."""
+    kind = "a whole number" if integer else "a number"
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = (low is None or (value > low if low_open else value >= low)) and \
+             (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        limit = f" {' and '.join(bounds)}" if bounds else ""
+        raise ConfigError(f"{name} must be {what or kind}{limit}, not {_shown(value)}")
+    return int(value) if integer else float(value)
+
+
+def _numbers(value, name: str, count: int | None, low=None, high=None, low_open=False, integer=False) -> list:
+    if not isinstance(value, (list, tuple)) or (count is not None and len(value) != count) or not value:
+        size = f"{count} " if count else ""
+        raise ConfigError(f"{name} must be a list of {size}{'whole numbers' if integer else 'numbers'}, "
+                          f"not {_shown(value)}")
+    return [_number(v, f"{name} item {i + 1}", low, high, low_open=low_open, integer=integer)
+            for i, v in enumerate(value)]
+
+
+def _probability(value, name: str) -> float:
+    return _number(value, name, 0.0, 1.0, what="a probability")
+
+
+def _range_pair(value, name: str, low=None, high=None, low_open=False) -> list:
+    """``[lo, hi]`` with ``lo <= hi`` inside the bounds."""
+    pair = _numbers(value, name, 2, low, high, low_open=low_open)
+    if pair[0] > pair[1]:
+        raise ConfigError(f"{name} must be [low, high] with low <= high, not {_shown(value)}")
+    return pair
+
+
+def _text(value, name: str, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty text{' or null' if nullable else ''}, not {_shown(value)}")
+
+
+def _spacing(value, name: str, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    lo, hi = SPACING_RANGE_MM
+    _numbers(value, name, 3, lo, hi)
+
+
+def _crop(value, name: str) -> int:
+    """Voxel count of a checked ``[D, H, W]`` crop."""
+    size = _numbers(value, name, 3, MIN_CROP_EDGE, MAX_CROP_EDGE, integer=True)
+    voxels = size[0] * size[1] * size[2]
+    if voxels > MAX_CROP_VOXELS:
+        raise ConfigError(f"{name} {size} is {voxels} voxels; at most {MAX_CROP_VOXELS} (2**24, e.g. "
+                          f"[256, 256, 256]) fit the memory of one training step: use smaller crops")
+    return voxels
+
+
+def _step_input(n_crops: int, voxels: int, name: str) -> None:
+    size = n_crops * voxels * 4
+    if size > MAX_STEP_INPUT_BYTES:
+        raise ConfigError(f"one training step would take {size / 2 ** 30:.1f} GiB of input ({name}), more than "
+                          f"{MAX_STEP_INPUT_BYTES // 2 ** 30} GiB: lower run.scans_per_step or the crop size")
+
+
 def _check_values(config: dict) -> None:
-    optim, run = config["optim"], config["run"]
-    checks = [
-        (optim["lr"] > 0, "optim.lr must be > 0"),
-        (optim["weight_decay"] >= 0, "optim.weight_decay must be >= 0"),
-        (optim["warmup_steps"] >= 0, "optim.warmup_steps must be >= 0"),
-        (optim["max_steps"] >= 1, "optim.max_steps must be >= 1"),
-        (optim["grad_clip"] is None or (isinstance(optim["grad_clip"], (int, float)) and optim["grad_clip"] > 0),
-         "optim.grad_clip must be a positive number or null (no clipping)"),
-        (run["checkpoint_every"] >= 1, "run.checkpoint_every must be >= 1"),
-        (run["log_every"] >= 1, "run.log_every must be >= 1"),
-        (run["val_every"] >= 0, "run.val_every must be >= 0 (0 = no validation)"),
-        (run["keep_checkpoints"] >= 0, "run.keep_checkpoints must be >= 0 (0 = keep all)"),
-        (run["scans_per_step"] >= 1, "run.scans_per_step must be >= 1"),
-        (run["precision"] in PRECISIONS, f"run.precision must be one of {', '.join(PRECISIONS)}"),
-        (0 <= config["data"]["val_fraction"] < 1, "data.val_fraction must be in [0, 1)"),
-        (config["data"]["workers"] >= 0, "data.workers must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Every value of every section within its range (called by :func:`load_config`); raises ConfigError."""
+    data, optim, run, model = config["data"], config["optim"], config["run"], config["model"]
+    sources = data["source"]
+    if not isinstance(sources, list) or not all(isinstance(s, str) and s.strip() for s in sources):
+        raise ConfigError(f"data.source must be a list of paths (text), not {_shown(sources)}")
+    _text(data["cache_dir"], "data.cache_dir", nullable=True)
+    _number(data["workers"], "data.workers", 0, 256, integer=True)
+    _number(data["val_fraction"], "data.val_fraction", 0.0, 1.0, high_open=True,
+            what="a fraction (of the scans held out for validation)")
+
+    _number(optim["lr"], "optim.lr", 0.0, low_open=True)
+    _number(optim["weight_decay"], "optim.weight_decay", 0.0)
+    _number(optim["warmup_steps"], "optim.warmup_steps", 0, integer=True)
+    _number(optim["max_steps"], "optim.max_steps", 1, 10 ** 9, integer=True)
+    if optim["grad_clip"] is not None:
+        _number(optim["grad_clip"], "optim.grad_clip", 0.0, low_open=True,
+                what="a positive number (the largest gradient norm) or null (no clipping),")
+
+    _number(run["seed"], "run.seed", 0, MAX_SEED, integer=True)
+    if not isinstance(run["device"], str) or not _DEVICE.match(run["device"].strip().lower()):
+        raise ConfigError(f"run.device must be auto, cpu, mps, cuda or cuda:N, not {_shown(run['device'])}")
+    if run["precision"] not in PRECISIONS:
+        raise ConfigError(f"run.precision must be one of {', '.join(PRECISIONS)}, not {_shown(run['precision'])}")
+    _number(run["checkpoint_every"], "run.checkpoint_every", 1, integer=True)
+    _number(run["log_every"], "run.log_every", 1, integer=True)
+    _number(run["val_every"], "run.val_every", 0, integer=True, what="a whole number (0 = no validation)")
+    _number(run["keep_checkpoints"], "run.keep_checkpoints", 0, integer=True, what="a whole number (0 = keep all)")
+    _text(run["out_dir"], "run.out_dir", nullable=True)
+    _number(run["scans_per_step"], "run.scans_per_step", 1, 4096, integer=True)
+
+    _number(model["init_filters"], "model.init_filters", 1, 128, integer=True)
+    blocks = model["blocks_down"]
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
+        raise ConfigError(f"model.blocks_down must be a list of 1 to 8 block counts (one per level), "
+                          f"not {_shown(blocks)}")
+    _numbers(blocks, "model.blocks_down", None, 1, 64, integer=True)
+    _text(model["weights"], "model.weights", nullable=True)
+
+    task = config["task"]
+    if task == "pretrain":
+        _check_pretrain(config["pretrain"], run["scans_per_step"])
+    elif task == "segment":
+        _check_segment(config["segment"], run["scans_per_step"])
+    elif task == "classify":
+        _check_classify(config["classify"], run["scans_per_step"])
+
+
+def _check_pretrain(p: dict, scans_per_step: int) -> None:
+    crops = _number(p["crops_per_scan"], "pretrain.crops_per_scan", 2, 1024, integer=True,
+                    what="a whole number (the crops of a scan are each other's negatives)")
+    voxels = _crop(p["crop_size"], "pretrain.crop_size")
+    _step_input(scans_per_step * 2 * crops, voxels,
+                "run.scans_per_step x 2 views x pretrain.crops_per_scan x pretrain.crop_size float32 voxels")
+    _number(p["temperature"], "pretrain.temperature", 0.0, 100.0, low_open=True)
+    projection = p["projection"]
+    if not isinstance(projection, list) or len(projection) < 2:
+        raise ConfigError(f"pretrain.projection must list at least [input, output] sizes, not {_shown(projection)}")
+    _numbers(projection, "pretrain.projection", None, 1, 65536, integer=True)
+    _spacing(p["spacing"], "pretrain.spacing")
+    low, high = _numbers(p["hu_range"], "pretrain.hu_range", 2)
+    if not low < high:
+        raise ConfigError(f"pretrain.hu_range must be [low, high] HU with low < high (they are scaled to 0..1), "
+                          f"not {_shown(p['hu_range'])}")
+    v = p["views"]
+    _range_pair(v["scale"], "pretrain.views.scale", 0.0, 1.0, low_open=True)
+    for key in ("flip_p", "hist_shift_p", "smooth_p"):
+        _probability(v[key], f"pretrain.views.{key}")
+    _number(v["hist_points"], "pretrain.views.hist_points", 3, 256, integer=True)
+    _range_pair(v["smooth_sigma"], "pretrain.views.smooth_sigma", 0.0, 32.0, low_open=True)
+
+
+def _check_segment(s: dict, scans_per_step: int) -> None:
+    _text(s["label_column"], "segment.label_column")
+    labels = s["labels"]
+    if labels is not None and not (isinstance(labels, str) and labels.strip()) and not isinstance(labels, dict):
+        raise ConfigError(f"segment.labels must be null, a labels.json path, 'totalsegmentator' or a mapping "
+                          f"{{value: name}}, not {_shown(labels)}")
+    if isinstance(labels, dict):
+        for value, name in labels.items():
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                number = -1
+            if not 0 <= number <= 65535 or not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"segment.labels must map label values 0..65535 to names, not "
+                                  f"{_shown(value)}: {_shown(name)}")
+    structures = s["structures"]
+    if not all((isinstance(v, str) and v.strip()) or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+               for v in structures):
+        raise ConfigError(f"segment.structures must list label names or values, not {_shown(structures)}")
+    _spacing(s["spacing"], "segment.spacing", nullable=True)
+    voxels = _crop(s["crop_size"], "segment.crop_size")
+    _step_input(scans_per_step, voxels, "run.scans_per_step x segment.crop_size float32 voxels")
+    _number(s["dsdepth"], "segment.dsdepth", 1, 8, integer=True)
+    a = s["augment"]
+    for key in ("affine_p", "smooth_p", "intensity_scale_p", "intensity_shift_p", "noise_p", "flip_p"):
+        _probability(a[key], f"segment.augment.{key}")
+    _number(a["rotate"], "segment.augment.rotate", 0.0, math.pi, what="an angle in radians")
+    _number(a["scale"], "segment.augment.scale", 0.0, 1.0, high_open=True)
+    _range_pair(a["smooth_sigma"], "segment.augment.smooth_sigma", 0.0, 32.0, low_open=True)
+    for key in ("intensity_scale", "intensity_shift", "noise_std"):
+        _number(a[key], f"segment.augment.{key}", 0.0, 1.0)
+    _number(s["val_overlap"], "segment.val_overlap", 0.0, 1.0, high_open=True)
+
+
+def _check_classify(c: dict, scans_per_step: int) -> None:
+    if c["mode"] not in ("full", "frozen", "probe"):
+        raise ConfigError(f"classify.mode must be full, frozen or probe, not {_shown(c['mode'])}")
+    voxels = _crop(c["size"], "classify.size")
+    windows = c["windows"]
+    if not isinstance(windows, list) or not 1 <= len(windows) <= 16:
+        raise ConfigError(f"classify.windows must be a list of 1 to 16 [low, high] HU windows, not {_shown(windows)}")
+    for i, window in enumerate(windows):
+        low, high = _numbers(window, f"classify.windows item {i + 1}", 2)
+        if not low < high:
+            raise ConfigError(f"classify.windows item {i + 1} must be [low, high] HU with low < high, "
+                              f"not {_shown(window)}")
+    _step_input(scans_per_step * len(windows), voxels,
+                "run.scans_per_step x classify.windows x classify.size float32 voxels")
+    _number(c["hidden"], "classify.hidden", 0, 65536, integer=True, what="a whole number (0 = a linear head)")
+    _probability(c["flip_p"], "classify.flip_p")
+    _number(c["val_batch"], "classify.val_batch", 1, 4096, integer=True)
+    _number(c["threshold"], "classify.threshold", 0.0, 1.0, low_open=True, high_open=True)
+    _spacing(c["spacing"], "classify.spacing")
+    _text(c["label_column"], "classify.label_column")
+
+
+def check_for_training(config: dict) -> None:
+    """The checks that tie keys together (:func:`load_config` checks each key alone); raises ConfigError.
+
+    ``ctfm train`` runs them before any scan is read, so a projection that does not fit the encoder or
+    a crop the network cannot take is refused at once, not after the data are prepared.
+    """
+    model = config["model"]
+    levels = len(model["blocks_down"])
+    deepest = int(model["init_filters"]) * 2 ** (levels - 1)
+    if config["task"] == "pretrain":
+        projection = config["pretrain"]["projection"]
+        if int(projection[0]) != deepest:
+            raise ConfigError(
+                f"pretrain.projection {projection} must start with the encoder's deepest channel count {deepest} "
+                f"(model.init_filters {model['init_filters']} * 2**(len(model.blocks_down) - 1)); e.g. "
+                f"[{deepest}, {max(deepest // 2, 1)}, {max(deepest // 4, 1)}]")
+    elif config["task"] == "segment":
+        factor = 2 ** (levels - 1)
+        crop = config["segment"]["crop_size"]
+        if any(int(s) % factor for s in crop):
+            raise ConfigError(f"segment.crop_size {crop} must be three sizes divisible by {factor} "
+                              f"(2 ** (levels - 1) of model.blocks_down {model['blocks_down']})")
+        if not int(config["segment"]["dsdepth"]) <= levels - 1:
+            raise ConfigError(f"segment.dsdepth must be 1..{levels - 1} (the decoder levels of model.blocks_down "
+                              f"{model['blocks_down']}), not {config['segment']['dsdepth']}")

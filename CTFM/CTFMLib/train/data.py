@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_output, atomic_write_text
 from ..image import Image, ImageError, _first_line, read_image
 from ..preprocess import _apply_orientation, foreground_box, orientation_transform, resample_axes, validate_ct
 
@@ -45,6 +46,9 @@ LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
 
 # Bumped when the preprocessing changes, so old cache entries are recomputed.
 CACHE_VERSION = 1
+# A preprocessed scan larger than this (float32: 4 GiB) comes from a wrong spacing, not from a CT
+# (a whole body at 1 mm is about 2000 x 500 x 500 = 5e8 voxels): refused before resampling.
+MAX_PREPARED_VOXELS = 2 ** 30
 
 
 class DataError(ValueError):
@@ -105,7 +109,7 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def find_scans(sources: Sequence, recursive: bool = True) -> list:
+def find_scans(sources: Sequence, recursive: bool = True, rejected: list | None = None) -> list:
     """The scans named by ``sources``, in order, each once.
 
     A source is an image file (.nii, .nii.gz, .nrrd, .mha, .mhd); a folder,
@@ -115,19 +119,31 @@ def find_scans(sources: Sequence, recursive: bool = True) -> list:
     series of a folder, and any other columns kept as :attr:`ScanRef.label`.
     A DICOM tree gives one :class:`ScanRef` per series. A scan named twice
     (same resolved path and series) is kept once, with the first label.
-    Raises :class:`DataError` naming every missing path, or when nothing is found.
+
+    A CSV row names ONE scan: an image file, or the folder of a DICOM series (or study). Such a folder
+    must hold DICOM files (or image files) at its top level or in its series folders one level down;
+    only then is it searched, deeper subfolders included (a series may be spread over them). A row naming
+    a folder without any (e.g. ``/etc``: it would make the DICOM probe read the header of every file of
+    the tree), a FIFO, a device or a socket is not a scan: it is appended to ``rejected`` as
+    ``(ScanRef, reason)`` (training reports it in ``skipped.csv``), as is a source folder in which
+    nothing is found. Without ``rejected`` they are left out silently.
+    Raises :class:`DataError` naming every missing path, or when nothing is found (with the reasons).
     """
     if isinstance(sources, (str, Path)):
         sources = [sources]
     scans, missing = [], []
+    refused = rejected if rejected is not None else []
     for source in sources:
         path = Path(source).expanduser()
         if not path.exists():
             missing.append(str(source))
         elif path.is_file() and path.suffix.lower() == ".csv":
-            scans.extend(_from_csv(path, recursive, missing))
+            scans.extend(_from_csv(path, recursive, missing, refused))
         else:
-            scans.extend(_from_path(path, recursive, {}))
+            found = _from_path(path, recursive, {}, refused=refused)
+            if not found and not _special(path):
+                refused.append((ScanRef(str(path)), _nothing_found(path)))
+            scans.extend(found)
     if missing:
         raise DataError(
             f"{len(missing)} scan path(s) do not exist: " + "; ".join(missing[:10])
@@ -138,14 +154,90 @@ def find_scans(sources: Sequence, recursive: bool = True) -> list:
     for scan in scans:
         unique.setdefault(scan.key, scan)
     if not unique:
+        reasons = "; ".join(f"{ref.path}: {why}" for ref, why in refused[:3])
         raise DataError(
             "no scans found in " + ", ".join(str(s) for s in sources)
             + f": expected image files ({', '.join(IMAGE_SUFFIXES)}), DICOM series, or a CSV with a 'path' column"
+            + (f" ({reasons})" if reasons else "")
         )
     return list(unique.values())
 
 
-def _from_path(path: Path, recursive: bool, label: dict, series_uid: str | None = None) -> list:
+def _special(path: Path) -> str | None:
+    """What a path is when it is neither a regular file nor a folder (never opened: a FIFO would block)."""
+    for test, kind in ((Path.is_fifo, "a FIFO (named pipe)"), (Path.is_block_device, "a block device"),
+                       (Path.is_char_device, "a character device"), (Path.is_socket, "a socket")):
+        try:
+            if test(path):
+                return kind
+        except OSError:
+            return None
+    return None
+
+
+def _nothing_found(folder: Path) -> str:
+    return (f"no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder"
+            + ("" if folder.is_dir() else " (it is not a folder)"))
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A cheap look at a file's first 132 bytes: the DICOM preamble's "DICM", or an old file's first tag."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _holds_scan_files(folder: Path) -> bool:
+    """Whether ``folder`` itself (not its subfolders) holds an image file or a file that looks like DICOM."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return False
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_file():  # is_file: regular files only, never a FIFO
+            continue
+        if _image_suffix(entry) or (entry.suffix.lower() != ".csv" and _looks_like_dicom(entry)):
+            return True
+    return False
+
+
+def _scan_folder_reason(folder: Path) -> str | None:
+    """Why a CSV row's folder is not the folder of a scan (``None`` when it is).
+
+    It must hold DICOM (or image) files at its top, or in its series folders one level down (a study
+    folder). Only the first 132 bytes of files at those two levels are read to decide, so a row naming
+    an unrelated tree (``/etc``, a home folder) is reported, not searched file by file.
+    """
+    if _holds_scan_files(folder):
+        return None
+    try:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        return f"the folder cannot be listed ({e.strerror or e})"
+    if any(_holds_scan_files(sub) for sub in subfolders):
+        return None
+    return ("no DICOM or image file at the top of this folder or of its series folders: a CSV row names one "
+            "scan (an image file, or the folder of a DICOM series or study), not a tree to search")
+
+
+def _from_path(path: Path, recursive: bool, label: dict, series_uid: str | None = None,
+               refused: list | None = None, row: bool = False) -> list:
+    """The scans at ``path``; a FIFO, device or socket (and, for a CSV ``row``, a folder that holds no scan
+    at its top) goes to ``refused`` with the reason instead."""
+    kind = _special(path)
+    if kind is not None:
+        if refused is not None:
+            refused.append((ScanRef(str(path), None, dict(label)), f"{kind}, not an image file or a folder"))
+        return []
+    if row and path.is_dir():
+        reason = _scan_folder_reason(path)
+        if reason is not None:
+            if refused is not None:
+                refused.append((ScanRef(str(path), None, dict(label)), reason))
+            return []
     if path.is_file():
         if _image_suffix(path):
             return [ScanRef(str(path.resolve()), None, dict(label))]
@@ -177,7 +269,7 @@ def _from_folder(folder: Path, recursive: bool, label: dict, series_uid: str | N
     return scans
 
 
-def _from_csv(path: Path, recursive: bool, missing: list) -> list:
+def _from_csv(path: Path, recursive: bool, missing: list, refused: list) -> list:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -195,7 +287,13 @@ def _from_csv(path: Path, recursive: bool, missing: list) -> list:
             missing.append(f"{os.path.normpath(target)} (from {path.name} row {number})")
             continue
         label = {k: v for k, v in row.items() if k not in ("path", "series_uid") and k}
-        for scan in _from_path(target, recursive, label, row.get("series_uid") or None):
+        before = len(refused)
+        found = _from_path(target, recursive, label, row.get("series_uid") or None, refused=refused, row=True)
+        if not found and len(refused) == before:
+            refused.append((ScanRef(str(target), None, label), _nothing_found(target)))
+        for scan in refused[before:]:
+            scan[0].base = str(path.parent.resolve())
+        for scan in found:
             scan.base = str(path.parent.resolve())
             scans.append(scan)
     return scans
@@ -365,6 +463,11 @@ def pretrain_preprocess(
         if np.any(target <= 0):
             raise ValueError(f"spacing must be positive, got {list(target)}")
         out_shape = tuple(int(np.round((n - 1) * s / t)) + 1 for n, s, t in zip(data.shape, source, target))
+        voxels = float(np.prod([float(n) for n in out_shape]))
+        if voxels > MAX_PREPARED_VOXELS:
+            raise ImageError(f"resampled to {list(target)} mm the scan would be {list(out_shape)} voxels "
+                             f"({voxels * 4 / 2 ** 30:.1f} GiB), more than a CT needs; check its spacing "
+                             f"({[round(float(v), 4) for v in source]} mm) and pretrain.spacing")
         data = resample_axes(data, target / source, out_shape, "linear")
     try:
         start, end = foreground_box(data)
@@ -428,8 +531,8 @@ class ScanCache:
 
     An entry is recomputed when the source files change (size or modification
     time) or when this cache's preprocessing settings differ from those it was
-    made with. Files are written under a temporary name and renamed, so a
-    killed process never leaves a half-written entry under the final name.
+    made with. Files are written through :func:`CTFMLib.files.atomic_output`,
+    so a killed process never leaves a half-written entry under a final name.
     """
 
     PRETRAINING_FILTERS = True  # check_scan's slice-count and thickness rules (False: modality and localizer only)
@@ -535,14 +638,15 @@ class ScanCache:
             perm, _ = orientation_transform(image.direction, self.orientation)
             spacing = tuple(float(s) for s in image.spacing[list(perm)])
         # The array first, then the record that vouches for it.
-        _atomic_write(self.array_path(scan), lambda f: np.save(f, array))
+        with atomic_output(self.array_path(scan)) as tmp, open(tmp, "xb") as f:
+            np.save(f, array)
         self._write_info(scan, stamp, {"shape": list(array.shape), "spacing": list(spacing)})
         return None
 
     def _write_info(self, scan: ScanRef, stamp: str, fields: dict) -> None:
         info = {"source": scan.path, "series_uid": scan.series_uid, "key": scan.key, **fields,
                 "config": self.config, "stamp": stamp, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write(self.info_path(scan), lambda f: f.write(json.dumps(info, indent=1).encode("utf-8")))
+        atomic_write_text(self.info_path(scan), json.dumps(info, indent=1))
         if "skipped" in fields and self.array_path(scan).exists():
             self.array_path(scan).unlink()  # an entry of an older version of the file
 
@@ -573,7 +677,7 @@ class ScanCache:
         except Exception as e:  # noqa: BLE001 - reported as the reason, not recorded (may be transient)
             return f"{type(e).__name__}: {_first_line(e)}"
 
-    def prepare(self, scans: Sequence, workers: int = 2, progress=None) -> tuple:
+    def prepare(self, scans: Sequence, workers: int = 2, progress=None, rejected: Sequence = ()) -> tuple:
         """Fill the cache; returns ``(usable scans, [(skipped scan, reason), ...])``, both in input order.
 
         Scans already cached, or skipped before with the same files and settings,
@@ -583,7 +687,8 @@ class ScanCache:
         reason, never raised; a worker process that dies (out of memory, a crash
         in a reader) is replaced and the scan it was on is skipped. The skipped
         scans are also written to ``<folder>/skipped.csv``. ``progress`` is a
-        ``callback(fraction, message)`` called as scans finish.
+        ``callback(fraction, message)`` called as scans finish. ``rejected``: ``(ScanRef, reason)`` pairs
+        :func:`find_scans` refused (a FIFO, a folder without scans); they follow the skipped scans.
         """
         scans = list(scans)
         report = progress or (lambda fraction, message="": None)
@@ -615,7 +720,7 @@ class ScanCache:
         else:
             self._prepare_in_pool(todo, workers, finished)
         usable = [s for s in scans if reasons[s.key] is None]
-        skipped = [(s, reasons[s.key]) for s in scans if reasons[s.key] is not None]
+        skipped = [(s, reasons[s.key]) for s in scans if reasons[s.key] is not None] + list(rejected)
         self._write_skipped(skipped)
         return usable, skipped
 
@@ -664,23 +769,9 @@ class ScanCache:
         for scan, reason in skipped:
             writer.writerow([scan.path, "" if scan.series_uid is None else scan.series_uid, scan.key, reason])
 
-        _atomic_write(self.folder / "skipped.csv", lambda f: f.write(text.getvalue().encode("utf-8")))
+        atomic_write_text(self.folder / "skipped.csv", text.getvalue())
 
 
 def _prepare_worker(cache_class: type, init_args: tuple, scan: ScanRef) -> str | None:
     """Worker-process entry (module level, so "spawn" can import it); ``cache_class(*init_args)`` rebuilds the cache."""
     return cache_class(*init_args)._prepare_one(scan)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(binary file)`` to a temporary name in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

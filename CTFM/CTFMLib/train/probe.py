@@ -11,8 +11,8 @@ no flips in probe mode) and the training steps only run the head. The first step
 BLAKE2b digest of the encoder's whole state (:func:`state_digest`), of the preprocessing and of every
 input volume (:func:`arrays_digest`), so other weights, scans, sizes or windows get another file and a
 stale cache is never read (the scans are hashed at each run's first step: about a second per GB). Files
-are written under a temporary name and renamed: processes of one ``torchrun`` job, which each compute
-the same embeddings, may all write it; an unreadable file is recomputed.
+are written through :func:`CTFMLib.files.atomic_output`: processes of one ``torchrun`` job, which each
+compute the same embeddings, may all write it; an unreadable file is recomputed.
 
 :class:`Standardize` is the probe head's first layer: ``(e - mean) / scale`` with the training
 embeddings' mean and standard deviation, so AdamW at an ordinary learning rate fits features of any
@@ -24,13 +24,14 @@ plain ``Linear(C, 1)`` on raw embeddings.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..files import atomic_output
 
 CACHE_FORMAT = b"ctfm-probe-embeddings-v1"  # changes whenever the way embeddings are computed changes
 
@@ -122,11 +123,8 @@ class EmbeddingCache:
         path = self.path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "xb") as f:
             np.savez(f, key=np.array(key), **sets)
-        os.replace(tmp, path)
 
 
 class Standardize(nn.Module):

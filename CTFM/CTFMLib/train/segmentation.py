@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import atomic_output
 from ..image import ImageError, read_image
 from ..networks import SegResEncoder, SegResNetDS
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, preprocess
@@ -169,8 +170,6 @@ class LabelledScanCache(ScanCache):
         return LabelledScan(image, labels, samples, Path(scan.path).name)
 
     def _build(self, scan: ScanRef, stamp: str, check: bool) -> Optional[str]:
-        from .data import _atomic_write
-
         image = read_scan(scan)
         labels = read_label_map(self.label_path(scan), image)
         pre = preprocess(image, PreprocessConfig(orientation=self.orientation, spacing=self.spacing))
@@ -178,9 +177,12 @@ class LabelledScanCache(ScanCache):
         seed = int(scan.key[:8], 16)
         samples = index_samples(model_labels, seed)
         # Labels and index first, then the image and the record that vouches for all three.
-        _atomic_write(self.labels_path(scan), lambda f: np.save(f, model_labels))
-        _atomic_write(self.index_path(scan), lambda f: np.savez(f, **{f"v{k}": v for k, v in samples.items()}))
-        _atomic_write(self.array_path(scan), lambda f: np.save(f, pre.array))
+        with atomic_output(self.labels_path(scan)) as tmp, open(tmp, "xb") as f:
+            np.save(f, model_labels)
+        with atomic_output(self.index_path(scan)) as tmp, open(tmp, "xb") as f:
+            np.savez(f, **{f"v{k}": v for k, v in samples.items()})
+        with atomic_output(self.array_path(scan)) as tmp, open(tmp, "xb") as f:
+            np.save(f, pre.array)
         self._write_info(scan, stamp, {"shape": list(pre.array.shape), "spacing": pre.geometry.spacing.tolist(),
                                        "present": sorted(samples), "labels": str(self.label_path(scan))})
         return None

@@ -11,27 +11,35 @@ after it (a resumed run continues with step ``k + 1``).
 Files (rank 0 only) under ``out_dir``:
 
 - ``checkpoints/last.pt`` (after every checkpoint, on stop and at the end) and ``checkpoints/step_XXXXXXXX.pt``
-  every ``run.checkpoint_every`` steps (the newest ``run.keep_checkpoints`` kept). Each is written to a
-  temporary file and renamed, so a kill at any moment leaves the previous one intact. They hold model,
+  every ``run.checkpoint_every`` steps (the newest ``run.keep_checkpoints`` kept). Each is written through
+  :func:`CTFMLib.files.atomic_output` (a private temporary folder, renamed into place), so a kill at any
+  moment leaves the previous one intact, and a write that fails (disk full) stops training with a
+  :class:`TrainingError` and leaves nothing behind. They hold model,
   optimizer, scheduler, grad-scaler, step, the RNG states of every process and the configuration, in
   plain types (``torch.load(..., weights_only=True)`` reads them).
 - ``metrics.csv``: step, loss (mean over the steps since the previous row and over processes), lr (of that
   step), seconds (per step, mean since the previous row) and any validation keys.
 - ``tensorboard/`` event files when ``torch.utils.tensorboard`` imports (the ``tensorboard`` package).
-- ``config.json``: the configuration of the run. ``model/``: what ``task.export`` writes at the end.
+- ``config.json``: the configuration of the run. ``model/``: what ``task.export`` writes at the end (exported
+  into a private temporary folder, then each file moved into place through :func:`CTFMLib.files.atomic_outputs`).
+
+At start the temporaries a killed run left in ``out_dir`` and ``checkpoints/`` are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,15 +49,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import (TEMP_PREFIX, WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
+                     remove_tree)
 from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, per_rank, shutdown
+from .runfolder import remove_temporaries
 from .schedule import make_scheduler
 
 CHECKPOINT_FORMAT = "ctfm-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, unusable checkpoint or setup); the message says what to do."""
+class TrainingError(RuntimeError, ValueError):
+    """Training cannot go on (non-finite loss, unusable checkpoint or setup, a failed write); the one-line
+    message says what to do. Also a ``ValueError``: the refusals of ``ctfm`` are ``ValueError`` s."""
 
 
 @runtime_checkable
@@ -121,6 +133,8 @@ def train(task: Task, out_dir, resume: bool = False, max_steps: int | None = Non
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _Run(task, Path(out_dir), resume, n_steps, progress, dev, info).run()
+    except OSError as e:  # e.g. a cache or log write that failed (files.WriteError: disk full, read-only, ...)
+        raise TrainingError(_os_message(e, out_dir)) from None
     finally:
         if torch.are_deterministic_algorithms_enabled() != deterministic_before:
             torch.use_deterministic_algorithms(deterministic_before)
@@ -181,9 +195,10 @@ class _Run:
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
-            for stale in self.ckpt_dir.glob(".*.tmp*"):
-                stale.unlink(missing_ok=True)  # left by a run killed while writing
-            _write_text_atomic(self.out_dir / "config.json", json.dumps(self.config, indent=2))
+            # Left by a run killed while writing; only this process writes there.
+            remove_temporaries(self.out_dir, self.out_dir, (".config.json.tmp*", ".metrics.csv.tmp*"))
+            remove_temporaries(self.ckpt_dir, self.out_dir)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(self.config, indent=2))
             self.metrics = MetricsLog(self.out_dir / "metrics.csv", keep_until=start)
             self.tb = _tensorboard(self.out_dir / "tensorboard", start)
         with self._signals():
@@ -366,7 +381,10 @@ class _Run:
 
     def _log(self, row: dict) -> None:
         if self.metrics is not None:
-            self.metrics.append(row)
+            try:
+                self.metrics.append(row)
+            except OSError as e:
+                raise TrainingError(f"cannot write {self.metrics.path}: {_os_message(e, self.metrics.path)}") from None
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step":
@@ -404,9 +422,15 @@ class _Run:
             "rng": rng_states, "world": self.info.world, "config": self.config,
         }
         last = self.ckpt_dir / "last.pt"
-        _save_atomic(state, last)
+        save_checkpoint(state, last)
         if numbered:  # after last.pt, so last.pt is never older than the newest numbered checkpoint
-            _copy_atomic(last, self.ckpt_dir / f"step_{step:08d}.pt")
+            numbered_path = self.ckpt_dir / f"step_{step:08d}.pt"
+            try:
+                with atomic_output(numbered_path) as tmp:
+                    shutil.copyfile(last, tmp)
+            except OSError as e:
+                raise TrainingError(f"cannot write checkpoint {numbered_path}: "
+                                    f"{_os_message(e, numbered_path)}") from None
             self._prune()
 
     def _prune(self) -> None:
@@ -421,7 +445,25 @@ class _Run:
         model.load_state_dict({k: v.detach().cpu() for k, v in self.base.state_dict().items()})
         model.eval()
         folder = self.out_dir / "model"
-        self.task.export(model, folder)
+        # The task writes into a private folder; its files then reach model/ together, each renamed into place.
+        staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.out_dir))
+        try:
+            self.task.export(model, staging)
+            names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+            with atomic_outputs([folder / name for name in names]) as temporaries:
+                for name, tmp in zip(names, temporaries):
+                    os.replace(staging / name, tmp)
+        except OSError as e:
+            raise TrainingError(f"cannot write the trained model to {folder}: {_os_message(e, folder)}") from None
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as "... (os error 28)"
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            failure = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+            raise TrainingError(f"cannot write the trained model to {folder}: "
+                                f"{describe_os_error(failure, folder / 'model.safetensors')}") from None
+        finally:
+            remove_tree(staging, self.out_dir, "temporary folder")
         return str(folder)
 
 
@@ -452,34 +494,46 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def checkpoint_task(folder) -> str | None:
+    """The task of the newest readable checkpoint in ``folder/checkpoints`` (``None`` when none can be read):
+    how a run folder made before ``ctfm-run.json`` existed is recognised (see :mod:`.runfolder`)."""
+    for path in checkpoint_candidates(Path(folder) / "checkpoints"):
+        try:
+            config = load_checkpoint(path).get("config")
+        except TrainingError:
+            continue
+        if isinstance(config, dict) and isinstance(config.get("task"), str):
+            return config["task"]
+    return None
 
 
-def _write_bytes_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def save_checkpoint(state: dict, path: Path) -> None:
+    """``torch.save(state)`` to ``path`` through :func:`CTFMLib.files.atomic_output`.
+
+    A write that fails (disk full: torch reports "unexpected pos ..." with the OS error as its context)
+    is a one-line :class:`TrainingError` and leaves neither a temporary nor a partial file.
+    """
+    path = Path(path)
+    try:
+        with atomic_output(path) as tmp:
+            with open(tmp, "xb") as f:
+                try:
+                    torch.save(state, f)
+                except RuntimeError as e:
+                    cause = e.__context__ or e.__cause__
+                    if isinstance(cause, OSError):
+                        raise cause from None
+                    first = str(e).splitlines()[0] if str(e) else repr(e)
+                    raise OSError(errno.EIO, f"torch.save failed: {first}") from None
+    except OSError as e:
+        raise TrainingError(f"cannot write checkpoint {path}: {_os_message(e, path)}") from None
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_bytes_atomic(path, text.encode("utf-8"))
+def _os_message(e: OSError, where) -> str:
+    """One line for an OS error: a :class:`~CTFMLib.files.WriteError` says it all; others get the cause."""
+    if isinstance(e, WriteError):
+        return str(e)
+    return describe_os_error(e, getattr(e, "filename", None) or where)
 
 
 # --- random number generators ----------------------------------------------------------------
@@ -523,6 +577,9 @@ class MetricsLog:
     """``metrics.csv``: one row per logged step; new columns (validation keys) rewrite the file with them.
 
     ``keep_until``: rows of an earlier run up to this step are kept (a resumed run redoes the later ones).
+    The file is (re)written whole through :func:`CTFMLib.files.atomic_write_text` at start and when columns
+    change; rows are appended in between (rewriting a growing log at every row would cost quadratic I/O).
+    An append never replaces anything, and a row cut short by a kill is dropped when the run resumes.
     """
 
     BASE = ("step", "loss", "lr", "seconds")
@@ -535,7 +592,7 @@ class MetricsLog:
             with open(path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 self.columns += [c for c in (reader.fieldnames or []) if c not in self.columns]
-                self.rows = [r for r in reader if r.get("step") and int(r["step"]) <= keep_until]
+                self.rows = [r for r in reader if _complete(r) and int(r["step"]) <= keep_until]
         self._rewrite()
 
     def append(self, row: dict) -> None:
@@ -554,7 +611,18 @@ class MetricsLog:
         writer = csv.DictWriter(out, self.columns)
         writer.writeheader()
         writer.writerows(self.rows)
-        _write_text_atomic(self.path, out.getvalue())
+        atomic_write_text(self.path, out.getvalue())
+
+
+def _complete(row: dict) -> bool:
+    """Whether a metrics row read back has every base column as a number (a row cut by a kill has not)."""
+    try:
+        int(row["step"])
+        for key in MetricsLog.BASE[1:]:
+            float(row[key])
+        return True
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
 
 
 def _fmt(value) -> str:
