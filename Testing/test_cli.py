@@ -66,10 +66,15 @@ def test_offline_without_weights_says_how_to_get_them(example_ct_path, ctfm_cach
 
 def test_models_import_list_remove(ctfm_cache, ctfm_weights_folder):
     env = {"CTFM_CACHE": str(ctfm_cache)}
+    # Random weights are not the published model: its id takes them only with --force, and says so.
     out = run_ctfm("models", "import", ctfm_weights_folder, "--id", "project-lighter/ct_fm_feature_extractor", env=env)
+    assert out.returncode == 2 and "--force" in out.stderr and "Traceback" not in out.stderr
+    out = run_ctfm("models", "import", ctfm_weights_folder, "--id", "project-lighter/ct_fm_feature_extractor",
+                   "--force", env=env)
     assert out.returncode == 0, out.stderr
     listing = run_ctfm("models", "list", env=env).stdout
-    assert [ln for ln in listing.splitlines() if ln.startswith("ct_fm_feature_extractor")][0].endswith("imported")
+    line = [ln for ln in listing.splitlines() if ln.startswith("ct_fm_feature_extractor")][0]
+    assert line.endswith("imported, not the published weights")
     out = run_ctfm("models", "remove", "ct_fm_feature_extractor", env=env)
     assert out.returncode == 0 and "removed" in out.stdout
     listing = run_ctfm("models", "list", env=env).stdout

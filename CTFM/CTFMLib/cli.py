@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, cache
+from .arguments import (Parser, fraction, memory_gb, parse_point, positive_float,
+                        positive_int)
 from .catalog import load_catalog
-from .progress import Cancelled, make_renderer
+from .progress import Cancelled, Terminated, make_renderer, terminate_on_sigterm
 
 EXIT_ERROR = 2
 
@@ -44,18 +46,19 @@ def _versions() -> dict:
 
 
 def model_status(entry) -> str:
-    """``imported``, ``downloaded``, ``not on this computer``, or ``train with CTFMTrain`` (no published weights)."""
-    from .weights import WEIGHTS_NAME, imported_model_path
-
-    if not entry.repo_id:  # a task users train themselves; an import lands under the catalogue id
-        return "imported" if imported_model_path(entry.id) is not None else "train with CTFMTrain"
-    if imported_model_path(entry.repo_id) is not None:
-        return "imported"
+    """``imported`` (or ``imported, not the published weights`` after ``models import --force``), ``downloaded``,
+    ``not on this computer``, or ``train with CTFMTrain`` (no published weights)."""
+    # a task users train themselves is imported under its catalogue id, a published model under its repo id
+    imported = cache.imported_model(entry.repo_id or entry.id)
+    if imported is not None:
+        return cache.import_status(imported)
+    if not entry.repo_id:
+        return "train with CTFMTrain"
     try:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(
-            entry.repo_id, WEIGHTS_NAME, cache_dir=cache.hub_cache_dir(), revision=entry.revision
+            entry.repo_id, cache.WEIGHTS_NAME, cache_dir=cache.hub_cache_dir(), revision=entry.revision
         )
         if isinstance(hit, str) and os.path.isfile(hit):
             return "downloaded"
@@ -109,8 +112,15 @@ def cmd_models(args) -> int:
 
     catalog = load_catalog()
     if args.action == "list":
+        claimed = set()
         for m in catalog:
             print(f"{m.id:<28} {m.repo_id or '-':<45} {model_status(m)}\n    {m.title}: {m.description}")
+            imported = cache.imported_model(m.repo_id or m.id)
+            if imported is not None:
+                claimed.add(imported.name)
+        for model_id, folder in cache.imported_models():  # imported under an id the catalogue does not know
+            if folder.name not in claimed:
+                print(f"{model_id:<28} {'-':<45} {cache.import_status(folder)}\n    imported model in {folder}")
         return 0
     if args.action == "download":
         entry = catalog.find(args.name)
@@ -121,8 +131,14 @@ def cmd_models(args) -> int:
         print(f"{repo_id}: {info.architecture} ready at {folder}")
         return 0
     if args.action == "import":
-        dest = weights.import_model(args.name, repo_id=args.id, catalog=catalog)
-        print(f"imported into {dest}")
+        import shlex
+
+        dest = weights.import_model(args.name, repo_id=args.id, catalog=catalog, force=args.force)
+        model_id = (cache.import_marker(dest) or {}).get("id") or dest.name
+        entry = catalog.find(model_id)
+        shown = shlex.quote(entry.id if entry else model_id)
+        note = f" ({cache.NOT_PUBLISHED})" if cache.import_status(dest) == cache.NOT_PUBLISHED else ""
+        print(f"imported {shown} into {dest}{note}; use it as --model {shown} or --weights {shown}")
         return 0
     if args.action == "remove":
         removed = weights.remove_model(args.name, catalog=catalog)
@@ -131,39 +147,34 @@ def cmd_models(args) -> int:
     raise AssertionError(args.action)
 
 
-def parse_point(text: str) -> np.ndarray:
-    try:
-        values = [float(v) for v in text.replace(";", ",").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3:
-        raise ValueError(f"a point is three numbers X,Y,Z in mm, not {text!r}")
-    return np.asarray(values)
-
-
 def cmd_embed(args) -> int:
     from .embed import embed_image
+    from .files import atomic_output, check_outputs
     from .image import read_image
 
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out must end in .npy, not {out.name}")
     point = None
-    if args.point:
+    if args.point is not None:
         point = parse_point(args.point)
         if args.ras:
             point = point * np.array([-1.0, -1.0, 1.0])
     mode = args.mode or ("point" if point is not None else "volume")
+    if point is not None and mode != "point":
+        raise ValueError(f"--point is used only by --mode point; leave it out for --mode {mode}")
+    check_outputs([out], [args.image], overwrite=args.overwrite)
     image = read_image(args.image, series_uid=args.series)
     vector = embed_image(
         image, weights=args.weights, mode=mode, point_lps=point, aggregate=args.aggregate,
         device=args.device, precision=args.precision, threads=args.threads, batch_size=args.batch_size,
         progress=args.progress_cb,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.npy")
-    np.save(tmp, vector)
-    os.replace(tmp, out)
+    if not np.isfinite(vector).all():
+        raise ValueError("the embedding holds NaN or infinite values: the weights or the image are broken; "
+                         "nothing was written")
+    with atomic_output(out, overwrite=args.overwrite) as tmp:
+        np.save(tmp, vector)
     print(f"wrote {vector.shape[0]}-d {mode} embedding to {out}")
     return 0
 
@@ -188,28 +199,29 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name[: -len(suffix)] + ".labels.json")
 
 
-def write_segmentation(result, out: Path) -> list:
+def segmentation_files(out: Path) -> list:
+    """The files ``ctfm segment --out OUT`` writes: ``[OUT]`` for a ``.seg.nrrd``, else ``[OUT, OUT.labels.json]``."""
+    return [out] if _label_suffix(out) == ".seg.nrrd" else [out, sidecar_path(out)]
+
+
+def write_segmentation(result, out: Path, overwrite: bool = True) -> list:
     """Write a label map (+ ``.labels.json`` {value: name}) or a Slicer ``.seg.nrrd``; returns the files written.
 
-    Every file goes to a temporary name first, so a failure leaves no partial output.
+    The files are written together through :func:`CTFMLib.files.atomic_outputs`: a failure leaves
+    neither of them, nor a temporary file; ``overwrite=False`` never replaces an existing file.
     """
+    from .files import atomic_outputs
     from .image import write_image
     from .labels import label_dict, write_seg_nrrd
 
     if _label_suffix(out) == ".seg.nrrd":
-        return [write_seg_nrrd(result.labels, result.label_info, out)]
-    sidecar = sidecar_path(out)
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.write_text(json.dumps({str(k): v for k, v in label_dict(result.label_info).items()}, indent=1),
-                       encoding="utf-8")
-        write_image(result.labels, out)
-        os.replace(tmp, sidecar)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return [out, sidecar]
+        return [write_seg_nrrd(result.labels, result.label_info, out, overwrite=overwrite)]
+    files = segmentation_files(out)
+    with atomic_outputs(files, overwrite=overwrite) as (label_map, sidecar):
+        write_image(result.labels, label_map)
+        sidecar.write_text(json.dumps({str(k): v for k, v in label_dict(result.label_info).items()}, indent=1),
+                           encoding="utf-8")
+    return files
 
 
 def _image_files(folder: Path) -> list:
@@ -235,6 +247,8 @@ def _stem(path: Path) -> str:
 def _csv_jobs(source: Path, out_dir: Path, out_format: str) -> list:
     import csv
 
+    from .files import child_path
+
     with open(source, newline="", encoding="utf-8-sig") as f:
         rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
     header = [h.strip().lower() for h in rows[0]] if rows else []
@@ -242,7 +256,7 @@ def _csv_jobs(source: Path, out_dir: Path, out_format: str) -> list:
     columns = {name: i for i, name in enumerate(header)} if has_header else {"image": 0}
     image_column = columns.get("image", columns.get("path"))
     jobs = []
-    for row in rows[1 if has_header else 0:]:
+    for line, row in enumerate(rows[1 if has_header else 0:], 2 if has_header else 1):
         cells = {name: row[i].strip() if i < len(row) else "" for name, i in columns.items()}
         image = row[image_column].strip() if image_column < len(row) else ""
         if not image:
@@ -251,25 +265,24 @@ def _csv_jobs(source: Path, out_dir: Path, out_format: str) -> list:
         path = path if path.is_absolute() else source.parent / path
         series = cells.get("series") or None
         name = cells.get("out") or f"{_stem(path)}{'_' + series[-8:] if series else ''}.{out_format}"
-        jobs.append((path, series, out_dir / name))
+        # An output name is a plain file name inside --out-dir: never a path that leaves it.
+        jobs.append((path, series, child_path(out_dir, name, f"{source.name} line {line}: the output name")))
     return jobs
 
 
 def segment_jobs(source: Path, out_dir: Path, out_format: str) -> list:
     """``[(input, series UID or None, output)]`` for a folder of images or a CSV (column ``image``,
-    optional ``series`` and ``out``; relative paths are relative to the CSV)."""
+    optional ``series`` and ``out``, a file name inside ``out_dir``; relative paths are relative to the CSV)."""
+    from .files import child_path
+
     if source.is_dir():
-        jobs = [(p, None, out_dir / f"{_stem(p)}.{out_format}") for p in _image_files(source)]
+        jobs = [(p, None, child_path(out_dir, f"{_stem(p)}.{out_format}", "output name")) for p in _image_files(source)]
     elif source.suffix.lower() == ".csv":
         jobs = _csv_jobs(source, out_dir, out_format)
     else:
         raise ValueError(f"--out-dir needs a folder of images or a .csv list as input, not {source}")
     if not jobs:
         raise ValueError(f"no images found in {source}")
-    outs = [str(o) for _, _, o in jobs]
-    repeated = sorted({o for o in outs if outs.count(o) > 1})
-    if repeated:
-        raise ValueError(f"several inputs would be written to the same file: {', '.join(repeated)}")
     return jobs
 
 
@@ -278,6 +291,7 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_segment(args) -> int:
+    from .files import check_outputs
     from .image import read_image
     from .segment import estimate_seconds, load_segmentation_model, run_options, segment_image, select_structures
 
@@ -288,9 +302,24 @@ def cmd_segment(args) -> int:
         out = Path(args.out)
         _label_suffix(out)
         jobs = [(source, args.series, out)]
+        check_outputs(segmentation_files(out), [source], overwrite=args.overwrite)
     else:
         _label_suffix(Path("x." + args.out_format))
-        jobs = segment_jobs(source, Path(args.out_dir), args.out_format)
+        out_dir = Path(args.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out-dir {out_dir} is a file: give a folder")
+        jobs = segment_jobs(source, out_dir, args.out_format)
+        # No output may be an input (or the list itself) or repeat another; existing outputs are skipped below.
+        outputs = [f for _, _, out in jobs for f in segmentation_files(out)]
+        check_outputs(outputs, [source] + [path for path, _, _ in jobs], overwrite=True)
+        if not args.overwrite:
+            done = [job for job in jobs if any(f.exists() for f in segmentation_files(job[2]))]
+            for path, _, out in done:
+                print(f"{out} exists: skipped {path.name} (add --overwrite to segment it again)", flush=True)
+            jobs = [job for job in jobs if job not in done]
+            if not jobs:
+                print(f"nothing to do: all {len(done)} outputs exist", flush=True)
+                return 0
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
     options = run_options(args.device, args.precision, args.threads, None, args.batch_size)
     model, labels = load_segmentation_model(args.model, args.progress_cb)
@@ -308,7 +337,7 @@ def cmd_segment(args) -> int:
             result = segment_image(image, model=model, labels=labels, structures=structures, fast=args.fast,
                                    largest_component=args.largest_component, options=options,
                                    progress=args.progress_cb, max_memory_gb=args.max_memory_gb)
-            written = write_segmentation(result, out)
+            written = write_segmentation(result, out, overwrite=args.overwrite)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
             print(f"{prefix}wrote {', '.join(map(str, written))} ({present} structures present, "
                   f"{_duration(result.seconds)})", flush=True)
@@ -316,7 +345,7 @@ def cmd_segment(args) -> int:
             if not args.out_dir or isinstance(e, Cancelled):
                 raise
             failed.append(path)
-            print(f"ctfm: FAILED {path}: {e}", file=sys.stderr, flush=True)
+            print(f"ctfm: FAILED {path}: {_one_line(e)}", file=sys.stderr, flush=True)
     if args.out_dir:
         print(f"segmented {len(jobs) - len(failed)} of {len(jobs)} images"
               + (f"; failed: {', '.join(str(p) for p in failed)}" if failed else ""), flush=True)
@@ -324,6 +353,8 @@ def cmd_segment(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """Train; prints the summary (JSON). Exit 0 only when the schedule ran to its end: a run stopped by
+    SIGTERM (SIGINT) keeps its checkpoint and summary but exits 143 (130), so schedulers see it did not finish."""
     from .train.run import run
     from .train.trainer import TrainingError
 
@@ -331,16 +362,23 @@ def cmd_train(args) -> int:
         summary = run(args.task, args.config, args.out, resume=args.resume, max_steps=args.max_steps,
                       device=args.device, progress=args.progress_cb)
     except TrainingError as e:
-        print(f"ctfm: training stopped: {e}", file=sys.stderr)
+        print(f"ctfm: training stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
-    if int(os.environ.get("RANK", "0")) == 0:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}, default=str),
               flush=True)
-    return 0
+    code = int(summary.get("exit_code", 0))
+    if code and main_process:
+        print(f"ctfm: training stopped ({summary.get('stop_reason')}) after step {summary.get('steps')}, before the "
+              f"end of its schedule; the checkpoint {summary.get('checkpoint')} is kept: run again with --resume to "
+              "continue", file=sys.stderr)
+    return code
 
 
 def cmd_triage(args) -> int:
     """Triage one head CT; prints one JSON object (the last stdout line), also written to ``--json``."""
+    from .files import atomic_outputs, check_outputs
     from .image import WRITE_SUFFIXES, read_image, write_image
     from .progress import subrange
     from .triage import load_triage, triage_image
@@ -349,42 +387,49 @@ def cmd_triage(args) -> int:
         raise ValueError("--method chooses how the saliency map is computed; give --saliency HEAT.nii.gz as well")
     if args.saliency and not str(args.saliency).lower().endswith(WRITE_SUFFIXES):
         raise ValueError(f"--saliency must be an image file ending in {', '.join(WRITE_SUFFIXES)}, not {args.saliency}")
+    if args.json and not str(args.json).lower().endswith(".json"):
+        raise ValueError(f"--json must be a file ending in .json, not {args.json}")
+    outputs = [Path(p) for p in (args.json, args.saliency) if p]
+    check_outputs(outputs, [args.image], overwrite=args.overwrite)
     image = read_image(args.image, series_uid=args.series)
     net, config, _ = load_triage(args.model)
     model = (net, {**config, "name": str(args.model)})  # loaded once, for the result and the saliency map
     progress = subrange(args.progress_cb, 0.0, 0.2 if args.saliency else 1.0)
     result = triage_image(image, model, device=args.device, progress=progress)
-    saliency = None
+    if not np.isfinite(result.probability):
+        raise ValueError("the triage model gave no finite probability: its weights are broken; nothing was written")
+    heat = None
     if args.saliency:
         from .saliency import saliency_image  # imported only when a map is asked for
 
         heat = saliency_image(image, target="triage", triage_model=model, method=args.method or "gradient",
                               device=args.device, progress=subrange(args.progress_cb, 0.2, 1.0))
-        saliency = str(write_image(heat.heatmap, args.saliency))
-    text = json.dumps({**result.to_dict(), "saliency": saliency})
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+    text = json.dumps({**result.to_dict(), "saliency": str(args.saliency) if args.saliency else None})
+    with atomic_outputs(outputs, overwrite=args.overwrite) as temporaries:
+        for path, tmp in zip(outputs, temporaries):
+            if heat is not None and path == Path(args.saliency):
+                write_image(heat.heatmap, tmp)
+            else:
+                tmp.write_text(text + "\n", encoding="utf-8")
     print(text, flush=True)
     return 0
 
 
 def cmd_saliency(args) -> int:
     """A saliency heatmap: writes HEAT.nii.gz and HEAT.json, prints the JSON (the last stdout line)."""
+    from .arguments import spacing_mm
+    from .files import check_outputs
     from .image import read_image
     from .saliency import parse_box, parse_target, saliency_image, sidecar_json, write_saliency
 
     target, point, class_name = parse_target(args.target)
-    sidecar_json(args.out)  # a bad output name fails before any work
+    check_outputs([Path(args.out), sidecar_json(args.out)], [args.image], overwrite=args.overwrite)
     ras = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
     if args.ras and point is not None:
         point = point * ras
-    center = parse_point(args.center) * (ras if args.ras else 1.0) if args.center else None
+    center = parse_point(args.center) * (ras if args.ras else 1.0) if args.center is not None else None
     region = None
-    if args.roi:
+    if args.roi is not None:
         region = tuple(c * ras if args.ras else c for c in parse_box(args.roi))
     if target == "triage" and not args.model:
         raise ValueError("--target triage needs --model FOLDER: a triage model written by `ctfm train classify`")
@@ -398,12 +443,12 @@ def cmd_saliency(args) -> int:
                          "(the point target's cube is centred on its point)")
     if args.cube is not None and point is None and center is None:
         raise ValueError("--cube needs a centre: use --target point:X,Y,Z, or --center X,Y,Z with other targets")
-    spacing = args.spacing or "auto"
+    spacing = "auto" if args.spacing is None else args.spacing
     if spacing not in ("auto", "native"):
         try:
-            spacing = (float(spacing),) * 3
-        except ValueError:
-            raise ValueError(f"--spacing is auto, native or a voxel size in mm, not {args.spacing!r}") from None
+            spacing = (spacing_mm(spacing),) * 3
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--spacing is auto, native or a voxel size in mm: it {e}") from None
     if args.threads:
         import torch
 
@@ -418,13 +463,14 @@ def cmd_saliency(args) -> int:
     extra = {"image": str(args.image)}
     if result.peak_lps is not None:
         extra["peak_ras"] = [round(float(v), 3) for v in result.peak_lps * ras]
-    print(json.dumps(write_saliency(result, args.out, extra)), flush=True)
+    print(json.dumps(write_saliency(result, args.out, extra, overwrite=args.overwrite)), flush=True)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctfm", description="CT-FM: a 3D CT foundation model, from the command line.")
+    p = Parser(prog="ctfm", description="CT-FM: a 3D CT foundation model, from the command line.")
     p.add_argument("--version", action="version", version=f"ctfm {__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, print the full Python traceback too")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="how to show progress (json: one JSON object a line on stderr)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -437,7 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=("list", "download", "import", "remove"))
     models.add_argument("name", nargs="?", help="model id or repo id; for import, a folder or .zip")
     models.add_argument("--revision", help="download: a branch, tag or commit")
-    models.add_argument("--id", help="import: the repo id to file the model under (default: from its config or name)")
+    models.add_argument("--id", help="import: the id to file the model under: a catalogue id, OWNER/NAME or a name "
+                                     "(default: from its config or its folder's name)")
+    models.add_argument("--force", action="store_true",
+                        help="import: accept other weights than the published ones under a published catalogue id "
+                             "(shown as 'imported, not the published weights')")
     models.set_defaults(func=cmd_models)
 
     embed = sub.add_parser("embed", help="compute a 512-d CT-FM embedding")
@@ -450,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--ras", action="store_true", help="--point is in RAS (as Slicer shows it)")
     embed.add_argument("--aggregate", choices=("mean", "max", "min"), default="mean", help="scan mode: how patches combine")
     embed.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    embed.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_run_options(embed)
     embed.set_defaults(func=cmd_embed)
 
@@ -467,21 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--largest-component", action="store_true",
                      help="keep only the largest connected piece of each structure")
     seg.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
-    seg.add_argument("--max-memory-gb", type=float,
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace existing outputs (batch: segment again the images whose outputs exist)")
+    seg.add_argument("--max-memory-gb", type=memory_gb,
                      help="refuse to start when the estimated peak memory is above this (default: 85%% of available)")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     seg.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (default)")
-    seg.add_argument("--threads", type=int, help="CPU threads for PyTorch")
-    seg.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    seg.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
+    seg.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
     seg.set_defaults(func=cmd_segment)
 
     tr = sub.add_parser("train", help="pretrain CT-FM or fine-tune it (runs under torchrun as well)")
     tr.add_argument("task", choices=("pretrain", "segment", "classify"))
     tr.add_argument("--config", help="training configuration (.json, or .yaml with PyYAML); defaults otherwise")
-    tr.add_argument("--out", help="output folder: checkpoints, metrics.csv, the trained model (default: run.out_dir)")
+    tr.add_argument("--out", help="output folder: checkpoints, metrics.csv, the trained model (default: run.out_dir); "
+                                  "a new or empty folder, or an earlier run of the same task")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
-    tr.add_argument("--max-steps", type=int, help="stop after this many steps (default: optim.max_steps)")
+    tr.add_argument("--max-steps", type=positive_int, help="stop after this many steps (default: optim.max_steps)")
     tr.add_argument("--device", help="auto, cpu, cuda or mps (default: run.device)")
     tr.set_defaults(func=cmd_train)
 
@@ -495,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--method", choices=("occlusion", "gradient"),
                      help="saliency method (default: gradient; occlusion on the triage grid takes thousands of passes)")
     tri.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    tri.add_argument("--overwrite", action="store_true", help="replace --json / --saliency if they exist")
     tri.set_defaults(func=cmd_triage)
 
     sal = sub.add_parser("saliency", help="a heatmap of the voxels that drive an embedding, a class or a triage")
@@ -509,18 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--model", help="triage: the triage model folder (<out_dir>/model of `ctfm train classify`)")
     limit = sal.add_mutually_exclusive_group()
     limit.add_argument("--roi", help="only this box: X0,Y0,Z0,X1,Y1,Z1 in mm, two opposite corners")
-    limit.add_argument("--cube", type=float, help="only a cube of this edge (mm) around the point (or --center)")
+    limit.add_argument("--cube", type=positive_float, help="only a cube of this edge (mm) around the point (or --center)")
     sal.add_argument("--center", help="X,Y,Z in mm: the --cube's centre for the embedding, class and triage targets")
     sal.add_argument("--ras", action="store_true", help="points and --roi are RAS (as Slicer shows them), not LPS")
     sal.add_argument("--out", required=True, help="the heatmap: .nii.gz, .nii, .nrrd or .mha (+ a .json beside it)")
-    sal.add_argument("--mask-size", type=int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10)")
-    sal.add_argument("--overlap", type=float, default=0.25, help="overlap of the occlusion cubes (default: 0.25)")
-    sal.add_argument("--steps", type=int, default=4, help="gradient: integration steps (default: 4)")
+    sal.add_argument("--mask-size", type=positive_int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10)")
+    sal.add_argument("--overlap", type=fraction, default=0.25, help="overlap of the occlusion cubes (default: 0.25)")
+    sal.add_argument("--steps", type=positive_int, default=4, help="gradient: integration steps (default: 4)")
     sal.add_argument("--spacing", help="embedding and class: auto (embedding 3 mm, class native), native, or MM")
-    sal.add_argument("--batch-size", type=int, help="occluded copies per pass (default 12) or gradient steps (1)")
+    sal.add_argument("--batch-size", type=positive_int, help="occluded copies per pass (default 12) or gradient steps (1)")
     sal.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     sal.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    sal.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    sal.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
+    sal.add_argument("--overwrite", action="store_true", help="replace --out and its .json if they exist")
     sal.set_defaults(func=cmd_saliency)
 
     from .retrieval.commands import add_index_parser  # ctfm index add|query|info|remove|compact|eval
@@ -532,15 +588,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
+    p.add_argument("--batch-size", type=positive_int, default=2)
 
 
-def _segmentation_error():
-    """SegmentationError, imported only when a command failed (it pulls in torch)."""
-    if "CTFMLib.segment" not in sys.modules:
-        return ()
-    return sys.modules["CTFMLib.segment"].SegmentationError
+def _one_line(e: BaseException) -> str:
+    """An exception's message as one line (a traceback never reaches the user without --debug)."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+def _refusals() -> tuple:
+    """Exception types that mean "this input or option cannot be used": one line, exit 2."""
+    from .image import ImageError
+    from .weights import WeightsError
+
+    kinds = [ImageError, WeightsError, ValueError, OSError]
+    for module, name in (("CTFMLib.segment", "SegmentationError"), ("CTFMLib.retrieval.store", "RetrievalIndexError"),
+                         ("CTFMLib.train.trainer", "TrainingError"), ("CTFMLib.train.config", "ConfigError")):
+        if module in sys.modules:  # imported only when a command used it (they pull in torch)
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)
 
 
 def main(argv=None) -> int:
@@ -549,23 +617,44 @@ def main(argv=None) -> int:
     if args.command == "models" and args.action != "list" and not args.name:
         parser.error(f"models {args.action} needs a name")
     args.progress_cb = make_renderer(args.progress)
-    from .image import ImageError
-    from .weights import WeightsError
+    with terminate_on_sigterm():  # SIGTERM (Slicer's Cancel) unwinds like Ctrl-C: temporary files are removed
+        try:
+            return args.func(args)
+        except Cancelled:
+            print("ctfm: cancelled", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print("ctfm: interrupted", file=sys.stderr)
+            return 130
+        except Terminated as e:
+            print("ctfm: terminated", file=sys.stderr)
+            return e.exit_code
+        except BrokenPipeError:  # the reader of our output went away (`ctfm models list | head`)
+            _silence_stdout()
+            return 141
+        except MemoryError:
+            if args.debug:
+                raise
+            print("ctfm: error: not enough memory for this input with these settings: close other programs, or "
+                  "use a coarser spacing, a smaller region or --fast", file=sys.stderr)
+            return EXIT_ERROR
+        except Exception as e:  # noqa: BLE001 - the one place that turns every failure into one line
+            if args.debug:
+                raise
+            if isinstance(e, _refusals()):
+                print(f"ctfm: error: {_one_line(e)}", file=sys.stderr)
+                return EXIT_ERROR
+            print(f"ctfm: error: {_one_line(e)} ({type(e).__name__}: an unexpected failure; run with --debug for "
+                  "the full trace and report it)", file=sys.stderr)
+            return 1
 
+
+def _silence_stdout() -> None:
     try:
-        return args.func(args)
-    except _segmentation_error() as e:
-        print(f"ctfm: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except Cancelled:
-        print("ctfm: cancelled", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("ctfm: interrupted", file=sys.stderr)
-        return 130
-    except (ImageError, WeightsError, ValueError, FileNotFoundError) as e:
-        print(f"ctfm: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

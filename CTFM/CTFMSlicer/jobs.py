@@ -8,13 +8,12 @@ there too, the result is read once the child exited successfully, and the folder
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 from .models import failure_text
 from .nodes import stage_volume
-from .process import ProcessRunner, ctfm_cli_command
+from .process import ProcessRunner, ctfm_cli_command, remove_work_folder
 
 
 def start_volume_command(volumeNode, prefix: str, arguments: Callable, read_result: Callable, what: str,
@@ -31,7 +30,7 @@ def start_volume_command(volumeNode, prefix: str, arguments: Callable, read_resu
     try:
         args = arguments(Path(work), Path(source))
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_folder(work)
         raise
     stdout = []
 
@@ -52,7 +51,7 @@ def start_volume_command(volumeNode, prefix: str, arguments: Callable, read_resu
             else:
                 message = failure_text(result.stderr_tail, result.describe())
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work_folder(work)
         if on_done:
             on_done(output, message)
 

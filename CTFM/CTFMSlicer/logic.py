@@ -10,8 +10,6 @@ which the methods below put behind one object for the widget.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,7 +17,7 @@ import numpy as np
 
 from . import models, overlay, saliency, triage
 from .nodes import image_from_volume_node, ras_to_lps, table_node_from_rows
-from .process import ProcessRunner, ctfm_cli_command
+from .process import ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
 
 DEFAULT_WEIGHTS = "project-lighter/ct_fm_feature_extractor"
 EMBED_MODES = ("volume", "scan", "point")
@@ -81,11 +79,11 @@ class CTFMLogic:
         self._checkEmbeddingRequest(weights, mode, pointRAS, device)
         from CTFMLib.image import write_image
 
-        work = Path(tempfile.mkdtemp(prefix="ctfm-embed-"))
+        work = work_folder("ctfm-embed-")
         try:
             source = write_image(image_from_volume_node(volumeNode), work / "input.nrrd", compress=False)
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work_folder(work)
             raise
         out = work / "embedding.npy"
         args = ["embed", source, "--weights", weights, "--mode", mode, "--device", device, "--out", out]
@@ -100,7 +98,7 @@ class CTFMLogic:
                 else:
                     vector, message = None, result.describe()
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_work_folder(work)
             if on_done:
                 on_done(vector, message)
 
@@ -164,9 +162,14 @@ class CTFMLogic:
         """``ctfm models download`` in a child process; ``on_done(ok, message)``."""
         return models.start_download(modelId, on_progress=on_progress, on_done=on_done)
 
-    def importModel(self, source, modelId: Optional[str] = None, catalog_path: Optional[str] = None) -> Path:
-        """Import a model folder or .zip (in this process; needs torch). Returns the imported folder."""
-        return models.import_model(source, modelId, catalog_path)
+    def importModel(self, source, modelId: Optional[str] = None, catalog_path: Optional[str] = None,
+                    force: bool = False) -> Path:
+        """Import a model folder or .zip (in this process; needs torch). Returns the imported folder.
+
+        Other weights than the published ones under a published id raise ``CTFMLib.weights.NotPublishedError``
+        unless ``force`` (they are then shown as "imported, not the published weights").
+        """
+        return models.import_model(source, modelId, catalog_path, force=force)
 
     def removeModel(self, modelId: str, catalog_path: Optional[str] = None) -> list:
         """Remove a model's imported and downloaded files (in this process; needs torch)."""

@@ -288,17 +288,17 @@ def stage_volume(node, prefix: str = "ctfm-"):
     results computed on the rounded grid would no longer sit exactly on the volume).
     Returns ``(folder, path)``; the caller removes the folder when the child is done.
     """
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from CTFMLib.image import write_image
 
+    from .process import remove_work_folder, work_folder
+
     image = image_from_volume_node(node)
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder = work_folder(prefix)
     try:
         path = write_image(image, folder / "input.nrrd", compress=False)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_work_folder(folder)
         raise
     return folder, Path(path)

@@ -28,12 +28,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from CTFMLib.files import remove_tree
 from CTFMLib.progress import parse_json_progress
 
 STDERR_TAIL_LINES = 40
 # After the child exits, how long its output pipes may stay open (held by a detached
 # grandchild) before the run is reported as done anyway.
 PIPE_GRACE_SECONDS = 5.0
+
+
+def work_folder(prefix: str) -> Path:
+    """A new private folder in the system's temporary folder for one child process's files."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove_work_folder(folder) -> None:
+    """Remove a :func:`work_folder` (only ever a folder inside the system's temporary folder)."""
+    import tempfile
+
+    if folder is not None:
+        try:
+            remove_tree(folder, tempfile.gettempdir(), "work folder")
+        except OSError:  # already gone, or a file still open on Windows: the system cleans its temp folder
+            pass
 
 
 @dataclass

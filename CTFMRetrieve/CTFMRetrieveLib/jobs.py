@@ -11,7 +11,6 @@ with LPS centres, plus an axial PNG thumbnail each when asked for. No Qt, no tor
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 
 from CTFMSlicer.jobs import start_volume_command
 from CTFMSlicer.models import failure_text
-from CTFMSlicer.process import ProcessRunner, ctfm_cli_command
+from CTFMSlicer.process import ProcessRunner, ctfm_cli_command, work_folder
 from CTFMSlicer.saliency import coordinates, last_json_object
 
 QUERY_MODES = ("crosshair", "roi", "scan")
@@ -192,4 +191,4 @@ def start_query(volumeNode, index, mode: str, point_lps=None, box_lps=None, k: i
 
 
 def new_thumbnails_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="ctfm-retrieve-thumbnails-"))
+    return work_folder("ctfm-retrieve-thumbnails-")

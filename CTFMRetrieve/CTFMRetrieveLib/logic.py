@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from CTFMSlicer.nodes import ras_to_lps
 from CTFMSlicer.overlay import crosshair_ras, roi_lps_box
+from CTFMSlicer.process import remove_work_folder
 
 from . import cases, jobs, results
 from .cases import index_folder_problem, path_is_set
@@ -151,7 +151,7 @@ class CTFMRetrieveLogic:
 
     def clearThumbnails(self) -> None:
         if self._thumbnails is not None:
-            shutil.rmtree(self._thumbnails, ignore_errors=True)
+            remove_work_folder(self._thumbnails)
             self._thumbnails = None
 
     # --- results -----------------------------------------------------------------------

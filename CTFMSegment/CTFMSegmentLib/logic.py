@@ -16,9 +16,6 @@ Slicer's ``ScriptedLoadableModuleLogic``.
 from __future__ import annotations
 
 import collections
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -26,7 +23,7 @@ import numpy as np
 from CTFMLib.image import Image, ImageError
 from CTFMSlicer.logic import DEVICES
 from CTFMSlicer.nodes import RAS_TO_LPS, check_scalar_volume, ijk_to_world_ras, image_from_volume_node
-from CTFMSlicer.process import ProcessRunner, ctfm_cli_command
+from CTFMSlicer.process import ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
 
 from .models import (  # noqa: F401  (CONFIG_NAME, WEIGHTS_NAME, WHOLE_BODY: the module's public names)
     CONFIG_NAME,
@@ -128,11 +125,11 @@ class CTFMSegmentLogic:
 
         image = image_from_volume_node(volumeNode)
         grid = image.geometry
-        work = Path(tempfile.mkdtemp(prefix="ctfm-segment-"))
+        work = work_folder("ctfm-segment-")
         try:
             source = write_image(image, work / "input.nrrd", compress=False)
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work_folder(work)
             raise
         del image  # the child reads the file; no second copy of the voxels stays in Slicer
         # NRRD keeps the geometry in double precision (NIfTI would round it to float32).
@@ -162,7 +159,7 @@ class CTFMSegmentLogic:
                 else:
                     message = failure_message(result, list(log))
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_work_folder(work)
             if on_done:
                 on_done(output, message, "\n".join(log))
 

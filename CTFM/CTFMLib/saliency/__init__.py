@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,26 +294,26 @@ def sidecar_json(out) -> Path:
     raise ValueError(f"cannot write a heatmap to {out.name}: use .nii.gz, .nii, .nrrd or .mha")
 
 
-def write_saliency(result: SaliencyResult, out, extra: Optional[dict] = None) -> dict:
-    """Write the heatmap and its JSON sidecar (:func:`sidecar_json`); returns the JSON written.
+def write_saliency(result: SaliencyResult, out, extra: Optional[dict] = None, overwrite: bool = True) -> dict:
+    """Write the heatmap and its JSON sidecar (:func:`sidecar_json`) together; returns the JSON written.
 
-    The sidecar goes to a temporary name first and is renamed after the image, so a failure
-    leaves no JSON describing a missing heatmap.
+    Both go through :func:`CTFMLib.files.atomic_outputs`: a failure leaves neither (and no JSON
+    describing a missing heatmap). A heatmap with NaN or infinite values, or a non-finite scale,
+    is refused: it means broken weights, and a map of NaN must not look like a result.
     """
+    from ..files import atomic_outputs
     from ..image import write_image
 
     out = Path(out)
-    sidecar = sidecar_json(out)
     summary = {**result.summary(), **(extra or {}), "heatmap": str(out)}
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        write_image(result.heatmap, out)
-        os.replace(tmp, sidecar)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    heat = np.asarray(result.heatmap.array)
+    scale = summary.get("scale")
+    if not np.isfinite(heat).all() or (scale is not None and not np.isfinite(float(scale))):
+        raise ValueError("the saliency map holds NaN or infinite values: the weights or the image are broken; "
+                         "nothing was written")
+    with atomic_outputs([out, sidecar_json(out)], overwrite=overwrite) as (heatmap, sidecar):
+        write_image(result.heatmap, heatmap)
+        sidecar.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
 
