@@ -1,7 +1,10 @@
 """Test harness: import paths, isolated model caches, tiny checkpoints, the shared real CT data."""
 
 import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,29 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # Tests never reach the Hugging Face hub: it is unreachable here and must not be needed anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tests never read or write the user's model store: the session gets its own (the `ctfm_cache` fixture gives a
+# test a private one). A test that wants the user's published weights looks inside `user_model_store()`.
+_USER_CTFM_CACHE = os.environ.get("CTFM_CACHE")
+_SESSION_STORE = tempfile.mkdtemp(prefix="ctfm-test-store-")
+os.environ["CTFM_CACHE"] = _SESSION_STORE
+
+
+@contextmanager
+def user_model_store():
+    """While active, CTFM_CACHE is what the user had set (or unset): their imported and downloaded models."""
+    session = os.environ.get("CTFM_CACHE")
+    if _USER_CTFM_CACHE is None:
+        os.environ.pop("CTFM_CACHE", None)
+    else:
+        os.environ["CTFM_CACHE"] = _USER_CTFM_CACHE
+    try:
+        yield
+    finally:
+        os.environ["CTFM_CACHE"] = session
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_STORE, ignore_errors=True)
 
 
 @pytest.fixture

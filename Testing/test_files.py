@@ -206,3 +206,28 @@ def test_sigterm_unwinds_so_temporary_files_are_removed(tmp_path):
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 128 + signal.SIGTERM
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_next_write_removes_what_a_killed_writer_left_but_nothing_live_or_foreign(tmp_path):
+    """SIGKILL cannot be cleaned up after; the next writer into that folder sweeps the dead writer's folder."""
+    host = files._host()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        made = {
+            "dead": tmp_path / f"{files.TEMP_PREFIX}{host}-{dead.pid}-abc123",
+            "alive": tmp_path / f"{files.TEMP_PREFIX}{host}-{sleeper.pid}-def456",
+            "other host": tmp_path / f"{files.TEMP_PREFIX}elsewhere-{dead.pid}-ghi789",
+            "not ours": tmp_path / "user-folder",
+        }
+        for folder in made.values():
+            folder.mkdir()
+            (folder / "half.nii.gz").write_bytes(b"partial")
+        files.atomic_write_text(tmp_path / "result.txt", "done")
+        assert not made["dead"].exists()
+        assert all(made[k].is_dir() for k in ("alive", "other host", "not ours"))
+        assert sorted(os.listdir(tmp_path)) == sorted([p.name for k, p in made.items() if k != "dead"] + ["result.txt"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()

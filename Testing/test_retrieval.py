@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_ctfm
+from conftest import run_ctfm, user_model_store
 from CTFMLib.embed import PATCH_SIZE, RunOptions, Runner, embed_image, patch_starts
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
@@ -452,8 +452,11 @@ def _real_weights():
     from CTFMLib.cli import model_status
 
     entry = load_catalog().find("ct_fm_feature_extractor")
-    if entry is not None and model_status(entry) in ("imported", "downloaded"):
-        return entry.id
+    with user_model_store():
+        if entry is not None and model_status(entry) in ("imported", "downloaded"):
+            from CTFMLib.weights import resolve
+
+            return str(resolve(entry.id)[0])  # the folder, usable outside the user's store setting
     pytest.skip("the CT-FM weights are not on this computer: set CTFM_WEIGHTS to them, or "
                 "`ctfm models download ct_fm_feature_extractor` (a GPU is advised: thousands of patches)")
 

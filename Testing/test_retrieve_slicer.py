@@ -31,6 +31,19 @@ from CTFMSlicer.nodes import image_from_volume_node, rows_from_table_node, volum
 FLIP = np.array([-1.0, -1.0, 1.0])
 
 
+@pytest.fixture(autouse=True)
+def no_thumbnail_folders_left():
+    """The logic keeps a search's thumbnails until the next search or the module's cleanup; tests clean up too."""
+    import tempfile
+
+    from CTFMSlicer.process import remove_work_folder
+
+    before = set(Path(tempfile.gettempdir()).glob("ctfm-retrieve-thumbnails-*"))
+    yield
+    for folder in set(Path(tempfile.gettempdir()).glob("ctfm-retrieve-thumbnails-*")) - before:
+        remove_work_folder(folder)
+
+
 def wait(runner, done, timeout=300):
     result = runner.wait(timeout=timeout)
     assert len(done) == 1, result.describe()

@@ -672,7 +672,7 @@ HOSTILE_NAMES = {
 
 
 @pytest.mark.parametrize("what", sorted(HOSTILE_NAMES))
-def test_a21c_hostile_label_names_are_refused(tmp_path, what):
+def test_a21c_hostile_label_names_are_refused(tmp_path, ctfm_cache, what):
     """A21 (c): label names with NUL, control characters, ESC, path-like text or 1 MB were accepted into
     the .seg.nrrd header (and NUL made .labels.json and .seg.nrrd disagree)."""
     from CTFMLib.labels import load_labels

@@ -15,8 +15,9 @@
   user said ``--overwrite``.
 
 Temporary folders are removed when the writer fails, is cancelled, or is interrupted by SIGINT or
-SIGTERM (see :func:`CTFMLib.progress.terminate_on_sigterm`); only SIGKILL can leave one behind,
-named ``.ctfm-tmp-*``, never under a final name. This module imports no torch and no SimpleITK.
+SIGTERM (see :func:`CTFMLib.progress.terminate_on_sigterm`); only SIGKILL can leave one behind, named
+``.ctfm-tmp-HOST-PID-*`` and never under a final name, and the next write into that folder removes it
+once that process is gone (:func:`sweep_stale_temporaries`). This module imports no torch and no SimpleITK.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from contextlib import ExitStack, contextmanager
@@ -34,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Optional
 __all__ = [
     "FileSafetyError", "OutputExistsError", "WriteError", "TEMP_PREFIX",
     "safe_name", "child_path", "is_inside", "remove_tree", "same_file",
-    "atomic_output", "atomic_outputs", "atomic_write_bytes", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error",
+    "atomic_output", "atomic_outputs", "atomic_write_bytes", "private_folder", "sweep_stale_temporaries", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error",
 ]  # fmt: skip
 
 TEMP_PREFIX = ".ctfm-tmp-"
@@ -295,7 +297,7 @@ def _deferred(path: Path, overwrite: bool) -> Iterator[_Deferred]:
         raise OutputExistsError(f"{path} exists already: choose another name, or add --overwrite")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
+        private = private_folder(path.parent)
     except OSError as e:
         raise WriteError(_errno_of(e), describe_os_error(e, path)) from None
     with _live_lock:
@@ -313,6 +315,66 @@ def _deferred(path: Path, overwrite: bool) -> Iterator[_Deferred]:
             pass
         with _live_lock:
             _live.discard(str(private))
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:32] or "host"
+
+
+def _owner_tag() -> str:
+    """``HOST-PID-``: names a private temporary folder after the process that owns it (see the sweep below)."""
+    return f"{_host()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def private_folder(parent, purpose: str = "") -> Path:
+    """A new folder in ``parent`` that only this user can enter (``mkdtemp``: random name, mode 0700),
+    named ``.ctfm-tmp-HOST-PID-...`` so that a later writer can remove it if this process is killed.
+
+    Stale folders of killed writers in ``parent`` are swept first. The caller removes the folder
+    (:func:`remove_tree` with ``parent`` as the root).
+    """
+    sweep_stale_temporaries(parent)
+    return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + _owner_tag(), suffix=purpose, dir=parent))
+
+
+def sweep_stale_temporaries(folder) -> list:
+    """Remove the private temporary folders in ``folder`` whose writer was killed (SIGKILL cannot be
+    cleaned up after): ``.ctfm-tmp-HOST-PID-*`` of this computer whose process no longer runs.
+
+    Folders of other computers (a shared network folder) and of running processes are left alone;
+    on Windows nothing is swept (checking a process there could stop it). Returns what was removed.
+    """
+    if os.name != "posix":
+        return []
+    removed = []
+    try:
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return removed
+    host = _host()
+    for name in entries:
+        parts = name[len(TEMP_PREFIX):].split("-", 2)  # HOST-PID-RANDOM[purpose] (HOST has no "-")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            remove_tree(Path(folder) / name, folder, "temporary folder")
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def atomic_write_bytes(path, data: bytes, overwrite: bool = True) -> Path:

@@ -36,7 +36,6 @@ import re
 import signal
 import stat
 import struct
-import tempfile
 import time
 import zipfile
 import zlib
@@ -1033,7 +1032,7 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
     store = cache.models_dir()
     try:
         store.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=files.TEMP_PREFIX + "import-", dir=store))
+        work = files.private_folder(store, "-import")
     except OSError as e:
         raise files.WriteError(e.errno, files.describe_os_error(e, store / "model")) from None
     dest = None

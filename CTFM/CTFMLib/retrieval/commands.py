@@ -37,6 +37,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..arguments import non_negative_int, parse_numbers, positive_int
+
 EXIT_ERROR = 2
 DEFAULT_WEIGHTS = "ct_fm_feature_extractor"
 STRIDE_WARN_FACTOR = 8  # patches per scan relative to the default stride: beyond this a warning (half overlap = 8)
@@ -75,7 +77,7 @@ def add_index_parser(sub, add_run_options) -> None:
                                      "(--box=-X0,... when it starts with a minus)")
     q.add_argument("--ras", action="store_true", help="--point/--box are RAS (as Slicer shows them), not LPS; "
                                                       "matches are printed in RAS too")
-    q.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
+    q.add_argument("-k", type=positive_int, default=10, help="how many results (default: %(default)s)")
     q.add_argument("--per-scan", type=non_negative_int, default=1,
                    help="point/box: at most this many places per scan (default 1: the best place in each of the "
                         "k most similar scans; 0: no limit)")
@@ -154,23 +156,6 @@ def cmd_index(args) -> int:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def parse_numbers(text: str, n: int, what: str) -> np.ndarray:
-    try:
-        values = [float(v) for v in str(text).replace(";", ",").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != n or not np.all(np.isfinite(values)):
-        raise ValueError(f"{what}, not {text!r}")
-    return np.asarray(values)
-
-
-def non_negative_int(text) -> int:
-    """``--per-scan``: a whole number >= 0 (0: no limit)."""
-    from ..arguments import non_negative_int as parse
-
-    return parse(text)
 
 
 def parse_stride(text):

@@ -39,7 +39,6 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import (TEMP_PREFIX, WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
+from ..files import (WriteError, private_folder, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
                      remove_tree)
 from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, per_rank, shutdown
 from .runfolder import remove_temporaries
@@ -446,7 +445,7 @@ class _Run:
         model.eval()
         folder = self.out_dir / "model"
         # The task writes into a private folder; its files then reach model/ together, each renamed into place.
-        staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.out_dir))
+        staging = private_folder(self.out_dir, "-export")
         try:
             self.task.export(model, staging)
             names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
