@@ -192,11 +192,13 @@ def test_real_ct_labels_equal_model_card(example_ct_path, tiny):
     ref = model_card_labels(example_ct_path, monai_model)
     assert_meaningful(ref)
     image = read_image(example_ct_path)
-    result = segment_image(image, weights=folder, labels=NAMES, device="cpu", precision="fp32")
+    result = segment_image(image, weights=folder, labels=NAMES, device="cpu", precision="fp32", quality="full",
+                           spacing="native")
     assert result.labels.geometry.same_grid(image.geometry, atol=0)
     assert result.labels.array.dtype == np.uint8
     assert (result.labels.array == ref).mean() >= 0.999
-    bf16 = segment_image(image, weights=folder, labels=NAMES, device="cpu", precision="bf16")
+    bf16 = segment_image(image, weights=folder, labels=NAMES, device="cpu", precision="bf16", quality="full",
+                         spacing="native")
     assert (bf16.labels.array == ref).mean() >= 0.99
 
 
@@ -213,7 +215,8 @@ def test_real_ct_resampled_to_1p5mm_equals_model_card(example_ct_path, tiny, tmp
     sitk.WriteImage(fine, str(path))
     ref = model_card_labels(path, monai_model)
     assert_meaningful(ref)
-    result = segment_image(read_image(path), weights=folder, labels=NAMES, device="cpu", precision="fp32")
+    result = segment_image(read_image(path), weights=folder, labels=NAMES, device="cpu", precision="fp32",
+                           quality="full", spacing="native")
     assert (result.labels.array == ref).mean() >= 0.999
 
 
@@ -225,7 +228,8 @@ def test_phantom_labels_equal_model_card_with_many_windows(tmp_path, out_channel
     roi = (32, 40, 40)
     ref = model_card_labels(path, monai_model, roi=roi)
     assert_meaningful(ref, classes=2)
-    result = segment_image(read_image(path), weights=folder, labels={1: "a"}, roi=roi, device="cpu", precision="fp32")
+    result = segment_image(read_image(path), weights=folder, labels={1: "a"}, roi=roi, device="cpu", precision="fp32",
+                           quality="full", spacing="native")
     assert "windows of 32x40x40" in result.notes[0] and not result.notes[0].startswith("1 window ")
     assert (result.labels.array == ref).mean() >= 0.999
     assert [x.name for x in result.label_info] == ["a", "label_2", "label_3", "label_4"][: out_channels - 1]

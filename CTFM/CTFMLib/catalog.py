@@ -4,7 +4,8 @@
 this package as ``resources/Models.json``) lists each model: ``id``, ``title``,
 ``task``, Hugging Face ``repo_id`` and ``revision``, ``files`` (``name``, and the published
 file's ``sha256`` and ``size`` in bytes where known, with the ``source`` page they were read
-from), ``architecture`` and ``labels``. A file that differs from a known ``sha256`` or ``size``
+from), ``architecture``, ``labels`` and, for segmentation, ``spacing`` (the voxel size in mm along
+S, P, L that the model was trained at and ``ctfm segment`` resamples to). A file that differs from a known ``sha256`` or ``size``
 is refused (:mod:`CTFMLib.weights`). ``CTFM_CATALOG`` (environment) points to another
 catalogue, e.g. a site's own.
 """
@@ -46,6 +47,7 @@ class ModelEntry:
     license: str = ""
     source: str = "hub"  # "hub": published weights; "user": trained with CTFMTrain and imported
     how_to: str = ""
+    spacing: Optional[list] = None  # mm along S, P, L the model works at (segmentation), where known
 
     def sha256(self, filename: str) -> Optional[str]:
         """The published file's sha256 (lower-case hex), or None when the catalogue does not know it."""

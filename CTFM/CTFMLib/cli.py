@@ -290,15 +290,30 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+def _segment_quality(args) -> str:
+    from .segment_plan import DEFAULT_QUALITY
+
+    if args.fast and args.quality not in (None, "fast"):
+        raise ValueError(f"--fast is --quality fast; it cannot go with --quality {args.quality}")
+    return "fast" if args.fast else (args.quality or DEFAULT_QUALITY)
+
+
 def cmd_segment(args) -> int:
     from .files import check_outputs
     from .image import read_image
-    from .segment import estimate_seconds, load_segmentation_model, run_options, segment_image, select_structures
+    from .segment import load_segmentation_model, plan_for, run_options, segment_image, select_structures
+    from .segment_plan import parse_spacing
 
-    if bool(args.out) == bool(args.out_dir):
-        raise ValueError("give either --out FILE (one image) or --out-dir DIR (a folder or CSV of images)")
+    quality = _segment_quality(args)
+    spacing = parse_spacing(args.spacing)
+    if args.plan and (args.out or args.out_dir):
+        raise ValueError("--plan prints what a segmentation would do and writes nothing: leave out --out/--out-dir")
+    if not args.plan and bool(args.out) == bool(args.out_dir):
+        raise ValueError("give either --out FILE (one image) or --out-dir DIR (a folder or CSV of images), or --plan")
     source = Path(args.image)
-    if args.out:
+    if args.plan:  # one image (a file or a DICOM series folder), as with --out
+        jobs = [(source, args.series, None)]
+    elif args.out:
         out = Path(args.out)
         _label_suffix(out)
         jobs = [(source, args.series, out)]
@@ -329,14 +344,18 @@ def cmd_segment(args) -> int:
         prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
         try:
             image = read_image(path, series_uid=series)
-            expected = estimate_seconds(image, args.fast, options.device, options.precision, model=model,
-                                        threads=options.threads)
-            quality = "fast, 3 mm" if args.fast else "full resolution"
-            print(f"{prefix}expected time: about {_duration(expected)} ({quality}, {options.device}, "
-                  f"{options.precision})", flush=True)
-            result = segment_image(image, model=model, labels=labels, structures=structures, fast=args.fast,
+            plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation)
+            if args.plan:
+                print(json.dumps({"image": str(path), **plan.to_dict()}), flush=True)
+                continue
+            where = ("at the input's spacing" if plan.working_spacing is None else
+                     "at " + "x".join(f"{v:g}" for v in plan.working_spacing) + " mm")
+            print(f"{prefix}expected time: about {_duration(plan.expected_seconds)} ({quality} quality {where}, "
+                  f"{plan.windows_run} windows, {options.device}, {options.precision})", flush=True)
+            result = segment_image(image, model=model, labels=labels, structures=structures, quality=quality,
+                                   spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
-                                   progress=args.progress_cb, max_memory_gb=args.max_memory_gb)
+                                   progress=args.progress_cb, max_memory_gb=args.max_memory_gb, plan=plan)
             written = write_segmentation(result, out, overwrite=args.overwrite)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
             print(f"{prefix}wrote {', '.join(map(str, written))} ({present} structures present, "
@@ -513,7 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out-dir", help="batch: the folder for the outputs")
     seg.add_argument("--out-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "seg.nrrd"),
                      help="batch: output file type (default: %(default)s)")
-    seg.add_argument("--fast", action="store_true", help="resample to 3 mm first: much faster, coarser")
+    seg.add_argument("--quality", choices=("full", "standard", "fast"),
+                     help="full: the model card's window overlap 0.625; standard (default): a lower overlap, labels "
+                          "nearly the same (see the README), faster; fast: at 3 mm, much faster, coarser")
+    seg.add_argument("--fast", action="store_true", help="the same as --quality fast")
+    seg.add_argument("--spacing", default="model",
+                     help="the voxel size to segment at: model (the spacing the model was trained at; default), "
+                          "native (the input's: the model card), or mm: one number or three (S,P,L)")
+    seg.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
+                     help="with a resampled working grid: bring the class evidence back to the input's voxels "
+                          "linearly and take the argmax there (default), or map the labels (nearest)")
+    seg.add_argument("--plan", action="store_true",
+                     help="print what the segmentation would do (grid, windows, expected time and memory) as JSON "
+                          "and run nothing")
     seg.add_argument("--structures", help="comma-separated structure names to keep (default: all)")
     seg.add_argument("--largest-component", action="store_true",
                      help="keep only the largest connected piece of each structure")

@@ -179,6 +179,9 @@ class PreprocessConfig:
     hu_min: float = HU_MIN
     hu_max: float = HU_MAX
     crop_foreground: bool = True
+    # How many voxels a resampled axis gets: "extent" round(n * s / t) (CT-FM's pretraining grid), or
+    # "monai" round((n - 1) * s / t + 1), MONAI Spacing's (the segmentation model card's reference).
+    grid: str = "extent"
 
 
 @dataclass
@@ -281,7 +284,11 @@ def preprocess(image: Image, config: Optional[PreprocessConfig] = None, validate
     oriented_shape = tuple(oriented.shape)
     if config.spacing is not None:
         target = np.asarray(config.spacing, dtype=np.float64)
-        out_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(oriented_shape, g.spacing, target))
+        if config.grid == "monai":
+            out_shape = tuple(max(1, int(np.round((n - 1) * s / t + 1.0))) for n, s, t in
+                              zip(oriented_shape, g.spacing, target))
+        else:
+            out_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(oriented_shape, g.spacing, target))
         data = resample_axes(oriented, target / g.spacing, out_shape, "linear")
         g = Geometry(out_shape, target, g.origin, g.direction)
     else:

@@ -18,6 +18,13 @@ bias) of its last decoder features, the windows' *features* are blended
 instead of their logits and the head is applied once per voxel when a row is
 finished: ``sum w (A f + b) / sum w == A (sum w f / sum w) + b``. The same
 labels up to float rounding, with 32 blended channels instead of 118.
+
+Beyond the card (:mod:`CTFMLib.segment_plan` plans it, without torch): by default the input is
+resampled to the spacing the model was trained at (``spacing="model"``; ``"native"`` is the
+card, literally), the blended evidence is brought back to the input's own voxels by linear
+interpolation before the argmax (:class:`CTFMLib.native_labels.NativeLabels`, as nnU-Net and
+MONAI's ``Invertd`` on probabilities do; ``interpolation="nearest"`` maps labels instead), the
+window overlap follows ``quality`` (full: the card's 0.625), and all-air windows are computed once.
 """
 
 from __future__ import annotations
@@ -32,37 +39,18 @@ from torch import nn
 
 from .embed import RunOptions, Runner, select_device
 from .image import Image
+from .native_labels import NativeLabels
 from .networks import SegResNetDS
-from .preprocess import PreprocessConfig, orientation_transform, preprocess
+from .preprocess import PreprocessConfig, preprocess
 from .progress import null_progress, subrange
-from .sliding_window import ADD_BYTES, FINALISE_BYTES, plan_windows, stitch
+from .segment_plan import (DEFAULT_QUALITY, QUALITIES, ROI, SIGMA_SCALE, SegmentationPlan, Timings,
+                           model_facts, plan_segmentation)
+from .sliding_window import plan_windows, stitch
 from .streaming import StreamedFeatures
 
-ROI = (96, 160, 160)
-OVERLAP = 0.625
-SIGMA_SCALE = 0.125
-FAST_SPACING = (3.0, 3.0, 3.0)
+OVERLAP = QUALITIES["full"][0]  # the model card's
 WHOLE_BODY_ID = "whole_body_segmentation"
 MODEL_ALIASES = {"whole-body": WHOLE_BODY_ID, "whole_body": WHOLE_BODY_ID, "wholebody": WHOLE_BODY_ID}
-
-# Seconds per 96x160x160 window of the published network (SegResNetDS, init_filters 32,
-# 118 outputs) on 2 threads of an AMD EPYC CPU with avx512_bf16 (no AMX), run as
-# CTFMLib.streaming.StreamedFeatures, batch 1, all costs included: Testing/Benchmarks/segment.py
-# on the 1.5 mm example CT (30 windows) took 232-238 s in fp32 and 115-117 s in bf16; the first
-# window is 1.4 s slower (oneDNN builds its kernels). Its 1.5 TFLOP of convolutions run at
-# about 215 GFLOPS in fp32 and 450 in bf16 here. CPU times are scaled by 2 / threads.
-# The CUDA and MPS figures are rough allowances, not measured.
-SECONDS_PER_WINDOW = {("cpu", "fp32"): 7.7, ("cpu", "bf16"): 3.8, ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25,
-                      ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
-MEASURED_THREADS = 2
-# Reading, preprocessing and mapping back, per voxel of the input: an allowance (the figures
-# above already hold the blending; the rest was a few seconds for the 11M-voxel CT).
-SECONDS_PER_VOXEL = 1.5e-7
-# Peak bytes of one window's forward pass per voxel and per init_filter (the published network
-# has 32): the level buffers StreamedFeatures keeps (4/3 of the level-0 map) and its slabs,
-# from ru_maxrss on the same machine (fp32 about 5.5, bf16 about 3); rounded up.
-FORWARD_BYTES = {"fp32": 7.0, "bf16": 4.0}
-PROCESS_BYTES = 300 << 20  # Python with PyTorch, NumPy and SimpleITK loaded
 MEMORY_FRACTION = 0.85  # of the memory available when no budget is given
 
 
@@ -80,6 +68,7 @@ class SegmentationResult:
     label_info: list  # CTFMLib.labels.LabelInfo of the structures kept
     seconds: float
     notes: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # windows_total/run/skipped, working grid, quality, ...
 
 
 # --- device and precision -----------------------------------------------------------------
@@ -155,6 +144,12 @@ def _window_model(model: nn.Module, precision: str = "fp32"):
     return model, output_channels(model), None
 
 
+def _mm(spacing) -> str:
+    """``3 mm`` for an isotropic spacing, else ``3x1x1 mm``."""
+    values = [f"{float(v):g}" for v in spacing]
+    return f"{values[0]} mm" if len(set(values)) == 1 else f"{'x'.join(values)} mm"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -182,55 +177,37 @@ def _argmax_of(head, device, dtype):
 # --- estimates ------------------------------------------------------------------------------------
 
 
-def _model_grid_shape(image: Image, fast: bool) -> tuple:
-    """The model-space shape before the foreground crop (an upper bound for estimates)."""
-    perm, _ = orientation_transform(image.direction, "SPL")
-    shape = np.array([image.shape[p] for p in perm], dtype=np.float64)
-    if fast:
-        spacing = image.spacing[list(perm)]
-        shape = np.maximum(1, np.round(shape * spacing / np.asarray(FAST_SPACING)))
-    return tuple(int(s) for s in shape)
+def plan_for(image: Image, model: nn.Module, options: RunOptions, quality: str = DEFAULT_QUALITY, spacing="model",
+             roi=None, interpolation: str = "linear", foreground: bool = True,
+             timings: Optional[Timings] = None) -> SegmentationPlan:
+    """:func:`CTFMLib.segment_plan.plan_segmentation` for a loaded ``model`` and resolved run options."""
+    filters = getattr(getattr(model, "encoder", None), "init_filters", None)
+    threads = int(options.threads or torch.get_num_threads())
+    return plan_segmentation(
+        image, quality=quality, spacing=spacing, model_spacing=getattr(model, "ctfm_spacing", None),
+        roi=tuple(roi or getattr(model, "ctfm_window", None) or ROI), classes=output_channels(model), filters=filters,
+        parameters=sum(p.numel() for p in model.parameters()), device=str(torch.device(options.device)),
+        precision=options.precision, threads=threads, batch_size=options.batch_size, interpolation=interpolation,
+        foreground=foreground, timings=timings)
 
 
 def estimate_seconds(image: Image, fast: bool = False, device="auto", precision="auto", roi=ROI,
-                     model: Optional[nn.Module] = None, threads: Optional[int] = None) -> float:
-    """Expected seconds: windows x the cost per window measured for the published network.
+                     model: Optional[nn.Module] = None, threads: Optional[int] = None, quality: Optional[str] = None,
+                     spacing="native", timings: Optional[Timings] = None) -> float:
+    """Expected seconds without reading the voxels (every window of the grid counted: an upper bound).
 
-    The foreground crop is not known before preprocessing, so this is an upper bound
-    (air around the body costs windows too). CPU costs scale with 2 / threads; a
-    SegResNetDS ``model`` of another width with (init_filters / 32)^2, as its convolutions do.
+    ``fast`` is ``quality="fast"``; the default is the model card (full quality, native spacing).
+    CPU costs scale with 2 / threads; a SegResNetDS ``model`` of another width with (init_filters / 32)^2.
     """
-    options = run_options(device, precision)
-    kind = torch.device(options.device).type
-    per_window = SECONDS_PER_WINDOW.get((kind, options.precision), SECONDS_PER_WINDOW[("cpu", "fp32")])
-    if kind == "cpu":
-        per_window *= MEASURED_THREADS / max(1, threads or torch.get_num_threads())
-    filters = getattr(getattr(model, "encoder", None), "init_filters", None)
-    if filters:
-        per_window *= (filters / 32) ** 2
-    windows = plan_windows(_model_grid_shape(image, fast), roi, OVERLAP).n_windows
-    return windows * per_window + SECONDS_PER_VOXEL * float(np.prod(image.shape))
-
-
-def estimate_peak_bytes(model_shape, roi, blend_channels: int, classes: int, input_image: Image,
-                        precision: str = "fp32", batch_size: int = 1, filters: Optional[int] = None,
-                        forward_on_host: bool = True, parameters: int = 0) -> int:
-    """Peak host memory of one segmentation: volumes, blending buffers, one forward pass, the output."""
-    plan = plan_windows(model_shape, roi, OVERLAP)
-    padded = int(np.prod(plan.padded_shape))
-    _, height, width = plan.padded_shape
-    label_bytes = 1 if classes <= 256 else 2
-    volume = 4 * int(np.prod(model_shape))
-    total = input_image.array.nbytes + volume + (4 * padded if 4 * padded > volume else 0)  # a padded copy
-    total += 4 * (blend_channels + 1) * min(roi[0], plan.padded_shape[0]) * height * width  # ring buffers
-    total += label_bytes * (padded + 2 * int(np.prod(input_image.shape)))  # model-grid and input-grid labels
-    window = int(np.prod(roi)) * batch_size
-    total += (2 if precision == "bf16" else 4) * blend_channels * window + ADD_BYTES  # a batch's output
-    total += FINALISE_BYTES * (1 + max(classes, blend_channels) // max(1, blend_channels))
-    if forward_on_host and filters:
-        total += int(FORWARD_BYTES.get(precision, FORWARD_BYTES["fp32"]) * filters * window)
-    # the weights, and StreamedFeatures' own: conv1 folded with bn2 (fp32), or all of them in bf16
-    return int(total + 6 * parameters + PROCESS_BYTES)
+    options = run_options(device, precision, threads)
+    quality = "fast" if fast else (quality or "full")
+    filters = getattr(getattr(model, "encoder", None), "init_filters", None) if model is not None else None
+    plan = plan_segmentation(image, quality=quality, spacing="model" if quality == "fast" else spacing,
+                             model_spacing=getattr(model, "ctfm_spacing", None), roi=roi,
+                             filters=filters or 32, device=str(torch.device(options.device)),
+                             precision=options.precision, threads=int(threads or torch.get_num_threads()),
+                             interpolation="nearest", foreground=False, timings=timings)
+    return plan.expected_seconds
 
 
 def default_memory_budget_gb() -> float:
@@ -268,6 +245,8 @@ def load_segmentation_model(source, progress=None):
     window = training_window(info.config)
     if window is not None:
         model.ctfm_window = window  # segment_image's default window for this network
+    # The spacing it was trained at (its config, else the catalogue): what spacing="model" resamples to.
+    model.ctfm_spacing = model_facts(info.config, info.entry)["spacing"]
     return model, labels_for_model(info)
 
 
@@ -365,6 +344,10 @@ def segment_image(
     progress=None,
     roi: Optional[Sequence[int]] = None,
     max_memory_gb: Optional[float] = None,
+    quality: Optional[str] = None,
+    spacing="model",
+    interpolation: str = "linear",
+    plan: Optional[SegmentationPlan] = None,
     **run_kwargs,
 ) -> SegmentationResult:
     """Segment a CT: labels on its own voxel grid (0 = background).
@@ -372,13 +355,19 @@ def segment_image(
     ``weights``: a model folder, catalogue or Hugging Face id, or ``whole-body``;
     or pass a loaded ``model`` (and its ``labels``: ``{value: name}`` or LabelInfo
     list; unnamed channels are called ``label_N``). ``structures``: names to keep
-    (others become 0). ``fast``: resample to 3 mm first (labels come back with
-    nearest neighbour). ``run_kwargs`` (device, precision: auto|fp32|bf16,
-    threads, channels_last, batch_size) build the run options when ``options``
-    is not given. ``max_memory_gb``: refuse (:class:`MemoryBudgetError`) before
-    allocating when the estimated peak is higher (default: 85% of available memory).
-    ``roi``: the sliding window; by default the crop size a fine-tuned model was trained
-    on (:func:`training_window`), else the model card's 96x160x160.
+    (others become 0). ``quality``: full (the card's overlap 0.625), standard (the default:
+    a lower overlap, see :data:`CTFMLib.segment_plan.QUALITIES`) or fast (3 mm; ``fast=True``
+    is the same). ``spacing``: ``"model"`` (the spacing the model was trained at, when it records
+    one), ``"native"`` (the input's voxels: with ``quality="full"`` the model card, literally) or
+    a voxel size in mm (one number, or S, P, L). ``interpolation``: how labels computed on a
+    resampled grid come back: ``"linear"`` (the blended evidence is interpolated, then the argmax
+    taken on the input's voxels) or ``"nearest"`` (labels). ``run_kwargs`` (device, precision:
+    auto|fp32|bf16, threads, channels_last, batch_size) build the run options when ``options``
+    is not given. ``max_memory_gb``: refuse (:class:`MemoryBudgetError`) before allocating when
+    the estimated peak is higher (default: 85% of available memory). ``roi``: the sliding window;
+    by default the crop size a fine-tuned model was trained on (:func:`training_window`), else
+    the model card's 96x160x160. ``plan``: :func:`plan_for` already made for these arguments (to show it
+    first); made here otherwise. The result's ``stats`` say what ran (windows run and skipped, grid).
     """
     start = time.perf_counter()
     progress = progress or null_progress
@@ -388,35 +377,38 @@ def segment_image(
             raise ValueError("give weights (whole-body, a model folder or id) or a model")
         model, model_labels = load_segmentation_model(weights, progress)
         labels = model_labels if labels is None else labels
+    quality = "fast" if fast else (quality or DEFAULT_QUALITY)
     classes = output_channels(model)
     roi = tuple(roi or getattr(model, "ctfm_window", None) or ROI)
     label_info = _label_list(labels, classes)
     kept = select_structures(label_info, structures)
     options = options or run_options(report=progress, **run_kwargs)
+    if plan is None:
+        plan = plan_for(image, model, options, quality, spacing, roi, interpolation)
+    resampled = plan.working_spacing is not None
+    linear = resampled and interpolation == "linear"
     notes = []
 
-    progress(0.02, "preprocessing" + (" (fast: 3 mm)" if fast else ""))
-    pre = preprocess(image, PreprocessConfig(spacing=FAST_SPACING) if fast else None)
+    what = f"resampled to {_mm(plan.working_spacing)}" if resampled else "at the input's spacing"
+    progress(0.02, f"preprocessing ({quality} quality, {what.replace('resampled', 'resampling')})")
+    pre = preprocess(image, PreprocessConfig(spacing=plan.working_spacing, grid="monai"))
     module, blend_channels, head = _window_model(model, options.precision)
-    plan = plan_windows(pre.array.shape, roi, OVERLAP)
+    windows = plan_windows(pre.array.shape, roi, plan.overlap)
     device = torch.device(options.device)
-    filters = getattr(getattr(model, "encoder", None), "init_filters", None)
-    peak = estimate_peak_bytes(pre.array.shape, tuple(roi), blend_channels, classes, image, options.precision,
-                               options.batch_size, filters, device.type == "cpu",
-                               sum(p.numel() for p in model.parameters()))
     budget = default_memory_budget_gb() if max_memory_gb is None else float(max_memory_gb)
-    if peak / 2**30 > budget:
+    if plan.expected_peak_bytes / 2**30 > budget:
         raise MemoryBudgetError(
             f"segmenting this {image.shape[0]}x{image.shape[1]}x{image.shape[2]} image needs about "
-            f"{peak / 2**30:.1f} GB of memory, more than the {budget:.1f} GB allowed"
-            + ("" if fast else "; fast mode (--fast, 3 mm) needs much less")
+            f"{plan.expected_peak_bytes / 2**30:.1f} GB of memory, more than the {budget:.1f} GB allowed"
+            + ("" if quality == "fast" else "; fast quality (--quality fast or --fast, 3 mm) needs much less")
             + "; or allow more with --max-memory-gb"
         )
-    notes.append(f"{_count(plan.n_windows, 'window')} of {'x'.join(map(str, roi))} on a "
-                 f"{'x'.join(map(str, pre.array.shape))} grid{' resampled to 3 mm' if fast else ''}; "
-                 f"estimated peak memory {peak / 2**30:.1f} GB")
+    notes.append(f"{_count(windows.n_windows, 'window')} of {'x'.join(map(str, roi))} (overlap {plan.overlap:g}) "
+                 f"on a {'x'.join(map(str, pre.array.shape))} grid ({what}); "
+                 f"estimated peak memory {plan.expected_peak_bytes / 2**30:.1f} GB")
 
     dtype = np.uint8 if classes <= 256 else np.uint16
+    stats = {}
     try:
         runner = Runner(module, options, progress)
         notes.append(f"device {runner.device}, {options.precision}"
@@ -425,28 +417,43 @@ def segment_image(
         def predict(x):
             return _first(runner.run(x))
 
-        progress(0.05, f"segmenting: {_count(plan.n_windows, 'window')} on {runner.device.type} ({options.precision})")
-        model_labels = stitch(pre.array, predict, blend_channels, roi, OVERLAP, SIGMA_SCALE, options.batch_size,
-                              reduce=_argmax_of(head, runner.device, dtype), out_dtype=dtype,
-                              progress=subrange(progress, 0.05, 0.95))
+        progress(0.05, f"segmenting: {_count(windows.n_windows, 'window')} on {runner.device.type} "
+                       f"({options.precision})")
+        sliding = time.perf_counter()
+        if linear:
+            native = NativeLabels(pre, windows, head, dtype, runner.device)
+            stitch(pre.array, predict, blend_channels, roi, plan.overlap, SIGMA_SCALE, options.batch_size,
+                   progress=subrange(progress, 0.05, 0.95), consume=native, stats=stats)
+        else:
+            model_labels = stitch(pre.array, predict, blend_channels, roi, plan.overlap, SIGMA_SCALE,
+                                  options.batch_size, reduce=_argmax_of(head, runner.device, dtype), out_dtype=dtype,
+                                  progress=subrange(progress, 0.05, 0.95), stats=stats)
+        sliding = time.perf_counter() - sliding
     except torch.cuda.OutOfMemoryError:
         raise SegmentationError(
-            f"the GPU ({device}) ran out of memory; run on the CPU (--device cpu) or in fast mode (--fast)"
+            f"the GPU ({device}) ran out of memory; run on the CPU (--device cpu) or with --quality fast"
         ) from None
     except MemoryError:
         raise SegmentationError(
-            "the computer ran out of memory; try fast mode (--fast) or close other programs") from None
+            "the computer ran out of memory; try --quality fast or close other programs") from None
     except RuntimeError as e:
         text = str(e).lower()
         if "out of memory" in text or "can't allocate memory" in text:
             where = "the GPU" if device.type != "cpu" else "the computer"
             raise SegmentationError(f"{where} ran out of memory ({str(e).splitlines()[0][:200]}); "
-                                    "try --device cpu or fast mode (--fast)") from None
+                                    "try --device cpu or --quality fast") from None
         raise
+    _record_timing(model, runner, options, stats, sliding, roi)
+    if stats.get("windows_skipped"):
+        notes.append(f"{_count(stats['windows_skipped'], 'all-air window')} took the output of one computed "
+                     "all-air window")
 
     progress(0.95, "mapping the labels back onto the input grid")
-    out = pre.to_input(model_labels, mode="nearest", fill=0)
-    del model_labels
+    if linear:
+        out = native.labels()
+    else:
+        out = pre.to_input(model_labels, mode="nearest", fill=0)
+        del model_labels
     if structures is not None:
         lut = np.zeros(classes, dtype=dtype)
         for x in kept:
@@ -459,10 +466,26 @@ def segment_image(
     progress(1.0, f"done in {seconds:.0f} s")
     result = Image.from_geometry(out.astype(dtype, copy=False), image.geometry,
                                  {"labels": {x.value: x.name for x in kept}})
-    return SegmentationResult(result, kept, seconds, notes)
+    stats.update(quality=quality, overlap=plan.overlap, interpolation=interpolation if resampled else "none",
+                 working_spacing=[float(v) for v in (plan.working_spacing if resampled else pre.geometry.spacing)],
+                 working_shape=list(pre.array.shape), resampled=resampled, seconds_sliding=round(sliding, 3),
+                 expected_seconds=round(plan.expected_seconds, 1), expected_peak_bytes=plan.expected_peak_bytes)
+    return SegmentationResult(result, kept, seconds, notes, stats)
+
+
+def _record_timing(model, runner, options, stats: dict, seconds: float, roi) -> None:
+    """Keep this computer's seconds per window (published width only: tiny test networks say nothing)."""
+    filters = getattr(getattr(model, "encoder", None), "init_filters", None)
+    run = stats.get("windows_run", 0)
+    if filters is None or filters < 32 or run < 2:
+        return
+    from .segment_plan import _scale
+
+    per_window = seconds / run / _scale(filters, roi)
+    Timings().record(runner.device.type, options.precision, torch.get_num_threads(), per_window)
 
 
 __all__ = [
-    "segment_image", "estimate_seconds", "SegmentationResult", "SegmentationError", "MemoryBudgetError",
+    "segment_image", "estimate_seconds", "plan_for", "SegmentationResult", "SegmentationError", "MemoryBudgetError",
     "keep_largest_components", "select_structures", "load_segmentation_model", "run_options", "ROI", "OVERLAP",
 ]

@@ -27,70 +27,18 @@ finished row and keeps the values, and so the rare exact ties, MONAI's.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .progress import null_progress
+from .windows import WindowPlan, plan_windows, scan_interval, window_starts  # noqa: F401  (the layout, torch-free)
 
 # Rows are divided and reduced in blocks of about this many bytes of blended values;
 # window outputs are weighted and added in slabs of about ADD_BYTES.
 FINALISE_BYTES = 32 << 20
 ADD_BYTES = 16 << 20
-
-
-def scan_interval(size: int, roi: int, overlap: float) -> int:
-    """MONAI's step between window starts along one axis (``size`` already padded to at least ``roi``)."""
-    if roi == size:
-        return int(roi)
-    interval = int(roi * (1 - overlap))
-    return interval if interval > 0 else 1
-
-
-def window_starts(size: int, roi: int, interval: int) -> list:
-    """Window starts along one axis, as MONAI's ``dense_patch_slices``: the last one is flush with the end."""
-    count = 1
-    for d in range(int(math.ceil(float(size) / interval))):
-        if d * interval + roi >= size:
-            count = d + 1
-            break
-    return [i * interval - max(i * interval + roi - size, 0) for i in range(count)]
-
-
-@dataclass
-class WindowPlan:
-    """Where the windows go on a (padded) volume."""
-
-    shape: tuple  # the volume's own shape (D, H, W)
-    roi: tuple
-    pad_before: tuple
-    padded_shape: tuple
-    starts: tuple  # per axis, the window starts on the padded volume
-
-    @property
-    def n_windows(self) -> int:
-        return int(np.prod([len(s) for s in self.starts]))
-
-    def z_groups(self) -> list:
-        """``[(z, [(y, x), ...]), ...]``: windows grouped by their start along axis 0, in MONAI's order."""
-        return [(z, [(y, x) for y in self.starts[1] for x in self.starts[2]]) for z in self.starts[0]]
-
-    def crop(self) -> tuple:
-        """Slices that take the volume's own extent out of the padded one."""
-        return tuple(slice(b, b + n) for b, n in zip(self.pad_before, self.shape))
-
-
-def plan_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> WindowPlan:
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), not {overlap}")
-    shape, roi = tuple(int(s) for s in shape), tuple(int(r) for r in roi)
-    padded = tuple(max(s, r) for s, r in zip(shape, roi))
-    before = tuple((p - s) // 2 for s, p in zip(shape, padded))
-    starts = tuple(tuple(window_starts(p, r, scan_interval(p, r, overlap))) for p, r in zip(padded, roi))
-    return WindowPlan(shape, roi, before, padded, starts)
 
 
 def gaussian_importance(roi: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -137,22 +85,36 @@ def stitch(
     reduce: Optional[Callable] = None,
     out_dtype=np.uint8,
     progress=None,
-) -> np.ndarray:
+    consume: Optional[Callable] = None,
+    stats: Optional[dict] = None,
+    reuse_air: bool = True,
+) -> Optional[np.ndarray]:
     """Blend ``predict`` over windows of ``volume`` and reduce each voxel's ``channels`` values.
 
     ``volume``: ``(D, H, W)`` float32 (the preprocessed CT). ``predict``: a batch
     ``(B, 1, *roi)`` float32 tensor -> ``(B, channels, *roi)`` (any float dtype,
     device or memory format). ``reduce``: finished rows of blended values
     ``(n, H, W, channels)`` float32 -> ``(n, H, W)`` array (default: argmax).
-    Returns the reduced volume ``(D, H, W)``. ``progress`` is told ``window k of N``
-    after each batch; it may raise :class:`CTFMLib.progress.Cancelled`, which stops the work there.
+    Returns the reduced volume ``(D, H, W)``. Or ``consume(first_row, values)``
+    receives the finished rows (on the padded grid: :func:`plan_windows` says where
+    the volume lies in it), in order, and nothing is returned. ``progress`` is told
+    ``window k of N`` after each batch; it may raise :class:`CTFMLib.progress.Cancelled`,
+    which stops the work there.
+
+    A window whose voxels are all 0 (all air after the card's scaling) gives the same output
+    wherever it lies: it is predicted once and that output is reused, which leaves every
+    blended value as it would be (``reuse_air=False`` predicts every window, for comparison).
+    ``stats`` (a dict) receives ``windows_total``,
+    ``windows_run`` (predicted, the one all-air window included) and ``windows_skipped``.
     """
     with torch.inference_mode():  # no autograd records, no version counters
         return _stitch(volume, predict, channels, roi, overlap, sigma_scale, batch_size,
-                       reduce or argmax_reducer(out_dtype), out_dtype, progress or null_progress)
+                       reduce or argmax_reducer(out_dtype), out_dtype, progress or null_progress, consume,
+                       stats if stats is not None else {}, reuse_air)
 
 
-def _stitch(volume, predict, channels, roi, overlap, sigma_scale, batch_size, reduce, out_dtype, progress):
+def _stitch(volume, predict, channels, roi, overlap, sigma_scale, batch_size, reduce, out_dtype, progress, consume,
+            stats, reuse_air):
     plan = plan_windows(volume.shape, roi, overlap)
     volume = _pad(volume, plan)
     depth = plan.roi[0]
@@ -163,20 +125,36 @@ def _stitch(volume, predict, channels, roi, overlap, sigma_scale, batch_size, re
     acc = torch.zeros((min(depth, plan.padded_shape[0]), height, width, channels), dtype=torch.float32)
     count = torch.zeros(acc.shape[:3] + (1,), dtype=torch.float32)
     weight_cl = weight[..., None]
-    out = np.zeros(plan.padded_shape, dtype=out_dtype)
+    out = None if consume is not None else np.zeros(plan.padded_shape, dtype=out_dtype)
     expected = (channels,) + plan.roi
     # A window's output is added a few rows at a time: the float32 weighted copy stays small.
     step = max(1, ADD_BYTES // (4 * channels * plan.roi[1] * plan.roi[2]))
     groups = plan.z_groups()
     done, total, finished = 0, plan.n_windows, 0
+    air = None  # the output of an all-air window, once one was needed
+    stats.update(windows_total=total, windows_run=0, windows_skipped=0)
+
+    def run(windows):
+        result = predict(torch.from_numpy(np.stack(windows))[:, None])
+        if tuple(result.shape) != (len(windows),) + expected:
+            raise ValueError(f"the model returned {tuple(result.shape)} for {len(windows)} windows, "
+                             f"expected {(len(windows),) + expected}")
+        stats["windows_run"] += len(windows)
+        return result
+
     for g, (z, windows) in enumerate(groups):
         for b in range(0, len(windows), batch_size):
             chunk = windows[b:b + batch_size]
-            batch = np.stack([volume[z:z + depth, y:y + plan.roi[1], x:x + plan.roi[2]] for y, x in chunk])
-            result = predict(torch.from_numpy(batch)[:, None])
-            if tuple(result.shape) != (len(chunk),) + expected:
-                raise ValueError(f"the model returned {tuple(result.shape)} for windows {tuple(batch.shape)}, "
-                                 f"expected {(len(chunk),) + expected}")
+            inputs = [volume[z:z + depth, y:y + plan.roi[1], x:x + plan.roi[2]] for y, x in chunk]
+            empty = [reuse_air and not w.any() for w in inputs]
+            busy = [w for w, e in zip(inputs, empty) if not e]
+            outputs = iter(run(busy)) if busy else iter(())
+            if any(empty) and air is None:
+                air = run([np.zeros_like(inputs[0])])[0]  # stands for every all-air window
+            result = []
+            for e in empty:
+                result.append(air if e else next(outputs))
+            stats["windows_skipped"] += sum(empty)
             for (y, x), values in zip(chunk, result):
                 cols = (slice(y, y + plan.roi[1]), slice(x, x + plan.roi[2]))
                 for r0 in range(0, depth, step):
@@ -188,7 +166,7 @@ def _stitch(volume, predict, channels, roi, overlap, sigma_scale, batch_size, re
                         n = rows.stop - rows.start
                         acc[(rows,) + cols] += weighted[offset:offset + n]
                         count[(rows,) + cols] += weight_cl[r0 + offset:r0 + offset + n]
-            del result
+            del result, outputs
             done += len(chunk)
             progress(done / total, f"window {done} of {total}")
         # Rows before the next group's start are complete: no later window reaches them.
@@ -198,11 +176,16 @@ def _stitch(volume, predict, channels, roi, overlap, sigma_scale, batch_size, re
             stop = min(start + block, until)
             for rows, offset in _ring_pieces(start, stop, depth):
                 row0 = start + offset
-                out[row0:row0 + rows.stop - rows.start] = reduce(acc[rows] / count[rows])
+                if consume is not None:
+                    consume(row0, acc[rows] / count[rows])
+                else:
+                    out[row0:row0 + rows.stop - rows.start] = reduce(acc[rows] / count[rows])
                 acc[rows] = 0
                 count[rows] = 0
         finished = until
-    return out[plan.crop()]
+    if air is not None:
+        stats["windows_skipped"] -= 1  # the one that was predicted counts as run
+    return None if out is None else out[plan.crop()]
 
 
 def _pad(volume: np.ndarray, plan: WindowPlan) -> np.ndarray:

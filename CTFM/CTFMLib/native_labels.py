@@ -1,0 +1,136 @@
+"""Labels on the input's own voxels from class evidence blended on a resampled working grid.
+
+When a segmentation works on another grid than the input's (the model's spacing), nnU-Net and
+MONAI's ``Invertd`` bring the class scores back to the input grid by linear interpolation and take
+the argmax there; nearest-neighbour labels from the working grid would be blocky at the input's
+finer resolution. :class:`NativeLabels` does that slab by slab, as :func:`CTFMLib.sliding_window.stitch`
+finishes rows of the working grid: each finished working row becomes class scores (the head applied
+to a SegResNetDS's 32 blended decoder channels, then softmax), the two working rows an input row
+needs are kept, and the scores are interpolated (separably: rows, then columns, then the last axis)
+and the argmax taken. Softmax scores, not logits: on a 1 mm phantom segmented at 2 mm the labels
+agreed with MONAI's ``Invertd`` on 99.9999% of voxels this way, 99.78% with interpolated logits
+(and 69% with nearest-neighbour labels). Memory: two working rows and one input row of scores.
+
+Outside the foreground box the card's crop left, the scores are zero (``Invertd`` pads with
+zeros), so an input voxel whose interpolation reaches only outside the box is background, and one
+that reaches partly outside takes the inside corners only: the zero corners scale the inside
+combination by a positive factor, which leaves its argmax as clamping the coordinate to the box does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .preprocess import Preprocessed, _undo_orientation
+from .windows import WindowPlan
+
+__all__ = ["NativeLabels", "axis_weights"]
+
+
+def axis_weights(n_input: int, scale: float, box_start: int, box_size: int) -> tuple:
+    """For input indices ``0..n_input-1`` along one axis: ``(lo, hi, frac, outside)``.
+
+    Input voxel ``i`` lies at working coordinate ``i * scale`` (voxel 0 shared, as MONAI's ``Spacing``);
+    ``lo``/``hi`` are the two working voxels around it in box coordinates, clamped to the box, ``frac``
+    the weight of ``hi``; ``outside`` marks voxels whose interpolation reaches no voxel of the box.
+    """
+    c = np.arange(n_input, dtype=np.float64) * float(scale) - box_start
+    low = np.floor(c)
+    frac = c - low
+    low = low.astype(np.int64)
+    high = low + 1
+    inside = ((low >= 0) & (low < box_size) & (frac < 1.0)) | ((high >= 0) & (high < box_size) & (frac > 0.0))
+    lo = np.clip(low, 0, box_size - 1)
+    hi = np.clip(high, 0, box_size - 1)
+    frac = np.where(lo == hi, 0.0, frac)
+    return lo, hi, frac.astype(np.float32), ~inside
+
+
+class NativeLabels:
+    """A ``consume`` for :func:`CTFMLib.sliding_window.stitch`: finished working rows -> input labels.
+
+    ``pre``: the preprocessing record (working grid, crop box, orientation); ``plan``: the windows'
+    padding; ``head``: the SegResNetDS head (a 1x1x1 Conv3d) when the blended values are its input
+    features, else None (the values are logits). After the last row, :meth:`labels` is the label map
+    on the input voxel grid.
+    """
+
+    def __init__(self, pre: Preprocessed, plan: WindowPlan, head: Optional[torch.nn.Module] = None,
+                 dtype=np.uint8, device="cpu"):
+        self.pre, self.plan, self.dtype, self.device = pre, plan, dtype, torch.device(device)
+        oriented_spacing = pre.input_geometry.spacing[list(pre.perm)]
+        scale = oriented_spacing / pre.geometry.spacing
+        box = tuple(int(e - s) for s, e in zip(pre.crop_start, pre.crop_end))
+        self.axes = [axis_weights(n, k, s, b) for n, k, s, b in zip(pre.oriented_shape, scale, pre.crop_start, box)]
+        self.box = box
+        self.out = np.zeros(pre.oriented_shape, dtype=dtype)
+        self.rows = {}  # box row -> (H, W, C) float32, the rows still needed
+        self.next_input = 0
+        if head is not None:
+            self.weight = head.weight.detach().reshape(head.out_channels, head.in_channels).t().float().to(self.device)
+            self.bias = None if head.bias is None else head.bias.detach().float().to(self.device)
+        else:
+            self.weight = self.bias = None
+        # torch index tensors for the two in-row axes
+        self.index = [(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(f))
+                      for lo, hi, f, _ in self.axes[1:]]
+        outside = self.axes[1][3][:, None] | self.axes[2][3][None, :]
+        self.outside_in_row = torch.from_numpy(outside)
+
+    def __call__(self, first_row: int, values: torch.Tensor) -> None:
+        """Take finished rows ``first_row..`` (padded working grid) of blended values ``(n, H, W, C)``."""
+        pad0, pad1, pad2 = self.plan.pad_before
+        h, w = self.box[1], self.box[2]
+        for r in range(values.shape[0]):
+            q = first_row + r - pad0  # row in box coordinates
+            if 0 <= q < self.box[0]:
+                self.rows[q] = self._scores(values[r, pad1:pad1 + h, pad2:pad2 + w])
+                self._emit(q)
+
+    def _scores(self, row: torch.Tensor) -> torch.Tensor:
+        """A working row of blended values (h, w, C) -> softmax class scores (h, w, classes), float32."""
+        h, w, channels = row.shape
+        flat = row.reshape(-1, channels).to(self.device)
+        if self.weight is not None:
+            flat = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        return torch.softmax(flat, dim=-1).reshape(h, w, -1).cpu()
+
+    def _emit(self, latest: int) -> None:
+        lo0, hi0, f0, outside0 = self.axes[0]
+        n0 = len(lo0)
+        while self.next_input < n0:
+            i = self.next_input
+            if outside0[i]:
+                self.next_input += 1
+                continue
+            if hi0[i] > latest:
+                break
+            a, b = self.rows[int(lo0[i])], self.rows[int(hi0[i])]
+            row = a if f0[i] == 0 else torch.lerp(a, b, float(f0[i]))
+            self.out[i] = self._labels_of_row(row)
+            self.next_input += 1
+            keep = int(lo0[self.next_input]) if self.next_input < n0 else latest + 1
+            for q in [q for q in self.rows if q < keep]:
+                del self.rows[q]
+
+    def _labels_of_row(self, row: torch.Tensor) -> np.ndarray:
+        """Scores of one working-grid row (h, w, classes), interpolated along axis 0 -> labels on one input row."""
+        (lo1, hi1, f1), (lo2, hi2, f2) = self.index
+        x = torch.lerp(row.index_select(0, lo1), row.index_select(0, hi1), f1[:, None, None])
+        labels = torch.empty(x.shape[0], len(lo2), dtype=torch.int64)
+        step = max(1, (32 << 20) // max(1, 4 * len(lo2) * x.shape[2]))  # input rows per block: ~32 MB of scores
+        for a in range(0, x.shape[0], step):
+            part = x[a:a + step]
+            part = torch.lerp(part.index_select(1, lo2), part.index_select(1, hi2), f2[None, :, None])
+            labels[a:a + step] = part.argmax(dim=-1)
+        labels[self.outside_in_row] = 0
+        return labels.numpy().astype(self.dtype, copy=False)
+
+    def labels(self) -> np.ndarray:
+        """The label map on the input voxel grid (call after the last row)."""
+        if self.next_input < len(self.axes[0][0]) and not self.axes[0][3][self.next_input:].all():
+            raise RuntimeError(f"rows are missing: input row {self.next_input} was never completed")
+        return np.ascontiguousarray(_undo_orientation(self.out, self.pre.perm, self.pre.flip))
