@@ -46,8 +46,9 @@ def _addCTFMPackagesToPath():
 _addCTFMPackagesToPath()
 
 from CTFMSegmentLib.logic import CTFMSegmentLogic as CTFMSegmentCoreLogic  # noqa: E402
-from CTFMSegmentLib.models import FOLDER, MODELS, QUALITIES, WHOLE_BODY  # noqa: E402
-from CTFMSegmentLib.output import format_duration, is_out_of_memory  # noqa: E402
+from CTFMSegmentLib.models import DEFAULT_QUALITY, FOLDER, MODELS, QUALITIES, SPACINGS, WHOLE_BODY  # noqa: E402
+from CTFMSegmentLib.output import is_out_of_memory  # noqa: E402
+from CTFMSegmentLib.plan import plan_summary  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.logic import DEVICES  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
@@ -92,7 +93,9 @@ class CTFMSegmentParameterNode:
     inputVolume - the CT volume to segment.
     model - whole-body, a tumour model of the catalogue, or folder (a model in modelFolder).
     modelFolder - a folder holding config.json and model.safetensors (and labels.json).
-    quality - full or fast (coarser, for CPUs).
+    quality - full (the model card's window overlap), standard (lower overlap, nearly the same labels,
+      faster) or fast (3 mm, for CPUs). Scenes saved with "full" or "fast" keep them.
+    spacing - model (resample to the spacing the model was trained at) or native (the input's voxels).
     device - auto, cpu, cuda or mps.
     structures - comma-separated structure names to keep (empty: all).
     show3D - also build the 3D surfaces of the segments.
@@ -102,7 +105,8 @@ class CTFMSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     model: Annotated[str, Choice(list(MODELS))] = WHOLE_BODY
     modelFolder: Path
-    quality: Annotated[str, Choice(list(QUALITIES))] = "full"
+    quality: Annotated[str, Choice(list(QUALITIES))] = DEFAULT_QUALITY
+    spacing: Annotated[str, Choice(list(SPACINGS))] = "model"
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     structures: str = ""
     show3D: bool = True
@@ -121,8 +125,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._estimateKey = None
-        self._estimateText = ""
+        self._planTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -135,7 +138,18 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
 
+        # Plans are computed on the next turns of the event loop, one preset at a time (see _refreshPlan).
+        self._planTimer = qt.QTimer()
+        self._planTimer.setSingleShot(True)
+        self._planTimer.setInterval(0)
+        self._planTimer.connect("timeout()", self._computeNextPlan)
+
         self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._planTimer is not None:
+            self._planTimer.stop()
+        ParameterNodeWidgetMixin.cleanup(self)
 
     def _loadTerminology(self) -> None:
         """Make CT-FM's codes browsable in Slicer's terminology selector (names and colours work without)."""
@@ -160,24 +174,65 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         folderModel = bool(p) and p.model == FOLDER
         self.ui.modelFolderLabel.visible = folderModel
         self.ui.modelFolderPathLineEdit.visible = folderModel
-        self.ui.qualityEstimateLabel.text = self._estimate(p) if p else ""
+        # fast always works at 3 mm: the spacing choice does not apply to it
+        self.ui.spacingComboBox.enabled = not (p and p.quality == "fast")
+        self._refreshPlan()
         if self._runner is not None:
             return
         problems = self.logic.parameterProblems(p) if p else [_("No parameter node")]
         self.ui.segmentButton.enabled = not problems
         self.ui.segmentButton.toolTip = "\n".join(problems) if problems else _("Segment the input volume.")
 
-    def _estimate(self, p) -> str:
-        """The expected run time for the current inputs (cached: the panel updates on every keystroke)."""
-        volume = p.inputVolume
-        if volume is None or volume.GetImageData() is None:
-            return ""
-        key = (volume.GetID(), volume.GetImageData().GetMTime(), p.quality, p.device)
-        if key != self._estimateKey:
-            seconds = self.logic.expectedSeconds(volume, p.quality, p.device)
-            self._estimateKey = key
-            self._estimateText = "" if seconds is None else _("Expected time: {duration}").format(duration=format_duration(seconds))
-        return self._estimateText
+    # --- the plan ---------------------------------------------------------------------
+
+    def _planInputs(self):
+        """``(volume, model, modelFolder, spacing, device)`` to plan for, or None where nothing can be planned."""
+        p = self._parameterNode
+        if not p or p.inputVolume is None:
+            return None
+        # The structure subset does not change the plan: only the inputs it reads must be usable.
+        if self.logic.inputProblems(p.inputVolume, p.model, p.modelFolder, p.quality, p.device, None, p.spacing):
+            return None
+        return p.inputVolume, p.model, p.modelFolder, p.spacing, p.device
+
+    def _refreshPlan(self) -> None:
+        """Show the plan of the current inputs (what ``ctfm segment --plan`` prints), from the cache or on demand.
+
+        Cheap on every parameter change: the cache key reads no voxels. A plan reads the volume's
+        voxels (about 0.5 s per preset for a 512x512x300 CT), so it is computed only when its key
+        changes (another volume or model, new voxels, a moved grid, another spacing or device), on
+        the next turns of the event loop, one preset at a time, the chosen quality first: the panel
+        shows "Planning..." at once and never stalls for more than one preset. Changing only the
+        quality shows the presets already computed.
+        """
+        inputs = self._planInputs()
+        label = self.ui.planSummaryLabel
+        if inputs is None:
+            label.text, label.toolTip = "", _("The plan appears once a volume and a usable model are chosen.")
+            return
+        try:
+            _key, plans = self.logic.cachedPlans(*inputs)
+        except ValueError as e:  # the volume cannot be planned (e.g. a sheared parent transform)
+            label.text, label.toolTip = _("No plan: {reason}").format(reason=e), ""
+            return
+        label.text, label.toolTip = plan_summary(plans, self._parameterNode.quality)
+        if any(plan is None for plan in plans.values()):
+            self._planTimer.start()
+
+    def _computeNextPlan(self) -> None:
+        """Compute one missing preset of the current inputs (the chosen quality first), then show what there is."""
+        inputs = self._planInputs()
+        if inputs is None:
+            return
+        try:
+            key, plans = self.logic.cachedPlans(*inputs)
+        except ValueError:
+            return self._refreshPlan()
+        missing = [q for q in (self._parameterNode.quality, *QUALITIES) if plans.get(q, 0) is None]
+        if missing:
+            volume, model, modelFolder, spacing, device = inputs
+            self.logic.planCache.compute(key, volume, model, modelFolder, missing[0], spacing, device)
+        self._refreshPlan()
 
     # --- segmentation --------------------------------------------------------------
 
@@ -196,10 +251,11 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         volume, output, show3D = p.inputVolume, p.outputSegmentation, p.show3D
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=False):
             ensure_dependencies()
-            self._log(_("Segmenting '{volume}' with {model} ({quality} quality, device {device})...").format(
-                volume=volume.GetName(), model=p.model if p.model != FOLDER else str(p.modelFolder), quality=p.quality, device=p.device))
+            self._log(_("Segmenting '{volume}' with {model} ({quality} quality, {spacing} spacing, device {device})...").format(
+                volume=volume.GetName(), model=p.model if p.model != FOLDER else str(p.modelFolder), quality=p.quality,
+                spacing=p.spacing, device=p.device))
             self.followRunner(self.logic.startSegmentation(
-                volume, p.model, p.modelFolder, p.quality, p.device, p.structures,
+                volume, p.model, p.modelFolder, p.quality, p.device, p.structures, spacing=p.spacing,
                 on_progress=self._onProgress,
                 on_line=lambda stream, text: self._log(text),
                 on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D),
@@ -304,7 +360,7 @@ class CTFMSegmentLogic(ScriptedLoadableModuleLogic, CTFMSegmentCoreLogic):
 
     def parameterProblems(self, parameterNode) -> list:
         p = parameterNode
-        return self.inputProblems(p.inputVolume, p.model, p.modelFolder, p.quality, p.device, p.structures)
+        return self.inputProblems(p.inputVolume, p.model, p.modelFolder, p.quality, p.device, p.structures, p.spacing)
 
 
 #
@@ -428,6 +484,17 @@ class CTFMSegmentTest(ScriptedLoadableModuleTest):
         parameterNode.inputVolume = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), dtype=np.int16), name="ct")
         parameterNode.model = WHOLE_BODY
         self.assertTrue(widget.ui.segmentButton.enabled)
+        # the plan (ctfm segment --plan, without torch): computed on the next turns of the event loop
+        parameterNode.quality = "standard"
+        for _quality in QUALITIES:
+            widget._computeNextPlan()
+        plan = widget.ui.planSummaryLabel.text
+        self.assertIn("Expected time", plan)
+        self.assertTrue(all(f"{quality} " in plan for quality in QUALITIES), plan)
+        self.assertTrue(widget.ui.spacingComboBox.enabled)
+        parameterNode.quality = "fast"
+        self.assertFalse(widget.ui.spacingComboBox.enabled)  # fast always works at 3 mm
+        parameterNode.quality = DEFAULT_QUALITY
         parameterNode.structures = "liver, nonsense"
         self.assertFalse(widget.ui.segmentButton.enabled)
         self.assertIn("nonsense", widget.ui.segmentButton.toolTip)

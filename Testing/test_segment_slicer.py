@@ -323,17 +323,32 @@ def test_failure_messages_and_out_of_memory():
     assert [segment_output.format_duration(s) for s in (0.2, 40, 200, 7200)] == ["about 1 s", "about 40 s", "about 3 min", "about 2.0 h"]
 
 
-def test_expected_time_is_a_positive_number_or_absent(mrml_scene):
+def test_expected_time_is_a_positive_number_or_absent(mrml_scene, ctfm_cache):
+    """The plan's estimate (no torch needed: see test_segment_plan_slicer.py); the presets are ordered by cost."""
     volume, _ = phantom_volume("lps")
     logic = CTFMSegmentLogic()
-    try:
-        from CTFMLib.segment import estimate_seconds  # noqa: F401
-    except ImportError:
-        assert logic.expectedSeconds(volume, "full", "cpu") is None
-        return
-    full, fast = logic.expectedSeconds(volume, "full", "cpu"), logic.expectedSeconds(volume, "fast", "cpu")
-    assert full > 0 and fast > 0 and fast <= full
+    full, standard, fast = (logic.expectedSeconds(volume, q, "cpu") for q in ("full", "standard", "fast"))
+    assert full > 0 and standard > 0 and fast > 0 and fast <= standard <= full
     assert logic.expectedSeconds(None, "full", "cpu") is None
+
+
+def test_quality_and_spacing_choices_are_the_clis(mrml_scene):
+    """The panel offers exactly what `ctfm segment --quality/--spacing` accept, with the core's default quality."""
+    from CTFMLib.cli import build_parser
+    from CTFMLib.segment_plan import DEFAULT_QUALITY, QUALITIES
+
+    segment = next(a for a in build_parser()._actions if a.dest == "command").choices["segment"]
+    quality = next(a for a in segment._actions if a.dest == "quality")
+    assert segment_models.QUALITIES == tuple(quality.choices) == tuple(QUALITIES)
+    assert segment_models.DEFAULT_QUALITY == DEFAULT_QUALITY
+    assert segment_models.SPACINGS == ("model", "native")
+    for spacing in segment_models.SPACINGS:
+        assert segment.parse_args(["ct.nii.gz", "--plan", "--spacing", spacing]).spacing == spacing
+    volume, _ = phantom_volume("lps")
+    logic = CTFMSegmentLogic()
+    assert logic.inputProblems(volume, "whole-body", quality="standard", spacing="native") == []
+    assert any("quality" in p for p in logic.inputProblems(volume, "whole-body", quality="medium"))
+    assert any("spacing" in p for p in logic.inputProblems(volume, "whole-body", spacing="1.5"))
 
 
 # --- ctfm segment in a child process ----------------------------------------------------------------
@@ -385,22 +400,25 @@ def test_start_segmentation_end_to_end(mrml_scene, tiny_segmenter):
     result = run_to_end(runner, done)
     output, message, log = done[0]
     assert result.ok and output is not None, message
+    assert runner.args[runner.args.index("--quality") + 1] == "full" and "--fast" not in runner.args
+    assert runner.args[runner.args.index("--spacing") + 1] == "model"
     assert mrml_scene.GetNumberOfNodes() == before  # the run itself adds nothing to the scene
     assert not Path(runner.args[runner.args.index("segment") + 1]).parent.exists()  # temporary files removed
     assert events and events[-1] == pytest.approx(1.0)
-    reference = segment_image(image, weights=str(tiny_segmenter), device="cpu")
+    reference = segment_image(image, weights=str(tiny_segmenter), device="cpu", quality="full")
     np.testing.assert_array_equal(output.labels.array, reference.labels.array)
     assert output.labels.geometry.same_grid(image.geometry, atol=1e-9)
     node = logic.segmentationNodeFromLabels(output.labels, output.label_infos, volume, show3D=False)
     present = set(np.unique(reference.labels.array).tolist()) - {0}
     assert present and {s.GetName() for s in segments(node).values()} == {TINY_LABELS[str(v)] for v in present}
 
-    # fast mode with a structure subset reaches the child as --fast --structures
+    # fast quality with a structure subset reaches the child as --quality fast --structures
     done.clear()
     runner = logic.startSegmentation(volume, "folder", tiny_segmenter, "fast", "cpu", "Spleen",
                                      on_done=lambda *args: done.append(args))
+    assert runner.args[runner.args.index("--quality") + 1] == "fast" and "--fast" not in runner.args
     assert run_to_end(runner, done).ok, done[0][1]
-    subset = segment_image(image, weights=str(tiny_segmenter), device="cpu", fast=True, structures=["spleen"])
+    subset = segment_image(image, weights=str(tiny_segmenter), device="cpu", quality="fast", structures=["spleen"])
     np.testing.assert_array_equal(done[0][0].labels.array, subset.labels.array)
     assert set(np.unique(done[0][0].labels.array).tolist()) <= {0, 2}
     assert {int(i.value): i.name for i in done[0][0].label_infos}.get(2) == "spleen"
@@ -430,8 +448,11 @@ def test_cancel_stops_the_child_quickly_and_leaves_the_scene_unchanged(mrml_scen
     big = volume_node_from_image(body_phantom(shape=(256, 256, 160), spacing=(1.0, 1.0, 1.0)), name="big")
     before = mrml_scene.GetNumberOfNodes()
     done, events = [], []
-    runner = CTFMSegmentLogic().startSegmentation(big, "folder", tiny_segmenter, device="cpu",
+    runner = CTFMSegmentLogic().startSegmentation(big, "folder", tiny_segmenter, device="cpu", spacing="native",
                                                   on_progress=lambda f, m: events.append(f), on_done=lambda *args: done.append(args))
+    # the panel's default quality, and the spacing chosen
+    assert runner.args[runner.args.index("--quality") + 1] == segment_models.DEFAULT_QUALITY
+    assert runner.args[runner.args.index("--spacing") + 1] == "native"
     deadline = time.monotonic() + 60
     while not events and time.monotonic() < deadline and runner.poll():  # wait until the child is at work
         time.sleep(0.05)

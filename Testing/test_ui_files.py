@@ -62,8 +62,8 @@ REQUIRED_WIDGETS = {
         "saliencyStatusLabel", "saliencyOpacitySliderWidget", "saliencyThresholdSliderWidget",
     },
     "CTFMSegment": {
-        "inputVolumeSelector", "modelComboBox", "modelFolderPathLineEdit", "qualityComboBox", "qualityEstimateLabel",
-        "deviceComboBox", "structuresLineEdit", "outputSegmentationSelector", "show3DCheckBox",
+        "inputVolumeSelector", "modelComboBox", "modelFolderPathLineEdit", "qualityComboBox", "spacingComboBox",
+        "planSummaryLabel", "deviceComboBox", "structuresLineEdit", "outputSegmentationSelector", "show3DCheckBox",
         "segmentButton", "segmentProgressBar", "logTextEdit",
     },
     "CTFMRetrieve": {
@@ -105,7 +105,8 @@ REQUIRED_CHOICES = {
     ("CTFM", "triageModel"): ["folder", *triage_catalogue_ids()],
     ("CTFMSegment", "device"): ["auto", "cpu", "cuda", "mps"],
     ("CTFMSegment", "model"): segment_model_choices(),
-    ("CTFMSegment", "quality"): ["full", "fast"],
+    ("CTFMSegment", "quality"): ["full", "standard", "fast"],
+    ("CTFMSegment", "spacing"): ["model", "native"],
     ("CTFMRetrieve", "queryMode"): ["crosshair", "roi", "scan"],
     ("CTFMRetrieve", "device"): ["auto", "cpu", "cuda", "mps"],
 }
@@ -498,7 +499,16 @@ def test_segment_panel_starts_from_the_parameter_defaults(qt_loader):
     structures = root.findChild(QtWidgets.QLineEdit, "structuresLineEdit")
     assert structures.text() == fields["structures"].default == ""
     assert structures.placeholderText()  # says that empty means all structures
-    assert root.findChild(QtWidgets.QLabel, "qualityEstimateLabel").text() == ""  # filled in only when estimable
+    plan = root.findChild(QtWidgets.QLabel, "planSummaryLabel")
+    assert plan.text() == "" and plan.wordWrap()  # filled in once a volume and model can be planned; several lines
+    # the quality default is the core's (CTFMLib.segment_plan.DEFAULT_QUALITY), and the tooltips name every choice
+    from CTFMLib.segment_plan import DEFAULT_QUALITY, QUALITIES
+
+    assert fields["quality"].default == DEFAULT_QUALITY and fields["spacing"].default == "model"
+    quality_tip = root.findChild(QtWidgets.QComboBox, "qualityComboBox").toolTip()
+    assert all(f"{q}:" in quality_tip or f"{q} (default):" in quality_tip for q in QUALITIES)
+    spacing_tip = root.findChild(QtWidgets.QComboBox, "spacingComboBox").toolTip()
+    assert "model (default):" in spacing_tip and "native:" in spacing_tip
     root.deleteLater()
 
 

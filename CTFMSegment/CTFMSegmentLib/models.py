@@ -1,7 +1,7 @@
 """Which segmentation models the module offers, whether they can run here, and what they segment.
 
 No Qt and no torch (the panel calls these on every change): the catalogue
-and the model folders' ``labels.json`` are read as JSON.
+and the model folders' ``labels.json`` and ``config.json`` are read as JSON.
 """
 
 from __future__ import annotations
@@ -11,11 +11,18 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from CTFMLib.segment_plan import DEFAULT_QUALITY  # noqa: F401  (the panel's default quality)
+from CTFMLib.segment_plan import QUALITIES as QUALITY_PRESETS
+from CTFMLib.segment_plan import model_facts
+
 WHOLE_BODY = "whole-body"
 WHOLE_BODY_ID = "whole_body_segmentation"  # its catalogue id (``ctfm segment --model whole-body``)
 FOLDER = "folder"
 SEGMENTATION_TASK = "segmentation"
-QUALITIES = ("full", "fast")
+# ``ctfm segment --quality``: full (the model card's overlap), standard (the default), fast (3 mm).
+QUALITIES = tuple(QUALITY_PRESETS)
+# ``ctfm segment --spacing``: the model's own (default) or the input's (the model card, literally).
+SPACINGS = ("model", "native")
 
 # The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME / LABELS_NAME),
 # repeated here because CTFMLib.weights imports torch, which the panel must not need.
@@ -169,3 +176,68 @@ def structures_problem(structures, model: str, modelFolder=None, catalog_path=No
 def model_argument(model: str, modelFolder=None) -> str:
     """What ``ctfm segment --model`` receives for a Model choice."""
     return str(Path(modelFolder)) if model == FOLDER else model
+
+
+# --- what the model is, for the plan (no torch) --------------------------------------------------
+
+
+def catalog_entry(model: str, catalog_path=None):
+    """The catalogue entry ``ctfm segment --model`` would use for a Model choice, or None (folder models have none)."""
+    if model == FOLDER:
+        return None
+    wanted = WHOLE_BODY_ID if model == WHOLE_BODY else model
+    return next((m for m in catalog_segmentation_models(catalog_path) if m.id == wanted), None)
+
+
+def _read_json_object(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _downloaded_config(entry) -> Optional[Path]:
+    """The ``config.json`` of a published model in the Hugging Face cache, or None (not downloaded yet)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from CTFMLib.cache import hub_cache_dir
+    except ImportError:  # not installed yet: nothing can have been downloaded with it
+        return None
+    try:
+        hit = try_to_load_from_cache(entry.repo_id, CONFIG_NAME, cache_dir=hub_cache_dir(), revision=entry.revision)
+    except Exception:  # an unreadable cache means "not downloaded": the catalogue's facts stand in
+        return None
+    return Path(hit) if isinstance(hit, str) and Path(hit).is_file() else None
+
+
+def model_config_path(model: str, modelFolder=None, catalog_path=None) -> Optional[Path]:
+    """Where the ``config.json`` of the model ``ctfm segment`` would load lies on this computer, or None.
+
+    Found as :func:`CTFMLib.weights.resolve` finds the model (without importing it: it needs torch):
+    the folder itself; else the import under the catalogue entry's repo or id; else the download.
+    """
+    if model == FOLDER:
+        return Path(modelFolder) / CONFIG_NAME if path_is_set(modelFolder) else None
+    entry = catalog_entry(model, catalog_path)
+    if entry is None:
+        return None
+    from CTFMLib.cache import imported_model
+
+    imported = imported_model(entry.repo_id or entry.id)
+    if imported is not None:
+        return imported / CONFIG_NAME
+    return _downloaded_config(entry) if entry.repo_id else None
+
+
+def segmentation_model_facts(model: str, modelFolder=None, catalog_path=None) -> dict:
+    """:func:`CTFMLib.segment_plan.model_facts` of a Model choice, from its ``config.json`` and catalogue entry.
+
+    The same sources ``ctfm segment`` uses once it has loaded the model (a folder model has no
+    catalogue entry); a published model not downloaded yet is described by its catalogue entry
+    alone (its spacing, and the published network's width and classes, which the defaults are).
+    """
+    path = model_config_path(model, modelFolder, catalog_path)
+    config = _read_json_object(path) if path is not None else None
+    return model_facts(config, catalog_entry(model, catalog_path))
