@@ -208,6 +208,33 @@ def test_sigterm_unwinds_so_temporary_files_are_removed(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["atomic_output", "temporary_folder"])
+def test_sigterm_the_moment_the_temporary_folder_appears_leaves_nothing(tmp_path, monkeypatch, where):
+    """The window a watcher hits (Cancel as soon as the output folder changes): a real SIGTERM sent right
+    after mkdtemp created the folder, before the writer could arm its cleanup. It is held until the
+    cleanup is armed, then raised: nothing is written and the folder is gone."""
+    from CTFMLib.progress import Terminated, terminate_on_sigterm
+
+    real_mkdtemp = files.tempfile.mkdtemp
+
+    def mkdtemp_then_sigterm(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return folder
+
+    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp_then_sigterm)
+    body_ran = []
+    with pytest.raises(Terminated), terminate_on_sigterm():
+        if where == "atomic_output":
+            with files.atomic_output(tmp_path / "labels.nii.gz") as tmp:
+                body_ran.append(tmp)
+                tmp.write_bytes(b"labels")
+        else:
+            with files.temporary_folder(tmp_path, "-export") as folder:
+                body_ran.append(folder)
+    assert body_ran == [] and os.listdir(tmp_path) == []
+
+
 def test_the_next_write_removes_what_a_killed_writer_left_but_nothing_live_or_foreign(tmp_path):
     """SIGKILL cannot be cleaned up after; the next writer into that folder sweeps the dead writer's folder."""
     host = files._host()

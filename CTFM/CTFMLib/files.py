@@ -26,6 +26,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -36,7 +37,7 @@ from typing import Callable, Iterable, Iterator, Optional
 __all__ = [
     "FileSafetyError", "OutputExistsError", "WriteError", "TEMP_PREFIX",
     "safe_name", "child_path", "is_inside", "remove_tree", "same_file",
-    "atomic_output", "atomic_outputs", "atomic_write_bytes", "private_folder", "sweep_stale_temporaries", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error",
+    "atomic_output", "atomic_outputs", "atomic_write_bytes", "private_folder", "temporary_folder", "sweep_stale_temporaries", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error",
 ]  # fmt: skip
 
 TEMP_PREFIX = ".ctfm-tmp-"
@@ -295,26 +296,61 @@ def _deferred(path: Path, overwrite: bool) -> Iterator[_Deferred]:
         raise FileSafetyError(f"{path} is a folder: give a file name")
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(f"{path} exists already: choose another name, or add --overwrite")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        private = private_folder(path.parent)
-    except OSError as e:
-        raise WriteError(_errno_of(e), describe_os_error(e, path)) from None
-    with _live_lock:
-        _live.add(str(private))
-    try:
-        yield _Deferred(private / path.name, path, overwrite)
-    except OSError as e:
-        if isinstance(e, WriteError):
-            raise
-        raise WriteError(_errno_of(e), describe_os_error(e, path)) from None
-    finally:
+    with temporary_folder(path.parent, for_path=path) as private:
         try:
-            remove_tree(private, path.parent, "temporary folder")
-        except OSError:
-            pass
+            yield _Deferred(private / path.name, path, overwrite)
+        except OSError as e:
+            if isinstance(e, WriteError):
+                raise
+            raise WriteError(_errno_of(e), describe_os_error(e, path)) from None
+
+
+@contextmanager
+def temporary_folder(parent, purpose: str = "", for_path=None) -> Iterator[Path]:
+    """:func:`private_folder` in ``parent`` (created if needed) for the ``with`` block, removed at its end:
+    on success, error, cancel, SIGINT or SIGTERM.
+
+    SIGTERM is held from just before the folder is created until its removal is armed: a signal that
+    arrives in between (as Slicer's Cancel can, the moment the folder appears) is raised only then, so
+    it can never leave the folder behind. ``for_path`` names the output in a :class:`WriteError`.
+    """
+    parent = Path(parent)
+    release = _hold_sigterm()
+    folder = None
+    try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            folder = private_folder(parent, purpose)
+        except OSError as e:
+            raise WriteError(_errno_of(e), describe_os_error(e, for_path or parent / "output")) from None
         with _live_lock:
-            _live.discard(str(private))
+            _live.add(str(folder))
+        release()  # a SIGTERM held meanwhile is raised here, inside the try
+        yield folder
+    finally:
+        release()
+        if folder is not None:
+            try:
+                remove_tree(folder, parent, "temporary folder")
+            except OSError:
+                pass
+            with _live_lock:
+                _live.discard(str(folder))
+
+
+def _hold_sigterm() -> Callable[[], None]:
+    """Block SIGTERM in this thread (POSIX); returns a function that restores the mask once. Python runs
+    the handler of a signal that arrived meanwhile when the mask is restored (``pthread_sigmask`` checks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return lambda: None
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    pending = [previous]
+
+    def release() -> None:
+        if pending:
+            signal.pthread_sigmask(signal.SIG_SETMASK, pending.pop())
+
+    return release
 
 
 def _host() -> str:

@@ -1030,46 +1030,37 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
     if not (source.is_dir() or (source.is_file() and source.suffix.lower() == ".zip")):
         raise WeightsError(f"import takes a model folder or a .zip, not {source}")
     store = cache.models_dir()
-    try:
-        store.mkdir(parents=True, exist_ok=True)
-        work = files.private_folder(store, "-import")
-    except OSError as e:
-        raise files.WriteError(e.errno, files.describe_os_error(e, store / "model")) from None
     dest = None
-    try:
-        staged = work / "model"
-        os.mkdir(staged)  # normal permissions (the umask's); the private folder around it keeps others out
-        if source.is_dir():
-            _stage_folder(source, staged)
-        else:
-            _stage_zip(source, staged)
-        if not (staged / WEIGHTS_NAME).is_file() or not (staged / CONFIG_NAME).is_file():
-            raise WeightsError(f"a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}; {source} lacks one")
-        config = read_config(staged, source)
-        model_id = _import_id(repo_id, config, source)
-        entry = catalog.find(model_id)
-        if entry is not None:
-            model_id = entry.repo_id or entry.id
-        dest = cache.model_folder(model_id)
-        digest = sha256_file(staged / WEIGHTS_NAME)
-        published = None
-        if entry is not None and entry.repo_id:
-            published = _published_check(staged, digest, entry, source, force)
-        _check_model_folder(staged, config, str(source))
-        marker = {"id": model_id, "source": str(source.resolve()), "sha256": digest, "published": published,
-                  "forced": bool(force and published is False),
-                  "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        files.atomic_write_text(staged / MARKER_NAME, json.dumps(marker, indent=1), overwrite=False)
-        _install(staged, dest, work)
-    except OSError as e:
-        if isinstance(e, files.WriteError):
-            raise
-        raise files.WriteError(e.errno, files.describe_os_error(e, dest or store / "model")) from None
-    finally:
+    with files.temporary_folder(store, "-import", for_path=store / "model") as work:
         try:
-            files.remove_tree(work, store, "temporary import folder")
-        except OSError:
-            pass
+            staged = work / "model"
+            os.mkdir(staged)  # normal permissions (the umask's); the private folder around it keeps others out
+            if source.is_dir():
+                _stage_folder(source, staged)
+            else:
+                _stage_zip(source, staged)
+            if not (staged / WEIGHTS_NAME).is_file() or not (staged / CONFIG_NAME).is_file():
+                raise WeightsError(f"a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}; {source} lacks one")
+            config = read_config(staged, source)
+            model_id = _import_id(repo_id, config, source)
+            entry = catalog.find(model_id)
+            if entry is not None:
+                model_id = entry.repo_id or entry.id
+            dest = cache.model_folder(model_id)
+            digest = sha256_file(staged / WEIGHTS_NAME)
+            published = None
+            if entry is not None and entry.repo_id:
+                published = _published_check(staged, digest, entry, source, force)
+            _check_model_folder(staged, config, str(source))
+            marker = {"id": model_id, "source": str(source.resolve()), "sha256": digest, "published": published,
+                      "forced": bool(force and published is False),
+                      "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            files.atomic_write_text(staged / MARKER_NAME, json.dumps(marker, indent=1), overwrite=False)
+            _install(staged, dest, work)
+        except OSError as e:
+            if isinstance(e, files.WriteError):
+                raise
+            raise files.WriteError(e.errno, files.describe_os_error(e, dest or store / "model")) from None
     return dest
 
 

@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import (WriteError, private_folder, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
-                     remove_tree)
+from ..files import (WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
+                     temporary_folder)
 from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, per_rank, shutdown
 from .runfolder import remove_temporaries
 from .schedule import make_scheduler
@@ -445,24 +445,23 @@ class _Run:
         model.eval()
         folder = self.out_dir / "model"
         # The task writes into a private folder; its files then reach model/ together, each renamed into place.
-        staging = private_folder(self.out_dir, "-export")
-        try:
-            self.task.export(model, staging)
-            names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
-            with atomic_outputs([folder / name for name in names]) as temporaries:
-                for name, tmp in zip(names, temporaries):
-                    os.replace(staging / name, tmp)
-        except OSError as e:
-            raise TrainingError(f"cannot write the trained model to {folder}: {_os_message(e, folder)}") from None
-        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as "... (os error 28)"
-            code = re.search(r"\(os error (\d+)\)", str(e))
-            if code is None:
-                raise
-            failure = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-            raise TrainingError(f"cannot write the trained model to {folder}: "
-                                f"{describe_os_error(failure, folder / 'model.safetensors')}") from None
-        finally:
-            remove_tree(staging, self.out_dir, "temporary folder")
+        with temporary_folder(self.out_dir, "-export") as staging:
+            try:
+                self.task.export(model, staging)
+                names = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+                with atomic_outputs([folder / name for name in names]) as temporaries:
+                    for name, tmp in zip(names, temporaries):
+                        os.replace(staging / name, tmp)
+            except OSError as e:
+                raise TrainingError(
+                    f"cannot write the trained model to {folder}: {_os_message(e, folder)}") from None
+            except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as "... (os error 28)"
+                code = re.search(r"\(os error (\d+)\)", str(e))
+                if code is None:
+                    raise
+                failure = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+                raise TrainingError(f"cannot write the trained model to {folder}: "
+                                    f"{describe_os_error(failure, folder / 'model.safetensors')}") from None
         return str(folder)
 
 
