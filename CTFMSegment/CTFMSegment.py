@@ -93,8 +93,8 @@ class CTFMSegmentParameterNode:
     inputVolume - the CT volume to segment.
     model - whole-body, a tumour model of the catalogue, or folder (a model in modelFolder).
     modelFolder - a folder holding config.json and model.safetensors (and labels.json).
-    quality - full (the model card's window overlap), standard (lower overlap, nearly the same labels,
-      faster) or fast (3 mm, for CPUs). Scenes saved with "full" or "fast" keep them.
+    quality - full (the model card's window overlap; the default), standard (overlap 0.5, faster, labels
+      differ on a few % of voxels) or fast (3 mm, for CPUs).
     spacing - model (resample to the spacing the model was trained at) or native (the input's voxels).
     device - auto, cpu, cuda or mps.
     structures - comma-separated structure names to keep (empty: all).

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from CTFMLib.image import Image, read_image, write_image
+from CTFMLib.native_labels import NativeLabels
 from CTFMLib.segment import load_segmentation_model, segment_image
 from CTFMLib.segment_plan import (QUALITIES, ROI, Timings, model_facts, parse_spacing, plan_segmentation,
                                   working_grid_shape)
@@ -102,6 +103,39 @@ def test_labels_on_a_finer_input_follow_monai_better_linear_than_nearest(tiny, t
     agree_linear, agree_nearest = (linear == ref).mean(), (nearest == ref).mean()
     assert agree_linear >= 0.999, agree_linear
     assert agree_nearest < agree_linear
+
+
+class EveryVoxelInterpolated(NativeLabels):
+    """The reference: the scores of every input voxel interpolated (rows, then columns, then the last axis),
+    then the argmax; no shortcut where the corners agree."""
+
+    def _labels_of_row(self, a, b, f0):
+        row = a[0] if b is None else torch.lerp(a[0], b[0], f0)
+        (lo1, hi1, f1), (lo2, hi2, f2) = self.index
+        x = torch.lerp(row.index_select(0, lo1), row.index_select(0, hi1), f1[:, None, None])
+        labels = torch.lerp(x.index_select(1, lo2), x.index_select(1, hi2), f2[None, :, None]).argmax(dim=-1)
+        labels[self.outside_in_row] = 0
+        return labels.numpy().astype(self.dtype)
+
+
+@pytest.mark.parametrize("case", ["finer phantom, 118 classes", "oblique phantom", "coarser slices"])
+def test_only_boundary_voxels_need_interpolating(case, monkeypatch):
+    """Where all eight working voxels around an input voxel share an argmax, so does any blend of their scores:
+    the labels equal those of interpolating every voxel, exactly."""
+    import CTFMLib.segment as segment_module
+
+    image = {"finer phantom, 118 classes": lambda: body_phantom(shape=(100, 90, 48), spacing=(1.0, 1.0, 1.0), seed=4),
+             "oblique phantom": lambda: body_phantom(**GEOMETRIES["oblique20"]),
+             "coarser slices": lambda: body_phantom(**GEOMETRIES["aniso_0.7x0.7x5"])}[case]()
+    model = SmallNet(channels=118 if "118" in case else 5, seed=2)
+    model.out_channels = 118 if "118" in case else 5
+    model.ctfm_spacing = (2.0, 2.0, 2.0)
+    kwargs = dict(model=model, roi=(16, 32, 32), device="cpu", precision="fp32")
+    fast = segment_image(image, **kwargs).labels.array
+    monkeypatch.setattr(segment_module, "NativeLabels", EveryVoxelInterpolated)
+    reference = segment_image(image, **kwargs).labels.array
+    assert len(np.unique(reference)) >= 3  # boundaries between several classes, not one label everywhere
+    np.testing.assert_array_equal(fast, reference)
 
 
 @pytest.mark.parametrize("geometry", SIX)

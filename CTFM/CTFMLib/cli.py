@@ -533,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "seg.nrrd"),
                      help="batch: output file type (default: %(default)s)")
     seg.add_argument("--quality", choices=("full", "standard", "fast"),
-                     help="full: the model card's window overlap 0.625; standard (default): a lower overlap, labels "
-                          "nearly the same (see the README), faster; fast: at 3 mm, much faster, coarser")
+                     help="full (default): the model card's window overlap 0.625; standard: overlap 0.5, about 20%% "
+                          "fewer windows, labels differ on a few %% of voxels (see the README); fast: at 3 mm, much "
+                          "faster, coarser")
     seg.add_argument("--fast", action="store_true", help="the same as --quality fast")
     seg.add_argument("--spacing", default="model",
                      help="the voxel size to segment at: model (the spacing the model was trained at; default), "

@@ -11,6 +11,12 @@ and the argmax taken. Softmax scores, not logits: on a 1 mm phantom segmented at
 agreed with MONAI's ``Invertd`` on 99.9999% of voxels this way, 99.78% with interpolated logits
 (and 69% with nearest-neighbour labels). Memory: two working rows and one input row of scores.
 
+Most input voxels need no interpolation at all: trilinear weights are non-negative, so where the
+eight working voxels around an input voxel share one argmax, every blend of their scores has that
+argmax too (each class's score is at most the shared winner's at every corner). Only the voxels
+whose corners disagree (along label boundaries) are interpolated, with the same operations in the
+same order as a full interpolation, so the labels are those of interpolating every voxel.
+
 Outside the foreground box the card's crop left, the scores are zero (``Invertd`` pads with
 zeros), so an input voxel whose interpolation reaches only outside the box is background, and one
 that reaches partly outside takes the inside corners only: the zero corners scale the inside
@@ -69,6 +75,7 @@ class NativeLabels:
         self.out = np.zeros(pre.oriented_shape, dtype=dtype)
         self.rows = {}  # box row -> (H, W, C) float32, the rows still needed
         self.next_input = 0
+        self.interpolated = 0  # input voxels whose corners disagreed (the rest took the shared argmax)
         if head is not None:
             self.weight = head.weight.detach().reshape(head.out_channels, head.in_channels).t().float().to(self.device)
             self.bias = None if head.bias is None else head.bias.detach().float().to(self.device)
@@ -87,7 +94,8 @@ class NativeLabels:
         for r in range(values.shape[0]):
             q = first_row + r - pad0  # row in box coordinates
             if 0 <= q < self.box[0]:
-                self.rows[q] = self._scores(values[r, pad1:pad1 + h, pad2:pad2 + w])
+                scores = self._scores(values[r, pad1:pad1 + h, pad2:pad2 + w])
+                self.rows[q] = (scores, scores.argmax(dim=-1))
                 self._emit(q)
 
     def _scores(self, row: torch.Tensor) -> torch.Tensor:
@@ -109,25 +117,52 @@ class NativeLabels:
             if hi0[i] > latest:
                 break
             a, b = self.rows[int(lo0[i])], self.rows[int(hi0[i])]
-            row = a if f0[i] == 0 else torch.lerp(a, b, float(f0[i]))
-            self.out[i] = self._labels_of_row(row)
+            self.out[i] = self._labels_of_row(a, None if f0[i] == 0 else b, float(f0[i]))
             self.next_input += 1
             keep = int(lo0[self.next_input]) if self.next_input < n0 else latest + 1
             for q in [q for q in self.rows if q < keep]:
                 del self.rows[q]
 
-    def _labels_of_row(self, row: torch.Tensor) -> np.ndarray:
-        """Scores of one working-grid row (h, w, classes), interpolated along axis 0 -> labels on one input row."""
+    def _labels_of_row(self, a: tuple, b: Optional[tuple], f0: float) -> np.ndarray:
+        """Labels of one input row between working rows ``a`` and ``b`` (``(scores, argmax)``; ``b`` None when
+        the input row lies on ``a``), ``f0`` of the way to ``b``."""
         (lo1, hi1, f1), (lo2, hi2, f2) = self.index
-        x = torch.lerp(row.index_select(0, lo1), row.index_select(0, hi1), f1[:, None, None])
-        labels = torch.empty(x.shape[0], len(lo2), dtype=torch.int64)
-        step = max(1, (32 << 20) // max(1, 4 * len(lo2) * x.shape[2]))  # input rows per block: ~32 MB of scores
-        for a in range(0, x.shape[0], step):
-            part = x[a:a + step]
-            part = torch.lerp(part.index_select(1, lo2), part.index_select(1, hi2), f2[None, :, None])
-            labels[a:a + step] = part.argmax(dim=-1)
+        labels = a[1].index_select(0, lo1)[:, lo2]  # the argmax at each input voxel's first corner
+        agree = torch.ones(labels.shape, dtype=torch.bool)
+        for _, winners in (a,) if b is None else (a, b):
+            for rows in (lo1, hi1):
+                near = winners.index_select(0, rows)
+                for cols in (lo2, hi2):
+                    agree &= near[:, cols] == labels
+        j, k = torch.nonzero(~agree, as_tuple=True)
+        self.interpolated += len(j)
+        if len(j):
+            labels[j, k] = self._interpolated_argmax(a[0], None if b is None else b[0], f0, j, k)
         labels[self.outside_in_row] = 0
         return labels.numpy().astype(self.dtype, copy=False)
+
+    def _interpolated_argmax(self, a, b, f0, j, k) -> torch.Tensor:
+        """The argmax of the scores interpolated at input voxels ``(j, k)`` of a row: along axis 0 (``a`` to
+        ``b``), then 1, then 2, as torch.lerp over whole rows would compute them."""
+        (lo1, hi1, f1), (lo2, hi2, f2) = self.index
+        width, classes = a.shape[1], a.shape[2]
+        a, b = a.reshape(-1, classes), None if b is None else b.reshape(-1, classes)  # (h * w, classes) views
+        out = torch.empty(len(j), dtype=torch.int64)
+        step = max(1, (32 << 20) // max(1, 16 * classes))  # voxels per block: ~32 MB of gathered scores
+        for s in range(0, len(j), step):
+            jj, kk = j[s:s + step], k[s:s + step]
+            r0, r1, c0, c1 = lo1[jj] * width, hi1[jj] * width, lo2[kk], hi2[kk]
+
+            def along0(r, c):
+                at = r + c  # whole score vectors by row index: index_select copies them as blocks
+                if b is None:
+                    return a.index_select(0, at)
+                return torch.lerp(a.index_select(0, at), b.index_select(0, at), f0)
+
+            low = torch.lerp(along0(r0, c0), along0(r1, c0), f1[jj, None])
+            high = torch.lerp(along0(r0, c1), along0(r1, c1), f1[jj, None])
+            out[s:s + step] = torch.lerp(low, high, f2[kk, None]).argmax(dim=-1)
+        return out
 
     def labels(self) -> np.ndarray:
         """The label map on the input voxel grid (call after the last row)."""

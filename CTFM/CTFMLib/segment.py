@@ -355,8 +355,8 @@ def segment_image(
     ``weights``: a model folder, catalogue or Hugging Face id, or ``whole-body``;
     or pass a loaded ``model`` (and its ``labels``: ``{value: name}`` or LabelInfo
     list; unnamed channels are called ``label_N``). ``structures``: names to keep
-    (others become 0). ``quality``: full (the card's overlap 0.625), standard (the default:
-    a lower overlap, see :data:`CTFMLib.segment_plan.QUALITIES`) or fast (3 mm; ``fast=True``
+    (others become 0). ``quality``: full (the default: the card's overlap 0.625), standard (a
+    lower overlap, see :data:`CTFMLib.segment_plan.QUALITIES`) or fast (3 mm; ``fast=True``
     is the same). ``spacing``: ``"model"`` (the spacing the model was trained at, when it records
     one), ``"native"`` (the input's voxels: with ``quality="full"`` the model card, literally) or
     a voxel size in mm (one number, or S, P, L). ``interpolation``: how labels computed on a
@@ -443,7 +443,6 @@ def segment_image(
             raise SegmentationError(f"{where} ran out of memory ({str(e).splitlines()[0][:200]}); "
                                     "try --device cpu or --quality fast") from None
         raise
-    _record_timing(model, runner, options, stats, sliding, roi)
     if stats.get("windows_skipped"):
         notes.append(f"{_count(stats['windows_skipped'], 'all-air window')} took the output of one computed "
                      "all-air window")
@@ -463,6 +462,9 @@ def segment_image(
         progress(0.97, "keeping the largest connected component of each structure")
         keep_largest_components(out, [x.value for x in kept])
     seconds = time.perf_counter() - start
+    if linear:
+        stats["voxels_interpolated"] = native.interpolated
+    _record_timing(model, runner, options, stats, seconds, roi, plan.per_voxel_seconds)
     progress(1.0, f"done in {seconds:.0f} s")
     result = Image.from_geometry(out.astype(dtype, copy=False), image.geometry,
                                  {"labels": {x.value: x.name for x in kept}})
@@ -473,15 +475,18 @@ def segment_image(
     return SegmentationResult(result, kept, seconds, notes, stats)
 
 
-def _record_timing(model, runner, options, stats: dict, seconds: float, roi) -> None:
-    """Keep this computer's seconds per window (published width only: tiny test networks say nothing)."""
+def _record_timing(model, runner, options, stats: dict, seconds: float, roi, per_voxel_seconds: float) -> None:
+    """Keep this computer's seconds per window (published width only: tiny test networks say nothing).
+
+    ``seconds`` is the whole run; the plan's allowance for the per-voxel work (``per_voxel_seconds``) is taken
+    off first, so a plan from this figure (windows x it + the allowance) gives this run's seconds back."""
     filters = getattr(getattr(model, "encoder", None), "init_filters", None)
     run = stats.get("windows_run", 0)
     if filters is None or filters < 32 or run < 2:
         return
     from .segment_plan import _scale
 
-    per_window = seconds / run / _scale(filters, roi)
+    per_window = max(seconds - per_voxel_seconds, 0.5 * seconds) / run / _scale(filters, roi)
     Timings().record(runner.device.type, options.precision, torch.get_num_threads(), per_window)
 
 

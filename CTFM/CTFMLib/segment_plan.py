@@ -49,7 +49,9 @@ ROI = (96, 160, 160)
 SIGMA_SCALE = 0.125
 # quality -> (overlap of the sliding window, fixed working spacing in mm or None for --spacing)
 QUALITIES = {"full": (0.625, None), "standard": (0.5, None), "fast": (0.625, (3.0, 3.0, 3.0))}
-DEFAULT_QUALITY = "standard"
+# full: standard's labels agreed with full's on 97.4-97.7% of voxels with a model fine-tuned on the example CT
+# (README, "quality presets"), under the 99% that would make it the default.
+DEFAULT_QUALITY = "full"
 FAST_SPACING = (3.0, 3.0, 3.0)
 # An input whose spacing is this close (relative) to the working spacing on every axis is not resampled.
 SPACING_TOLERANCE = 0.02
@@ -58,10 +60,11 @@ ORIENTATION = "SPL"
 # Seconds per 96x160x160 window of the published network (SegResNetDS, init_filters 32, 118
 # outputs), batch 1, all costs included, before this computer has measured its own (Timings):
 # 2 threads of an AMD EPYC with AVX512-BF16 (no AMX) ran 232-238 s (fp32) and 115-117 s (bf16) for
-# the 30 windows of the 1.5 mm example CT. CPU figures scale with 2 / threads; the CUDA and MPS
-# figures are rough allowances, not measured.
-SECONDS_PER_WINDOW = {("cpu", "fp32"): 7.7, ("cpu", "bf16"): 3.8, ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25,
-                      ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
+# the 30 windows of the 1.5 mm example CT; 2 threads of an Intel Xeon with AMX ran 7.4 s (fp32) and
+# 1.5-2.0 s (bf16: AMX tiles) per window on the clinical-like CT (Testing/Benchmarks/segment.py --clinical).
+# CPU figures scale with 2 / threads; the CUDA and MPS figures are rough allowances, not measured.
+SECONDS_PER_WINDOW = {("cpu", "fp32"): 7.7, ("cpu", "bf16"): 3.8, ("cpu", "bf16", "amx"): 1.6,
+                      ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25, ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
 MEASURED_THREADS = 2
 # Reading, preprocessing and mapping back, per voxel of the input (an allowance; the labels' linear
 # mapping onto the input grid adds a head product per input voxel).
@@ -205,6 +208,8 @@ def seconds_per_window(device: str, precision: str, threads: int, filters: Optio
     if measured is not None:
         return measured * _scale(filters, roi), True
     base = SECONDS_PER_WINDOW.get((kind, precision), SECONDS_PER_WINDOW[("cpu", "fp32")])
+    if kind == "cpu" and precision == "bf16" and "amx_bf16" in _cpu_flags():
+        base = SECONDS_PER_WINDOW[("cpu", "bf16", "amx")]
     if kind == "cpu":
         base *= MEASURED_THREADS / max(1, threads)
     return base * _scale(filters, roi), False
@@ -237,6 +242,7 @@ class SegmentationPlan:
     calibrated: bool
     model_spacing: Optional[tuple] = None  # S, P, L mm, as the model records it
     notes: list = field(default_factory=list)
+    per_voxel_seconds: float = 0.0  # the part of expected_seconds that is per input voxel, not per window
 
     @property
     def windows_run(self) -> int:
@@ -378,8 +384,8 @@ def plan_segmentation(image: Image, quality: str = DEFAULT_QUALITY, spacing="mod
             skipped -= 1  # one all-air window is computed: its output stands for the others
     run = windows.n_windows - skipped
     per_window, calibrated = seconds_per_window(device, precision, threads, filters, roi, timings)
-    seconds = run * per_window
-    seconds += SECONDS_PER_VOXEL[interpolation if target is not None else "nearest"] * float(np.prod(image.shape))
+    per_voxel = SECONDS_PER_VOXEL[interpolation if target is not None else "nearest"] * float(np.prod(image.shape))
+    seconds = run * per_window + per_voxel
     peak = estimate_peak_bytes(shape, roi, overlap, classes, image, precision, batch_size, filters,
                                device.startswith("cpu"), parameters, resampled=target is not None,
                                linear=interpolation == "linear" and target is not None)
@@ -389,7 +395,8 @@ def plan_segmentation(image: Image, quality: str = DEFAULT_QUALITY, spacing="mod
                             None if target is None else tuple(float(t) for t in target), grid, box, quality,
                             float(overlap), tuple(int(r) for r in roi), interpolation, windows.n_windows, skipped,
                             device, precision, int(threads), float(seconds), int(peak), calibrated,
-                            None if model_spacing is None else tuple(float(v) for v in model_spacing), notes)
+                            None if model_spacing is None else tuple(float(v) for v in model_spacing), notes,
+                            per_voxel)
 
 
 def estimate_peak_bytes(shape, roi, overlap, classes: int, input_image: Image, precision: str = "fp32",
@@ -464,13 +471,18 @@ def environment_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo (no torch)."""
+def _cpu_flags() -> list:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+            return next((ln for ln in f if ln.startswith("flags")), "").split()
     except OSError:
-        return False
+        return []
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo (no torch)."""
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

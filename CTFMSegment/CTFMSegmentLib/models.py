@@ -19,7 +19,8 @@ WHOLE_BODY = "whole-body"
 WHOLE_BODY_ID = "whole_body_segmentation"  # its catalogue id (``ctfm segment --model whole-body``)
 FOLDER = "folder"
 SEGMENTATION_TASK = "segmentation"
-# ``ctfm segment --quality``: full (the model card's overlap), standard (the default), fast (3 mm).
+# ``ctfm segment --quality``: full (the model card's overlap), standard (overlap 0.5), fast (3 mm);
+# the default is CTFMLib.segment_plan.DEFAULT_QUALITY.
 QUALITIES = tuple(QUALITY_PRESETS)
 # ``ctfm segment --spacing``: the model's own (default) or the input's (the model card, literally).
 SPACINGS = ("model", "native")

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 from CTFMLib.image import Image, ImageError
-from CTFMLib.segment_plan import QUALITIES, Foreground, SegmentationPlan, Timings, plan_segmentation, planned_run
+from CTFMLib.segment_plan import DEFAULT_QUALITY, QUALITIES, Foreground, SegmentationPlan, Timings, plan_segmentation, planned_run
 from CTFMSlicer.nodes import RAS_TO_LPS, check_scalar_volume, ijk_to_world_ras
 
 from .models import FOLDER, model_config_path, segmentation_model_facts
@@ -163,7 +163,7 @@ class PlanCache:
         self._foreground = (None, None)
 
 
-def plan_volume(volumeNode, model: str, modelFolder=None, quality: str = "standard", spacing: str = "model",
+def plan_volume(volumeNode, model: str, modelFolder=None, quality: str = DEFAULT_QUALITY, spacing: str = "model",
                 device: str = "auto", foreground=True) -> SegmentationPlan:
     """:func:`CTFMLib.segment_plan.plan_segmentation` for the panel's inputs (reads the voxels unless given the
     volume's :class:`CTFMLib.segment_plan.Foreground`; no cache)."""
