@@ -138,6 +138,15 @@ def test_only_boundary_voxels_need_interpolating(case, monkeypatch):
     np.testing.assert_array_equal(fast, reference)
 
 
+def test_equal_top_scores_take_the_first_class_as_argmax_does():
+    from CTFMLib.native_labels import _winner_and_runner_up
+
+    scores = torch.tensor([[0.1, 0.45, 0.45], [0.5, 0.2, 0.3], [0.3, 0.3, 0.4], [1 / 3, 1 / 3, 1 / 3]])
+    winner, runner_up = _winner_and_runner_up(scores)
+    assert winner.tolist() == [1, 0, 2, 0]
+    assert runner_up.tolist() == pytest.approx([0.45, 0.3, 0.3, 1 / 3])
+
+
 @pytest.mark.parametrize("geometry", SIX)
 def test_threshold_model_at_the_model_spacing_keeps_the_labels(geometry):
     """At the model's spacing (1.5 mm) the threshold model agrees >= 99% with the phantom's truth in every

@@ -55,6 +55,17 @@ def axis_weights(n_input: int, scale: float, box_start: int, box_size: int) -> t
     return lo, hi, frac.astype(np.float32), ~inside
 
 
+def _winner_and_runner_up(scores: torch.Tensor) -> tuple:
+    """Each voxel's argmax over the last axis (the first of equal maxima, as ``argmax``) and its second-best
+    score (the bound in :meth:`NativeLabels._interpolated_argmax`), from one ``topk``."""
+    top = scores.topk(2, dim=-1)
+    winner, runner_up = top.indices[..., 0], top.values[..., 1]
+    tied = top.values[..., 0] == runner_up
+    if tied.any():  # topk may order equal maxima either way: argmax decides those voxels
+        winner[tied] = scores[tied].argmax(dim=-1)
+    return winner, runner_up
+
+
 class NativeLabels:
     """A ``consume`` for :func:`CTFMLib.sliding_window.stitch`: finished working rows -> input labels.
 
@@ -95,7 +106,7 @@ class NativeLabels:
             q = first_row + r - pad0  # row in box coordinates
             if 0 <= q < self.box[0]:
                 scores = self._scores(values[r, pad1:pad1 + h, pad2:pad2 + w])
-                self.rows[q] = (scores, scores.argmax(dim=-1))
+                self.rows[q] = (scores,) + _winner_and_runner_up(scores)
                 self._emit(q)
 
     def _scores(self, row: torch.Tensor) -> torch.Tensor:
@@ -124,12 +135,12 @@ class NativeLabels:
                 del self.rows[q]
 
     def _labels_of_row(self, a: tuple, b: Optional[tuple], f0: float) -> np.ndarray:
-        """Labels of one input row between working rows ``a`` and ``b`` (``(scores, argmax)``; ``b`` None when
-        the input row lies on ``a``), ``f0`` of the way to ``b``."""
+        """Labels of one input row between working rows ``a`` and ``b`` (``(scores, argmax, second-best score)``;
+        ``b`` None when the input row lies on ``a``), ``f0`` of the way to ``b``."""
         (lo1, hi1, f1), (lo2, hi2, f2) = self.index
         labels = a[1].index_select(0, lo1)[:, lo2]  # the argmax at each input voxel's first corner
         agree = torch.ones(labels.shape, dtype=torch.bool)
-        for _, winners in (a,) if b is None else (a, b):
+        for _, winners, _ in (a,) if b is None else (a, b):
             for rows in (lo1, hi1):
                 near = winners.index_select(0, rows)
                 for cols in (lo2, hi2):
@@ -137,31 +148,55 @@ class NativeLabels:
         j, k = torch.nonzero(~agree, as_tuple=True)
         self.interpolated += len(j)
         if len(j):
-            labels[j, k] = self._interpolated_argmax(a[0], None if b is None else b[0], f0, j, k)
+            labels[j, k] = self._interpolated_argmax(a, b, f0, j, k)
         labels[self.outside_in_row] = 0
         return labels.numpy().astype(self.dtype, copy=False)
 
     def _interpolated_argmax(self, a, b, f0, j, k) -> torch.Tensor:
         """The argmax of the scores interpolated at input voxels ``(j, k)`` of a row: along axis 0 (``a`` to
-        ``b``), then 1, then 2, as torch.lerp over whole rows would compute them."""
+        ``b``), then 1, then 2, as torch.lerp over whole rows would compute them.
+
+        First only the corners' own winners are blended. A class that wins at no corner scores at most the
+        second-best score at every corner, so at most the same blend of those: when a winner's blend is
+        above that bound it is the argmax (ties: the lowest class, as argmax over all classes picks).
+        The other voxels blend all classes."""
         (lo1, hi1, f1), (lo2, hi2, f2) = self.index
-        width, classes = a.shape[1], a.shape[2]
-        a, b = a.reshape(-1, classes), None if b is None else b.reshape(-1, classes)  # (h * w, classes) views
+        width, classes = a[0].shape[1], a[0].shape[2]
+        rows = [(s.reshape(-1, classes), w.reshape(-1), t.reshape(-1), s.reshape(-1))
+                for s, w, t in ((a,) if b is None else (a, b))]
         out = torch.empty(len(j), dtype=torch.int64)
         step = max(1, (32 << 20) // max(1, 16 * classes))  # voxels per block: ~32 MB of gathered scores
+
+        def blend(pick, jj, kk):
+            """``pick(row, flat indices)`` at the corners of voxels ``(jj, kk)``, blended: axis 0, then 1, then 2."""
+            r0, r1, c0, c1 = lo1[jj] * width, hi1[jj] * width, lo2[kk], hi2[kk]
+
+            def along0(at):
+                v = pick(rows[0], at)
+                return v if len(rows) == 1 else torch.lerp(v, pick(rows[1], at), f0)
+
+            v00, v10, v01, v11 = (along0(at) for at in (r0 + c0, r1 + c0, r0 + c1, r1 + c1))
+            w1, w2 = (f1[jj, None], f2[kk, None]) if v00.dim() == 2 else (f1[jj], f2[kk])
+            return torch.lerp(torch.lerp(v00, v10, w1), torch.lerp(v01, v11, w1), w2)
+
         for s in range(0, len(j), step):
             jj, kk = j[s:s + step], k[s:s + step]
             r0, r1, c0, c1 = lo1[jj] * width, hi1[jj] * width, lo2[kk], hi2[kk]
-
-            def along0(r, c):
-                at = r + c  # whole score vectors by row index: index_select copies them as blocks
-                if b is None:
-                    return a.index_select(0, at)
-                return torch.lerp(a.index_select(0, at), b.index_select(0, at), f0)
-
-            low = torch.lerp(along0(r0, c0), along0(r1, c0), f1[jj, None])
-            high = torch.lerp(along0(r0, c1), along0(r1, c1), f1[jj, None])
-            out[s:s + step] = torch.lerp(low, high, f2[kk, None]).argmax(dim=-1)
+            candidates = torch.stack([row[1][at] for row in rows for at in (r0 + c0, r1 + c0, r0 + c1, r1 + c1)],
+                                     dim=1)  # the corners' winners, (n, 4 or 8)
+            # scores of those classes, taken from the flattened rows (faster than 2-d indexing)
+            scores = blend(lambda row, at, cand=candidates: row[3].take(at[:, None] * classes + cand), jj, kk)
+            best, winner = scores[:, 0].clone(), candidates[:, 0].clone()
+            for c in range(1, candidates.shape[1]):  # column by column: reductions over 4-8 columns are slow
+                value, label = scores[:, c], candidates[:, c]
+                better = (value > best) | ((value == best) & (label < winner))
+                best = torch.where(better, value, best)
+                winner = torch.where(better, label, winner)
+            out[s:s + step] = winner
+            bound = blend(lambda row, at: row[2][at], jj, kk)
+            rest = torch.nonzero(~(best > bound * (1 + 1e-5)), as_tuple=True)[0]  # a margin for rounding
+            if len(rest):  # undecided: every class blended
+                out[s + rest] = blend(lambda row, at: row[0].index_select(0, at), jj[rest], kk[rest]).argmax(dim=-1)
         return out
 
     def labels(self) -> np.ndarray:

@@ -60,10 +60,11 @@ ORIENTATION = "SPL"
 # Seconds per 96x160x160 window of the published network (SegResNetDS, init_filters 32, 118
 # outputs), batch 1, all costs included, before this computer has measured its own (Timings):
 # 2 threads of an AMD EPYC with AVX512-BF16 (no AMX) ran 232-238 s (fp32) and 115-117 s (bf16) for
-# the 30 windows of the 1.5 mm example CT; 2 threads of an Intel Xeon with AMX ran 7.4 s (fp32) and
+# the 30 windows of the 1.5 mm example CT; 2 threads of an Intel Xeon with AMX ran 5.9-7.4 s (fp32) and
 # 1.5-2.0 s (bf16: AMX tiles) per window on the clinical-like CT (Testing/Benchmarks/segment.py --clinical).
-# CPU figures scale with 2 / threads; the CUDA and MPS figures are rough allowances, not measured.
-SECONDS_PER_WINDOW = {("cpu", "fp32"): 7.7, ("cpu", "bf16"): 3.8, ("cpu", "bf16", "amx"): 1.6,
+# fp32: between the two CPUs. CPU figures scale with 2 / threads; the CUDA and MPS figures are rough
+# allowances, not measured.
+SECONDS_PER_WINDOW = {("cpu", "fp32"): 6.8, ("cpu", "bf16"): 3.8, ("cpu", "bf16", "amx"): 1.6,
                       ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25, ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
 MEASURED_THREADS = 2
 # Reading, preprocessing and mapping back, per voxel of the input (an allowance; the labels' linear
