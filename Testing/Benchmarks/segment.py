@@ -2,6 +2,7 @@
 
     python Testing/Benchmarks/segment.py [--quick] [--precisions fp32,bf16] [--threads N]
     python Testing/Benchmarks/segment.py --synthetic-large [--quick]
+    python Testing/Benchmarks/segment.py --resample-to 1.5 [--precisions fp32]
     python Testing/Benchmarks/segment.py --peak [--quick] [--precisions fp32,bf16] [--threads N]
     python Testing/Benchmarks/segment.py --clinical [--quick | --estimate-native N] [--work DIR]
     python Testing/Benchmarks/segment.py --presets [--quick] [--overlaps 0.625,0.5,0.4,0.25] [--markdown]
@@ -25,6 +26,11 @@ Agreement: the fraction of input voxels where our labels equal the reference's.
 0.8 x 0.8 x 1.5 mm (with ``--quick``: stopped after 55 of its 490 windows,
 when the blending buffers have reached their full size; ``--stop-after N``
 chooses where).
+
+``--resample-to 1.5``: the example CT at its own 3 mm, both pipelines working at
+1.5 mm: MONAI ``Spacingd`` (bilinear) + the card's pipeline + softmax + ``Invertd``
+(linear) + argmax, against ``segment_image(spacing=1.5, quality="full")``; agreement
+on the input's voxels.
 
 ``--peak``: this CPU's convolution throughput on the whole-body network's own
 convolutions (every Conv3d / ConvTranspose3d of one 96x160x160 window, listed
@@ -148,6 +154,8 @@ def run_reference(args) -> dict:
     model = SegResNetDS(**{**CONFIG, "blocks_down": tuple(CONFIG["blocks_down"])})
     model.load_state_dict(load_file(str(Path(args.model) / "model.safetensors")), strict=True)
     model.eval()
+    if args.resample_to:
+        return run_reference_resampled(args, model)
     t0 = time.perf_counter()
     card = Compose([LoadImage(ensure_channel_first=True), EnsureType(), Orientation(axcodes="SPL"),
                     ScaleIntensityRange(a_min=-1024, a_max=2048, b_min=0, b_max=1, clip=True), CropForeground()])
@@ -165,6 +173,32 @@ def run_reference(args) -> dict:
             "peak_rss_mb": peak_rss_mb(), "windows_batch": args.reference_batch}
 
 
+def run_reference_resampled(args, model) -> dict:
+    """MONAI with a working spacing: Spacingd -> the card's pipeline -> softmax -> Invertd (linear) -> argmax."""
+    import torch
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, Invertd, LoadImaged,
+                                  Orientationd, ScaleIntensityRanged, Spacingd)
+
+    t0 = time.perf_counter()
+    pixdim = (float(args.resample_to),) * 3
+    pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), EnsureTyped("image"),
+                   Orientationd("image", axcodes="SPL"), Spacingd("image", pixdim=pixdim, mode="bilinear"),
+                   ScaleIntensityRanged("image", a_min=-1024, a_max=2048, b_min=0, b_max=1, clip=True),
+                   CropForegroundd("image", source_key="image")])
+    data = pre({"image": str(args.image)})
+    inferer = SlidingWindowInferer(roi_size=ROI, sw_batch_size=args.reference_batch, overlap=0.625, mode="gaussian")
+    with torch.no_grad():
+        data["pred"] = torch.softmax(inferer(data["image"][None], model)[0], 0)
+    inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    labels = inverted.argmax(0).numpy().astype(np.uint8)
+    seconds = time.perf_counter() - t0
+    np.save(args.labels_out, labels)
+    return {"pipeline": f"MONAI Spacingd {args.resample_to} mm + model card + softmax + Invertd (linear) + argmax",
+            "precision": "fp32", "seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb(),
+            "windows_batch": args.reference_batch}
+
+
 def run_ours(args) -> dict:
     from CTFMLib.image import read_image
     from CTFMLib.progress import Cancelled
@@ -173,7 +207,8 @@ def run_ours(args) -> dict:
     model, labels = load_segmentation_model(args.model)
     options = run_options(args.device, args.precision, batch_size=args.batch_size)
     # the model card, literally (the input's voxels, overlap 0.625), where segment_image has those options
-    card = {} if interface_problem() else {"spacing": "native", "quality": "full"}
+    card = {} if interface_problem() else {"spacing": float(args.resample_to) if args.resample_to else "native",
+                                            "quality": "full"}
     seen = []
 
     def stop_early(fraction, message):
@@ -201,7 +236,8 @@ def child(kind: str, image: Path, model: Path, labels_out: Path, args, precision
     cmd = [sys.executable, __file__, "--one", kind, "--image", str(image), "--model", str(model),
            "--labels-out", str(labels_out), "--precision", precision, "--device", args.device,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--stop-after", str(args.stop_after),
-           "--reference-batch", str(args.reference_batch)]
+           "--reference-batch", str(args.reference_batch)] + (["--resample-to", str(args.resample_to)]
+                                                              if args.resample_to else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args))
     if out.returncode != 0:
         return {"pipeline": kind, "precision": precision, "error": out.stderr.strip().splitlines()[-3:]}
@@ -688,6 +724,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="a small volume, to check the benchmark works")
     p.add_argument("--synthetic-large", action="store_true", help="ours only, 512 x 512 x 400 synthetic CT")
     p.add_argument("--peak", action="store_true", help="this CPU's convolution peak on the network's own shapes")
+    p.add_argument("--resample-to", type=float, default=None,
+                   help="the default comparison on the example CT at its own 3 mm, both pipelines working at this "
+                        "spacing: MONAI Spacingd + Invertd (linear) against ctfm segment --spacing MM")
     p.add_argument("--clinical", action="store_true",
                    help="the example CT at 0.8x0.8x1.5 mm: model card (--spacing native --quality full) vs defaults")
     p.add_argument("--presets", action="store_true",
@@ -712,7 +751,8 @@ def main():
     p.add_argument("--peak-seconds", type=float, default=0.4, help="--peak: seconds per timed round and shape")
     p.add_argument("--peak-rounds", type=int, default=5, help="--peak: timed rounds per shape")
     p.add_argument("--overlaps", default="0.625,0.5,0.4,0.25", help="--presets: overlaps to compare with 0.625")
-    p.add_argument("--structures", type=int, default=12, help="--presets: the model learns this many largest structures")
+    p.add_argument("--structures", type=int, default=12,
+                   help="--presets: the model learns this many largest structures")
     p.add_argument("--train-steps", type=int, default=150, help="--presets: training steps")
     p.add_argument("--preset-precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--markdown", action="store_true", help="--presets: print the tables (markdown) instead of JSON")
@@ -791,7 +831,9 @@ def main():
                 print(json.dumps({"skipped": "real CT data not found (set CTFM_TEST_DATA)"}))
                 return
             source = data / "totalsegmentator_example" / "example_ct.nii.gz"
-            if args.quick:
+            if args.resample_to:
+                image, what = source, f"example CT, native 3 mm, both pipelines at {args.resample_to:g} mm"
+            elif args.quick:
                 image, what = source, "example CT, native 3 mm"
             else:
                 image, what = resampled_ct(source, 1.5, tmp / "ct_1p5mm.nii.gz"), "example CT resampled to 1.5 mm"
