@@ -117,12 +117,18 @@ def check_scalar_volume(node) -> None:
         )
 
 
-def image_from_volume_node(node) -> Image:
-    """A scalar or labelmap volume node as an :class:`Image` (voxels copied, geometry in world LPS)."""
+def image_from_volume_node(node, copy: bool = True) -> Image:
+    """A scalar or labelmap volume node as an :class:`Image` (geometry in world LPS).
+
+    ``copy``: the voxels are copied, so the Image outlives the node's buffer. ``copy=False`` gives a
+    view of the node's VTK memory (indexed ``[i, j, k]``): to use at once, while the node's voxels stay
+    as they are, and never to write to (the Segment panel's plan reads it in the GUI thread).
+    """
     check_scalar_volume(node)
     slicer = _slicer()
-    # arrayFromVolume is a view of VTK memory; always copy so the Image outlives the node's buffer.
-    voxels = np.array(slicer.util.arrayFromVolume(node).transpose(2, 1, 0), order="C", copy=True)
+    voxels = slicer.util.arrayFromVolume(node).transpose(2, 1, 0)
+    if copy:
+        voxels = np.array(voxels, order="C", copy=True)
     ijk_to_lps = RAS_TO_LPS @ ijk_to_world_ras(node)
     axes = ijk_to_lps[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)

@@ -19,6 +19,7 @@ import numpy as np
 from CTFMLib.image import Image, ImageError
 
 from .models import FOLDER, LABELS_NAME, WHOLE_BODY, names_from_labels_dict, model_label_names, path_is_set
+from .plan import short_duration
 
 MESSAGE_TAIL_LINES = 20  # of the child's last output lines, the failure message quotes these
 
@@ -138,8 +139,4 @@ def is_out_of_memory(text: str) -> bool:
 
 def format_duration(seconds: float) -> str:
     """A rough human duration: "about 40 s", "about 3 min", "about 1.5 h"."""
-    if seconds < 90:
-        return f"about {max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"about {round(seconds / 60)} min"
-    return f"about {seconds / 3600:.1f} h"
+    return f"about {short_duration(seconds)}"

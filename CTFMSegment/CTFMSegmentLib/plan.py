@@ -30,14 +30,14 @@ from typing import Optional
 
 import numpy as np
 
-from CTFMLib.image import Image, ImageError
-from CTFMLib.segment_plan import DEFAULT_QUALITY, QUALITIES, Foreground, SegmentationPlan, Timings, plan_segmentation, planned_run
-from CTFMSlicer.nodes import RAS_TO_LPS, check_scalar_volume, ijk_to_world_ras
+from CTFMLib.image import Image
+from CTFMLib.segment_plan import (DEFAULT_QUALITY, QUALITIES, Foreground, SegmentationPlan, Timings, plan_segmentation,
+                                  planned_run)
+from CTFMSlicer.nodes import RAS_TO_LPS, check_scalar_volume, ijk_to_world_ras, image_from_volume_node
 
 from .models import FOLDER, model_config_path, segmentation_model_facts
 
 # The same tolerance as CTFMSlicer.nodes.image_from_volume_node (a sheared world grid is refused there).
-_ORTHONORMAL_ATOL = 1e-5
 PLAN_CACHE_SIZE = 12  # plans kept (three presets of four input combinations)
 
 
@@ -58,18 +58,7 @@ def volume_image_view(volumeNode) -> Image:
     The array is a view of the node's VTK memory (indexed ``[i, j, k]``): use it at once, while the
     node's voxels stay as they are, and never write to it.
     """
-    check_scalar_volume(volumeNode)
-    voxels = _slicer().util.arrayFromVolume(volumeNode).transpose(2, 1, 0)
-    ijk_to_lps = world_lps_matrix(volumeNode)
-    axes = ijk_to_lps[:3, :3]
-    spacing = np.linalg.norm(axes, axis=0)
-    if np.any(spacing <= 0):
-        raise ImageError(f"volume '{volumeNode.GetName()}' has a degenerate geometry (zero voxel size)")
-    direction = axes / spacing
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=_ORTHONORMAL_ATOL):
-        raise ImageError(f"volume '{volumeNode.GetName()}' is sheared by its parent transform; "
-                         "harden the transform (which resamples it) before using CT-FM")
-    return Image(voxels, spacing, ijk_to_lps[:3, 3].copy(), direction, {"source": "slicer", "node_name": volumeNode.GetName()})
+    return image_from_volume_node(volumeNode, copy=False)
 
 
 def guess_auto_device() -> str:
