@@ -318,6 +318,11 @@ def foreground_box(data: np.ndarray) -> tuple:
     mask = data > 0
     if not mask.any():
         raise ImageError("the image has no voxel above -1024 HU (all air or empty): nothing to process")
+    return mask_box(mask)
+
+
+def mask_box(mask: np.ndarray) -> tuple:
+    """``(start, end)`` of the smallest box holding every true voxel of a non-empty 3-d mask."""
     start, end = [], []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)

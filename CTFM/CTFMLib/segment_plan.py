@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .image import Image
-from .preprocess import HU_MIN, orientation_transform
+from .preprocess import HU_MIN, mask_box, orientation_transform
 from .windows import plan_windows
 
 __all__ = [
@@ -301,12 +301,7 @@ class Foreground:
         for a, f in enumerate(flip):
             if f:
                 m = np.flip(m, axis=a)
-        start, end = [], []
-        for axis in range(3):
-            others = tuple(a for a in range(3) if a != axis)
-            idx = np.flatnonzero(m.any(axis=others))
-            start.append(int(idx[0]))
-            end.append(int(idx[-1]) + 1)
+        start, end = mask_box(m)
         m = np.pad(m, [(0, (-n) % COARSE) for n in m.shape])
         s = m.shape
         blocks = m.reshape(s[0] // COARSE, COARSE, s[1] // COARSE, COARSE, s[2] // COARSE, COARSE).any(axis=(1, 3, 5))
