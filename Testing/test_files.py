@@ -210,19 +210,21 @@ def test_sigterm_unwinds_so_temporary_files_are_removed(tmp_path):
 
 @pytest.mark.parametrize("where", ["atomic_output", "temporary_folder"])
 def test_sigterm_the_moment_the_temporary_folder_appears_leaves_nothing(tmp_path, monkeypatch, where):
-    """The window a watcher hits (Cancel as soon as the output folder changes): a real SIGTERM sent right
-    after mkdtemp created the folder, before the writer could arm its cleanup. It is held until the
-    cleanup is armed, then raised: nothing is written and the folder is gone."""
+    """The window a watcher hits (Cancel as soon as the output folder changes): a real SIGTERM raised in
+    this thread the instant ``mkdir`` created the private folder, before the writer could record it as
+    created. The handler's exception unwinds from there: nothing is written and the folder is gone."""
     from CTFMLib.progress import Terminated, terminate_on_sigterm
 
-    real_mkdtemp = files.tempfile.mkdtemp
+    real_mkdir = os.mkdir
+    made = []
 
-    def mkdtemp_then_sigterm(*args, **kwargs):
-        folder = real_mkdtemp(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return folder
+    def mkdir_then_sigterm(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if Path(path).name.startswith(files.TEMP_PREFIX):
+            made.append(Path(path))
+            signal.raise_signal(signal.SIGTERM)  # to this thread: the handler runs before mkdir "returns"
 
-    monkeypatch.setattr(files.tempfile, "mkdtemp", mkdtemp_then_sigterm)
+    monkeypatch.setattr(files.os, "mkdir", mkdir_then_sigterm)
     body_ran = []
     with pytest.raises(Terminated), terminate_on_sigterm():
         if where == "atomic_output":
@@ -232,7 +234,9 @@ def test_sigterm_the_moment_the_temporary_folder_appears_leaves_nothing(tmp_path
         else:
             with files.temporary_folder(tmp_path, "-export") as folder:
                 body_ran.append(folder)
-    assert body_ran == [] and os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    assert len(made) == 1 and made[0].parent == tmp_path  # the folder did appear
+    assert body_ran == [] and os.listdir(tmp_path) == [] and files.live_temporaries() == []
 
 
 def test_the_next_write_removes_what_a_killed_writer_left_but_nothing_live_or_foreign(tmp_path):

@@ -5,8 +5,8 @@
 - :func:`remove_tree`: every recursive delete names the store it cleans and refuses anything
   outside it (the store itself included).
 - :func:`atomic_output` / :func:`atomic_write_bytes` / :func:`atomic_write_text`: every output,
-  checkpoint, index file and import is written in a private temporary folder (``mkdtemp``:
-  random name, mode 0700, created exclusively) beside its destination, checked, fsync'ed and
+  checkpoint, index file and import is written in a private temporary folder (random
+  128-bit name, mode 0700, created exclusively) beside its destination, checked, fsync'ed and
   renamed into place; a failed write (disk full) raises :class:`WriteError` and leaves neither a
   final nor a temporary file. The rename never follows a symlink planted at the final name, and
   without ``overwrite`` it never replaces an existing file.
@@ -25,10 +25,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
-import signal
 import socket
-import tempfile
 import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -310,47 +309,42 @@ def temporary_folder(parent, purpose: str = "", for_path=None) -> Iterator[Path]
     """:func:`private_folder` in ``parent`` (created if needed) for the ``with`` block, removed at its end:
     on success, error, cancel, SIGINT or SIGTERM.
 
-    SIGTERM is held from just before the folder is created until its removal is armed: a signal that
-    arrives in between (as Slicer's Cancel can, the moment the folder appears) is raised only then, so
-    it can never leave the folder behind. ``for_path`` names the output in a :class:`WriteError`.
+    The folder's name is chosen before it is created, so that an exception raised by a signal handler
+    at any point (even the moment ``mkdir`` returns, as Slicer's Cancel can arrive when the folder
+    appears) finds the name and removes the folder. No signal mask is involved: a process-directed
+    signal may be taken by any thread, and Python runs its handler in the main thread regardless.
+    ``for_path`` names the output in a :class:`WriteError`.
     """
     parent = Path(parent)
-    release = _hold_sigterm()
     folder = None
     try:
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            folder = private_folder(parent, purpose)
+            sweep_stale_temporaries(parent)
+            while True:
+                folder = _private_name(parent, purpose)  # named first: see the docstring
+                try:
+                    os.mkdir(folder, 0o700)
+                    break
+                except FileExistsError:  # not ours (a 128-bit random name makes this theoretical)
+                    folder = None
         except OSError as e:
             raise WriteError(_errno_of(e), describe_os_error(e, for_path or parent / "output")) from None
         with _live_lock:
             _live.add(str(folder))
-        release()  # a SIGTERM held meanwhile is raised here, inside the try
         yield folder
     finally:
-        release()
         if folder is not None:
             try:
                 remove_tree(folder, parent, "temporary folder")
-            except OSError:
+            except OSError:  # not created (interrupted before mkdir) or already gone
                 pass
             with _live_lock:
                 _live.discard(str(folder))
 
 
-def _hold_sigterm() -> Callable[[], None]:
-    """Block SIGTERM in this thread (POSIX); returns a function that restores the mask once. Python runs
-    the handler of a signal that arrived meanwhile when the mask is restored (``pthread_sigmask`` checks)."""
-    if not hasattr(signal, "pthread_sigmask"):
-        return lambda: None
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    pending = [previous]
-
-    def release() -> None:
-        if pending:
-            signal.pthread_sigmask(signal.SIG_SETMASK, pending.pop())
-
-    return release
+def _private_name(parent: Path, purpose: str) -> Path:
+    return parent / f"{TEMP_PREFIX}{_owner_tag()}{secrets.token_hex(16)}{purpose}"
 
 
 def _host() -> str:
@@ -373,14 +367,21 @@ def _alive(pid: int) -> bool:
 
 
 def private_folder(parent, purpose: str = "") -> Path:
-    """A new folder in ``parent`` that only this user can enter (``mkdtemp``: random name, mode 0700),
+    """A new folder in ``parent`` that only this user can enter (random 128-bit name, mode 0700, created exclusively),
     named ``.ctfm-tmp-HOST-PID-...`` so that a later writer can remove it if this process is killed.
 
     Stale folders of killed writers in ``parent`` are swept first. The caller removes the folder
     (:func:`remove_tree` with ``parent`` as the root).
     """
+    parent = Path(parent)
     sweep_stale_temporaries(parent)
-    return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + _owner_tag(), suffix=purpose, dir=parent))
+    while True:
+        folder = _private_name(parent, purpose)
+        try:
+            os.mkdir(folder, 0o700)
+            return folder
+        except FileExistsError:
+            continue
 
 
 def sweep_stale_temporaries(folder) -> list:
