@@ -141,10 +141,14 @@ def test_only_boundary_voxels_need_interpolating(case, monkeypatch):
 def test_equal_top_scores_take_the_first_class_as_argmax_does():
     from CTFMLib.native_labels import _winner_and_runner_up
 
-    scores = torch.tensor([[0.1, 0.45, 0.45], [0.5, 0.2, 0.3], [0.3, 0.3, 0.4], [1 / 3, 1 / 3, 1 / 3]])
-    winner, runner_up = _winner_and_runner_up(scores)
-    assert winner.tolist() == [1, 0, 2, 0]
-    assert runner_up.tolist() == pytest.approx([0.45, 0.3, 0.3, 1 / 3])
+    scores = torch.tensor([[0.1, 0.45, 0.45, 0.0], [0.5, 0.2, 0.3, 0.0], [0.3, 0.3, 0.4, 0.0],
+                           [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
+    winner, runner_up, runner_class, third = _winner_and_runner_up(scores)
+    assert winner.tolist() == [1, 0, 2, 0, 3]
+    assert runner_up.tolist() == pytest.approx([0.45, 0.3, 0.3, 0.25, 0.3])
+    # a tie for the best names no second class: the second-best score then bounds every other class
+    assert runner_class.tolist() == [-1, 2, runner_class[2].item(), -1, 2] and runner_class[2].item() in (0, 1)
+    assert third.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.25, 0.2])
 
 
 @pytest.mark.parametrize("geometry", SIX)
