@@ -14,15 +14,28 @@ the package stays importable without the application.
 import slicer
 import vtk
 
+from .running import JOBS, RunnerFollower
+
 
 class ParameterNodeWidgetMixin:
     """Connects ``self.ui`` to the logic's parameter node and follows scene close."""
 
     _parameterNode = None
     _parameterNodeGuiTag = None
-    _runner = None  # the child process doing the module's long work, while one runs
+    _follower = None
     _pollTimer = None
     POLL_INTERVAL_MS = 100
+
+    @property
+    def _runner(self):
+        """The child process doing the module's long work, while one runs (set to None when it is done)."""
+        return None if self._follower is None else self._follower.runner
+
+    @_runner.setter
+    def _runner(self, runner) -> None:
+        if self._follower is None:
+            self._follower = RunnerFollower(JOBS)
+        self._follower.runner = runner
 
     def loadModuleUI(self, uiFile: str) -> None:
         """Load ``Resources/UI/<uiFile>`` into the panel as ``self.ui``, with the scene set."""
@@ -31,19 +44,30 @@ class ParameterNodeWidgetMixin:
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-    def followRunner(self, runner) -> None:
-        """Poll ``runner`` every 100 ms in the GUI thread, where its callbacks may touch Qt and MRML."""
-        import qt
+    def jobBusyMessage(self):
+        """Why this module may not start a job now (another module's job or an install runs), or None."""
+        return JOBS.busy_message(self)
 
+    def followRunner(self, runner, what: str = "") -> None:
+        """Poll ``runner`` every 100 ms in the GUI thread, where its callbacks may touch Qt and MRML;
+        it holds the one CT-FM job slot (:data:`CTFMSlicer.running.JOBS`), described by ``what``."""
         self._runner = runner
+        JOBS.take(self, runner, what or self.moduleName)
         if self._pollTimer is None:
-            self._pollTimer = qt.QTimer()
-            self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
-            self._pollTimer.connect("timeout()", self._pollRunner)
+            self._pollTimer = self._newPollTimer()
         self._pollTimer.start()
 
+    def _newPollTimer(self):
+        import qt
+
+        timer = qt.QTimer()
+        timer.setInterval(self.POLL_INTERVAL_MS)
+        timer.connect("timeout()", self._pollRunner)
+        return timer
+
     def _pollRunner(self) -> None:
-        if self._runner is not None and not self._runner.poll():
+        # A run's on_done may start the next run (the out-of-memory retry): the follower then goes on.
+        if self._follower is None or not self._follower.tick():
             self._pollTimer.stop()
 
     @staticmethod
