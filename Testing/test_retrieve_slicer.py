@@ -90,6 +90,22 @@ def test_results_table_holds_ras_locations(mrml_scene):
     assert again is node and node.GetNumberOfRows() == 1
 
 
+def test_the_selected_view_row_opens_that_hit(mrml_scene):
+    """A table view shows the column names as headers (Slicer's default would show them as the first row, so
+    view row 1 would open hit 2 and the last hit none: qMRMLTableModel's tableRowOffset, Slicer 5.6 to main)."""
+    hits = [QueryHit(r, s, r, f"/data/case{r}.nii.gz", None, np.zeros(3), "patch") for r, s in ((1, 0.9), (2, 0.8), (3, 0.7))]
+    logic = CTFMRetrieveLogic()
+    node = logic.resultsTableNode(hits)
+    assert node.GetUseColumnTitleAsColumnHeader()
+    opened = [logic.resultOfRow(node, logic.resultRowOfViewRow(node, view_row))["case"] for view_row in range(3)]
+    assert opened == ["case1", "case2", "case3"]
+    assert logic.resultRowOfViewRow(node, 3) is None and logic.resultRowOfViewRow(node, -1) is None
+    # a table saved before (column names shown as the view's first row): that row opens nothing
+    node.SetUseColumnTitleAsColumnHeader(False)
+    assert logic.resultRowOfViewRow(node, 0) is None
+    assert [logic.resultRowOfViewRow(node, v) for v in (1, 2, 3, 4)] == [0, 1, 2, None]
+
+
 def test_query_arguments_parse_with_the_real_cli():
     from CTFMLib.cli import build_parser
 

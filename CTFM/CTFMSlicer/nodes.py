@@ -266,7 +266,23 @@ def table_node_from_rows(
             raise ValueError("no MRML scene to add the table to")
         node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     node.SetAndObserveTable(table)
+    # Column names as the view's header, not as its first row (Slicer's default), as Segment Statistics does:
+    # then view row i is table row i (see table_row_of_view_row).
+    node.SetUseColumnTitleAsColumnHeader(True)
     return node
+
+
+def table_row_of_view_row(node, view_row: int) -> Optional[int]:
+    """The row of table ``node`` that row ``view_row`` of a ``qMRMLTableView``'s model shows (after
+    mapping through the view's sort proxy), or None for the column-name row or no row.
+
+    ``qMRMLTableModel`` shows the column names as an extra first row unless the node's
+    UseColumnTitleAsColumnHeader is on (``tableRowOffset`` in qMRMLTableModel.cxx, Slicer 5.6 to main).
+    """
+    if node is None or view_row is None:
+        return None
+    row = view_row if node.GetUseColumnTitleAsColumnHeader() else view_row - 1
+    return row if 0 <= row < node.GetNumberOfRows() else None
 
 
 def rows_from_table_node(node) -> list:

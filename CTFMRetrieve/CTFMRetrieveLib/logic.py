@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from CTFMSlicer.nodes import ras_to_lps
+from CTFMSlicer.nodes import ras_to_lps, table_row_of_view_row
 from CTFMSlicer.overlay import crosshair_ras, roi_lps_box
 from CTFMSlicer.process import remove_work_folder
 
@@ -162,6 +162,11 @@ class CTFMRetrieveLogic:
 
     def resultOfRow(self, tableNode, row: int) -> dict:
         return results.hit_of_row(tableNode, row)
+
+    @staticmethod
+    def resultRowOfViewRow(tableNode, viewRow: int):
+        """The results table's row that a table view's model row shows (None: the header row, or no row)."""
+        return table_row_of_view_row(tableNode, viewRow)
 
     def showResult(self, tableNode, row: int, scene=None) -> tuple:
         """Load row ``row``'s case (or reuse it when loaded) and mark the matched place; ``(volume node, RAS)``."""
