@@ -26,7 +26,7 @@ from CTFMLib.image import Image, ImageError, write_image  # noqa: E402
 from CTFMSegmentLib import models as segment_models  # noqa: E402
 from CTFMSegmentLib import output as segment_output  # noqa: E402
 from CTFMSegmentLib.logic import CTFMSegmentLogic  # noqa: E402
-from CTFMSegmentLib.segmentation import load_terminology  # noqa: E402
+from CTFMSegmentLib.segmentation import load_terminology, loaded_terminology_names  # noqa: E402
 from CTFMSlicer.nodes import image_from_volume_node, volume_node_from_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +243,27 @@ def test_whole_body_labels_and_the_ctfm_terminology_context(mrml_scene):
     assert load_terminology(terminologies) == labels_module.CTFM_CONTEXT
     assert terminologies.IsTerminologyContextLoaded(labels_module.CTFM_CONTEXT)
     assert load_terminology(terminologies) == labels_module.CTFM_CONTEXT  # a second load is a no-op
+
+
+class TerminologiesLogicOfSlicer58(slicer.vtkSlicerTerminologiesModuleLogic):
+    """Slicer 5.6 and 5.8's Terminologies logic: IsTerminologyContextLoaded came in 5.10 (commit 65409219f7)."""
+
+    def __getattribute__(self, name):
+        if name == "IsTerminologyContextLoaded":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_the_ctfm_terminology_loads_on_slicer_5_6_and_5_8():
+    labels_module = pytest.importorskip("CTFMLib.labels")
+    terminologies = TerminologiesLogicOfSlicer58()
+    with pytest.raises(AttributeError):
+        terminologies.IsTerminologyContextLoaded(labels_module.CTFM_CONTEXT)
+    assert load_terminology(terminologies) == labels_module.CTFM_CONTEXT
+    assert labels_module.CTFM_CONTEXT in loaded_terminology_names(terminologies)
+    count = len(loaded_terminology_names(terminologies))
+    assert load_terminology(terminologies) == labels_module.CTFM_CONTEXT
+    assert len(loaded_terminology_names(terminologies)) == count  # not loaded twice
 
 
 # --- model choices, structures, the child's output ----------------------------------------------

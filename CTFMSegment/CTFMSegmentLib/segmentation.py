@@ -215,6 +215,16 @@ def load_terminology(terminologies_logic) -> str:
         path = terminology_file()
     except (ImportError, FileNotFoundError):
         return ""
-    if terminologies_logic.IsTerminologyContextLoaded(CTFM_CONTEXT):
+    if CTFM_CONTEXT in loaded_terminology_names(terminologies_logic):
         return CTFM_CONTEXT
     return terminologies_logic.LoadTerminologyFromFile(str(path))
+
+
+def loaded_terminology_names(terminologies_logic) -> set:
+    """The terminology contexts Slicer has loaded. ``GetLoadedTerminologyNames(vtkStringArray)`` exists from
+    Slicer 5.6 on; ``IsTerminologyContextLoaded`` only from 5.10."""
+    import vtk
+
+    names = vtk.vtkStringArray()
+    terminologies_logic.GetLoadedTerminologyNames(names)
+    return {names.GetValue(i) for i in range(names.GetNumberOfValues())}
