@@ -106,6 +106,39 @@ def test_the_selected_view_row_opens_that_hit(mrml_scene):
     assert [logic.resultRowOfViewRow(node, v) for v in (1, 2, 3, 4)] == [0, 1, 2, None]
 
 
+def test_find_similar_follows_the_crosshair_and_the_roi(mrml_scene):
+    """Moving the crosshair or the ROI (which does not modify the parameter node) reaches the panel, so its
+    "outside the query volume" state follows them; after stop() nothing is observed."""
+    from CTFMSlicer.overlay import QueryPlaceObserver
+
+    volume = volume_node_from_image(body_phantom(**GEOMETRIES["lps"]), name="query", scene=mrml_scene)
+    centre = results.volume_centre_ras(volume)
+    far = centre + 1000.0
+    crosshair = set_crosshair(mrml_scene, far)
+    roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenter(*centre)
+    roi.SetSize(10.0, 10.0, 10.0)
+    logic, seen = CTFMRetrieveLogic(), []
+
+    def outside(mode):
+        return any("outside the query volume" in p for p in logic.queryProblems(None, volume, mode, roi, mrml_scene))
+
+    observer = QueryPlaceObserver(lambda: seen.append((outside("crosshair"), outside("roi"))))
+    observer.observe(mrml_scene, roi)
+    assert outside("crosshair") and not outside("roi")
+    crosshair.SetCrosshairRAS(*centre)
+    assert seen[-1] == (False, False)
+    roi.SetCenter(*far)
+    assert seen[-1] == (False, True)
+    crosshair.SetCrosshairRAS(*far)
+    assert seen[-1] == (True, True)
+    observer.stop()
+    count = len(seen)
+    crosshair.SetCrosshairRAS(*centre)
+    roi.SetCenter(*centre)
+    assert len(seen) == count
+
+
 def test_query_arguments_parse_with_the_real_cli():
     from CTFMLib.cli import build_parser
 

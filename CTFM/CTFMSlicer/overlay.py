@@ -205,6 +205,43 @@ def crosshair_ras(scene=None) -> np.ndarray:
     return np.array(node.GetCrosshairRAS(), dtype=np.float64)
 
 
+class QueryPlaceObserver:
+    """Calls ``changed()`` whenever the place a search starts from moves: the crosshair (Shift + mouse move in
+    a slice view) or the ROI (dragged, resized, placed). A panel's state that depends on them ("Find similar"
+    enabled only when they lie in the volume) is otherwise never refreshed: moving them does not modify the
+    parameter node that references the ROI. Plain VTK observers; the panel throttles ``changed`` itself."""
+
+    def __init__(self, changed):
+        self.changed = changed
+        self._observed = []  # (node, observer tag)
+
+    def observe(self, scene, roiNode=None) -> None:
+        """Observe the scene's crosshair node(s) and ``roiNode`` (replacing what was observed before)."""
+        slicer = _slicer()
+        wanted = [(n, "ModifiedEvent") for n in _nodes_of_class(scene, "vtkMRMLCrosshairNode")]
+        if roiNode is not None:
+            wanted += [(roiNode, "ModifiedEvent"), (roiNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent),
+                       (roiNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)]
+        if [(n, e) for n, e, _ in self._observed] == wanted:
+            return
+        self.stop()
+        self._observed = [(n, e, n.AddObserver(e, self._on_event)) for n, e in wanted]
+
+    def stop(self) -> None:
+        for node, _event, tag in self._observed:
+            node.RemoveObserver(tag)
+        self._observed = []
+
+    def _on_event(self, caller, event) -> None:
+        self.changed()
+
+
+def _nodes_of_class(scene, class_name: str) -> list:
+    if scene is None:
+        return []
+    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
 # --- triage table ------------------------------------------------------------------------
 
 
