@@ -262,3 +262,16 @@ def test_ctfm_cli_command_runs_the_cli_with_json_progress(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"not an image")
     result = ProcessRunner(ctfm_cli_command("embed", tmp_path / "junk.nii.gz", "--out", tmp_path / "e.npy")).wait(120)
     assert result.returncode == 2 and "corrupt" in result.stderr_tail
+
+
+def test_a_redrawn_progress_line_arrives_as_a_terminal_shows_it():
+    """Hugging Face / tqdm downloads redraw one line with carriage returns: the log gets the last state, not
+    one very long line."""
+    lines = []
+    runner = ProcessRunner(python_child(r"""
+        import sys
+        sys.stderr.write("model.safetensors:  10%|#  |\rmodel.safetensors:  60%|### |\rmodel.safetensors: 100%|####|\r\n")
+        print("done\r")
+    """), on_line=lambda stream, text: lines.append((stream, text)))
+    runner.wait(timeout=30)
+    assert sorted(lines) == [("stderr", "model.safetensors: 100%|####|"), ("stdout", "done")]

@@ -109,11 +109,11 @@ def ensure_packages(requirements: list, ask_confirmation: bool = True) -> None:
         return
     import slicer
 
-    pydeps = _pydeps_module()
-    if pydeps is not None:
-        # Requirement objects, and Slicer's own binaries kept out of any dependency tree.
-        pydeps.pip_ensure([_parse(r) for r in missing], skip_packages=sorted(NEVER_INSTALL),
-                          prompt_install=ask_confirmation, requester="CT-FM")
+    slicer_packaging = _slicer_packaging()
+    if slicer_packaging is not None:
+        # None of safetensors' and huggingface_hub's dependencies is Slicer's (numpy, SimpleITK, VTK) or
+        # torch, so plain pip_ensure is right (its skip_packages is "a discouraged workaround").
+        slicer_packaging.pip_ensure([_parse(r) for r in missing], prompt_install=ask_confirmation, requester="CT-FM")
         return
     if ask_confirmation and not slicer.util.confirmOkCancelDisplay(
         "CT-FM needs these Python packages, which will be installed now:\n\n" + "\n".join(missing),
@@ -123,19 +123,14 @@ def ensure_packages(requirements: list, ask_confirmation: bool = True) -> None:
     slicer.util.pip_install(" ".join(missing))
 
 
-def _pydeps_module():
-    """Slicer's dependency manager with ``pip_ensure`` (``slicer.pydeps`` since 5.11,
-    ``slicer.packaging`` in some releases), or ``None`` on older Slicer."""
-    import importlib
-
-    for name in ("slicer.pydeps", "slicer.packaging"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "pip_ensure"):
-            return module
-    return None
+def _slicer_packaging():
+    """``slicer.packaging`` (with ``pip_ensure``: Slicer 5.12 and later), or ``None`` on older Slicer, where
+    a confirmation and ``slicer.util.pip_install`` do the same."""
+    try:
+        from slicer import packaging
+    except ImportError:
+        return None
+    return packaging if hasattr(packaging, "pip_ensure") else None
 
 
 def ensure_dependencies(ask_confirmation: bool = True, requirements_path=REQUIREMENTS_FILE) -> None:

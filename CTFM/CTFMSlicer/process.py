@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from CTFMLib.files import remove_tree
+from CTFMLib.files import is_inside, remove_tree
 from CTFMLib.progress import parse_json_progress
 
 STDERR_TAIL_LINES = 40
@@ -37,22 +37,41 @@ STDERR_TAIL_LINES = 40
 PIPE_GRACE_SECONDS = 5.0
 
 
-def work_folder(prefix: str) -> Path:
-    """A new private folder in the system's temporary folder for one child process's files."""
+def temporary_root() -> str:
+    """Where child processes' work folders go: Slicer's temporary folder (its Application Settings, which
+    users point at a large drive) inside Slicer, else the system's temporary folder."""
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        import slicer
+
+        path = slicer.app.temporaryPath  # Slicer 5.6 to main; no application under slicer-core
+    except (ImportError, AttributeError):
+        path = None
+    if path and os.path.isdir(path):
+        return str(path)
+    return tempfile.gettempdir()
+
+
+def work_folder(prefix: str) -> Path:
+    """A new private folder (mode 0700) in :func:`temporary_root` for one child process's files."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=temporary_root()))
 
 
 def remove_work_folder(folder) -> None:
-    """Remove a :func:`work_folder` (only ever a folder inside the system's temporary folder)."""
+    """Remove a :func:`work_folder` (only ever a folder inside a temporary folder: Slicer's or the system's)."""
     import tempfile
 
-    if folder is not None:
-        try:
-            remove_tree(folder, tempfile.gettempdir(), "work folder")
-        except OSError:  # already gone, or a file still open on Windows: the system cleans its temp folder
-            pass
+    if folder is None:
+        return
+    roots = [temporary_root(), tempfile.gettempdir()]
+    root = next((r for r in roots if is_inside(folder, r)), roots[0])
+    try:
+        remove_tree(folder, root, "work folder")
+    except OSError:  # already gone, or a file still open on Windows: the system cleans its temp folder
+        pass
 
 
 @dataclass
@@ -81,8 +100,9 @@ class ProcessResult:
 def python_executable() -> str:
     """The interpreter for child processes: Slicer's ``PythonSlicer`` launcher when present.
 
-    Inside Slicer ``sys.executable`` is ``python-real``, which needs the
-    environment the launcher sets up; ``PythonSlicer`` sets it up itself.
+    Inside Slicer ``sys.executable`` is already ``PythonSlicer`` (qSlicerCoreApplication sets it); a
+    ``python-real`` (Slicer's bare interpreter, which needs the environment the launcher sets up) next to
+    a ``PythonSlicer`` is replaced by it, so both lead to the launcher.
     """
     here = Path(sys.executable).parent
     for name in ("PythonSlicer", "PythonSlicer.exe"):
@@ -194,7 +214,10 @@ class ProcessRunner:
     def _read(self, name: str, stream) -> None:
         # Bytes, decoded leniently: a child's stray non-UTF-8 output must not stop the reader.
         for raw in iter(stream.readline, b""):
-            self._queue.put((name, raw.decode("utf-8", errors="replace").rstrip("\r\n")))
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            # Progress bars (Hugging Face downloads, tqdm) redraw one line with "\r": keep what a terminal shows.
+            text = next((part for part in reversed(text.split("\r")) if part.strip()), "")
+            self._queue.put((name, text))
         stream.close()
 
     @property
