@@ -5,6 +5,7 @@ adding cases and searching run as ``ctfm index`` child processes (Slicer stays r
 button that started the work reads Cancel and kills the process tree).
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -20,7 +21,6 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
@@ -42,10 +42,13 @@ def _addCTFMPackagesToPath():
 
 _addCTFMPackagesToPath()
 
-from CTFMRetrieveLib.logic import RESULT_COLUMNS  # noqa: E402
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
+
+# The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's
+# getDefaultModuleDocumentationLink() would link to a page of Slicer's manual that does not exist.
+DOCUMENTATION_URL = "https://github.com/project-lighter/SlicerCTFM#in-3d-slicer"
 
 
 #
@@ -68,6 +71,8 @@ class CTFMRetrieve(ScriptedLoadableModule):
             "loaded volumes or a folder of scans; double-click a result to load the case with the crosshair on the "
             "matched place. The same index works from the command line: ctfm index add|query|info."
         )
+        self.parent.helpText += "<p>" + _("For more information, see the {link_start}documentation{link_end}.").format(
+            link_start=f'<a href="{DOCUMENTATION_URL}">', link_end="</a>") + "</p>"
         self.parent.acknowledgementText = _(
             "CT-FM was developed by the AIM Program (Mass General Brigham, Harvard Medical School, Maastricht University). "
             "If you use it, please cite: {citation}"
@@ -334,118 +339,22 @@ class CTFMRetrieveLogic(ScriptedLoadableModuleLogic, CTFMRetrieveCoreLogic):
 
 
 #
-# CTFMRetrieveTest
+# CTFMRetrieveTest: in Testing/Python/CTFMRetrieveTest.py
 #
 
 
-class CTFMRetrieveTest(ScriptedLoadableModuleTest):
-    """Tests that need a real Slicer (not run by pytest). From the repository root:
+def __getattr__(name):
+    """``CTFMRetrieveTest``, the in-app tests, from Testing/Python/CTFMRetrieveTest.py (a module ``__getattr__``, PEP 562).
 
-        Slicer --no-splash --no-main-window --testing --additional-module-paths CTFM CTFMSegment CTFMRetrieve CTFMTrain \\
-          --python-code "import slicer.testing; slicer.testing.runUnitTest(['CTFMRetrieve'], 'CTFMRetrieve')"
-
-    or ctest (py_CTFMRetrieve) in an extension build, or Reload and Test in developer mode; see Testing/SlicerTests.md.
-    The logic behind the panel is tested without the application in Testing/test_retrieve_slicer.py.
+    Test and Reload and Test (``ScriptedLoadableModule.runTest``) look ``<ModuleName>Test`` up in this
+    module. The file sits next to this one in the source tree, and CMakeLists.txt installs it with the
+    module, so the same relative path holds in build and install trees. It is executed anew at each
+    look-up, so Reload and Test runs the edited tests.
     """
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        for test in (self.test_ResultsTable, self.test_ButtonStates, self.test_AddFindAndShow):
-            self.setUp()
-            test()
-
-    def _widget(self):
-        widget = slicer.modules.ctfmretrieve.widgetRepresentation().self()
-        widget.initializeParameterNode()
-        return widget
-
-    def _wait(self, widget, seconds: float = 300.0) -> None:
-        import time
-
-        deadline = time.time() + seconds
-        while widget._runner is not None and time.time() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        self.assertIsNone(widget._runner, "the job did not finish in time")
-
-    def test_ResultsTable(self):
-        """Results are ranked by decreasing similarity and shown in the table view, locations in RAS."""
-        import numpy as np
-
-        from CTFMRetrieveLib.jobs import QueryHit
-
-        self.delayDisplay("Results table")
-        hits = [QueryHit(2, 0.5, 7, "/data/b.nii.gz", None, np.array([10.0, -20.0, 30.0]), "patch"),
-                QueryHit(1, 0.9, 3, "/data/a.nrrd", None, np.array([1.0, 2.0, 3.0]), "patch")]
-        table = CTFMRetrieveLogic().resultsTableNode(hits)
-        self.assertEqual([table.GetColumnName(c) for c in range(table.GetNumberOfColumns())], list(RESULT_COLUMNS))
-        self.assertEqual([table.GetCellText(r, 2) for r in range(2)], ["a", "b"])
-        self.assertEqual([float(table.GetCellText(1, c)) for c in (3, 4, 5)], [-10.0, 20.0, 30.0])
-        widget = self._widget()
-        widget.logic.getParameterNode().resultsTable = table
-        self.assertEqual(widget.ui.resultsTableView.mrmlTableNode(), table)
-
-    def test_ButtonStates(self):
-        """Find similar needs an index and a query volume; adding needs an index folder and volumes."""
-        import tempfile
-
-        import numpy as np
-
-        self.delayDisplay("Button states")
-        widget = self._widget()
-        parameterNode = widget.logic.getParameterNode()
-        parameterNode.inputVolume = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), dtype=np.int16), name="query")
-        parameterNode.queryMode = "scan"
-        self.assertFalse(widget.ui.findSimilarButton.enabled)  # no index yet
-        with tempfile.TemporaryDirectory() as folder:
-            parameterNode.indexPath = Path(folder)
-            self.assertTrue(widget.ui.addVolumesButton.enabled)  # an empty folder takes a new index
-            self.assertFalse(widget.ui.findSimilarButton.enabled)  # but holds nothing to search yet
-        self.assertFalse(widget.ui.retrieveProgressBar.visible)
-
-    def test_AddFindAndShow(self):
-        """Add two phantoms with a tiny random encoder, find the place under the crosshair, double-click the best."""
-        import tempfile
-
-        import numpy as np
-
-        from CTFMLib.image import Image
-
-        self.delayDisplay("Add, find similar, show")
-        with tempfile.TemporaryDirectory() as folder:
-            weights = self._tinyEncoder(Path(folder) / "encoder")
-            widget = self._widget()
-            p = widget.logic.getParameterNode()
-            rng = np.random.default_rng(0)
-            for name in ("case-a", "case-b"):
-                hu = np.where(rng.random((48, 48, 30)) > 0.5, 40, -1000).astype(np.int16)
-                from CTFMSlicer.nodes import volume_node_from_image
-
-                volume_node_from_image(Image(hu, spacing=np.array([2.0, 2.0, 4.0])), name=name)
-            p.indexPath, p.weights, p.device = Path(folder) / "index", str(weights), "cpu"
-            widget.ui.addVolumesButton.click()
-            self._wait(widget)
-            self.assertIn("Added 2", widget.ui.indexStatusLabel.text)
-            p.inputVolume, p.queryMode, p.excludeQueryCase = slicer.util.getNode("case-a"), "crosshair", False
-            slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode").SetCrosshairRAS(-20.0, -20.0, 20.0)
-            widget.ui.findSimilarButton.click()
-            self._wait(widget)
-            self.assertEqual(p.resultsTable.GetNumberOfRows(), 2, widget.ui.statusLabel.text)
-            widget.showResult(0)
-            crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode").GetCrosshairRAS()
-            row = widget.logic.resultOfRow(p.resultsTable, 0)
-            np.testing.assert_allclose(crosshair, row["ras"], atol=1e-6)
-
-    @staticmethod
-    def _tinyEncoder(folder):
-        """A random-weights 4-filter SegResEncoder in the published layout (CTFMLib's network: no MONAI needed)."""
-        import torch
-
-        from CTFMLib.networks import build_encoder
-        from CTFMLib.weights import save_pretrained
-
-        torch.manual_seed(0)
-        config = {"architecture": "SegResEncoder", "init_filters": 4, "blocks_down": [1, 1, 1, 1]}
-        return save_pretrained(build_encoder({"init_filters": 4, "blocks_down": [1, 1, 1, 1]}), folder, config)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Testing", "Python", f"{name}.py")
+    if name != "CTFMRetrieveTest" or not os.path.isfile(path):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    return getattr(tests, name)

@@ -7,6 +7,7 @@ a listed file that does not exist); no Slicer build is needed.
 
 import ast
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -30,6 +31,13 @@ def bases(cls: ast.ClassDef):
     return [ast.unparse(b) for b in cls.bases]
 
 
+def in_app_test_classes(module_name):
+    """The classes of the module's in-app test file, <Module>/Testing/Python/<Module>Test.py."""
+    path = REPO / module_name / "Testing" / "Python" / f"{module_name}Test.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+
+
 # --- module files ----------------------------------------------------------------------
 
 
@@ -40,12 +48,21 @@ def test_module_file_has_the_scripted_module_classes(name):
     assert any(ast.unparse(d) == "parameterNodeWrapper" for d in found[f"{name}ParameterNode"].decorator_list)
     assert {"ScriptedLoadableModuleWidget", "VTKObservationMixin", "ParameterNodeWidgetMixin"} <= set(bases(found[f"{name}Widget"]))
     assert bases(found[f"{name}Logic"])[0] == "ScriptedLoadableModuleLogic"
-    assert bases(found[f"{name}Test"]) == ["ScriptedLoadableModuleTest"]
+    # the test class lives in Testing/Python/ (Slicer's module template); the module file hands it to
+    # ScriptedLoadableModule.runTest through its module-level __getattr__
+    assert f"{name}Test" not in found
+    assert bases(in_app_test_classes(name)[f"{name}Test"]) == ["ScriptedLoadableModuleTest"]
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as dashes."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_module_metadata(name):
-    found, _ = classes(name)
+    found, tree = classes(name)
     init = next(f for f in found[name].body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
     assigned = {ast.unparse(t) for n in ast.walk(init) if isinstance(n, ast.Assign) for t in n.targets}
     assert {"self.parent.title", "self.parent.categories", "self.parent.contributors", "self.parent.helpText", "self.parent.acknowledgementText"} <= assigned
@@ -55,6 +72,17 @@ def test_module_metadata(name):
     acknowledgement = next(n.value for n in ast.walk(init) if isinstance(n, ast.Assign)
                            and ast.unparse(n.targets[0]) == "self.parent.acknowledgementText")
     assert "CITATION" in ast.unparse(acknowledgement)
+    # the help ends with a link to the documentation on the extension's homepage (Slicer's
+    # getDefaultModuleDocumentationLink() would point into Slicer's own manual)
+    appended = [n for n in ast.walk(init) if isinstance(n, ast.AugAssign) and ast.unparse(n.target) == "self.parent.helpText"]
+    assert len(appended) == 1 and "DOCUMENTATION_URL" in ast.unparse(appended[0].value)
+    url = next(ast.literal_eval(n.value) for n in tree.body
+               if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "DOCUMENTATION_URL")
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', (REPO / "CMakeLists.txt").read_text()).group(1)
+    assert url.startswith(homepage + "#")
+    anchor = url.split("#", 1)[1]
+    assert anchor in {github_anchor(line) for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+                      if line.startswith("#")}
     shared = (REPO / "CTFM" / "CTFMSlicer" / "__init__.py").read_text(encoding="utf-8")
     assert "arXiv:2501.09001" in shared and "Pai" in shared
 
@@ -62,8 +90,7 @@ def test_module_metadata(name):
 @pytest.mark.parametrize("name", MODULES)
 def test_slicer_tests_run_every_test_method(name):
     """runTest (Reload & Test) calls every test_ method; unittest discovery (ctest) finds them by name."""
-    found, _ = classes(name)
-    test_class = found[f"{name}Test"]
+    test_class = in_app_test_classes(name)[f"{name}Test"]
     methods = {f.name for f in test_class.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")}
     assert methods
     run_test = next(f for f in test_class.body if isinstance(f, ast.FunctionDef) and f.name == "runTest")
@@ -230,12 +257,13 @@ def test_cmake_registers_each_module_with_its_tests(cmake_record, name):
     assert Path(source_dir) == REPO / name
     scripts, resources = set(scripts.split(",")), set(resources.split(","))
     assert f"{name}.py" in scripts
+    assert f"Testing/Python/{name}Test.py" in scripts  # installed next to the module for Reload and Test
     package = ADAPTER_PACKAGES[name]
     expected = {str(p.relative_to(REPO / name)) for p in (REPO / name / package).glob("*.py")}
     assert expected and expected <= scripts
     assert {f"Resources/UI/{name}.ui", f"Resources/Icons/{name}.png"} <= resources
-    unittests = [fields for fields in lines if fields[0] == "unittest" and Path(fields[1]) == REPO / name]
-    assert [(f[2], f[3]) for f in unittests] == [(f"{name}.py", "ON")]
+    unittests = [fields for fields in lines if fields[0] == "unittest" and Path(fields[1]).is_relative_to(REPO / name)]
+    assert [(Path(f[1]), f[2], f[3]) for f in unittests] == [(REPO / name / "Testing" / "Python", f"{name}Test.py", "ON")]
 
 
 def test_cmake_installs_all_of_ctfmlib_and_the_catalogue(cmake_record):

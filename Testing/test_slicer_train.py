@@ -7,7 +7,7 @@ slicer-core whose status and output the test sets the way Slicer's CLI logic doe
 (Base/Logic/vtkSlicerCLIModuleLogic.cxx: ``SetStatus``/``SetOutputText``/``SetErrorText`` from the
 CLI thread, then ``Modified()`` in the main thread). What slicer-core cannot do: run the CLI process
 itself, and set ``ProcessInformation->Progress`` (not wrapped for Python), so ``GetProgress()`` stays
-0 here; CTFMTest in CTFM/CTFM.py runs the real thing inside Slicer.
+0 here; CTFMTest in CTFM/Testing/Python/CTFMTest.py runs the real thing inside Slicer.
 """
 
 import copy
