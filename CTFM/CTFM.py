@@ -12,7 +12,6 @@ responsive) and cancels it with the CLI node's ``Cancel()``.
 import importlib.util
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -66,6 +65,7 @@ from CTFMSlicer.train import (
     trainRequest,
     writeStarterConfig,
 )
+from CTFMSlicer.running import JOBS, JobBusyError
 from CTFMSlicer.widget import ParameterNodeWidgetMixin
 
 CACHE_FOLDER_SETTING = "CTFM/CacheFolder"
@@ -205,6 +205,8 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self._trainNode = None  # its CLI node, reused by the next run
         self._trainMessage = ""  # the last outcome, shown while the section's values stay as they were
         self._trainMessageFor = None
+        self._trainCheckKey = None  # the inputs (and file stamps) the last check of the Train section was for
+        self._trainCheckResult = (None, [])
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -223,11 +225,6 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.ui.openTrainOutputButton.connect("clicked(bool)", self.onOpenTrainOutput)
 
         self.initializeParameterNode()
-
-    def onReload(self) -> None:
-        """Reload & Test: re-import CTFMLib and CTFMSlicer too, not only this file."""
-        _forgetPackages()
-        ScriptedLoadableModuleWidget.onReload(self)
 
     def _jobWidgets(self, section: str) -> tuple:
         """(action button, progress bar, status label, the button's idle text) of a section that runs jobs.
@@ -252,7 +249,11 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         from CTFMLib.cache import ctfm_home
 
         self.ui.cacheFolderPathLineEdit.currentPath = str(ctfm_home())
-        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+        # The path box emits currentPathChanged on every keystroke: a typed path is taken when editing
+        # finishes (Enter, or focus leaves); Browse and programmatic changes at once.
+        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self._onCacheFolderPathChanged)
+        self._cacheFolderTyping().connect("editingFinished()", lambda: self.onCacheFolderChanged(
+            self.ui.cacheFolderPathLineEdit.currentPath))
         self.ui.modelsTableWidget.connect("itemSelectionChanged()", self._updateModelButtons)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
@@ -294,8 +295,17 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             "Download the selected model from Hugging Face into the model folder (runs in the background; "
             "the button then cancels it)."))
 
+    def _cacheFolderTyping(self):
+        """The line edit inside the model-folder path box (ctkPathLineEdit::comboBox, CTK since 2012)."""
+        return self.ui.cacheFolderPathLineEdit.comboBox().lineEdit()
+
+    def _onCacheFolderPathChanged(self, path: str) -> None:
+        if not self._cacheFolderTyping().hasFocus():  # Browse or code, not a keystroke
+            self.onCacheFolderChanged(path)
+
     def onCacheFolderChanged(self, path: str) -> None:
-        if not path:
+        """Use ``path`` as the model folder from now on (this session, the processes it starts, later sessions)."""
+        if not path or path == os.environ.get("CTFM_CACHE"):
             return
         os.environ["CTFM_CACHE"] = path
         qt.QSettings().setValue(CACHE_FOLDER_SETTING, path)
@@ -309,9 +319,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             problem = download_problem(row)
             if problem:
                 raise ValueError(problem)
-            from CTFMSlicer.dependencies import ensure_dependencies
-
-            ensure_dependencies()
+            self.prepareJob(_("CT-FM: download"))
             self.ui.modelsStatusLabel.text = _("Downloading {model}...").format(model=row["title"])
             self._startJob("models", self.logic.startDownload(
                 row["id"], on_progress=self._progressOf("models"),
@@ -334,9 +342,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         if not path:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
-            from CTFMSlicer.dependencies import ensure_dependencies
-
-            ensure_dependencies()
+            self.prepareJob(_("CT-FM: import a model"))
             from CTFMLib.weights import NotPublishedError
 
             try:
@@ -362,9 +368,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
                 _("Remove {model} from this computer?").format(model=row["title"])):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to remove the model."), waitCursor=True):
-            from CTFMSlicer.dependencies import ensure_dependencies
-
-            ensure_dependencies()
+            self.prepareJob(_("CT-FM: remove a model"))
             removed = self.logic.removeModel(row["id"])
             self.ui.modelsStatusLabel.text = (_("Removed {folders}.").format(folders=", ".join(removed)) if removed
                                               else _("{model}: nothing to remove.").format(model=row["title"]))
@@ -438,16 +442,14 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         """
         if self._cancelIfRunning(section):  # the button reads "Cancel" while the section's job runs
             return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
         self._jobWidgets(section)[2].text = ""
         with slicer.util.tryWithErrorDisplay(failure, waitCursor=False):
-            ensure_dependencies()
+            self.prepareJob(_("CT-FM: {section}").format(section=section))
             self._startJob(section, start())
 
     def _startJob(self, section: str, runner) -> None:
         self._jobSection = section
-        self.followRunner(runner)
+        self.followRunner(runner, _("CT-FM: {section}").format(section=section))
         self._showJob(section, True)
 
     def _endJob(self, section: str) -> None:
@@ -667,6 +669,21 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         return trainRequest(p.trainTask, p.trainConfigFile, p.trainOutputFolder, p.trainDevice, p.trainResume,
                             p.trainMaxSteps)
 
+    def _trainCheck(self, p) -> tuple:
+        """``(problem or None, notes)`` of the Train section's inputs. Checking parses the configuration file,
+        so it runs again only when an input, the configuration file or the output folder changed, not on
+        every parameter-node modification."""
+        if not p:
+            return _("No parameter node"), []
+        key = self._trainValues(p) + tuple(_fileStamp(givenPath(path)) for path in (p.trainConfigFile, p.trainOutputFolder))
+        if key != self._trainCheckKey:
+            try:
+                self._trainCheckResult = None, self._trainRequest(p).notes
+            except TrainSetupError as e:
+                self._trainCheckResult = str(e), []
+            self._trainCheckKey = key
+        return self._trainCheckResult
+
     def _trainRunning(self) -> bool:
         return self._trainRun is not None and self._trainRun.running
 
@@ -675,12 +692,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.ui.openTrainOutputButton.enabled = out is not None and out.is_dir()
         if self._trainRunning():
             return
-        problem, notes = _("No parameter node"), []
-        if p:
-            try:
-                problem, notes = None, self._trainRequest(p).notes
-            except TrainSetupError as e:
-                problem = str(e)
+        problem, notes = self._trainCheck(p)
         self.ui.trainButton.enabled = problem is None
         self.ui.trainButton.toolTip = problem or _(
             "Start the CT-FM Train CLI module in the background; the button then cancels it.")
@@ -698,9 +710,11 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=False):
             request = self._trainRequest(p)
             if request.parameters["task"] != "check":  # the check reports what is missing instead
-                from CTFMSlicer.dependencies import ensure_dependencies
-
-                ensure_dependencies()
+                self.prepareJob(_("CT-FM: training"))
+            else:
+                busy = self.jobBusyMessage()
+                if busy:
+                    raise JobBusyError(busy)
             node = self._trainNode
             if node is not None and not slicer.mrmlScene.IsNodePresent(node):
                 node = None  # left with a closed scene
@@ -710,6 +724,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             self._setTrainRunning(True)
             try:
                 self._trainNode = self._trainRun.start()  # returns at once; the CLI runs in Slicer's CLI thread
+                JOBS.take(self, self._trainRun, _("CT-FM: training ({task})").format(task=self._trainRun.task))
             except Exception:
                 self._trainRun = None
                 self._setTrainRunning(False)
@@ -837,8 +852,10 @@ def __getattr__(name):
     return getattr(tests, name)
 
 
-def _forgetPackages():
-    """Drop CTFMLib/CTFMSlicer from sys.modules so Reload picks up their edits too."""
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("CTFMLib", "CTFMSlicer"):
-            del sys.modules[name]
+def _fileStamp(path):
+    """What changes when a file or a folder's entries change (None when there is no such path)."""
+    try:
+        stat = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_mtime_ns, stat.st_size)

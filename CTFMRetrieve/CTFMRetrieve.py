@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 
+import qt
 import slicer
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
@@ -44,6 +45,7 @@ _addCTFMPackagesToPath()
 
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
+from CTFMSlicer.overlay import QueryPlaceObserver  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
 
 # The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's
@@ -134,9 +136,13 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self.loadModuleUI("CTFMRetrieve.ui")
         self.logic = CTFMRetrieveLogic()
         self.observeSceneClose()
-        # Add loaded volumes is possible only once there are volumes.
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self._updateState)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateState)
+        # "Find similar" depends on where the crosshair or the ROI is, which the parameter node does not see;
+        # they move often (Shift + mouse move), so the state is refreshed at most every 200 ms.
+        self._placeTimer = qt.QTimer()
+        self._placeTimer.setSingleShot(True)
+        self._placeTimer.setInterval(200)
+        self._placeTimer.connect("timeout()", self._updateState)
+        self._placeObserver = QueryPlaceObserver(self._placeTimer.start)
         self._idleText = {self.ui.addVolumesButton: self.ui.addVolumesButton.text,
                           self.ui.addFolderButton: self.ui.addFolderButton.text,
                           self.ui.findSimilarButton: self.ui.findSimilarButton.text}
@@ -152,14 +158,33 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
     def cleanup(self) -> None:
         super().cleanup()
+        self._placeObserver.stop()
+        self._placeTimer.stop()
         if self.logic:
             self.logic.clearThumbnails()
+
+    def enter(self) -> None:
+        # Add loaded volumes is possible only once there are volumes: followed while the panel is shown.
+        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
+            if not self.hasObserver(slicer.mrmlScene, event, self._updateState):
+                self.addObserver(slicer.mrmlScene, event, self._updateState)
+        super().enter()
+
+    def exit(self) -> None:
+        super().exit()
+        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
+            if self.hasObserver(slicer.mrmlScene, event, self._updateState):
+                self.removeObserver(slicer.mrmlScene, event, self._updateState)
+        self._placeObserver.stop()
 
     # --- state -------------------------------------------------------------------------
 
     def _updateState(self, caller=None, event=None) -> None:
         p = self._parameterNode
         self.ui.queryRoiLabel.visible = self.ui.queryRoiSelector.visible = bool(p) and p.queryMode == "roi"
+        if p and self.parent.isEntered:
+            self._placeObserver.observe(slicer.mrmlScene, p.queryRoi if p.queryMode == "roi" else None,
+                                        crosshair=p.queryMode == "crosshair")
         table = p.resultsTable if p else None
         if self.ui.resultsTableView.mrmlTableNode() != table:  # re-setting would drop the selection
             self.ui.resultsTableView.setMRMLTableNode(table)
@@ -201,9 +226,9 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self.cancelRunner()
         return True
 
-    def _startJob(self, button, runner, bar) -> None:
+    def _startJob(self, button, runner, bar, what: str = "") -> None:
         self._jobButton = button
-        self.followRunner(runner)
+        self.followRunner(runner, what)
         bar.visible = True
         bar.setRange(0, 0)
         button.text = _("Cancel")
@@ -224,18 +249,16 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
         return progress
 
-    def _launch(self, button, bar, label, failure: str, cancelling: str, start) -> None:
-        """``button`` cancels its running job, or starts ``start()`` (which returns the job's runner) after the
-        Python dependencies are in place, inside an error display titled ``failure``."""
+    def _launch(self, button, bar, label, failure: str, cancelling: str, start, what: str) -> None:
+        """``button`` cancels its running job, or starts ``start()`` (which returns the job's runner, described
+        by ``what``) after the Python dependencies are in place, inside an error display titled ``failure``."""
         if self._cancelIfRunning(button):
             label.text = cancelling
             return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
         label.text = ""
         with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
-            ensure_dependencies()
-            self._startJob(button, start(), bar)
+            self.prepareJob(_("CT-FM Retrieve"))
+            self._startJob(button, start(), bar, what)
 
     def _startAdd(self, button, volumeNodes=(), folders=()) -> None:
         p = self._parameterNode
@@ -244,7 +267,8 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
                      lambda: self.logic.startAdd(
                          p.indexPath, volumeNodes, folders, p.weights, p.device,
                          on_progress=self._progress(self.ui.indexProgressBar, self.ui.indexStatusLabel),
-                         on_done=self._onAddDone))
+                         on_done=self._onAddDone),
+                     _("CT-FM Retrieve: adding cases to the index"))
 
     def onAddVolumes(self) -> None:
         self._startAdd(self.ui.addVolumesButton, volumeNodes=self.logic.volumesToAdd())
@@ -267,7 +291,8 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
                          p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults, p.excludeQueryCase,
                          p.thumbnails, p.device,
                          on_progress=self._progress(self.ui.retrieveProgressBar, self.ui.statusLabel),
-                         on_done=self._onQueryDone))
+                         on_done=self._onQueryDone),
+                     _("CT-FM Retrieve: searching for similar cases"))
 
     def _onQueryDone(self, hits, message: str) -> None:
         self._endJob(self.ui.retrieveProgressBar)
@@ -290,8 +315,7 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         index = view.currentIndex()
         if not index.isValid() or view.mrmlTableNode() is None:
             return None
-        row = view.sortFilterProxyModel().mapToSource(index).row()  # model row = table row (column names as headers)
-        return row if 0 <= row < view.mrmlTableNode().GetNumberOfRows() else None
+        return self.logic.resultRowOfViewRow(view.mrmlTableNode(), view.sortFilterProxyModel().mapToSource(index).row())
 
     def _updateShowButton(self) -> None:
         self.ui.showResultButton.enabled = self._selectedRow() is not None

@@ -159,17 +159,9 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         """Make CT-FM's codes browsable in Slicer's terminology selector (names and colours work without)."""
         from CTFMSegmentLib.segmentation import load_terminology
 
-        try:
-            load_terminology(slicer.modules.terminologies.logic())
-        except AttributeError:  # Terminologies module disabled
-            pass
-
-    def onReload(self) -> None:
-        """Reload & Test: re-import CTFMSegmentLib too, not only this file."""
-        for name in list(sys.modules):
-            if name.split(".")[0] == "CTFMSegmentLib":
-                del sys.modules[name]
-        ScriptedLoadableModuleWidget.onReload(self)
+        terminologies = getattr(slicer.modules, "terminologies", None)
+        if terminologies is not None:  # None: the Terminologies module is disabled
+            load_terminology(terminologies.logic())
 
     # --- state -------------------------------------------------------------------
 
@@ -250,11 +242,9 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         if problems:
             self._log("\n".join(problems))
             return
-        from CTFMSlicer.dependencies import ensure_dependencies
-
         volume, output, show3D = p.inputVolume, p.outputSegmentation, p.show3D
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=False):
-            ensure_dependencies()
+            self.prepareJob(_("CT-FM Segment"))
             self._log(_("Segmenting '{volume}' with {model} ({quality} quality, {spacing} spacing, device {device})...").format(
                 volume=volume.GetName(), model=p.model if p.model != FOLDER else str(p.modelFolder), quality=p.quality,
                 spacing=p.spacing, device=p.device))
@@ -263,7 +253,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                 on_progress=self._onProgress,
                 on_line=lambda stream, text: self._log(text),
                 on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D),
-            ))
+            ), _("CT-FM Segment: segmenting '{volume}'").format(volume=volume.GetName()))
             self._setRunning(True)
 
 

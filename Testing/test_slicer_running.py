@@ -84,3 +84,22 @@ def test_a_second_install_request_is_refused_while_one_runs():
     assert hub.jobBusyMessage() is None
     with JOBS.installing("CT-FM"):  # free again
         pass
+
+
+def test_prepare_job_refuses_while_another_module_runs_or_installs():
+    """Every module's Start goes through prepareJob: another module's job or an install in progress is refused
+    with a message naming it, before any install or child process starts."""
+    segment, retrieve = Panel("CTFMSegment"), Panel("CTFMRetrieve")
+    runner = ProcessRunner(child("import time; time.sleep(30)"))
+    segment.followRunner(runner, "CT-FM Segment: segmenting 'CT chest'")
+    try:
+        with pytest.raises(JobBusyError, match="segmenting 'CT chest'"):
+            retrieve.prepareJob("CT-FM Retrieve")
+    finally:
+        segment.cancelRunner()
+    segment.pollUntilStopped()
+    with JOBS.installing("CT-FM Segment"):
+        with pytest.raises(JobBusyError, match="being installed"):
+            retrieve.prepareJob("CT-FM Retrieve")
+    retrieve.prepareJob("CT-FM Retrieve")  # nothing runs, and torch and CT-FM's packages are installed here
+    assert JOBS.busy_message() is None

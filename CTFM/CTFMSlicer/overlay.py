@@ -215,10 +215,11 @@ class QueryPlaceObserver:
         self.changed = changed
         self._observed = []  # (node, observer tag)
 
-    def observe(self, scene, roiNode=None) -> None:
-        """Observe the scene's crosshair node(s) and ``roiNode`` (replacing what was observed before)."""
+    def observe(self, scene, roiNode=None, crosshair: bool = True) -> None:
+        """Observe the scene's crosshair node(s) (with ``crosshair``) and ``roiNode`` (replacing what was
+        observed before)."""
         slicer = _slicer()
-        wanted = [(n, "ModifiedEvent") for n in _nodes_of_class(scene, "vtkMRMLCrosshairNode")]
+        wanted = [(n, "ModifiedEvent") for n in _nodes_of_class(scene, "vtkMRMLCrosshairNode")] if crosshair else []
         if roiNode is not None:
             wanted += [(roiNode, "ModifiedEvent"), (roiNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent),
                        (roiNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)]

@@ -14,7 +14,7 @@ the package stays importable without the application.
 import slicer
 import vtk
 
-from .running import JOBS, RunnerFollower
+from .running import JOBS, JobBusyError, RunnerFollower
 
 
 class ParameterNodeWidgetMixin:
@@ -48,6 +48,19 @@ class ParameterNodeWidgetMixin:
         """Why this module may not start a job now (another module's job or an install runs), or None."""
         return JOBS.busy_message(self)
 
+    def prepareJob(self, what: str) -> None:
+        """Before starting a job: refuse while another CT-FM job or an install runs (:class:`JobBusyError`,
+        whose message says what runs), then make sure PyTorch and CT-FM's packages are installed, holding
+        the job slot meanwhile: Slicer's pip install processes GUI events, so a second click could
+        otherwise start a second install into the same folder (Slicer 5.6-5.10 ``logProcessOutput``)."""
+        message = self.jobBusyMessage()
+        if message:
+            raise JobBusyError(message)
+        from CTFMSlicer.dependencies import ensure_dependencies
+
+        with JOBS.installing(what):
+            ensure_dependencies()
+
     def followRunner(self, runner, what: str = "") -> None:
         """Poll ``runner`` every 100 ms in the GUI thread, where its callbacks may touch Qt and MRML;
         it holds the one CT-FM job slot (:data:`CTFMSlicer.running.JOBS`), described by ``what``."""
@@ -69,6 +82,14 @@ class ParameterNodeWidgetMixin:
         # A run's on_done may start the next run (the out-of-memory retry): the follower then goes on.
         if self._follower is None or not self._follower.tick():
             self._pollTimer.stop()
+
+    def onReload(self) -> None:
+        """Developer mode's Reload: re-import CTFMLib, CTFMSlicer and the module's own ``<Module>Lib`` too, not
+        only the module file."""
+        forget_packages("CTFMLib", "CTFMSlicer", f"{self.moduleName}Lib")
+        import slicer.ScriptedLoadableModule as scripted
+
+        scripted.ScriptedLoadableModuleWidget.onReload(self)
 
     @staticmethod
     def showFraction(bar, fraction) -> None:
@@ -100,6 +121,7 @@ class ParameterNodeWidgetMixin:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._blankUnsetPathsSoon)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelRunner()  # its result would belong to a scene that is gone
@@ -120,12 +142,40 @@ class ParameterNodeWidgetMixin:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._blankUnsetPathsSoon)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # Widgets carry a "SlicerParameterName" dynamic property in the .ui file.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateState)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._blankUnsetPathsSoon)
+            self._blankUnsetPathsSoon()
         self._updateState()
 
     def _updateState(self, caller=None, event=None) -> None:
         raise NotImplementedError
+
+    def _blankUnsetPathsSoon(self, caller=None, event=None) -> None:
+        import qt
+
+        qt.QTimer.singleShot(0, self._blankUnsetPaths)  # after the parameter node has written the widgets
+
+    def _blankUnsetPaths(self) -> None:
+        """Show an unset path parameter as an empty box, not ".": the wrapper's unset ``Path`` is ``Path()``,
+        which its ctkPathLineEdit connector writes as ``str(Path())`` (guiConnectors.py, Slicer 5.6 to main).
+        Blanking writes the same "." back, which SetParameter ignores (no Modified, so no loop)."""
+        import ctk
+
+        for widget in vars(self.ui).values() if hasattr(self, "ui") else ():
+            if isinstance(widget, ctk.ctkPathLineEdit) and widget.currentPath == ".":
+                widget.currentPath = ""
+
+
+def forget_packages(*packages: str) -> None:
+    """Drop ``packages`` from ``sys.modules`` so that the next import reads their edited files. The job slot
+    (:mod:`CTFMSlicer.running`) stays: every module, reloaded or not, must keep sharing the same one."""
+    import sys
+
+    for name in list(sys.modules):
+        if name.split(".")[0] in packages and name != "CTFMSlicer.running":
+            del sys.modules[name]
