@@ -53,6 +53,7 @@ import numpy as np
 from ..image import Geometry, Image, ImageError
 from ..progress import null_progress, subrange
 from . import targets
+from .budget import check_memory
 from .methods import input_gradients_only, integrated_gradients, occlusion
 from .targets import EMBEDDING_SPACING, index_box
 
@@ -148,7 +149,7 @@ def saliency_image(image: Image, weights=None, target: str = "embedding", method
                    cube_mm: Optional[float] = None, mask_size=None, overlap: float = OVERLAP,
                    batch_size: Optional[int] = None, device: str = "auto", progress=None, spacing="auto",
                    steps: int = GRADIENT_STEPS, occlusion_mode="gaussian", blend: str = "outputs",
-                   labels: Optional[dict] = None) -> SaliencyResult:
+                   labels: Optional[dict] = None, max_memory_gb: Optional[float] = None) -> SaliencyResult:
     """A saliency heatmap of ``image`` (a CT in HU) for ``target`` by ``method`` (module docstring).
 
     ``weights``: the encoder (embedding, point: model id, folder or file, default
@@ -160,6 +161,8 @@ def saliency_image(image: Image, weights=None, target: str = "embedding", method
     ``mask_size``: occlusion cube edge in voxels (one or three; default 10, triage (4, 10, 10)).
     ``batch_size``: occluded copies per forward pass (default 12) or gradient steps per pass
     (default 1). ``progress(fraction, message)`` may raise :class:`CTFMLib.progress.Cancelled`.
+    ``max_memory_gb``: refuse (:class:`~CTFMLib.saliency.budget.SaliencyMemoryError`, naming cheaper settings)
+    before the run when its estimated peak is higher (default: 85% of the memory available).
     """
     from ..embed import select_device
 
@@ -186,7 +189,7 @@ def saliency_image(image: Image, weights=None, target: str = "embedding", method
 
         problem, raw, details, box, notes = _run(target, method, image, weights, point_lps, class_name, labels,
                                                  spacing, region, triage_model, dev, hold, mask_size, overlap,
-                                                 occlusion_mode, blend, batch_size, steps, progress)
+                                                 occlusion_mode, blend, batch_size, steps, progress, max_memory_gb)
     progress(0.95, "mapping the heatmap onto the input grid")
     heat = problem.to_input(np.clip(raw, 0.0, None).astype(np.float32))
     if region is not None:
@@ -209,7 +212,7 @@ def saliency_image(image: Image, weights=None, target: str = "embedding", method
 
 
 def _run(target, method, image, weights, point_lps, class_name, labels, spacing, region, triage_model, dev, hold,
-         mask_size, overlap, occlusion_mode, blend, batch_size, steps, progress) -> tuple:
+         mask_size, overlap, occlusion_mode, blend, batch_size, steps, progress, max_memory_gb=None) -> tuple:
     """Build the target's problem and run the method on it: ``(problem, raw heat, details, box, notes)``."""
     if target == "embedding":
         problem = targets.embedding_problem(image, weights, spacing, dev, hold)
@@ -227,6 +230,13 @@ def _run(target, method, image, weights, point_lps, class_name, labels, spacing,
         if np.any(box[1] <= box[0]):
             raise ImageError("the region does not overlap the part of the image the target looks at")
     notes = list(problem.notes)
+    from ..segment import default_memory_budget_gb
+
+    batch = batch_size or (OCCLUSION_BATCH if method == "occlusion" else 1)
+    budget = default_memory_budget_gb() if max_memory_gb is None else float(max_memory_gb)
+    needed = check_memory(problem.model, tuple(problem.x.shape), method, min(batch, steps) if method == "gradient"
+                          else batch, target, budget, region is not None)
+    notes.append(f"estimated peak memory {needed / 2**30:.1f} GB")
     work = subrange(progress, 0.1, 0.95)
     if method == "occlusion":
         work(0.0, "occluding")
