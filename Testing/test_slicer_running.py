@@ -11,11 +11,14 @@ from CTFMSlicer.running import JOBS, JobBusyError
 from CTFMSlicer.widget import ParameterNodeWidgetMixin
 
 QtCore = pytest.importorskip("PySide6.QtCore")
+QtWidgets = pytest.importorskip("PySide6.QtWidgets")
 
 
 @pytest.fixture(autouse=True)
 def qt_application():
-    return QtCore.QCoreApplication.instance() or QtCore.QCoreApplication([])
+    # A QApplication, as the other Qt tests use: Qt allows one application object per process, and widget
+    # tests abort in a process whose application is only a QCoreApplication.
+    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
 
 
 class Panel(ParameterNodeWidgetMixin):

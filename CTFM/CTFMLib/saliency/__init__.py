@@ -236,7 +236,8 @@ def _run(target, method, image, weights, point_lps, class_name, labels, spacing,
     budget = default_memory_budget_gb() if max_memory_gb is None else float(max_memory_gb)
     needed = check_memory(problem.model, tuple(problem.x.shape), method, min(batch, steps) if method == "gradient"
                           else batch, target, budget, region is not None)
-    notes.append(f"estimated peak memory {needed / 2**30:.1f} GB")
+    notes.append("peak memory not estimated (the network could not be probed)" if needed is None
+                 else f"estimated peak memory {needed / 2**30:.1f} GB")
     work = subrange(progress, 0.1, 0.95)
     if method == "occlusion":
         work(0.0, "occluding")

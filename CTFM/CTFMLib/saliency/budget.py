@@ -46,7 +46,8 @@ def saved_bytes_per_voxel(model: torch.nn.Module, channels: int) -> tuple:
             pass
         return t
 
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     x = torch.zeros((1, channels) + PROBE_SHAPE, device=device, requires_grad=True)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
@@ -61,9 +62,12 @@ def estimate_peak_bytes(model: torch.nn.Module, x_shape, method: str, batch: int
     ``batch`` copies (occluded copies or gradient steps) per pass."""
     from ..segment_plan import FORWARD_BYTES
 
-    channels, voxels = int(x_shape[0]), int(np.prod(x_shape[1:]))
+    # The network may see the input's channels folded into its first axis (triage: HU windows stacked along
+    # S): what scales is the number of input values per network input channel.
+    channels = _input_channels(model) or int(x_shape[0])
+    voxels = int(np.prod(x_shape)) // channels
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
-    inputs = 4 * channels * voxels
+    inputs = 4 * int(np.prod(x_shape))
     if method == "gradient":
         saved, outputs = saved_bytes_per_voxel(model, channels)
         per_voxel = BACKWARD_FACTOR * saved + 4 * OUTPUT_CHAIN_FLOATS * outputs
@@ -74,6 +78,13 @@ def estimate_peak_bytes(model: torch.nn.Module, x_shape, method: str, batch: int
     return int(work + 2 * parameters + PROCESS_BYTES)
 
 
+def _input_channels(model: torch.nn.Module) -> Optional[int]:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            return int(module.in_channels)
+    return None
+
+
 def _first_width(model: torch.nn.Module) -> Optional[int]:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d):
@@ -82,10 +93,13 @@ def _first_width(model: torch.nn.Module) -> Optional[int]:
 
 
 def check_memory(model: torch.nn.Module, x_shape, method: str, batch: int, target: str, budget_gb: float,
-                 has_region: bool) -> int:
+                 has_region: bool) -> Optional[int]:
     """Refuse (:class:`SaliencyMemoryError`) before allocating when the estimate exceeds ``budget_gb``;
-    returns the estimate (bytes)."""
-    needed = estimate_peak_bytes(model, x_shape, method, batch)
+    returns the estimate (bytes), or None where the network cannot be probed (a fixed input size)."""
+    try:
+        needed = estimate_peak_bytes(model, x_shape, method, batch)
+    except (RuntimeError, ValueError, TypeError, IndexError):  # the probe's shape does not suit this network
+        return None
     if needed / 2**30 <= budget_gb:
         return needed
     grid = "x".join(str(int(n)) for n in x_shape[1:])
