@@ -442,16 +442,17 @@ def test_ctfm_saliency_end_to_end(tmp_path, tiny_encoder_folder):
 @pytest.mark.parametrize("args, message", [
     (["--target", "point:1,2"], "point needs three numbers"),
     (["--target", "lesion"], "unknown saliency target"),
-    (["--target", "point:400,0,0", "--method", "gradient"], "lies outside the image"),
+    (["--target", "point:400,0,0", "--method", "gradient", "--weights", "ENC"], "lies outside the image"),
     (["--target", "class:pancreas", "--weights", "SEG"], "no class 'pancreas'"),
     (["--target", "triage"], "--target triage needs --model"),
     (["--target", "embedding", "--cube", "20"], "--cube needs a centre"),
 ])
-def test_ctfm_saliency_errors(tmp_path, capsys, seg_folder, args, message):
+def test_ctfm_saliency_errors(tmp_path, capsys, seg_folder, tiny_encoder_folder, args, message):
     from CTFMLib.cli import main
 
     write_image(body_phantom(shape=(24, 24, 8)), tmp_path / "ct.nii.gz")
-    args = [str(seg_folder) if a == "SEG" else a for a in args]
+    # a model that is on this computer, so that the error under test is the one reported
+    args = [{"SEG": str(seg_folder), "ENC": str(tiny_encoder_folder)}.get(a, a) for a in args]
     rc = main(["--progress", "none", "saliency", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "h.nii.gz"),
                "--device", "cpu", *args])
     assert rc == 2

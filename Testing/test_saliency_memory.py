@@ -67,3 +67,21 @@ def test_the_estimate_covers_the_peak_a_gradient_run_takes():
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["peak_gb"] <= measured["estimate_gb"] <= 2 * measured["peak_gb"], measured
+
+
+def test_ctfm_saliency_past_its_budget_is_one_line_exit_2(tmp_path, tiny_encoder_folder):
+    """The command line: --max-memory-gb below what the run needs refuses in one line, writes nothing."""
+    from ctfm_testing.phantoms import body_phantom
+
+    from CTFMLib.image import write_image
+
+    write_image(body_phantom(shape=(48, 48, 40)), tmp_path / "ct.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "CTFMLib.cli", "--progress", "none", "saliency", str(tmp_path / "ct.nii.gz"),
+                           "--target", "embedding", "--method", "gradient", "--weights", str(tiny_encoder_folder),
+                           "--spacing", "native", "--device", "cpu", "--max-memory-gb", "0.1",
+                           "--out", str(tmp_path / "heat.nii.gz")],
+                          capture_output=True, text=True, timeout=300, cwd=CTFM_ROOT)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "more than the 0.1 GB allowed" in lines[0] and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

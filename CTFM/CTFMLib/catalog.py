@@ -9,6 +9,12 @@ S, P, L that the model was trained at and ``ctfm segment`` resamples to). A file
 is refused (:mod:`CTFMLib.weights`). ``CTFM_CATALOG`` (environment) points to another
 catalogue, e.g. a site's own. At the top level, ``version`` is the file's format and ``ctfm_version``
 the release the catalogue ships with (equal to ``ctfm --version``; only the models are read here).
+
+A model is known by its weights, not only by its name (:meth:`ModelEntry.signature`,
+``CTFMLib.weights.match_catalogue``): weights whose ``model.safetensors`` has an entry's published
+``sha256``, or, where no checksum is published, the entry's network (:data:`CTFM_NETWORK`, or the
+entry's optional ``network`` object, with as many outputs as the entry has labels), get that entry's
+labels, terminology and spacing wherever they come from (a folder, a file, an import).
 """
 
 from __future__ import annotations
@@ -21,6 +27,21 @@ from pathlib import Path
 from typing import Optional
 
 CATALOG_NAME = "Models.json"
+WHOLE_BODY_ID = "whole_body_segmentation"
+# Other names of catalogue models, as users type them (case and surrounding spaces ignored).
+ALIASES = {"whole-body": WHOLE_BODY_ID, "whole_body": WHOLE_BODY_ID, "wholebody": WHOLE_BODY_ID}
+# The network every published CT-FM model is built on (its encoder; CTFMLib.networks.CTFM_ENCODER_CONFIG).
+CTFM_NETWORK = {"in_channels": 1, "init_filters": 32, "blocks_down": [1, 2, 2, 4, 4]}
+
+
+class ModelNote(UserWarning):
+    """What CT-FM says about a model it loads: which catalogue model its weights matched, or that its
+    labels are guessed or unknown. The ``ctfm`` command line prints each as one ``ctfm: note:`` line."""
+
+
+def canonical_name(name) -> str:
+    """A catalogue alias (``whole-body``) as its catalogue id; any other name unchanged."""
+    return ALIASES.get(str(name).strip().lower(), str(name))
 
 
 def catalog_path() -> Path:
@@ -49,6 +70,7 @@ class ModelEntry:
     source: str = "hub"  # "hub": published weights; "user": trained with CTFMTrain and imported
     how_to: str = ""
     spacing: Optional[list] = None  # mm along S, P, L the model works at (segmentation), where known
+    network: Optional[dict] = None  # the published network's shape, where it is not CTFM_NETWORK
 
     def sha256(self, filename: str) -> Optional[str]:
         """The published file's sha256 (lower-case hex), or None when the catalogue does not know it."""
@@ -68,6 +90,34 @@ class ModelEntry:
     @property
     def file_names(self) -> list:
         return [f["name"] for f in self.files]
+
+    @property
+    def output_count(self) -> Optional[int]:
+        """How many outputs (background included) the model has: its ``network``'s ``out_channels``, else
+        one more than its highest label value; None when the entry says neither."""
+        given = (self.network or {}).get("out_channels")
+        if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+            return given
+        try:
+            values = [int(k) for k in (self.labels or {})]
+        except (TypeError, ValueError):
+            return None
+        return max(values) + 1 if values else None
+
+    def signature(self) -> Optional[dict]:
+        """The published network by which weights without a known checksum are recognised, or None.
+
+        ``{"architecture", "in_channels", "init_filters", "blocks_down", "out_channels"}``: the
+        :data:`CTFM_NETWORK` (or the entry's ``network``) with as many outputs as the entry has labels.
+        Only published models with an output count have one: an encoder's shape alone says nothing
+        about which weights it holds.
+        """
+        outputs = self.output_count
+        if not self.repo_id or not self.architecture or outputs is None:
+            return None
+        shape = {**CTFM_NETWORK, **{k: v for k, v in (self.network or {}).items() if k in CTFM_NETWORK}}
+        return {"architecture": self.architecture, **shape, "blocks_down": list(shape["blocks_down"]),
+                "out_channels": outputs}
 
 
 @dataclass
@@ -89,7 +139,8 @@ class Catalog:
         return cls(models, path)
 
     def find(self, name: str) -> Optional[ModelEntry]:
-        """A model by its catalogue id or its Hugging Face repo id."""
+        """A model by its catalogue id, its Hugging Face repo id or an alias (:data:`ALIASES`)."""
+        name = canonical_name(name)
         for m in self.models:
             if name in (m.id, m.repo_id):
                 return m

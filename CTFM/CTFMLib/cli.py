@@ -1,7 +1,7 @@
 """The ``ctfm`` command line.
 
     ctfm info
-    ctfm models list | download ID | import FOLDER_OR_ZIP | remove ID
+    ctfm models list | download ID | import FOLDER_OR_ZIP [--id NAME] | remove ID
     ctfm embed IMAGE --weights SRC --out FILE.npy [--mode volume|scan|point --point X,Y,Z]
     ctfm segment IMAGE --model whole-body|FOLDER|HF_ID --out OUT.nii.gz|OUT.seg.nrrd [--fast] [--structures a,b]
     ctfm segment FOLDER_OR_CSV --model ... --out-dir DIR   (batch: failed inputs are reported and skipped)
@@ -9,6 +9,11 @@
     ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
                   [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz
     ctfm index add|query|info|remove|compact|eval INDEX ...   (similar-case retrieval: CTFMLib.retrieval.commands)
+
+A model is named by a folder or file, a catalogue id (or ``whole-body``), a Hugging Face repo id, or the
+name it was imported under; a command whose model is neither here nor downloadable now stops at once,
+before PyTorch loads, naming the commands that work offline. What CT-FM says about a model (the catalogue
+model its weights matched, labels it had to guess) is printed as ``ctfm: note:`` lines on stderr.
 
 Points are LPS millimetres (DICOM/ITK), or RAS (Slicer) with ``--ras``.
 ``--progress json`` prints machine-readable progress for the Slicer modules.
@@ -108,10 +113,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from . import weights
-
     catalog = load_catalog()
-    if args.action == "list":
+    if args.action == "list":  # no torch: the list is quick everywhere
         claimed = set()
         for m in catalog:
             print(f"{m.id:<28} {m.repo_id or '-':<45} {model_status(m)}\n    {m.title}: {m.description}")
@@ -120,25 +123,38 @@ def cmd_models(args) -> int:
                 claimed.add(imported.name)
         for model_id, folder in cache.imported_models():  # imported under an id the catalogue does not know
             if folder.name not in claimed:
-                print(f"{model_id:<28} {'-':<45} {cache.import_status(folder)}\n    imported model in {folder}")
+                print(f"{model_id:<28} {'-':<45} {cache.import_status(folder)}\n    imported model in {folder}; "
+                      f"use it as --model {_quoted(model_id)} or --weights {_quoted(model_id)}")
         return 0
     if args.action == "download":
         entry = catalog.find(args.name)
+        if entry is not None and not entry.repo_id:
+            raise cache.WeightsNotAvailableError(
+                f"{entry.title} ({entry.id}) has no published weights to download. {entry.how_to}".strip())
         repo_id = entry.repo_id if entry else args.name
-        folder = weights.download(repo_id, revision=args.revision or (entry.revision if entry else None), entry=entry,
-                                  progress=args.progress_cb)
+        cache.model_folder_name(repo_id)  # an id that could name another place is refused before anything
+        revision = args.revision or (entry.revision if entry else None)
+        why = cache.hub_unreachable(cache.DOWNLOAD_PROBE_SECONDS)
+        if why is not None and cache.hub_cached(repo_id, revision) is None:  # fail now, before torch loads
+            raise cache.WeightsNotAvailableError(cache.unavailable_message(repo_id, entry, why, download=True))
+        from . import weights
+
+        folder = weights.download(repo_id, revision=revision, entry=entry, progress=args.progress_cb, explicit=True)
         model, info = weights.load_model(folder if entry is None else args.name, catalog=catalog)
         print(f"{repo_id}: {info.architecture} ready at {folder}")
         return 0
-    if args.action == "import":
-        import shlex
+    from . import weights
 
+    if args.action == "import":
         dest = weights.import_model(args.name, repo_id=args.id, catalog=catalog, force=args.force)
         model_id = (cache.import_marker(dest) or {}).get("id") or dest.name
         entry = catalog.find(model_id)
-        shown = shlex.quote(entry.id if entry else model_id)
+        shown = _quoted(entry.id if entry else model_id)
         note = f" ({cache.NOT_PUBLISHED})" if cache.import_status(dest) == cache.NOT_PUBLISHED else ""
         print(f"imported {shown} into {dest}{note}; use it as --model {shown} or --weights {shown}")
+        if entry is None:
+            for line in weights.model_notes(dest, model_id, catalog):
+                print(f"note: {line}")
         return 0
     if args.action == "remove":
         removed = weights.remove_model(args.name, catalog=catalog)
@@ -147,10 +163,14 @@ def cmd_models(args) -> int:
     raise AssertionError(args.action)
 
 
+def _quoted(name: str) -> str:
+    import shlex
+
+    return shlex.quote(str(name))
+
+
 def cmd_embed(args) -> int:
-    from .embed import embed_image
     from .files import atomic_output, check_outputs
-    from .image import read_image
 
     out = Path(args.out)
     if out.suffix != ".npy":
@@ -164,7 +184,12 @@ def cmd_embed(args) -> int:
     if point is not None and mode != "point":
         raise ValueError(f"--point is used only by --mode point; leave it out for --mode {mode}")
     check_outputs([out], [args.image], overwrite=args.overwrite)
+    from .image import read_image
+
     image = read_image(args.image, series_uid=args.series)
+    check_models(args)  # before torch loads: a model that cannot be had is refused at once
+    from .embed import embed_image
+
     vector = embed_image(
         image, weights=args.weights, mode=mode, point_lps=point, aggregate=args.aggregate,
         device=args.device, precision=args.precision, threads=args.threads, batch_size=args.batch_size,
@@ -300,8 +325,6 @@ def _segment_quality(args) -> str:
 
 def cmd_segment(args) -> int:
     from .files import check_outputs
-    from .image import read_image
-    from .segment import load_segmentation_model, plan_for, run_options, segment_image, select_structures
     from .segment_plan import parse_spacing
 
     quality = _segment_quality(args)
@@ -336,6 +359,10 @@ def cmd_segment(args) -> int:
                 print(f"nothing to do: all {len(done)} outputs exist", flush=True)
                 return 0
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
+    check_models(args)
+    from .image import read_image
+    from .segment import load_segmentation_model, plan_for, run_options, segment_image, select_structures
+
     options = run_options(args.device, args.precision, args.threads, None, args.batch_size)
     model, labels = load_segmentation_model(args.model, args.progress_cb)
     select_structures(labels, structures)  # an unknown name fails once, before any image is read
@@ -411,6 +438,7 @@ def cmd_triage(args) -> int:
     outputs = [Path(p) for p in (args.json, args.saliency) if p]
     check_outputs(outputs, [args.image], overwrite=args.overwrite)
     image = read_image(args.image, series_uid=args.series)
+    check_models(args)
     net, config, _ = load_triage(args.model)
     model = (net, {**config, "name": str(args.model)})  # loaded once, for the result and the saliency map
     progress = subrange(args.progress_cb, 0.0, 0.2 if args.saliency else 1.0)
@@ -473,11 +501,12 @@ def cmd_saliency(args) -> int:
 
         torch.set_num_threads(args.threads)
     image = read_image(args.image, series_uid=args.series)
+    check_models(args)
     result = saliency_image(
         image, weights=args.weights, target=target, method=args.method, point_lps=center if point is None else point,
         class_name=class_name, triage_model=args.model, region_lps=region, cube_mm=args.cube, mask_size=args.mask_size,
         overlap=args.overlap, batch_size=args.batch_size, device=args.device, progress=args.progress_cb,
-        spacing=None if spacing == "native" else spacing, steps=args.steps,
+        spacing=None if spacing == "native" else spacing, steps=args.steps, max_memory_gb=args.max_memory_gb,
     )
     extra = {"image": str(args.image)}
     if result.peak_lps is not None:
@@ -502,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=("list", "download", "import", "remove"))
     models.add_argument("name", nargs="?", help="model id or repo id; for import, a folder or .zip")
     models.add_argument("--revision", help="download: a branch, tag or commit")
-    models.add_argument("--id", help="import: the id to file the model under: a catalogue id, OWNER/NAME or a name "
-                                     "(default: from its config or its folder's name)")
+    models.add_argument("--id", help="import: the name to file the model under, which --model and --weights then "
+                                     "take: a catalogue id, OWNER/NAME or a name (default: the folder's or zip's "
+                                     "name)")
     models.add_argument("--force", action="store_true",
                         help="import: accept other weights than the published ones under a published catalogue id "
                              "(shown as 'imported, not the published weights')")
@@ -608,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     sal.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     sal.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
+    sal.add_argument("--max-memory-gb", type=memory_gb, help="refuse before running when the estimated peak memory "
+                                                          "is higher (default: 85%% of the memory available)")
     sal.add_argument("--overwrite", action="store_true", help="replace --out and its .json if they exist")
     sal.set_defaults(func=cmd_saliency)
 
@@ -631,11 +663,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def _refusals() -> tuple:
-    """Exception types that mean "this input or option cannot be used": one line, exit 2."""
-    from .image import ImageError
-    from .weights import WeightsError
+    """Exception types that mean "this input or option cannot be used": one line, exit 2.
 
-    kinds = [ImageError, WeightsError, ValueError, OSError]
+    Nothing is imported here (an error must not wait for torch): image and weights errors are ValueErrors.
+    """
+    kinds = [cache.WeightsError, ValueError, OSError]
     for module, name in (("CTFMLib.segment", "SegmentationError"), ("CTFMLib.retrieval.store", "RetrievalIndexError"),
                          ("CTFMLib.train.trainer", "TrainingError"), ("CTFMLib.train.config", "ConfigError")):
         if module in sys.modules:  # imported only when a command used it (they pull in torch)
@@ -643,12 +675,65 @@ def _refusals() -> tuple:
     return tuple(kinds)
 
 
+def _model_sources(args) -> list:
+    """The models a command will load (``--weights``, ``--model`` or their defaults), to check before it starts."""
+    command = args.command
+    if command == "embed":
+        return [args.weights]
+    if command in ("segment", "triage"):
+        return [args.model]
+    if command == "saliency":
+        target = str(args.target).strip().lower()
+        if target == "triage":
+            return [args.model] if args.model else []
+        return [args.weights or ("whole-body" if target.startswith("class:") else "ct_fm_feature_extractor")]
+    return []
+
+
+def check_models(args) -> None:
+    """Refuse at once, once the options are checked but before torch loads or any input is read, a model
+    that is neither on this computer nor downloadable now (:func:`CTFMLib.cache.check_available`: the hub is
+    tried once, briefly)."""
+    sources = _model_sources(args)
+    if not sources:
+        return
+    catalog = load_catalog()
+    for source in sources:
+        cache.check_available(source, catalog)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """CT-FM's own warnings as one line each (``ctfm: note:`` for what it says about a model)."""
+    from .catalog import ModelNote
+
+    package = str(Path(__file__).resolve().parent)
+    if not (issubclass(category, ModelNote) or str(Path(filename).resolve()).startswith(package)):
+        return _default(message, category, filename, lineno, file, line)
+    kind = "note" if issubclass(category, ModelNote) else "warning"
+    try:
+        print(f"ctfm: {kind}: {_one_line(message)}", file=file or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None) -> int:
+    import functools
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "models" and args.action != "list" and not args.name:
         parser.error(f"models {args.action} needs a name")
     args.progress_cb = make_renderer(args.progress)
+    from .catalog import ModelNote
+
+    with warnings.catch_warnings():  # restored on return (main may run inside another program)
+        warnings.simplefilter("always", ModelNote)  # what it says of a model, every time it is loaded
+        warnings.showwarning = functools.partial(_show_warning, _default=warnings.showwarning)
+        return _run(args)
+
+
+def _run(args) -> int:
     with terminate_on_sigterm():  # SIGTERM (Slicer's Cancel) unwinds like Ctrl-C: temporary files are removed
         try:
             return args.func(args)

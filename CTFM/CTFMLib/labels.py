@@ -44,6 +44,7 @@ TERMINOLOGY_DIR = "Terminology"
 WHOLE_BODY_FILE = "totalsegmentator_v2.json"
 TERM_JSON_FILE = "CTFM-TotalSegmentator.term.json"
 LABELS_FILE = "labels.json"
+WHOLE_BODY_OUTPUTS = 118  # outputs of the whole-body model: background + the 117 TotalSegmentator v2 structures
 
 DICOM_CONTEXT = "Segmentation category and type - DICOM master list"
 CTFM_CONTEXT = "Segmentation category and type - CT-FM TotalSegmentator"
@@ -356,8 +357,13 @@ def _labels_of(data) -> list:
 
 
 def labels_for_model(info) -> list:
-    """Labels of a loaded model (:class:`CTFMLib.weights.ModelInfo`): its folder's labels.json,
-    else its catalogue entry's, else ``label_1 ..`` for each output channel of its config."""
+    """Labels of a loaded model (:class:`CTFMLib.weights.ModelInfo`): its folder's labels.json, else its
+    catalogue entry's (by name, or the entry its weights matched), else guessed from its output count.
+
+    Guessing says so (a :class:`~CTFMLib.catalog.ModelNote`, also added to ``info.notes``): a model of
+    :data:`WHOLE_BODY_OUTPUTS` outputs gets the TotalSegmentator v2 structures of the whole-body model;
+    any other gets ``label_1 ..`` with the note that its names are unknown and how to add a labels.json.
+    """
     data = getattr(info, "labels", None)
     entry = getattr(info, "entry", None)
     if not data and entry is not None:
@@ -365,9 +371,31 @@ def labels_for_model(info) -> list:
     if data:
         return load_labels(data)
     channels = (getattr(info, "config", None) or {}).get("out_channels")
+    source = getattr(info, "source", "the model")
     if not channels:
-        raise ValueError(f"{getattr(info, 'source', 'the model')} has no labels.json and no out_channels to name")
-    return load_labels({str(v): f"label_{v}" for v in range(1, int(channels))})
+        raise ValueError(f"{source} has no labels.json and no out_channels to name")
+    channels = int(channels)
+    fix = ('add a labels.json ({"1": "name", ...}, one name for each output but the background 0) to the '
+           "model folder (and import it again if it is imported)")
+    if channels == WHOLE_BODY_OUTPUTS:
+        _note(info, f"{source} has no labels.json and its weights match no catalogue model: its {channels} outputs "
+                    "are taken to be the whole-body model's TotalSegmentator v2 structures (background + "
+                    f"{channels - 1}); if they are not, {fix}")
+        return whole_body_labels()
+    _note(info, f"{source} has no labels.json, so the names of its {channels - 1} structures are unknown: they are "
+                f"called label_1 .. label_{channels - 1}; to name them, {fix}")
+    return load_labels({str(v): f"label_{v}" for v in range(1, channels)})
+
+
+def _note(info, text: str) -> None:
+    import warnings
+
+    from .catalog import ModelNote
+
+    notes = getattr(info, "notes", None)
+    if isinstance(notes, list):
+        notes.append(text)
+    warnings.warn(text, ModelNote, stacklevel=3)
 
 
 def label_dict(labels: Iterable[LabelInfo]) -> dict:

@@ -2,10 +2,11 @@
 
 A weights *source* is one of:
 
-- a catalogue id (``ct_fm_feature_extractor``), a Hugging Face repo id
-  (``project-lighter/ct_fm_feature_extractor``) or the id a model was imported
-  under (``my-model``): an imported copy in the CTFM model folder is used first,
-  else the Hugging Face cache, else a download (unless ``HF_HUB_OFFLINE`` is set);
+- a catalogue id (``ct_fm_feature_extractor``) or alias (``whole-body``), a Hugging Face
+  repo id (``project-lighter/ct_fm_feature_extractor``) or the name a model was imported
+  under (``my-model``, by default its folder's name): an imported copy in the CTFM model
+  folder is used first, else the Hugging Face cache, else a download when the hub answers
+  (:func:`CTFMLib.cache.hub_unreachable`; never under ``HF_HUB_OFFLINE``);
 - a folder in the published layout: ``config.json`` + ``model.safetensors``;
 - a single ``.safetensors`` file, or a ``.pt`` / ``.pth`` / ``.ckpt`` file
   read with ``torch.load(weights_only=True)``: nothing is ever unpickled.
@@ -20,6 +21,11 @@ negative, and the loaded network must give finite outputs on a small constant in
 strict: :class:`WeightsMismatchError` names the missing, unexpected and mis-shaped tensors.
 (Upstream users lost results to a ``strict=False`` load that matched nothing and left the network
 random.)
+
+A model is known by its weights, however it was referenced (:func:`match_catalogue`): a folder, file
+or import whose ``model.safetensors`` has a catalogue entry's published sha256, or, where none is
+published, that entry's network and output count, gets the entry's labels, terminology and spacing,
+and says so (a :class:`~CTFMLib.catalog.ModelNote`).
 
 Imports (:func:`import_model`) copy only the files a model needs, as regular files, into a private
 folder in the model store, check them there, and then replace an earlier import in one rename;
@@ -37,6 +43,7 @@ import signal
 import stat
 import struct
 import time
+import warnings
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -48,7 +55,7 @@ import torch
 from torch import nn
 
 from . import cache, files
-from .catalog import Catalog, ModelEntry, load_catalog
+from .catalog import Catalog, ModelEntry, ModelNote, load_catalog
 from .networks import (
     ARCHITECTURES,
     CTFM_ENCODER_CONFIG,
@@ -90,12 +97,9 @@ PICKLE_ALLOWANCE = 1 << 20
 _CHUNK = 1 << 20
 
 
-class WeightsError(ValueError):
-    """Weights cannot be used: unreadable, unsafe, corrupt or not what the model needs (one-line message)."""
-
-
-class WeightsNotAvailableError(WeightsError):
-    """The weights are not on this computer and cannot be downloaded now."""
+# Defined without torch (CTFMLib.cache), so a command can refuse a model before PyTorch is loaded.
+WeightsError = cache.WeightsError
+WeightsNotAvailableError = cache.WeightsNotAvailableError
 
 
 class NotPublishedError(WeightsError):
@@ -118,6 +122,10 @@ class WeightsMismatchError(WeightsError):
             parts.append(f"{len(self.mismatched)} with the wrong shape: {_listing(shown)}")
         where = f" in {source}" if source else ""
         super().__init__(f"the weights{where} do not fit the network; " + "; ".join(parts))
+
+
+def _one_line(e) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
 
 def _listing(names) -> str:
@@ -537,32 +545,19 @@ def infer_config(state: dict) -> dict:
 
 
 def _is_repo_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not Path(source).exists()
+    return cache.is_repo_id(source)
 
 
 def resolve(source: str, catalog: Optional[Catalog] = None, progress=None) -> tuple:
     """Find weights on this computer (downloading if allowed); returns ``(path, catalogue entry or None)``.
 
-    An existing path is taken as it is; otherwise ``source`` is a catalogue id, a repo id or the id
-    a model was imported under (any id :func:`CTFMLib.cache.model_folder_name` accepts).
+    An existing path is taken as it is; otherwise ``source`` is a catalogue id (or alias), a repo id
+    or the id a model was imported under (:func:`CTFMLib.cache.locate`).
     """
-    path = Path(str(source)).expanduser()
-    if path.exists():
-        return path, None
-    catalog = catalog if catalog is not None else load_catalog()
-    entry = catalog.find(str(source))
-    model_id = (entry.repo_id or entry.id) if entry else str(source)
-    imported = imported_model_path(model_id)
-    if imported is not None:
-        return imported, entry
-    if entry is None and not _is_repo_id(str(source)):
-        known = ", ".join(m.id for m in catalog) or "none"
-        mine = ", ".join(i for i, _ in cache.imported_models()) or "none"
-        raise WeightsError(f"no file, folder or known model named {_short(source, 80)} (catalogue models: {known}; "
-                           f"imported: {mine})")
-    if entry is not None and not entry.repo_id:
-        raise WeightsNotAvailableError(f"{entry.title} ({entry.id}) has no published weights. {entry.how_to}".strip())
-    return download(model_id, revision=entry.revision if entry else None, entry=entry, progress=progress), entry
+    path, entry, repo_id = cache.locate(source, catalog)
+    if path is not None:
+        return path, entry
+    return download(repo_id, revision=entry.revision if entry else None, entry=entry, progress=progress), entry
 
 
 def imported_model_path(repo_id: str) -> Optional[Path]:
@@ -579,10 +574,15 @@ def _hub_root() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def download(repo_id: str, revision: Optional[str] = None, entry: Optional[ModelEntry] = None, progress=None) -> Path:
+def download(repo_id: str, revision: Optional[str] = None, entry: Optional[ModelEntry] = None, progress=None,
+             explicit: bool = False) -> Path:
     """Fetch a model repo's files into the Hugging Face cache (or find them there when offline).
 
-    The files are checked against the catalogue's published sizes and checksums where it knows them.
+    The hub is asked only when it accepts a connection (:func:`CTFMLib.cache.hub_unreachable`: within
+    1.5 s, or 10 s for an ``explicit`` download, the ``ctfm models download`` command); otherwise, and
+    under ``HF_HUB_OFFLINE``, only the cache is read, and a model not there is refused at once with the
+    commands that work offline. The files are checked against the catalogue's published sizes and
+    checksums where it knows them.
     """
     cache.model_folder_name(repo_id)  # the same rule for every id that becomes a folder
     try:
@@ -593,24 +593,21 @@ def download(repo_id: str, revision: Optional[str] = None, entry: Optional[Model
             f"install it, or import the model with `ctfm models import FOLDER_OR_ZIP`"
         ) from None
     patterns = entry.file_names if entry and entry.files else [CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, "*.term.json"]
+    # Unreachable (or HF_HUB_OFFLINE): only the cache is read, so nothing waits on the library's retries.
+    offline = cache.hub_unreachable(cache.DOWNLOAD_PROBE_SECONDS if explicit else cache.PROBE_SECONDS)
     if progress:
-        progress(None, f"fetching {repo_id}")
+        progress(None, f"fetching {repo_id}" if offline is None else f"looking for {repo_id} in the download cache")
     try:
         folder = snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=str(cache.hub_cache_dir()) if cache.hub_cache_dir() else None,
             allow_patterns=patterns,
-            local_files_only=cache.hub_offline(),
+            local_files_only=offline is not None,
         )
     except Exception as e:  # network, offline, auth and missing-repo errors all end the same way for the user
-        how = (
-            f"Download it where the internet is reachable with `ctfm models download {entry.id if entry else repo_id}` "
-            f"(or in Slicer: CT-FM > Models > Download), or copy a model folder (config.json + model.safetensors) "
-            f"here with `ctfm models import FOLDER_OR_ZIP`."
-        )
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if cache.hub_offline() else f"{type(e).__name__}: {_short(e, 200)}"
-        raise WeightsNotAvailableError(f"weights {repo_id} are not on this computer ({why}). {how}") from None
+        why = offline or f"{type(e).__name__}: {_short(_one_line(e), 200)}"
+        raise WeightsNotAvailableError(cache.unavailable_message(repo_id, entry, why, download=explicit)) from None
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file():
         raise WeightsNotAvailableError(f"{repo_id} has no {WEIGHTS_NAME}")
@@ -742,7 +739,7 @@ def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] 
     where = f"{folder / CONFIG_NAME}" if config is not None else f"the config inferred from {weights_file.name}"
     if config is None:
         config = infer_config(select_submodule(weights.layout, {"conv_init.weight", "encoder.conv_init.weight"})[0])
-    arch = _network_config(config, where)
+    arch = file_arch = _network_config(config, where)
     if expect == "SegResEncoder" and arch != "SegResEncoder":
         config = {k: config[k] for k in ("spatial_dims", "in_channels", "init_filters", "blocks_down") if k in config}
         config = {**{k: v for k, v in CTFM_ENCODER_CONFIG.items() if k not in config}, **config}
@@ -752,11 +749,99 @@ def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] 
     model, prefix = build_and_load(lambda: build_network(config), weights, str(weights_file))
     info = ModelInfo(str(source), path, arch, config, digest, read_labels(folder) if path.is_dir() else None, entry,
                      notes)
-    if info.labels is None and entry is not None and entry.labels and arch == "SegResNetDS":
-        info.labels = entry.labels
+    for note in notes:  # a forced import under a published id says so wherever it is used
+        _tell(note)
+    if entry is None and arch == file_arch:  # a folder, file or import: known by its weights, if at all
+        match = match_catalogue(weights_file, weights.layout, arch, catalog, digest)
+        if match is not None:
+            info.entry, how = match
+            _tell(_match_note(source, how, info.entry, bool(info.labels)), info.notes)
+            info.sha256 = info.sha256 or info.entry.sha256(WEIGHTS_NAME)  # matched by it, where published
+    if info.labels is None and info.entry is not None and info.entry.labels and arch == "SegResNetDS":
+        info.labels = info.entry.labels
     if prefix:
         info.notes.append(f"took the tensors under '{prefix}'")
     return model, info
+
+
+def _match_note(source, how: str, entry: ModelEntry, own_labels: bool) -> str:
+    own = " (its own labels.json names its outputs)" if own_labels else ""
+    return f"{_short(source, 200)}: {how}; it gets the labels, terminology and spacing of {entry.id}{own}"
+
+
+def model_notes(folder, name: str, catalog: Optional[Catalog] = None) -> list:
+    """What using the checked model ``folder`` will say about it, without loading it: the catalogue model
+    its weights match, or that its output names are guessed or unknown (:func:`CTFMLib.labels.labels_for_model`).
+    For ``ctfm models import``, to say so at once."""
+    from .labels import labels_for_model
+
+    folder = Path(folder)
+    config = read_config(folder)
+    if config is None or config.get("architecture") == "TriageModel":
+        return []
+    arch = _network_config(config, str(folder / CONFIG_NAME))
+    weights_file = folder / WEIGHTS_NAME
+    info = ModelInfo(name, folder, arch, config, labels=read_labels(folder))
+    match = match_catalogue(weights_file, WeightsFile(weights_file).layout, arch, catalog)
+    if match is not None:
+        info.entry = match[0]
+        info.notes.append(_match_note(name, match[1], match[0], bool(info.labels)))
+    if arch == "SegResNetDS":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ModelNote)
+            labels_for_model(info)  # adds its note where the names are guessed or unknown
+    return info.notes
+
+
+def _tell(note: str, notes: Optional[list] = None) -> None:
+    """Say something about the model being loaded: a :class:`~CTFMLib.catalog.ModelNote` (the command line
+    prints it as one ``ctfm: note:`` line), also kept in ``notes``."""
+    if notes is not None:
+        notes.append(note)
+    warnings.warn(note, ModelNote, stacklevel=3)
+
+
+def match_catalogue(weights_file, layout: dict, architecture: str, catalog: Optional[Catalog] = None,
+                    digest: Optional[str] = None) -> Optional[tuple]:
+    """The published catalogue model that ``weights_file`` holds, and how that is known; or None.
+
+    Known by the weights, however they were referenced: first a published ``sha256`` of
+    ``model.safetensors`` (computed only when the catalogue has one to compare, ``digest`` when known);
+    where no checksum is published, the entry's network (:meth:`~CTFMLib.catalog.ModelEntry.signature`:
+    architecture, CT-FM encoder shape and output count, read from the file's tensor shapes) and its
+    published size where known. An entry whose checksum is published never matches by network alone
+    (other weights of that shape are not it), and two entries of one network match neither.
+    """
+    weights_file = Path(weights_file)
+    catalog = catalog if catalog is not None else load_catalog()
+    published = [m for m in catalog if m.repo_id and m.architecture == architecture]
+    hashed = [m for m in published if m.sha256(WEIGHTS_NAME)]
+    if hashed and weights_file.name.lower().endswith(".safetensors"):
+        digest = digest or sha256_file(weights_file)
+        for m in hashed:
+            if digest == m.sha256(WEIGHTS_NAME):
+                return m, f"its weights are the published {m.id} ({m.repo_id}; same sha256)"
+    try:
+        shape = infer_config(select_submodule(layout, {"conv_init.weight", "encoder.conv_init.weight"})[0])
+    except WeightsError:
+        return None
+    size = weights_file.stat().st_size
+    hits = []
+    for m in published:
+        signature = m.signature()
+        if signature is None or m.sha256(WEIGHTS_NAME):
+            continue
+        if m.size(WEIGHTS_NAME) is not None and m.size(WEIGHTS_NAME) != size:
+            continue
+        if all(shape.get(k) == signature[k] for k in ("in_channels", "init_filters", "blocks_down", "out_channels")):
+            hits.append((m, signature))
+    if len(hits) != 1:
+        return None
+    m, signature = hits[0]
+    return m, (f"its weights have the network of the published {m.id} ({m.repo_id}: {m.architecture}, "
+               f"init_filters {signature['init_filters']}, blocks {signature['blocks_down']}, "
+               f"{signature['out_channels']} outputs; no published checksum to compare)")
+
 
 
 # --- saving and importing ---------------------------------------------------------------
@@ -912,26 +997,28 @@ def _stage_folder(source: Path, staged: Path) -> None:
             _copy_member(f.read, now.st_size, staged / name, str(path))
 
 
-def _import_id(repo_id: Optional[str], config: dict, source: Path) -> str:
-    """The id to file an import under: the one given, else the config's ``_name_or_path`` / ``repo_id``
-    when it is a usable id, else the folder's (or zip's) name."""
+def _import_id(repo_id: Optional[str], source: Path) -> str:
+    """The id to file an import under: the one given, else the folder's (or zip's) name, as the user sees it.
+
+    Refused (one line) before anything is copied when it could name another place
+    (:func:`CTFMLib.cache.model_folder_name`: the path rules of :mod:`CTFMLib.files`).
+    """
     if repo_id is not None:
         cache.model_folder_name(repo_id)  # refused here, before anything else, when it could name another place
         return repo_id
-    for candidate in (config.get("_name_or_path"), config.get("repo_id")):
-        if isinstance(candidate, str):
-            try:
-                cache.model_folder_name(candidate)
-                return candidate
-            except ValueError:
-                continue  # a local path or a name that cannot be a folder: not an id
     stem = source.name[: -len(".zip")] if source.name.lower().endswith(".zip") else source.name
     try:
         cache.model_folder_name(stem)
     except ValueError as e:
-        raise WeightsError(f"cannot name the imported model after {source.name} ({e}); give an id with --id NAME") \
-            from None
+        raise WeightsError(f"cannot name the imported model after {_short(source, 200)} ({e}); give it a name: "
+                           f"`ctfm models import {_quote(source)} --id NAME`") from None
     return stem
+
+
+def _quote(path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 @contextmanager
@@ -1018,9 +1105,11 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
     values, labels), and then replaces an earlier import of the same id in one rename; on any error,
     cancel or signal nothing is left behind.
 
-    Under a catalogue id with published weights the import must be those weights (the published
-    checksum), or ``force=True``: it is then recorded (``ctfm-import.json``) and shown everywhere as
-    "imported, not the published weights".
+    Without ``repo_id`` the model is filed under its folder's (or zip's) name, which every command then
+    takes (``--model NAME``, ``--weights NAME``); a name that is a catalogue id or alias (``whole-body``)
+    files it as that catalogue model. Under a catalogue id with published weights the import must be those
+    weights (the published checksum), or ``force=True``: it is then recorded (``ctfm-import.json``) and
+    shown everywhere as "imported, not the published weights".
     """
     source = Path(source)
     catalog = catalog if catalog is not None else load_catalog()
@@ -1029,6 +1118,11 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
         cache.model_folder((given.repo_id or given.id) if given else repo_id)  # refuse a bad id before any work
     if not (source.is_dir() or (source.is_file() and source.suffix.lower() == ".zip")):
         raise WeightsError(f"import takes a model folder or a .zip, not {source}")
+    model_id = _import_id(repo_id, source)
+    entry = catalog.find(model_id)  # a catalogue id, repo id or alias (a folder named whole-body) is that model
+    if entry is not None:
+        model_id = entry.repo_id or entry.id
+    cache.model_folder(model_id)
     store = cache.models_dir()
     dest = None
     with files.temporary_folder(store, "-import", for_path=store / "model") as work:
@@ -1042,15 +1136,11 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
             if not (staged / WEIGHTS_NAME).is_file() or not (staged / CONFIG_NAME).is_file():
                 raise WeightsError(f"a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}; {source} lacks one")
             config = read_config(staged, source)
-            model_id = _import_id(repo_id, config, source)
-            entry = catalog.find(model_id)
-            if entry is not None:
-                model_id = entry.repo_id or entry.id
             dest = cache.model_folder(model_id)
             digest = sha256_file(staged / WEIGHTS_NAME)
             published = None
             if entry is not None and entry.repo_id:
-                published = _published_check(staged, digest, entry, source, force)
+                published = _published_check(staged, digest, entry, source, force, named=repo_id is not None)
             _check_model_folder(staged, config, str(source))
             marker = {"id": model_id, "source": str(source.resolve()), "sha256": digest, "published": published,
                       "forced": bool(force and published is False),
@@ -1064,7 +1154,8 @@ def import_model(source, repo_id: Optional[str] = None, catalog: Optional[Catalo
     return dest
 
 
-def _published_check(staged: Path, digest: str, entry: ModelEntry, source: Path, force: bool) -> bool:
+def _published_check(staged: Path, digest: str, entry: ModelEntry, source: Path, force: bool,
+                     named: bool = True) -> bool:
     """Whether an import under a published catalogue id is the published model; refuses it unless ``force``."""
     problems = []
     for spec in entry.files:
@@ -1082,10 +1173,12 @@ def _published_check(staged: Path, digest: str, entry: ModelEntry, source: Path,
         return True
     if force:
         return False
+    how = "" if named else f"is named like the catalogue model {entry.id}, so it "
     raise NotPublishedError(
-        f"{source} cannot be imported as the published {entry.id} ({entry.repo_id}): {'; '.join(problems)}. "
-        f"Import it under another id (--id NAME), or add --force to import it anyway; it is then shown as "
-        f"'{NOT_PUBLISHED}'")
+        f"{source} {how}cannot be imported as the published {entry.id} ({entry.repo_id}): {'; '.join(problems)}. "
+        f"Import it under a name of its own: `ctfm models import {_quote(source)} --id NAME` (then use it as "
+        f"--model NAME or --weights NAME); or as {entry.id} anyway: `ctfm models import {_quote(source)} --id {entry.id} --force` "
+        f"(then shown as '{NOT_PUBLISHED}')")
 
 
 def remove_model(name: str, catalog: Optional[Catalog] = None) -> list:
