@@ -187,6 +187,7 @@ def cmd_embed(args) -> int:
     from .image import read_image
 
     image = read_image(args.image, series_uid=args.series)
+    _warn_if_not_ct(image, args.image)
     check_models(args)  # before torch loads: a model that cannot be had is refused at once
     from .embed import embed_image
 
@@ -371,6 +372,7 @@ def cmd_segment(args) -> int:
         prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
         try:
             image = read_image(path, series_uid=series)
+            _warn_if_not_ct(image, path, prefix)
             plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation)
             if args.plan:
                 print(json.dumps({"image": str(path), **plan.to_dict()}), flush=True)
@@ -406,7 +408,7 @@ def cmd_train(args) -> int:
 
     try:
         summary = run(args.task, args.config, args.out, resume=args.resume, max_steps=args.max_steps,
-                      device=args.device, progress=args.progress_cb)
+                      device=args.device, progress=args.progress_cb, allow_non_ct=args.allow_non_ct)
     except TrainingError as e:
         print(f"ctfm: training stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
@@ -438,6 +440,7 @@ def cmd_triage(args) -> int:
     outputs = [Path(p) for p in (args.json, args.saliency) if p]
     check_outputs(outputs, [args.image], overwrite=args.overwrite)
     image = read_image(args.image, series_uid=args.series)
+    _warn_if_not_ct(image, args.image)
     check_models(args)
     net, config, _ = load_triage(args.model)
     model = (net, {**config, "name": str(args.model)})  # loaded once, for the result and the saliency map
@@ -501,6 +504,7 @@ def cmd_saliency(args) -> int:
 
         torch.set_num_threads(args.threads)
     image = read_image(args.image, series_uid=args.series)
+    _warn_if_not_ct(image, args.image)
     check_models(args)
     result = saliency_image(
         image, weights=args.weights, target=target, method=args.method, point_lps=center if point is None else point,
@@ -524,11 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="versions, device, cache folders and the model catalogue")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print the information as one JSON object")
     info.set_defaults(func=cmd_info)
 
     models = sub.add_parser("models", help="list, download, import or remove models")
-    models.add_argument("action", choices=("list", "download", "import", "remove"))
+    models.add_argument("action", choices=("list", "download", "import", "remove"),
+                        help="list the catalogue and the imports; download ID; import FOLDER_OR_ZIP; remove ID")
     models.add_argument("name", nargs="?", help="model id or repo id; for import, a folder or .zip")
     models.add_argument("--revision", help="download: a branch, tag or commit")
     models.add_argument("--id", help="import: the name to file the model under, which --model and --weights then "
@@ -544,7 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--weights", default="ct_fm_feature_extractor",
                        help="model id, Hugging Face repo id, folder or .safetensors file (default: %(default)s)")
     embed.add_argument("--out", required=True, help="output .npy file")
-    embed.add_argument("--mode", choices=("volume", "scan", "point"))
+    embed.add_argument("--mode", choices=("volume", "scan", "point"),
+                       help="volume: the whole volume at once; scan: 24x128x128 patches at 3x1x1 mm, combined "
+                            "(--aggregate); point: the patch around --point (default: point with --point, else volume)")
     embed.add_argument("--point", help="X,Y,Z in mm (LPS unless --ras) for --mode point")
     embed.add_argument("--ras", action="store_true", help="--point is in RAS (as Slicer shows it)")
     embed.add_argument("--aggregate", choices=("mean", "max", "min"), default="mean", help="scan mode: how patches combine")
@@ -592,13 +599,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg.set_defaults(func=cmd_segment)
 
     tr = sub.add_parser("train", help="pretrain CT-FM or fine-tune it (runs under torchrun as well)")
-    tr.add_argument("task", choices=("pretrain", "segment", "classify"))
+    tr.add_argument("task", choices=("pretrain", "segment", "classify"),
+                    help="pretrain (contrastive, as CT-FM), segment (fine-tune a SegResNetDS) or classify "
+                         "(triage: full, frozen trunk or linear probe)")
     tr.add_argument("--config", help="training configuration (.json, or .yaml with PyYAML); defaults otherwise")
     tr.add_argument("--out", help="output folder: checkpoints, metrics.csv, the trained model (default: run.out_dir); "
                                   "a new or empty folder, or an earlier run of the same task")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
     tr.add_argument("--max-steps", type=positive_int, help="stop after this many steps (default: optim.max_steps)")
     tr.add_argument("--device", help="auto, cpu, cuda or mps (default: run.device)")
+    tr.add_argument("--allow-non-ct", action="store_true",
+                    help="train on scans whose values do not look like a CT in Hounsfield units (no air or fat, "
+                         "e.g. MR); without it they are skipped and listed in skipped.csv (data.allow_non_ct)")
     tr.set_defaults(func=cmd_train)
 
     tri = sub.add_parser("triage", help="head-CT triage with a model trained by `ctfm train classify`")
@@ -646,14 +658,37 @@ def build_parser() -> argparse.ArgumentParser:
     from .retrieval.commands import add_index_parser  # ctfm index add|query|info|remove|compact|eval
 
     add_index_parser(sub, _add_run_options)
+    _accept_global_options_anywhere(p)
     return p
 
 
+def _accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` and ``--debug`` also after the subcommand (``ctfm segment CT --progress json``): each
+    subcommand knows them too, with no default of its own, so the value given before it stays otherwise."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help="on an error, print the full Python traceback too")
+                subparser.add_argument("--progress", choices=("bar", "json", "none"), default=argparse.SUPPRESS,
+                                       help="how to show progress (json: one JSON object a line on stderr)")
+                _accept_global_options_anywhere(subparser)
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default) or bf16 (faster on GPUs and on CPUs with AVX512-BF16/AMX, slightly different)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
-    p.add_argument("--batch-size", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2, help="patches per forward pass (default: 2)")
+
+
+def _warn_if_not_ct(image, name, prefix: str = "") -> None:
+    """One ``ctfm: warning:`` line on stderr when ``image`` does not look like a CT in HU (CTFMLib.ct_check)."""
+    from .ct_check import warning_for
+
+    warning = warning_for(image, name)
+    if warning:
+        print(f"ctfm: {prefix}warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,6 +1,6 @@
 """``ctfm index``: build, search, inspect and evaluate a retrieval index from the command line.
 
-    ctfm index add INDEX SCANS... [--weights SRC] [--stride S[,P,L]]   (files, folders, CSV lists, DICOM trees)
+    ctfm index add INDEX SCANS... [--weights SRC] [--stride S[,P,L]] [--allow-non-ct]   (files, folders, CSV, DICOM)
     ctfm index query INDEX IMAGE [--point X,Y,Z [--ras] | --box X0,Y0,Z0,X1,Y1,Z1] [-k K] [--exclude-patient] [--json]
     ctfm index info INDEX [--check] [--json]
     ctfm index check INDEX [--repair] [--json]   (verify every vector; --repair drops damaged scans)
@@ -11,7 +11,10 @@
 
 ``add`` is resumable: scans already in the index are skipped (also those another ``add`` running at the
 same time added meanwhile), so an interrupted run is simply started again; a scan that cannot be read
-or embedded is reported and the others go on. A damaged index (a truncated or missing vector file, a
+or embedded is reported and the others go on. A scan whose values do not look like a CT in Hounsfield
+units (:mod:`CTFMLib.ct_check`: an MR volume, a CT without its rescale) is left out and listed, unless
+``--allow-non-ct`` (then it is added with a warning); the exit status is 1 when any scan was left out or
+failed. ``query`` warns about such a query image. A damaged index (a truncated or missing vector file, a
 checksum mismatch) is refused with one line naming ``ctfm index check INDEX --repair``.
 
 ``--stride`` of a new index: up to :data:`STRIDE_WARN_FACTOR` times the default number of patches is
@@ -65,10 +68,13 @@ def add_index_parser(sub, add_run_options) -> None:
                                       "(default: the patch size 24,128,128, no overlap; a warning past "
                                       f"{STRIDE_WARN_FACTOR} times the default number of patches, refused past "
                                       f"{STRIDE_MAX_FACTOR} times, e.g. 6,32,32 is the finest accepted)")
+    add.add_argument("--allow-non-ct", action="store_true",
+                     help="also add scans whose values do not look like a CT in Hounsfield units (no air or fat, "
+                          "e.g. MR); without it they are left out and listed")
     add_run_options(add)
 
     q = actions.add_parser("query", help="the scans (or places in them) most similar to an image, a point or a box")
-    q.add_argument("index")
+    q.add_argument("index", help="the index folder (made by `ctfm index add`)")
     q.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder")
     where = q.add_mutually_exclusive_group()
     where.add_argument("--point", help="X,Y,Z in mm: search for the patch around this point "
@@ -81,7 +87,8 @@ def add_index_parser(sub, add_run_options) -> None:
     q.add_argument("--per-scan", type=non_negative_int, default=1,
                    help="point/box: at most this many places per scan (default 1: the best place in each of the "
                         "k most similar scans; 0: no limit)")
-    q.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    q.add_argument("--metric", choices=("cosine", "l2"), default="cosine",
+                   help="similarity: cosine (default) or Euclidean distance (l2)")
     q.add_argument("--exclude-patient", action="store_true",
                    help="leave out scans of the query's patient (its DICOM PatientID)")
     q.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
@@ -98,10 +105,10 @@ def add_index_parser(sub, add_run_options) -> None:
     add_run_options(q)
 
     info = actions.add_parser("info", help="what the index holds: model, settings, scans, size")
-    info.add_argument("index")
+    info.add_argument("index", help="the index folder (made by `ctfm index add`)")
     info.add_argument("--check", action="store_true",
                       help="also verify files, rows and every vector (as `ctfm index check` does)")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of sentences")
 
     ck = actions.add_parser(
         "check", help="verify every scan's vectors against their checksums; --repair drops the damaged ones",
@@ -110,37 +117,41 @@ def add_index_parser(sub, add_run_options) -> None:
                     "vectors). Exit 0 when consistent, 1 when damaged. --repair drops the damaged scans (vectors "
                     "past a file's end or lost with it, checksum mismatch), says which by id and path, and leaves a "
                     "consistent, writable index: add the dropped scans again.")
-    ck.add_argument("index")
+    ck.add_argument("index", help="the index folder (made by `ctfm index add`)")
     ck.add_argument("--repair", action="store_true", help="drop the damaged scans (a new generation of the files)")
-    ck.add_argument("--json", action="store_true")
+    ck.add_argument("--json", action="store_true", help="print one JSON object instead of sentences")
 
     rm = actions.add_parser("remove", help="remove a scan by id or path (run compact to reclaim space)")
-    rm.add_argument("index")
+    rm.add_argument("index", help="the index folder (made by `ctfm index add`)")
     rm.add_argument("target", help="a scan id (see info/query) or the scan's path")
     rm.add_argument("--series", help="only this DICOM series of the path")
 
     co = actions.add_parser("compact", help="rewrite the vector files without removed scans")
-    co.add_argument("index")
+    co.add_argument("index", help="the index folder (made by `ctfm index add`)")
 
     re_ = actions.add_parser(
         "reembed", help="embed every scan of an index again with other weights, into a new index",
         description="When the model changes: the scans of INDEX (paths, DICOM series, CSV columns, patch stride) "
-                    "are embedded with --weights into NEW_INDEX; INDEX is left as it is (vectors of different "
+                    "are embedded with --weights into OUTPUT; INDEX is left as it is (vectors of different "
                     "weights never share an index). Resumable like add, and runs under torchrun like add.")
     re_.add_argument("index", help="the index whose scans are re-embedded (not changed)")
     re_.add_argument("output", help="the new index folder (created; started again, it continues)")
     re_.add_argument("--weights", required=True, help="the new encoder: model id, folder or file")
+    re_.add_argument("--allow-non-ct", action="store_true",
+                     help="also re-embed scans whose values do not look like a CT in Hounsfield units (added "
+                          "to INDEX with --allow-non-ct); without it they are left out and listed")
     add_run_options(re_)
 
     ev = actions.add_parser("eval", help="leave-one-out retrieval scores of the labelled scans: HR@k, P@k, AP@k, mAP")
-    ev.add_argument("index")
+    ev.add_argument("index", help="the index folder (made by `ctfm index add`)")
     ev.add_argument("--labels", required=True,
                     help="CSV with columns path,label (optional series_uid; optional split = query|database, "
                          "else every labelled scan queries all the others)")
     ev.add_argument("-k", default="1,3,5,10", help="cut-offs, comma-separated (default: %(default)s)")
-    ev.add_argument("--metric", choices=("cosine", "l2"), default="cosine")
+    ev.add_argument("--metric", choices=("cosine", "l2"), default="cosine",
+                    help="similarity: cosine (default) or Euclidean distance (l2)")
     ev.add_argument("--exclude-patient", action="store_true", help="leave out scans of the query's patient")
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_index)
 
 
@@ -282,14 +293,18 @@ def plan_add(args) -> SimpleNamespace:
                            total=len(scans) + len(failed), source=source, settings=settings)
 
 
-def add_scans(todo, runner, digest: str, config: dict, progress, index=None, create=None, label: str = "") -> tuple:
+def add_scans(todo, runner, digest: str, config: dict, progress, index=None, create=None, label: str = "",
+              allow_non_ct: bool = False, not_ct: list | None = None) -> tuple:
     """Embed each scan of ``todo`` and add it to ``index``: ``(added, skipped, failed descriptions)``.
 
     ``index``: an open index, or ``None`` and ``create(dim)`` makes it with the first vector (its length is
     the model's). The index is closed at the end. ``label`` starts every line printed (e.g. the rank).
     A scan that cannot be read or embedded is reported and the others go on; a refusal of the index
-    itself (other weights, locked) is raised, as it would repeat for every scan.
+    itself (other weights, locked) is raised, as it would repeat for every scan. A scan whose values do
+    not look like a CT in HU (:func:`CTFMLib.ct_check.not_ct_reason`) is left out with a line on stderr and
+    its description appended to ``not_ct``; with ``allow_non_ct`` it is added, after a warning.
     """
+    from ..ct_check import not_ct_reason
     from ..progress import Cancelled, subrange
     from ..train.data import read_scan
     from .embedding import scan_embeddings
@@ -306,6 +321,16 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
                     skipped += 1  # another process added it meanwhile
                     continue
                 image = read_scan(ref)
+                reason = not_ct_reason(image)
+                if reason and not allow_non_ct:
+                    if not_ct is not None:
+                        not_ct.append(ref.describe())
+                    print(f"ctfm: {label}left out {ref.describe()}: {reason} (--allow-non-ct adds it)",
+                          file=sys.stderr, flush=True)
+                    continue
+                if reason:
+                    print(f"ctfm: {label}warning: adding {ref.describe()} although it is {reason} (--allow-non-ct)",
+                          file=sys.stderr, flush=True)
                 scan_vector, patches, centres = scan_embeddings(
                     image, runner, progress=lambda f, m, sub=sub, p=prefix: sub(f, f"{p}: {m}"), **settings)
                 if index is None:
@@ -332,9 +357,12 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
     return added, skipped, failed
 
 
-def print_summary(added: int, skipped: int, failed: list, total: int) -> None:
-    print(f"added {added}, already indexed {skipped}, failed {len(failed)} of {total}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+def print_summary(added: int, skipped: int, failed: list, total: int, not_ct: list = ()) -> None:
+    """``added A, already indexed S, [left out N not CT-like (--allow-non-ct adds them), ]failed F of T``."""
+    left_out = (f"left out {len(not_ct)} not CT-like (--allow-non-ct adds them), " if not_ct else "")
+    print(f"added {added}, already indexed {skipped}, {left_out}failed {len(failed)} of {total}"
+          + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; not CT-like: {', '.join(not_ct)}" if not_ct else ""), flush=True)
 
 
 def cmd_add(args) -> int:
@@ -347,7 +375,7 @@ def cmd_add(args) -> int:
     from .index import VectorIndex
 
     plan = plan_add(args)
-    added, skipped, failed = 0, plan.skipped, list(plan.failed)
+    added, skipped, failed, not_ct = 0, plan.skipped, list(plan.failed), []
     if plan.todo:  # the weights are loaded (and hashed) only when there is work
         model, model_id, digest = load_encoder(plan.source, args.progress_cb)
         runner = Runner(model, run_options(args), args.progress_cb)
@@ -357,10 +385,11 @@ def cmd_add(args) -> int:
         def create(dim):  # atomic: an index another add created meanwhile is opened (same weights and settings)
             return VectorIndex.open_or_create(plan.root, model_id, digest, dim, config)
 
-        done, late, bad = add_scans(plan.todo, runner, digest, config, args.progress_cb, index, create)
+        done, late, bad = add_scans(plan.todo, runner, digest, config, args.progress_cb, index, create,
+                                    allow_non_ct=getattr(args, "allow_non_ct", False), not_ct=not_ct)
         added, skipped, failed = done, skipped + late, failed + bad
-    print_summary(added, skipped, failed, plan.total)
-    return 1 if failed else 0
+    print_summary(added, skipped, failed, plan.total, not_ct)
+    return 1 if failed or not_ct else 0
 
 
 def _opt(value):
@@ -395,6 +424,11 @@ def cmd_query(args) -> int:
             raise ValueError(f"the weights {source} are not those the index was built with (sha256 {digest[:16]}... "
                              f"!= {index.weights_hash[:16]}...); give those weights, or rebuild the index")
         image = read_image(args.image, series_uid=args.series)
+        from ..ct_check import warning_for
+
+        warning = warning_for(image, args.image)
+        if warning:
+            print(f"ctfm: warning: {warning}", file=sys.stderr, flush=True)
         exclude = None
         if args.exclude_patient:
             exclude = _opt(image.metadata.get("patient_id"))

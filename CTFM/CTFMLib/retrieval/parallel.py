@@ -116,7 +116,7 @@ def cmd_add(args) -> int:
             return commands.EXIT_ERROR  # rank 0 printed why
 
         mine = share(plan["todo"], rank, world)
-        added, skipped, failed = 0, 0, []
+        added, skipped, failed, not_ct = 0, 0, [], []
         if mine:
             if runner is None:
                 model, _, digest = commands.load_encoder(plan["source"], progress)
@@ -124,16 +124,19 @@ def cmd_add(args) -> int:
             config = embedding_settings(**plan["settings"])
             index = VectorIndex.open(plan["root"], weights_hash=digest, timeout=LOCK_TIMEOUT)
             added, skipped, failed = commands.add_scans(mine, runner, digest, config, progress, index,
-                                                        label=f"rank {rank}: ")
+                                                        label=f"rank {rank}: ",
+                                                        allow_non_ct=getattr(args, "allow_non_ct", False),
+                                                        not_ct=not_ct)
 
         results = [None] * world
-        dist.all_gather_object(results, (added, skipped, failed))
+        dist.all_gather_object(results, (added, skipped, failed, not_ct))
         failed = list(plan["failed"]) + [f for r in results for f in r[2]]
+        not_ct = [d for r in results for d in r[3]]
         if rank == 0:
             commands.print_summary(sum(r[0] for r in results), plan["skipped"] + sum(r[1] for r in results),
-                                   failed, plan["total"])
+                                   failed, plan["total"], not_ct)
         dist.barrier()  # no rank exits (and has torchrun stop the others) before the summary is out
-        return 1 if failed else 0
+        return 1 if failed or not_ct else 0
     finally:
         if owns and dist.is_initialized():
             dist.destroy_process_group()

@@ -120,8 +120,8 @@ class TriageScanCache(ScanCache):
     KIND = "triage"
     PRETRAINING_FILTERS = False  # head CTs of 30 slices at 5 mm are what triage is for
 
-    def __init__(self, folder, spacing=DEFAULT_SPACING, orientation: str = "SPL"):
-        super().__init__(folder, spacing=spacing, orientation=orientation)
+    def __init__(self, folder, spacing=DEFAULT_SPACING, orientation: str = "SPL", allow_non_ct: bool = False):
+        super().__init__(folder, spacing=spacing, orientation=orientation, allow_non_ct=allow_non_ct)
 
     @property
     def config(self) -> dict:
@@ -129,7 +129,7 @@ class TriageScanCache(ScanCache):
         return {**config, "kind": self.KIND, "filters": "modality and localizer only"}
 
     def _init_args(self) -> tuple:
-        return (str(self.folder), self.spacing, self.orientation)
+        return (str(self.folder), self.spacing, self.orientation, self.allow_non_ct)
 
     def preprocess(self, image) -> np.ndarray:
         from ..triage import triage_volume

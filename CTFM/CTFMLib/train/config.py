@@ -7,8 +7,12 @@ type of their default (a default of ``None`` accepts anything).
 
 Sections shared by all tasks (units in brackets):
 
-- ``data``: ``source`` (list of files / folders / CSV / DICOM trees), ``cache_dir`` (preprocessed-scan cache,
-  ``None`` = ``<out_dir>/data``), ``workers`` (preprocessing processes), ``val_fraction`` (0-1).
+- ``data``: ``source`` (list of files / folders / CSV / DICOM trees; relative paths are taken from the
+  current folder), ``cache_dir`` (the preprocessed-scan cache; ``None`` = ``data/`` in the run's output
+  folder, i.e. ``<--out>/data``, or ``<run.out_dir>/data`` without ``--out``; a relative path is taken from
+  the current folder), ``workers`` (preprocessing processes), ``val_fraction`` (0-1), ``allow_non_ct``
+  (``false``: scans whose values do not look like a CT in HU, :mod:`CTFMLib.ct_check`, are skipped and
+  listed in ``skipped.csv``; ``true`` (``ctfm train --allow-non-ct``): they are trained on).
 - ``optim``: ``lr``, ``weight_decay`` (AdamW), ``warmup_steps``, ``max_steps`` [optimizer updates],
   ``grad_clip`` (max gradient norm, ``None`` = off).
 - ``run``: ``seed``, ``device`` (auto/cpu/cuda[:N]), ``precision`` (auto/fp32/bf16/fp16; mixed precision on
@@ -18,10 +22,19 @@ Sections shared by all tasks (units in brackets):
 - ``model``: ``init_filters``, ``blocks_down`` (SegResEncoder), ``weights`` (start from these weights: any
   ``weights.load_model`` source, ``None`` = random init).
 
+Pretraining's ``pretrain.projection`` (the projection head's widths, input first) defaults to ``None``:
+derived from the encoder as ``[C, C/2, C/4]`` with ``C = model.init_filters * 2**(len(model.blocks_down) - 1)``
+(``[512, 256, 128]`` for the published encoder), so changing the encoder needs no second edit. A list given
+must start with ``C``.
+
 Every value is range-checked when the configuration is loaded (see "value checks" below: finite numbers,
 spacings in 0.05-50 mm, probabilities in [0, 1], crop sizes that fit a training step's memory, ...), and
-:func:`check_for_training` checks the keys that go together, so a wrong value is a one-line
-:class:`ConfigError` before any scan is read or any folder made.
+so are the keys that go together (:func:`check_for_training`: the projection's input width, crop sizes the
+encoder's levels divide). Every problem is collected: one :class:`ConfigError` lists them all (its
+``problems``), in one line, before any scan is read or any folder made. :func:`CTFMLib.train.run.run` adds
+the data sources (each must exist) and the output folder to that list.
+
+This module imports no torch (the Slicer hub checks configurations with it).
 """
 
 from __future__ import annotations
@@ -30,14 +43,15 @@ import copy
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 TASKS = ("pretrain", "segment", "classify")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 _SHARED = {
-    "data": {"source": [], "cache_dir": None, "workers": 2, "val_fraction": 0.0},
+    "data": {"source": [], "cache_dir": None, "workers": 2, "val_fraction": 0.0, "allow_non_ct": False},
     "optim": {"lr": 1e-4, "weight_decay": 1e-6, "warmup_steps": 100, "max_steps": 10000, "grad_clip": None},
     "run": {
         "seed": 0,
@@ -58,7 +72,7 @@ _PRETRAIN = {
     "crops_per_scan": 15,
     "crop_size": [32, 128, 128],  # voxels, (S, P, L) at `spacing`
     "temperature": 0.1,
-    "projection": [512, 256, 128],
+    "projection": None,  # None: [C, C/2, C/4], C the encoder's deepest channel count (512 -> [512, 256, 128])
     "spacing": [3, 1, 1],  # mm, (S, P, L)
     "hu_range": [-1024, 2048],
     "views": {
@@ -125,26 +139,88 @@ _NULLABLE = {"model.weights", "segment.labels", "segment.spacing"}
 
 
 class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message says which key and why."""
+    """A configuration file or override that cannot be used; the message says which key and why.
+
+    ``problems``: every problem found (the message lists them all, in one line). From :func:`load_config`:
+    ``config``, the configuration as far as it could be merged (a bad value keeps its default), and
+    ``bad_keys``, the keys with a problem, so that a caller can go on checking what does not depend on them.
+    """
+
+    def __init__(self, message: str = "", problems: Optional[Iterable[str]] = None, config: Optional[dict] = None,
+                 bad_keys: Iterable[str] = ()):
+        self.problems = [str(p) for p in problems] if problems is not None else [str(message)]
+        self.config = config
+        self.bad_keys = set(bad_keys)
+        super().__init__(message if problems is None else joined_problems(self.problems))
+
+    def concerns(self, *keys: str) -> bool:
+        """Whether a problem concerns one of ``keys`` (or a key inside one of them)."""
+        return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for key in keys
+                   for k in self.bad_keys)
+
+
+def joined_problems(problems: list) -> str:
+    """One line for a list of problems: the problem itself, or ``"3 problems: (1) ...; (2) ...; (3) ..."``."""
+    flat = [" ".join(str(p).split()) for p in problems]
+    if len(flat) == 1:
+        return flat[0]
+    return f"{len(flat)} problems: " + "; ".join(f"({n}) {p}" for n, p in enumerate(flat, 1))
+
+
+class _Problems(list):
+    """The problems found so far, and the keys they concern (so that checks built on a bad key are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: set = set()
+
+    def add(self, key: str, message: str) -> None:
+        self.append(message)
+        self.keys.add(key)
+
+    @contextmanager
+    def check(self, key: str):
+        try:
+            yield
+        except ConfigError as e:
+            for problem in e.problems:
+                self.add(key, problem)
+
+    def run(self, key: str, function, *args, **kwargs):
+        """``function(*args, **kwargs)``, or ``None`` with its ConfigError recorded under ``key``."""
+        with self.check(key):
+            return function(*args, **kwargs)
+        return None
+
+    def bad(self, *keys: str) -> bool:
+        """Whether a problem concerns one of ``keys`` (or a key inside one of them)."""
+        return any(k == key or k.startswith(key + ".") for key in keys for k in self.keys)
 
 
 def load_config(path: str | Path | None, task: str, overrides: dict | None = None) -> dict:
     """``DEFAULTS[task]`` deep-merged with the file at ``path`` (JSON; YAML when PyYAML imports) and ``overrides``.
 
     ``overrides`` is nested like the file, or flat with dotted keys (``{"optim.lr": 3e-4}``), or a mix.
-    Returns a new dict; ``DEFAULTS`` is never modified. Raises :class:`ConfigError`.
+    Returns a new dict, every value checked, ``pretrain.projection`` derived when it is ``None``; ``DEFAULTS``
+    is never modified. Raises :class:`ConfigError` listing every problem found (unknown keys, wrong types,
+    values out of range, keys that do not go together).
     """
     if task not in DEFAULTS:
         raise ConfigError(f"unknown training task {task!r}; choose one of: {', '.join(TASKS)}")
     config = copy.deepcopy(DEFAULTS[task])
+    problems = _Problems()
     if path is not None:
-        _merge(config, _read(Path(path)), "", str(path))
+        _merge(config, _read(Path(path)), "", str(path), problems)
     if overrides:
-        _merge(config, _undot(overrides), "", "overrides")
+        _merge(config, _undot(overrides), "", "overrides", problems)
     if config["task"] != task:
-        raise ConfigError(f"the configuration is for task {config['task']!r} but {task!r} was requested; "
-                          "remove the `task` key or use the matching task")
-    _check_values(config)
+        problems.add("task", f"the configuration is for task {config['task']!r} but {task!r} was requested; "
+                             "remove the `task` key or use the matching task")
+        config["task"] = task
+    _check_values(config, problems)
+    _check_together(config, problems)
+    if problems:
+        raise ConfigError(problems=problems, config=config, bad_keys=problems.keys)
     return config
 
 
@@ -202,20 +278,29 @@ def _deep_update(base: dict, new: dict) -> None:
             base[k] = v
 
 
-def _merge(base: dict, new: dict, prefix: str, source: str) -> None:
+def _merge(base: dict, new: dict, prefix: str, source: str, problems: Optional[_Problems] = None) -> None:
+    """Merge ``new`` into ``base``; every unknown key and wrong type goes to ``problems`` (raised at once
+    without it) and leaves the default in place."""
+    own = problems is None
+    problems = _Problems() if own else problems
     for key, value in new.items():
         name = f"{prefix}{key}"
         if key not in base:
             allowed = ", ".join(f"{prefix}{k}" for k in base)
-            raise ConfigError(f"unknown configuration key {name!r} in {source}; allowed here: {allowed}")
+            problems.add(name, f"unknown configuration key {name!r} in {source}; allowed here: {allowed}")
+            continue
         default = base[key]
         if isinstance(default, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{name!r} in {source} must be a section (mapping) with keys "
-                                  f"{', '.join(default)}, not {value!r}")
-            _merge(default, value, name + ".", source)
+                problems.add(name, f"{name!r} in {source} must be a section (mapping) with keys "
+                                   f"{', '.join(default)}, not {value!r}")
+                continue
+            _merge(default, value, name + ".", source, problems)
         else:
-            base[key] = _coerce(default, value, name, source)
+            with problems.check(name):
+                base[key] = _coerce(default, value, name, source)
+    if own and problems:
+        raise ConfigError(problems=problems)
 
 
 def _coerce(default: Any, value: Any, name: str, source: str) -> Any:
@@ -357,84 +442,100 @@ def _step_input(n_crops: int, voxels: int, name: str) -> None:
                           f"{MAX_STEP_INPUT_BYTES // 2 ** 30} GiB: lower run.scans_per_step or the crop size")
 
 
-def _check_values(config: dict) -> None:
-    """Every value of every section within its range (called by :func:`load_config`); raises ConfigError."""
+def _check_values(config: dict, p: Optional[_Problems] = None) -> None:
+    """Every value of every section within its range (called by :func:`load_config`); each problem goes to
+    ``p`` (without it, ConfigError listing them is raised)."""
+    own = p is None
+    p = _Problems() if own else p
     data, optim, run, model = config["data"], config["optim"], config["run"], config["model"]
     sources = data["source"]
     if not isinstance(sources, list) or not all(isinstance(s, str) and s.strip() for s in sources):
-        raise ConfigError(f"data.source must be a list of paths (text), not {_shown(sources)}")
-    _text(data["cache_dir"], "data.cache_dir", nullable=True)
-    _number(data["workers"], "data.workers", 0, 256, integer=True)
-    _number(data["val_fraction"], "data.val_fraction", 0.0, 1.0, high_open=True,
-            what="a fraction (of the scans held out for validation)")
+        p.add("data.source", f"data.source must be a list of paths (text), not {_shown(sources)}")
+    p.run("data.cache_dir", _text, data["cache_dir"], "data.cache_dir", nullable=True)
+    p.run("data.workers", _number, data["workers"], "data.workers", 0, 256, integer=True)
+    p.run("data.val_fraction", _number, data["val_fraction"], "data.val_fraction", 0.0, 1.0, high_open=True,
+          what="a fraction (of the scans held out for validation)")
 
-    _number(optim["lr"], "optim.lr", 0.0, low_open=True)
-    _number(optim["weight_decay"], "optim.weight_decay", 0.0)
-    _number(optim["warmup_steps"], "optim.warmup_steps", 0, integer=True)
-    _number(optim["max_steps"], "optim.max_steps", 1, 10 ** 9, integer=True)
+    p.run("optim.lr", _number, optim["lr"], "optim.lr", 0.0, low_open=True)
+    p.run("optim.weight_decay", _number, optim["weight_decay"], "optim.weight_decay", 0.0)
+    p.run("optim.warmup_steps", _number, optim["warmup_steps"], "optim.warmup_steps", 0, integer=True)
+    p.run("optim.max_steps", _number, optim["max_steps"], "optim.max_steps", 1, 10 ** 9, integer=True)
     if optim["grad_clip"] is not None:
-        _number(optim["grad_clip"], "optim.grad_clip", 0.0, low_open=True,
-                what="a positive number (the largest gradient norm) or null (no clipping),")
+        p.run("optim.grad_clip", _number, optim["grad_clip"], "optim.grad_clip", 0.0, low_open=True,
+              what="a positive number (the largest gradient norm) or null (no clipping),")
 
-    _number(run["seed"], "run.seed", 0, MAX_SEED, integer=True)
+    p.run("run.seed", _number, run["seed"], "run.seed", 0, MAX_SEED, integer=True)
     if not isinstance(run["device"], str) or not _DEVICE.match(run["device"].strip().lower()):
-        raise ConfigError(f"run.device must be auto, cpu, mps, cuda or cuda:N, not {_shown(run['device'])}")
+        p.add("run.device", f"run.device must be auto, cpu, mps, cuda or cuda:N, not {_shown(run['device'])}")
     if run["precision"] not in PRECISIONS:
-        raise ConfigError(f"run.precision must be one of {', '.join(PRECISIONS)}, not {_shown(run['precision'])}")
-    _number(run["checkpoint_every"], "run.checkpoint_every", 1, integer=True)
-    _number(run["log_every"], "run.log_every", 1, integer=True)
-    _number(run["val_every"], "run.val_every", 0, integer=True, what="a whole number (0 = no validation)")
-    _number(run["keep_checkpoints"], "run.keep_checkpoints", 0, integer=True, what="a whole number (0 = keep all)")
-    _text(run["out_dir"], "run.out_dir", nullable=True)
-    _number(run["scans_per_step"], "run.scans_per_step", 1, 4096, integer=True)
+        p.add("run.precision",
+              f"run.precision must be one of {', '.join(PRECISIONS)}, not {_shown(run['precision'])}")
+    p.run("run.checkpoint_every", _number, run["checkpoint_every"], "run.checkpoint_every", 1, integer=True)
+    p.run("run.log_every", _number, run["log_every"], "run.log_every", 1, integer=True)
+    p.run("run.val_every", _number, run["val_every"], "run.val_every", 0, integer=True,
+          what="a whole number (0 = no validation)")
+    p.run("run.keep_checkpoints", _number, run["keep_checkpoints"], "run.keep_checkpoints", 0, integer=True,
+          what="a whole number (0 = keep all)")
+    p.run("run.out_dir", _text, run["out_dir"], "run.out_dir", nullable=True)
+    p.run("run.scans_per_step", _number, run["scans_per_step"], "run.scans_per_step", 1, 4096, integer=True)
 
-    _number(model["init_filters"], "model.init_filters", 1, 128, integer=True)
+    p.run("model.init_filters", _number, model["init_filters"], "model.init_filters", 1, 128, integer=True)
     blocks = model["blocks_down"]
     if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
-        raise ConfigError(f"model.blocks_down must be a list of 1 to 8 block counts (one per level), "
-                          f"not {_shown(blocks)}")
-    _numbers(blocks, "model.blocks_down", None, 1, 64, integer=True)
-    _text(model["weights"], "model.weights", nullable=True)
+        p.add("model.blocks_down", f"model.blocks_down must be a list of 1 to 8 block counts (one per level), "
+                                   f"not {_shown(blocks)}")
+    else:
+        p.run("model.blocks_down", _numbers, blocks, "model.blocks_down", None, 1, 64, integer=True)
+    p.run("model.weights", _text, model["weights"], "model.weights", nullable=True)
 
     task = config["task"]
+    scans_per_step = run["scans_per_step"] if not p.bad("run.scans_per_step") else 1
     if task == "pretrain":
-        _check_pretrain(config["pretrain"], run["scans_per_step"])
+        _check_pretrain(config["pretrain"], scans_per_step, p)
     elif task == "segment":
-        _check_segment(config["segment"], run["scans_per_step"])
+        _check_segment(config["segment"], scans_per_step, p)
     elif task == "classify":
-        _check_classify(config["classify"], run["scans_per_step"])
+        _check_classify(config["classify"], scans_per_step, p)
+    if own and p:
+        raise ConfigError(problems=p)
 
 
-def _check_pretrain(p: dict, scans_per_step: int) -> None:
-    crops = _number(p["crops_per_scan"], "pretrain.crops_per_scan", 2, 1024, integer=True,
-                    what="a whole number (the crops of a scan are each other's negatives)")
-    voxels = _crop(p["crop_size"], "pretrain.crop_size")
-    _step_input(scans_per_step * 2 * crops, voxels,
-                "run.scans_per_step x 2 views x pretrain.crops_per_scan x pretrain.crop_size float32 voxels")
-    _number(p["temperature"], "pretrain.temperature", 0.0, 100.0, low_open=True)
-    projection = p["projection"]
-    if not isinstance(projection, list) or len(projection) < 2:
-        raise ConfigError(f"pretrain.projection must list at least [input, output] sizes, not {_shown(projection)}")
-    _numbers(projection, "pretrain.projection", None, 1, 65536, integer=True)
-    _spacing(p["spacing"], "pretrain.spacing")
-    low, high = _numbers(p["hu_range"], "pretrain.hu_range", 2)
-    if not low < high:
-        raise ConfigError(f"pretrain.hu_range must be [low, high] HU with low < high (they are scaled to 0..1), "
-                          f"not {_shown(p['hu_range'])}")
-    v = p["views"]
-    _range_pair(v["scale"], "pretrain.views.scale", 0.0, 1.0, low_open=True)
+def _check_pretrain(pre: dict, scans_per_step: int, p: _Problems) -> None:
+    crops = p.run("pretrain.crops_per_scan", _number, pre["crops_per_scan"], "pretrain.crops_per_scan", 2, 1024,
+                  integer=True, what="a whole number (the crops of a scan are each other's negatives)")
+    voxels = p.run("pretrain.crop_size", _crop, pre["crop_size"], "pretrain.crop_size")
+    if crops is not None and voxels is not None:
+        p.run("pretrain.crop_size", _step_input, scans_per_step * 2 * crops, voxels,
+              "run.scans_per_step x 2 views x pretrain.crops_per_scan x pretrain.crop_size float32 voxels")
+    p.run("pretrain.temperature", _number, pre["temperature"], "pretrain.temperature", 0.0, 100.0, low_open=True)
+    projection = pre["projection"]
+    if projection is not None:
+        if not isinstance(projection, list) or len(projection) < 2:
+            p.add("pretrain.projection", f"pretrain.projection must be null (derived from the encoder) or a list of "
+                                         f"at least [input, output] sizes, not {_shown(projection)}")
+        else:
+            p.run("pretrain.projection", _numbers, projection, "pretrain.projection", None, 1, 65536, integer=True)
+    p.run("pretrain.spacing", _spacing, pre["spacing"], "pretrain.spacing")
+    with p.check("pretrain.hu_range"):
+        low, high = _numbers(pre["hu_range"], "pretrain.hu_range", 2)
+        if not low < high:
+            raise ConfigError(f"pretrain.hu_range must be [low, high] HU with low < high (they are scaled to 0..1), "
+                              f"not {_shown(pre['hu_range'])}")
+    v = pre["views"]
+    p.run("pretrain.views.scale", _range_pair, v["scale"], "pretrain.views.scale", 0.0, 1.0, low_open=True)
     for key in ("flip_p", "hist_shift_p", "smooth_p"):
-        _probability(v[key], f"pretrain.views.{key}")
-    _number(v["hist_points"], "pretrain.views.hist_points", 3, 256, integer=True)
-    _range_pair(v["smooth_sigma"], "pretrain.views.smooth_sigma", 0.0, 32.0, low_open=True)
+        p.run(f"pretrain.views.{key}", _probability, v[key], f"pretrain.views.{key}")
+    p.run("pretrain.views.hist_points", _number, v["hist_points"], "pretrain.views.hist_points", 3, 256, integer=True)
+    p.run("pretrain.views.smooth_sigma", _range_pair, v["smooth_sigma"], "pretrain.views.smooth_sigma", 0.0, 32.0,
+          low_open=True)
 
 
-def _check_segment(s: dict, scans_per_step: int) -> None:
-    _text(s["label_column"], "segment.label_column")
+def _check_segment(s: dict, scans_per_step: int, p: _Problems) -> None:
+    p.run("segment.label_column", _text, s["label_column"], "segment.label_column")
     labels = s["labels"]
     if labels is not None and not (isinstance(labels, str) and labels.strip()) and not isinstance(labels, dict):
-        raise ConfigError(f"segment.labels must be null, a labels.json path, 'totalsegmentator' or a mapping "
-                          f"{{value: name}}, not {_shown(labels)}")
+        p.add("segment.labels", f"segment.labels must be null, a labels.json path, 'totalsegmentator' or a mapping "
+                                f"{{value: name}}, not {_shown(labels)}")
     if isinstance(labels, dict):
         for value, name in labels.items():
             try:
@@ -442,71 +543,109 @@ def _check_segment(s: dict, scans_per_step: int) -> None:
             except ValueError:
                 number = -1
             if not 0 <= number <= 65535 or not isinstance(name, str) or not name.strip():
-                raise ConfigError(f"segment.labels must map label values 0..65535 to names, not "
-                                  f"{_shown(value)}: {_shown(name)}")
+                p.add("segment.labels", f"segment.labels must map label values 0..65535 to names, not "
+                                        f"{_shown(value)}: {_shown(name)}")
+                break
     structures = s["structures"]
     if not all((isinstance(v, str) and v.strip()) or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
                for v in structures):
-        raise ConfigError(f"segment.structures must list label names or values, not {_shown(structures)}")
-    _spacing(s["spacing"], "segment.spacing", nullable=True)
-    voxels = _crop(s["crop_size"], "segment.crop_size")
-    _step_input(scans_per_step, voxels, "run.scans_per_step x segment.crop_size float32 voxels")
-    _number(s["dsdepth"], "segment.dsdepth", 1, 8, integer=True)
+        p.add("segment.structures", f"segment.structures must list label names or values, not {_shown(structures)}")
+    p.run("segment.spacing", _spacing, s["spacing"], "segment.spacing", nullable=True)
+    voxels = p.run("segment.crop_size", _crop, s["crop_size"], "segment.crop_size")
+    if voxels is not None:
+        p.run("segment.crop_size", _step_input, scans_per_step, voxels,
+              "run.scans_per_step x segment.crop_size float32 voxels")
+    p.run("segment.dsdepth", _number, s["dsdepth"], "segment.dsdepth", 1, 8, integer=True)
     a = s["augment"]
     for key in ("affine_p", "smooth_p", "intensity_scale_p", "intensity_shift_p", "noise_p", "flip_p"):
-        _probability(a[key], f"segment.augment.{key}")
-    _number(a["rotate"], "segment.augment.rotate", 0.0, math.pi, what="an angle in radians")
-    _number(a["scale"], "segment.augment.scale", 0.0, 1.0, high_open=True)
-    _range_pair(a["smooth_sigma"], "segment.augment.smooth_sigma", 0.0, 32.0, low_open=True)
+        p.run(f"segment.augment.{key}", _probability, a[key], f"segment.augment.{key}")
+    p.run("segment.augment.rotate", _number, a["rotate"], "segment.augment.rotate", 0.0, math.pi,
+          what="an angle in radians")
+    p.run("segment.augment.scale", _number, a["scale"], "segment.augment.scale", 0.0, 1.0, high_open=True)
+    p.run("segment.augment.smooth_sigma", _range_pair, a["smooth_sigma"], "segment.augment.smooth_sigma", 0.0, 32.0,
+          low_open=True)
     for key in ("intensity_scale", "intensity_shift", "noise_std"):
-        _number(a[key], f"segment.augment.{key}", 0.0, 1.0)
-    _number(s["val_overlap"], "segment.val_overlap", 0.0, 1.0, high_open=True)
+        p.run(f"segment.augment.{key}", _number, a[key], f"segment.augment.{key}", 0.0, 1.0)
+    p.run("segment.val_overlap", _number, s["val_overlap"], "segment.val_overlap", 0.0, 1.0, high_open=True)
 
 
-def _check_classify(c: dict, scans_per_step: int) -> None:
+def _check_classify(c: dict, scans_per_step: int, p: _Problems) -> None:
     if c["mode"] not in ("full", "frozen", "probe"):
-        raise ConfigError(f"classify.mode must be full, frozen or probe, not {_shown(c['mode'])}")
-    voxels = _crop(c["size"], "classify.size")
+        p.add("classify.mode", f"classify.mode must be full, frozen or probe, not {_shown(c['mode'])}")
+    voxels = p.run("classify.size", _crop, c["size"], "classify.size")
     windows = c["windows"]
     if not isinstance(windows, list) or not 1 <= len(windows) <= 16:
-        raise ConfigError(f"classify.windows must be a list of 1 to 16 [low, high] HU windows, not {_shown(windows)}")
-    for i, window in enumerate(windows):
-        low, high = _numbers(window, f"classify.windows item {i + 1}", 2)
-        if not low < high:
-            raise ConfigError(f"classify.windows item {i + 1} must be [low, high] HU with low < high, "
-                              f"not {_shown(window)}")
-    _step_input(scans_per_step * len(windows), voxels,
-                "run.scans_per_step x classify.windows x classify.size float32 voxels")
-    _number(c["hidden"], "classify.hidden", 0, 65536, integer=True, what="a whole number (0 = a linear head)")
-    _probability(c["flip_p"], "classify.flip_p")
-    _number(c["val_batch"], "classify.val_batch", 1, 4096, integer=True)
-    _number(c["threshold"], "classify.threshold", 0.0, 1.0, low_open=True, high_open=True)
-    _spacing(c["spacing"], "classify.spacing")
-    _text(c["label_column"], "classify.label_column")
+        p.add("classify.windows",
+              f"classify.windows must be a list of 1 to 16 [low, high] HU windows, not {_shown(windows)}")
+    else:
+        for i, window in enumerate(windows):
+            with p.check("classify.windows"):
+                low, high = _numbers(window, f"classify.windows item {i + 1}", 2)
+                if not low < high:
+                    raise ConfigError(f"classify.windows item {i + 1} must be [low, high] HU with low < high, "
+                                      f"not {_shown(window)}")
+        if voxels is not None:
+            p.run("classify.size", _step_input, scans_per_step * len(windows), voxels,
+                  "run.scans_per_step x classify.windows x classify.size float32 voxels")
+    p.run("classify.hidden", _number, c["hidden"], "classify.hidden", 0, 65536, integer=True,
+          what="a whole number (0 = a linear head)")
+    p.run("classify.flip_p", _probability, c["flip_p"], "classify.flip_p")
+    p.run("classify.val_batch", _number, c["val_batch"], "classify.val_batch", 1, 4096, integer=True)
+    p.run("classify.threshold", _number, c["threshold"], "classify.threshold", 0.0, 1.0, low_open=True,
+          high_open=True)
+    p.run("classify.spacing", _spacing, c["spacing"], "classify.spacing")
+    p.run("classify.label_column", _text, c["label_column"], "classify.label_column")
+
+
+def deepest_channels(model: dict) -> int:
+    """The encoder's deepest channel count, its embedding width: ``init_filters * 2**(levels - 1)``."""
+    return int(model["init_filters"]) * 2 ** (len(model["blocks_down"]) - 1)
+
+
+def derived_projection(model: dict) -> list:
+    """``pretrain.projection`` when it is ``None``: ``[C, C/2, C/4]`` for the encoder's deepest width ``C``
+    (``[512, 256, 128]``, upstream's head, for the published encoder)."""
+    deepest = deepest_channels(model)
+    return [deepest, max(deepest // 2, 1), max(deepest // 4, 1)]
+
+
+def _check_together(config: dict, p: _Problems) -> None:
+    """The keys that go together, each check only when the keys it reads are valid on their own; a ``None``
+    ``pretrain.projection`` is filled in (:func:`derived_projection`)."""
+    if p.bad("model.init_filters", "model.blocks_down"):
+        return
+    model = config["model"]
+    levels = len(model["blocks_down"])
+    deepest = deepest_channels(model)
+    if config["task"] == "pretrain":
+        pre = config["pretrain"]
+        if pre["projection"] is None:
+            pre["projection"] = derived_projection(model)
+        elif not p.bad("pretrain.projection") and int(pre["projection"][0]) != deepest:
+            example = derived_projection(model)
+            p.add("pretrain.projection",
+                  f"pretrain.projection {pre['projection']} must start with the encoder's deepest channel count "
+                  f"{deepest} (model.init_filters {model['init_filters']} * 2**(len(model.blocks_down) - 1)); e.g. "
+                  f"{example}, or null to derive it from the encoder")
+    elif config["task"] == "segment":
+        s = config["segment"]
+        factor = 2 ** (levels - 1)
+        if not p.bad("segment.crop_size") and any(int(v) % factor for v in s["crop_size"]):
+            p.add("segment.crop_size", f"segment.crop_size {s['crop_size']} must be three sizes divisible by {factor} "
+                                       f"(2 ** (levels - 1) of model.blocks_down {model['blocks_down']})")
+        if not p.bad("segment.dsdepth") and not int(s["dsdepth"]) <= levels - 1:
+            p.add("segment.dsdepth", f"segment.dsdepth must be 1..{levels - 1} (the decoder levels of "
+                                     f"model.blocks_down {model['blocks_down']}), not {s['dsdepth']}")
 
 
 def check_for_training(config: dict) -> None:
-    """The checks that tie keys together (:func:`load_config` checks each key alone); raises ConfigError.
+    """The checks that tie keys together (:func:`load_config` runs them too); raises ConfigError listing them.
 
-    ``ctfm train`` runs them before any scan is read, so a projection that does not fit the encoder or
-    a crop the network cannot take is refused at once, not after the data are prepared.
+    For a configuration built without :func:`load_config`: a projection that does not fit the encoder or
+    a crop the network cannot take is refused at once, not after the data are prepared; a ``None``
+    projection is derived.
     """
-    model = config["model"]
-    levels = len(model["blocks_down"])
-    deepest = int(model["init_filters"]) * 2 ** (levels - 1)
-    if config["task"] == "pretrain":
-        projection = config["pretrain"]["projection"]
-        if int(projection[0]) != deepest:
-            raise ConfigError(
-                f"pretrain.projection {projection} must start with the encoder's deepest channel count {deepest} "
-                f"(model.init_filters {model['init_filters']} * 2**(len(model.blocks_down) - 1)); e.g. "
-                f"[{deepest}, {max(deepest // 2, 1)}, {max(deepest // 4, 1)}]")
-    elif config["task"] == "segment":
-        factor = 2 ** (levels - 1)
-        crop = config["segment"]["crop_size"]
-        if any(int(s) % factor for s in crop):
-            raise ConfigError(f"segment.crop_size {crop} must be three sizes divisible by {factor} "
-                              f"(2 ** (levels - 1) of model.blocks_down {model['blocks_down']})")
-        if not int(config["segment"]["dsdepth"]) <= levels - 1:
-            raise ConfigError(f"segment.dsdepth must be 1..{levels - 1} (the decoder levels of model.blocks_down "
-                              f"{model['blocks_down']}), not {config['segment']['dsdepth']}")
+    p = _Problems()
+    _check_together(config, p)
+    if p:
+        raise ConfigError(problems=p)

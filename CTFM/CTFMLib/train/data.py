@@ -7,7 +7,10 @@ thickness 1-5 mm, more than 50 slices, no localizers), from headers alone where
 possible. :class:`ScanCache` preprocesses each scan once with
 :func:`pretrain_preprocess` and keeps the result as a ``.npy`` file that
 training memory-maps; :meth:`ScanCache.prepare` fills it with worker processes
-and reports every scan it cannot use instead of stopping.
+and reports every scan it cannot use instead of stopping. It also leaves out
+scans whose values do not look like a CT in HU (:mod:`CTFMLib.ct_check`: an MR
+volume, a CT without its rescale), for every training task, unless the cache is
+made with ``allow_non_ct`` (``data.allow_non_ct``, ``ctfm train --allow-non-ct``).
 
 Conventions: voxels are HU indexed ``[i, j, k]`` in LPS (:mod:`CTFMLib.image`);
 preprocessed arrays are float32 in [0, 1] on an SPL grid, axis 0 towards
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..ct_check import not_ct_reason
 from ..files import atomic_output, atomic_write_text
 from ..image import Image, ImageError, _first_line, read_image
 from ..preprocess import _apply_orientation, foreground_box, orientation_transform, resample_axes, validate_ct
@@ -44,8 +48,9 @@ MIN_SLICES = 51
 LOCALIZER_MAX_SLICES = 3
 LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
 
-# Bumped when the preprocessing changes, so old cache entries are recomputed.
-CACHE_VERSION = 1
+# Bumped when the preprocessing or the filters change, so old cache entries are recomputed
+# (2: the CT check of CTFMLib.ct_check; every entry records its verdict, "non_ct").
+CACHE_VERSION = 2
 # A preprocessed scan larger than this (float32: 4 GiB) comes from a wrong spacing, not from a CT
 # (a whole body at 1 mm is about 2000 x 500 x 500 = 5e8 voxels): refused before resampling.
 MAX_PREPARED_VOXELS = 2 ** 30
@@ -533,16 +538,23 @@ class ScanCache:
     time) or when this cache's preprocessing settings differ from those it was
     made with. Files are written through :func:`CTFMLib.files.atomic_output`,
     so a killed process never leaves a half-written entry under a final name.
+
+    Every entry records whether its scan looks like a CT in HU (``"non_ct"``: the reason it does not, or
+    ``null``; :func:`CTFMLib.ct_check.not_ct_reason`). Without ``allow_non_ct`` such a scan is skipped with
+    that reason (and listed in ``skipped.csv``); with it, it is used. The verdict is kept with the entry,
+    so switching ``allow_non_ct`` neither reads nor preprocesses the other scans again.
     """
 
     PRETRAINING_FILTERS = True  # check_scan's slice-count and thickness rules (False: modality and localizer only)
 
-    def __init__(self, folder, spacing=(3.0, 1.0, 1.0), hu_range=(-1024.0, 2048.0), orientation: str = "SPL"):
+    def __init__(self, folder, spacing=(3.0, 1.0, 1.0), hu_range=(-1024.0, 2048.0), orientation: str = "SPL",
+                 allow_non_ct: bool = False):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.hu_range = tuple(float(v) for v in hu_range)
         self.orientation = str(orientation).upper()
+        self.allow_non_ct = bool(allow_non_ct)
 
     @property
     def config(self) -> dict:
@@ -555,7 +567,7 @@ class ScanCache:
         }
 
     def _init_args(self) -> tuple:
-        return (str(self.folder), self.spacing, self.hu_range, self.orientation)
+        return (str(self.folder), self.spacing, self.hu_range, self.orientation, self.allow_non_ct)
 
     def stamp(self, scan: ScanRef) -> str:
         """What must not change for an entry to stay valid: the source files' sizes and times."""
@@ -581,7 +593,7 @@ class ScanCache:
     def cached(self, scan: ScanRef) -> np.ndarray | None:
         """The entry memory-mapped, or ``None`` when it is missing, stale, damaged or a skipped scan."""
         info = self._record(scan)
-        if info is None or "skipped" in info:
+        if info is None or "skipped" in info or (info.get("non_ct") and not self.allow_non_ct):
             return None
         try:
             array = np.load(self.array_path(scan), mmap_mode="r")
@@ -592,21 +604,45 @@ class ScanCache:
         return array
 
     def skip_reason(self, scan: ScanRef) -> str | None:
-        """Why :meth:`prepare` skipped this scan, as recorded for its current files and these settings."""
+        """Why :meth:`prepare` skips this scan, as recorded for its current files and these settings: a filter's
+        reason, or that it does not look like a CT (unless this cache allows such scans)."""
         info = self._record(scan)
-        return None if info is None else info.get("skipped")
+        if info is None:
+            return None
+        non_ct = info.get("non_ct")
+        if "skipped" in info:
+            return None if non_ct and self.allow_non_ct else info["skipped"]  # allowed now: prepared again
+        return non_ct if non_ct and not self.allow_non_ct else None
+
+    def non_ct_reason(self, scan: ScanRef) -> str | None:
+        """Why a cached scan does not look like a CT in HU (:func:`CTFMLib.ct_check.not_ct_reason`), or ``None``."""
+        info = self._record(scan)
+        return None if info is None else info.get("non_ct")
+
+    def _check_ct(self, scan: ScanRef, stamp: str, image: Image, check: bool) -> tuple:
+        """``(skip reason, non-CT reason)`` for a read scan: with ``check`` and without ``allow_non_ct`` a scan
+        that does not look like a CT is recorded as skipped."""
+        non_ct = not_ct_reason(image)
+        if non_ct and check and not self.allow_non_ct:
+            self._write_info(scan, stamp, {"skipped": non_ct, "non_ct": non_ct})
+            return non_ct, non_ct
+        return None, non_ct
 
     def get(self, scan: ScanRef) -> np.ndarray:
         """The preprocessed scan (read-only memory map), computed and stored on first use.
 
         Does not apply :func:`check_scan` (:meth:`prepare` does); raises
-        :class:`~CTFMLib.image.ImageError` for a scan that cannot be read.
+        :class:`~CTFMLib.image.ImageError` for a scan that cannot be read, or that does not look like a CT
+        when this cache does not allow such scans.
         """
         array = self.cached(scan)
         if array is None:
             self._build(scan, self.stamp(scan), check=False)
             array = self.cached(scan)
             if array is None:
+                non_ct = self.non_ct_reason(scan)
+                if non_ct and not self.allow_non_ct:
+                    raise ImageError(f"{scan.describe()} is left out: {non_ct} (allow_non_ct uses it)")
                 raise ImageError(f"{scan.describe()} changed while it was being cached; run again")
         return array
 
@@ -632,6 +668,9 @@ class ScanCache:
             if reason:
                 self._write_info(scan, stamp, {"skipped": reason})
                 return reason
+        skip, non_ct = self._check_ct(scan, stamp, image, check)
+        if skip:
+            return skip
         array = self.preprocess(image)
         spacing = self.spacing
         if spacing is None:
@@ -640,7 +679,7 @@ class ScanCache:
         # The array first, then the record that vouches for it.
         with atomic_output(self.array_path(scan)) as tmp, open(tmp, "xb") as f:
             np.save(f, array)
-        self._write_info(scan, stamp, {"shape": list(array.shape), "spacing": list(spacing)})
+        self._write_info(scan, stamp, {"shape": list(array.shape), "spacing": list(spacing), "non_ct": non_ct})
         return None
 
     def _write_info(self, scan: ScanRef, stamp: str, fields: dict) -> None:

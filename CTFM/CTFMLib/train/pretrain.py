@@ -24,6 +24,7 @@ from torch import nn
 
 from ..networks import SegResEncoder, global_average
 from .common import config_section, pass_order_index, seeded_model
+from .config import derived_projection
 from .losses import ntxent_within_scan
 from .trainer import unwrap
 from .views import scan_views, view_config
@@ -105,8 +106,11 @@ class PretrainTask:
         if self.init_filters < 1 or not self.blocks_down or min(self.blocks_down) < 1:
             raise ValueError(f"model.init_filters must be >= 1 and model.blocks_down a non-empty list of block counts "
                              f">= 1, got {self.init_filters} and {self.blocks_down}")
-        self.projection = [int(d) for d in _need(pre, "pretrain", "projection")]
         deepest = self.init_filters * 2 ** (len(self.blocks_down) - 1)
+        projection = _need(pre, "pretrain", "projection")
+        if projection is None:  # derived from the encoder, as load_config does
+            projection = derived_projection({"init_filters": self.init_filters, "blocks_down": self.blocks_down})
+        self.projection = [int(d) for d in projection]
         if len(self.projection) < 2 or self.projection[0] != deepest:
             raise ValueError(
                 f"pretrain.projection {self.projection} must start with the encoder's deepest channel count "

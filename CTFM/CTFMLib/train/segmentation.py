@@ -120,11 +120,14 @@ class LabelledScanCache(ScanCache):
     ``<key>.index.npz`` (voxel samples per value) and ``<key>.json``. The label map is the file in the
     scan's CSV column ``label_column`` (relative to the CSV's folder). Entries are rebuilt when the
     scan or its label file changes. Scans are not filtered like pretraining's (fine-tuning data is
-    curated); unreadable pairs, label maps on another grid and non-CT images are skipped with a reason.
+    curated); unreadable pairs, label maps on another grid and non-CT images are skipped with a reason
+    (images whose values do not look like a CT in HU too, unless ``allow_non_ct``).
     """
 
-    def __init__(self, folder, spacing=None, label_column: str = "segmentation", orientation: str = "SPL"):
-        super().__init__(folder, spacing=spacing, hu_range=(HU_MIN, HU_MAX), orientation=orientation)
+    def __init__(self, folder, spacing=None, label_column: str = "segmentation", orientation: str = "SPL",
+                 allow_non_ct: bool = False):
+        super().__init__(folder, spacing=spacing, hu_range=(HU_MIN, HU_MAX), orientation=orientation,
+                         allow_non_ct=allow_non_ct)
         self.label_column = str(label_column)
 
     @property
@@ -133,7 +136,7 @@ class LabelledScanCache(ScanCache):
                 "index_samples": INDEX_SAMPLES}
 
     def _init_args(self) -> tuple:
-        return (str(self.folder), self.spacing, self.label_column, self.orientation)
+        return (str(self.folder), self.spacing, self.label_column, self.orientation, self.allow_non_ct)
 
     def label_path(self, scan: ScanRef) -> Path:
         raw = str(scan.label.get(self.label_column, "")).strip()
@@ -171,6 +174,9 @@ class LabelledScanCache(ScanCache):
 
     def _build(self, scan: ScanRef, stamp: str, check: bool) -> Optional[str]:
         image = read_scan(scan)
+        skip, non_ct = self._check_ct(scan, stamp, image, check)
+        if skip:
+            return skip
         labels = read_label_map(self.label_path(scan), image)
         pre = preprocess(image, PreprocessConfig(orientation=self.orientation, spacing=self.spacing))
         model_labels = pre.to_model(labels, "nearest")
@@ -184,7 +190,8 @@ class LabelledScanCache(ScanCache):
         with atomic_output(self.array_path(scan)) as tmp, open(tmp, "xb") as f:
             np.save(f, pre.array)
         self._write_info(scan, stamp, {"shape": list(pre.array.shape), "spacing": pre.geometry.spacing.tolist(),
-                                       "present": sorted(samples), "labels": str(self.label_path(scan))})
+                                       "present": sorted(samples), "labels": str(self.label_path(scan)),
+                                       "non_ct": non_ct})
         return None
 
 
