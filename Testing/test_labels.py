@@ -272,7 +272,7 @@ def test_models_list_shows_user_models_as_trainable(ctfm_cache):
     out = run_ctfm("models", "list", env={"CTFM_CACHE": str(ctfm_cache)})
     assert out.returncode == 0, out.stderr
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("kits_kidney_tumor")][0]
-    assert line.endswith("train with CTFMTrain")
+    assert line.endswith("train it with ctfm train")  # the command line's words, not a Slicer module's
 
 
 # --- anatomy check of the label order on the real scan --------------------------------------

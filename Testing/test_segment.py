@@ -274,6 +274,9 @@ def test_structures_keep_only_the_named_labels():
     assert [(x.value, x.name) for x in result.label_info] == [(3, "dense"), (4, "marker")]
     with pytest.raises(ValueError, match="unknown structure.*'liver'.*fat, soft_tissue, dense, marker"):
         segment_image(image, model=HUThresholds(), labels=NAMES, structures=["liver"], device="cpu")
+    # a misspelt name gets the structure it most likely meant
+    with pytest.raises(ValueError, match=r"unknown structures 'soft tisue' \(did you mean soft_tissue\?\), 'liver';"):
+        segment_image(image, model=HUThresholds(), labels=NAMES, structures=["soft tisue", "liver"], device="cpu")
 
 
 def test_largest_component_per_structure():

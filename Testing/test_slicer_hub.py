@@ -407,7 +407,9 @@ def statuses():
     from CTFMLib.cli import model_status
 
     table = {r["id"]: r["status"] for r in models.model_rows() if r["in_catalogue"]}
-    reference = {m.id: model_status(m) for m in load_catalog()}
+    # the same statuses, except that each side names its own way to train a model: `ctfm train` / CT-FM Train
+    reference = {m.id: model_status(m).replace("train it with ctfm train", models.TRAIN_YOURSELF)
+                 for m in load_catalog()}
     assert table == reference
     return table
 
@@ -418,7 +420,7 @@ def test_models_import_status_and_remove(ctfm_cache, tmp_path):
     logic = CTFMLogic()
     before = statuses()
     assert before["ct_fm_feature_extractor"] == "not on this computer"
-    assert before["msd_lung_tumor"] == "train with CTFMTrain"
+    assert before["msd_lung_tumor"] == "train with CT-FM Train"
 
     # Other weights under a published model's id (picked in the dialog by its config.json): refused unless
     # forced, and then shown as not the published weights (the catalogue knows the published config's size).
@@ -453,7 +455,7 @@ def test_models_import_status_and_remove(ctfm_cache, tmp_path):
     assert after["ct_fm_feature_extractor"] == "imported, not the published weights"
     assert after["msd_lung_tumor"] == "imported"
     assert after["ct_fm_segresnet"] == "downloaded"
-    assert after["msd_liver_tumor"] == "train with CTFMTrain"
+    assert after["msd_liver_tumor"] == "train with CT-FM Train"
     extra = [r for r in logic.modelRows() if not r["in_catalogue"]]
     assert extra == [{"id": "my-encoder", "title": "my-encoder", "task": "embedding", "repo_id": "",
                       "status": "imported", "in_catalogue": False, "how_to": ""}]
@@ -465,7 +467,7 @@ def test_models_import_status_and_remove(ctfm_cache, tmp_path):
     logic.removeModel("ct_fm_segresnet")
     logic.removeModel("my-encoder")
     final = statuses()
-    assert final["msd_lung_tumor"] == "train with CTFMTrain"
+    assert final["msd_lung_tumor"] == "train with CT-FM Train"
     assert final["ct_fm_segresnet"] == "not on this computer"
     assert final["ct_fm_feature_extractor"] == "imported, not the published weights"
     assert not [r for r in logic.modelRows() if not r["in_catalogue"]]
@@ -486,7 +488,7 @@ def test_download_problems_say_what_to_do(ctfm_cache):
     rows = {r["id"]: r for r in models.model_rows()}
     assert models.download_problem(rows["ct_fm_feature_extractor"]) is None
     lung = models.download_problem(rows["msd_lung_tumor"])
-    assert "no published weights" in lung and "CTFMTrain" in lung
+    assert "no published weights" in lung and "CT-FM Train module in Slicer" in lung
     assert "Select" in models.download_problem(None)
 
 

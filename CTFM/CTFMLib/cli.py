@@ -52,13 +52,13 @@ def _versions() -> dict:
 
 def model_status(entry) -> str:
     """``imported`` (or ``imported, not the published weights`` after ``models import --force``), ``downloaded``,
-    ``not on this computer``, or ``train with CTFMTrain`` (no published weights)."""
+    ``not on this computer``, or ``train it with ctfm train`` (no published weights)."""
     # a task users train themselves is imported under its catalogue id, a published model under its repo id
     imported = cache.imported_model(entry.repo_id or entry.id)
     if imported is not None:
         return cache.import_status(imported)
     if not entry.repo_id:
-        return "train with CTFMTrain"
+        return "train it with ctfm train"
     try:
         from huggingface_hub import try_to_load_from_cache
 

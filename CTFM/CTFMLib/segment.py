@@ -295,8 +295,17 @@ def select_structures(labels: list, structures: Optional[Sequence[str]]) -> list
         by_name.setdefault(_normalise(x.display_name), x)
     unknown = [s for s in structures if _normalise(s) not in by_name]
     if unknown:
+        import difflib
+
+        names = {_normalise(x.name): x.name for x in labels}
+
+        def named(s):
+            close = difflib.get_close_matches(_normalise(s), list(names), n=1, cutoff=0.6)
+            return f"{s!r} (did you mean {names[close[0]]}?)" if close else repr(s)
+
         valid = ", ".join(x.name for x in labels)
-        raise ValueError(f"unknown structure(s) {', '.join(map(repr, unknown))}; this model's structures are: {valid}")
+        raise ValueError(f"unknown structure{'s' if len(unknown) > 1 else ''} {', '.join(map(named, unknown))}; "
+                         f"this model's {len(labels)} structures are: {valid}")
     if not structures:
         raise ValueError("structures is empty: name at least one structure, or pass None for all")
     chosen = {by_name[_normalise(s)].value for s in structures}

@@ -32,7 +32,7 @@ IMPORTED = cache.IMPORTED
 NOT_PUBLISHED = cache.NOT_PUBLISHED  # imported with --force under a published id: other weights
 DOWNLOADED = "downloaded"
 MISSING = "not on this computer"
-TRAIN_YOURSELF = "train with CTFMTrain"
+TRAIN_YOURSELF = "train with CT-FM Train"
 STATUSES = (IMPORTED, NOT_PUBLISHED, DOWNLOADED, MISSING, TRAIN_YOURSELF)
 
 TRIAGE_TASK = "triage"

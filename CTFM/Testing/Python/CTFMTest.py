@@ -386,7 +386,7 @@ class CTFMTest(ScriptedLoadableModuleTest):
                 self.assertEqual(table.rowCount, len(ids))
                 status = lambda model: table.item(ids.index(model), 2).text()  # noqa: E731
                 self.assertEqual(status("ct_fm_feature_extractor"), "not on this computer")
-                self.assertEqual(status("msd_lung_tumor"), "train with CTFMTrain")
+                self.assertEqual(status("msd_lung_tumor"), "train with CT-FM Train")
 
                 table.selectRow(ids.index("msd_lung_tumor"))
                 self.assertFalse(widget.ui.downloadModelButton.enabled)
