@@ -326,6 +326,26 @@ def test_cli_refuses_other_weights_and_bad_arguments(tmp_path, tiny_encoder_fold
     assert out.returncode == 2 and "not a retrieval index" in out.stderr
 
 
+def test_moved_weights_are_refused_naming_the_weights_option(tmp_path, tiny_encoder_folder):
+    """An index remembers where its weights were; when that folder moved, query and add say so and name
+    --weights (the same file, checked by its sha256), which then works."""
+    import shutil
+
+    scan = tmp_path / "body.nii.gz"
+    write_image(body_phantom(shape=(40, 36, 12), spacing=(5.0, 5.0, 8.0)), scan)
+    weights = shutil.copytree(tiny_encoder_folder, tmp_path / "weights")
+    idx = tmp_path / "idx"
+    assert run_ctfm("--progress", "none", "index", "add", idx, scan, "--weights", weights,
+                    "--device", "cpu").returncode == 0
+    moved = weights.rename(tmp_path / "moved-weights")
+    for command in (["query", idx, scan], ["add", idx, scan]):
+        out = run_ctfm("--progress", "none", "index", *command, "--device", "cpu")
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert str(weights) in out.stderr and "no longer exists" in out.stderr and "--weights PATH" in out.stderr
+    out = run_ctfm("--progress", "none", "index", "query", idx, scan, "--weights", moved, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+
+
 # --- the real CT: the Done-when test --------------------------------------------------------
 
 STRUCTURES = ("liver", "spleen", "kidney_left", "aorta")

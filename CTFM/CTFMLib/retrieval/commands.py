@@ -37,6 +37,7 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import numpy as np
 
@@ -202,6 +203,17 @@ def model_id_of(source: str) -> str:
     return str(path.resolve()) if path.exists() else str(source)
 
 
+def index_weights(given: Optional[str], model_id: str, index) -> str:
+    """The weights to embed with for an existing index: ``--weights`` when given, else where the index says they
+    were; refused in one line, naming the fix, when they were in a file or folder that is gone."""
+    if given:
+        return given
+    if Path(model_id).is_absolute() and not Path(model_id).exists():
+        raise ValueError(f"the weights {index} was built with were at {model_id}, which no longer exists: give "
+                         "where they are now with --weights PATH (the same file: its sha256 is checked)")
+    return model_id
+
+
 def load_encoder(source: str, progress=None):
     """``(model, model_id, sha256 of the weights file)`` for a weights source."""
     from ..weights import load_model, sha256_file, weights_file_of
@@ -277,7 +289,7 @@ def plan_add(args) -> SimpleNamespace:
     if existing:
         with VectorIndex.open(root, readonly=True) as probe:
             probe.verify_files()  # a damaged index is refused before any weights are loaded
-            source = args.weights or probe.model_id
+            source = index_weights(args.weights, probe.model_id, root)
             settings = settings_of(probe)
             todo = [ref for ref in scans if not probe.contains(ref.path, ref.series_uid)]
         if stride is not None and stride != settings.get("stride"):
@@ -418,7 +430,7 @@ def cmd_query(args) -> int:
     if args.thumbnails:
         check_thumbnail_folder(Path(args.thumbnails), args.k, args.overwrite)
     with VectorIndex.open(args.index, readonly=True) as index:
-        source = args.weights or index.model_id
+        source = index_weights(args.weights, index.model_id, args.index)
         model, _, digest = load_encoder(source, args.progress_cb)
         if digest != index.weights_hash:
             raise ValueError(f"the weights {source} are not those the index was built with (sha256 {digest[:16]}... "
