@@ -35,6 +35,7 @@ from .arguments import (Parser, fraction, memory_gb, parse_point, positive_float
                         positive_int)
 from .catalog import load_catalog
 from .progress import Cancelled, Terminated, make_renderer, terminate_on_sigterm
+from .text import count
 
 EXIT_ERROR = 2
 
@@ -380,14 +381,14 @@ def cmd_segment(args) -> int:
             where = ("at the input's spacing" if plan.working_spacing is None else
                      "at " + "x".join(f"{v:g}" for v in plan.working_spacing) + " mm")
             print(f"{prefix}expected time: about {_duration(plan.expected_seconds)} ({quality} quality {where}, "
-                  f"{plan.windows_run} windows, {options.device}, {options.precision})", flush=True)
+                  f"{count(plan.windows_run, 'window')}, {options.device}, {options.precision})", flush=True)
             result = segment_image(image, model=model, labels=labels, structures=structures, quality=quality,
                                    spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
                                    progress=args.progress_cb, max_memory_gb=args.max_memory_gb, plan=plan)
             written = write_segmentation(result, out, overwrite=args.overwrite)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
-            print(f"{prefix}wrote {', '.join(map(str, written))} ({present} structures present, "
+            print(f"{prefix}wrote {', '.join(map(str, written))} ({count(present, 'structure')} present, "
                   f"{_duration(result.seconds)})", flush=True)
         except Exception as e:  # noqa: BLE001 - in a batch every failure is reported and the rest go on
             if not args.out_dir or isinstance(e, Cancelled):

@@ -43,6 +43,7 @@ from .native_labels import NativeLabels
 from .networks import SegResNetDS
 from .preprocess import PreprocessConfig, preprocess
 from .progress import null_progress, subrange
+from .text import count
 from .segment_plan import (DEFAULT_QUALITY, QUALITIES, ROI, SIGMA_SCALE, SegmentationPlan, Timings,
                            model_facts, plan_segmentation)
 from .sliding_window import plan_windows, stitch
@@ -148,10 +149,6 @@ def _mm(spacing) -> str:
     """``3 mm`` for an isotropic spacing, else ``3x1x1 mm``."""
     values = [f"{float(v):g}" for v in spacing]
     return f"{values[0]} mm" if len(set(values)) == 1 else f"{'x'.join(values)} mm"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _first(output):
@@ -412,7 +409,7 @@ def segment_image(
             + ("" if quality == "fast" else "; fast quality (--quality fast or --fast, 3 mm) needs much less")
             + "; or allow more with --max-memory-gb"
         )
-    notes.append(f"{_count(windows.n_windows, 'window')} of {'x'.join(map(str, roi))} (overlap {plan.overlap:g}) "
+    notes.append(f"{count(windows.n_windows, 'window')} of {'x'.join(map(str, roi))} (overlap {plan.overlap:g}) "
                  f"on a {'x'.join(map(str, pre.array.shape))} grid ({what}); "
                  f"estimated peak memory {plan.expected_peak_bytes / 2**30:.1f} GB")
 
@@ -426,7 +423,7 @@ def segment_image(
         def predict(x):
             return _first(runner.run(x))
 
-        progress(0.05, f"segmenting: {_count(windows.n_windows, 'window')} on {runner.device.type} "
+        progress(0.05, f"segmenting: {count(windows.n_windows, 'window')} on {runner.device.type} "
                        f"({options.precision})")
         sliding = time.perf_counter()
         if linear:
@@ -453,7 +450,7 @@ def segment_image(
                                     "try --device cpu or --quality fast") from None
         raise
     if stats.get("windows_skipped"):
-        notes.append(f"{_count(stats['windows_skipped'], 'all-air window')} took the output of one computed "
+        notes.append(f"{count(stats['windows_skipped'], 'all-air window')} took the output of one computed "
                      "all-air window")
 
     progress(0.95, "mapping the labels back onto the input grid")

@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from ..arguments import non_negative_int, parse_numbers, positive_int
+from ..text import count
 
 EXIT_ERROR = 2
 DEFAULT_WEIGHTS = "ct_fm_feature_extractor"
@@ -300,7 +301,8 @@ def plan_add(args) -> SimpleNamespace:
         settings = {"stride": stride}
     skipped = len(scans) - len(todo)
     if skipped:
-        print(f"{skipped} of {len(scans)} scans are already indexed: skipped", flush=True)
+        print(f"{skipped} of {count(len(scans), 'scan')} {'is' if skipped == 1 else 'are'} already indexed: skipped",
+              flush=True)
     return SimpleNamespace(root=root, existing=existing, todo=todo, failed=failed, skipped=skipped,
                            total=len(scans) + len(failed), source=source, settings=settings)
 
@@ -357,7 +359,7 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
                     print(f"{prefix}: already indexed (added by another process meanwhile): skipped", flush=True)
                     continue
                 added += 1
-                print(f"{prefix}: added as scan {scan_id} ({len(patches)} patches)", flush=True)
+                print(f"{prefix}: added as scan {scan_id} ({count(len(patches), 'patch', 'patches')})", flush=True)
             except (Cancelled, KeyboardInterrupt, RetrievalIndexError):
                 raise
             except Exception as e:  # noqa: BLE001 - one unusable scan is reported; the others go on

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..files import (WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
                      temporary_folder)
+from ..text import count
 from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, per_rank, shutdown
 from .runfolder import remove_temporaries
 from .schedule import make_scheduler
@@ -294,7 +295,7 @@ class _Run:
         val_every = int(self.run_cfg.get("val_every") or 0)
         autocast = (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
         if start == 0:
-            self._report(0.0, f"training {self.n_steps} steps on {self.device}"
+            self._report(0.0, f"training {count(self.n_steps, 'step')} on {self.device}"
                               + (f" x {info.world} processes" if info.enabled else ""))
         last_loss = self.last_loss
         interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
@@ -350,7 +351,7 @@ class _Run:
         if not stopped:
             if info.is_main:
                 exported = self._export()
-                self._report(1.0, f"finished {step} steps; model written to {exported}")
+                self._report(1.0, f"finished {count(step, 'step')}; model written to {exported}")
         elif info.is_main:
             self._report(step / self.n_steps, f"stopped ({self.stop_reason}) after step {step}; checkpoint "
                                               f"{self.ckpt_dir / 'last.pt'}; resume to continue")
