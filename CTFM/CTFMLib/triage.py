@@ -1,7 +1,7 @@
 """Head-CT triage: upstream's preprocessing, one probability per scan, and heat maps back on the input grid.
 
 The recipe is CT-FM's triage evaluation (``evaluation/sinoct.yaml``; ``cq500.yaml`` is the same), whose
-MONAI transforms run in this order, and which :func:`triage_volume` + :func:`~CTFMLib.train.classify.triage_input`
+MONAI transforms run in this order, and which :func:`triage_volume` + :func:`~CTFMLib.triage_model.triage_input`
 reproduce step by step:
 
 1. ``LoadImage`` (ITK reader, channel first) and ``EnsureType``: the voxels as float32 HU.
@@ -25,7 +25,7 @@ reproduce step by step:
    channel of ``(4 * 48) x 128 x 128``: ``(1, 192, 128, 128)``.
 
 Training (``ctfm train classify``) caches every scan with :func:`triage_volume` (steps 1-4) and runs
-:func:`~CTFMLib.train.classify.triage_input` (steps 5-8) at each step, the same two functions
+:func:`~CTFMLib.triage_model.triage_input` (steps 5-8) at each step, the same two functions
 :func:`triage_preprocess` runs here, so a scan reaches the network identically in training and inference.
 
 :class:`TriageInput` keeps what maps a map on the network grid (a saliency heat map) back onto the input
@@ -55,7 +55,7 @@ from .preprocess import (
     validate_ct,
 )
 from .progress import null_progress
-from .train.classify import (
+from .triage_model import (
     DEFAULT_SIZE,
     DEFAULT_SPACING,
     DEFAULT_WINDOWS,
@@ -179,7 +179,7 @@ def triage_preprocess(image: Image, size: Sequence[int] = DEFAULT_SIZE,
                       windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS,
                       spacing: Sequence[float] = TRIAGE_SPACING, orientation: str = "SPL") -> TriageInput:
     """Upstream's triage preprocessing of a CT in HU (module docstring): :func:`triage_volume`, then
-    :func:`~CTFMLib.train.classify.triage_input`, with the record that maps network-grid maps back."""
+    :func:`~CTFMLib.triage_model.triage_input`, with the record that maps network-grid maps back."""
     size = tuple(int(s) for s in size)
     volume = triage_volume(image, spacing, orientation)
     array = triage_input(volume.hu, size, windows)

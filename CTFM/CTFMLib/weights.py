@@ -1083,7 +1083,7 @@ def _install(staged: Path, dest: Path, work: Path) -> None:
 def _check_model_folder(staged: Path, config: dict, label: str) -> None:
     """Everything a later load will check, done now on the staged copy (labels included)."""
     if config.get("architecture") == "TriageModel":  # a scan classifier written by `ctfm train classify`
-        from .train.classify import load_triage_model
+        from .triage_model import load_triage_model
 
         try:
             load_triage_model(staged)  # strict: the same check the triage command makes

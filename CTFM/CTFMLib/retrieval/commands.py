@@ -252,7 +252,7 @@ def settings_of(index) -> dict:
 
 def collect_scans(sources) -> tuple:
     """``(scans, failed sources)``: every scan the sources name, once; a missing or empty source is reported."""
-    from ..train.data import DataError, find_scans
+    from ..scans import DataError, find_scans
 
     scans, seen, failed = [], set(), []
     for source in sources:
@@ -320,7 +320,7 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
     """
     from ..ct_check import not_ct_reason
     from ..progress import Cancelled, subrange
-    from ..train.data import read_scan
+    from ..scans import read_scan
     from .embedding import scan_embeddings
     from .index import AlreadyIndexedError, RetrievalIndexError, ScanRecord
 

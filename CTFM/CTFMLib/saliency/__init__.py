@@ -12,7 +12,7 @@ Targets (what is explained) and the scalar each one's heat measures:
 - ``class``: a segmentation model's (SegResNetDS) softmax probability of one class, averaged
   over the region (or the whole network input without one). The network sees the region
   grown to its training window (model card's 96 x 160 x 160) at native spacing.
-- ``triage``: a :class:`~CTFMLib.train.classify.TriageModel`'s probability, through
+- ``triage``: a :class:`~CTFMLib.triage_model.TriageModel`'s probability, through
   :func:`CTFMLib.triage.triage_preprocess`; the four HU-window copies of a voxel are occluded
   together and their gradients summed, so the map lives on one ``(S, P, L)`` grid.
 

@@ -246,7 +246,7 @@ def _clip_box(box, shape) -> tuple:
 @contextlib.contextmanager
 def input_gradients_only(model: torch.nn.Module):
     """Eval mode, parameters without gradients (only the input's are needed), and a frozen
-    :class:`~CTFMLib.train.classify.TriageModel` made differentiable; all restored afterwards."""
+    :class:`~CTFMLib.triage_model.TriageModel` made differentiable; all restored afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
     was_training, frozen = model.training, getattr(model, "frozen", None)
     try:

@@ -198,7 +198,7 @@ def class_problem(image, weights, class_name, labels, spacing, region, device, h
 
 def triage_problem(image, triage_model, device, hold) -> Problem:
     """A triage model's probability; the HU-window copies of a voxel are the input's channels."""
-    from ..train.classify import DEFAULT_SIZE, DEFAULT_WINDOWS
+    from ..triage_model import DEFAULT_SIZE, DEFAULT_WINDOWS
     from ..triage import TRIAGE_SPACING, load_triage, triage_preprocess
 
     if triage_model is None:
