@@ -7,7 +7,6 @@ QTimer, so Slicer never freezes and Cancel kills the whole process tree; the
 segmentation node is made only once the child succeeded.
 """
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -363,17 +362,8 @@ class CTFMSegmentLogic(ScriptedLoadableModuleLogic, CTFMSegmentCoreLogic):
 
 
 def __getattr__(name):
-    """``CTFMSegmentTest``, the in-app tests, from Testing/Python/CTFMSegmentTest.py (a module ``__getattr__``, PEP 562).
+    """``CTFMSegmentTest``, the in-app tests, from Testing/Python/CTFMSegmentTest.py (PEP 562): Test and Reload and Test
+    look it up here (:func:`CTFMSlicer.inapp.in_app_test_class`)."""
+    from CTFMSlicer.inapp import in_app_test_class
 
-    Test and Reload and Test (``ScriptedLoadableModule.runTest``) look ``<ModuleName>Test`` up in this
-    module. The file sits next to this one in the source tree, and CMakeLists.txt installs it with the
-    module, so the same relative path holds in build and install trees. It is executed anew at each
-    look-up, so Reload and Test runs the edited tests.
-    """
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Testing", "Python", f"{name}.py")
-    if name != "CTFMSegmentTest" or not os.path.isfile(path):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    tests = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tests)
-    return getattr(tests, name)
+    return in_app_test_class(__file__, __name__, name)

@@ -14,7 +14,6 @@ their source, and is checked here:
 """
 
 import ast
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -254,12 +253,9 @@ def test_module_files_hand_the_moved_class_to_run_test(module, tmp_path):
     source = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     assert not in_app_classes(tree) and "ScriptedLoadableModuleTest" not in source
-    assert "import importlib.util" in source  # `import importlib` alone does not load importlib.util
     getattr_def = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__")
     # Run that function alone, as if the module file were in tmp_path next to a Testing/Python/<Module>Test.py.
-    import importlib.util
-
-    namespace = {"__file__": str(tmp_path / f"{module}.py"), "__name__": module, "os": os, "importlib": importlib}
+    namespace = {"__file__": str(tmp_path / f"{module}.py"), "__name__": module}
     exec(compile(ast.Module([getattr_def], []), module, "exec"), namespace)
     lookup = namespace["__getattr__"]
     with pytest.raises(AttributeError):  # ScriptedLoadableModule.runTest: "Test case class not found"

@@ -2,7 +2,10 @@
 
 Volume nodes to and from :class:`CTFMLib.image.Image` (:mod:`.nodes`), the
 hub module's logic (:mod:`.logic`), a child-process runner for long work
-(:mod:`.process`) and the Python dependency check (:mod:`.dependencies`).
+(:mod:`.process`), the one job slot the modules share and the follower of a
+running child (:mod:`.running`), the widgets' shared plumbing (:mod:`.widget`),
+where the in-app tests are loaded from (:mod:`.inapp`) and the Python
+dependency check (:mod:`.dependencies`).
 
 Nothing here imports ``qt``, ``ctk`` or ``slicer.ScriptedLoadableModule``: the
 package runs on ``slicer-core`` (MRML without the application), which is how
