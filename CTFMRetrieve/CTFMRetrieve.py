@@ -320,8 +320,6 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self.ui.showResultButton.enabled = self._selectedRow() is not None
 
     def onResultSelected(self) -> None:
-        import qt
-
         self._updateShowButton()
         row, table = self._selectedRow(), self._parameterNode.resultsTable if self._parameterNode else None
         thumbnail = self.logic.resultOfRow(table, row)["thumbnail"] if row is not None and table else None

@@ -34,13 +34,9 @@ def _two_threads():
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
     """Two 48 x 48 x 60 phantom CTs at 2 mm: they pass CT-FM's pretraining filters."""
-    from CTFMLib.image import write_image
-    from ctfm_testing.phantoms import body_phantom
+    from ctfm_testing.phantoms import write_pretraining_scans
 
-    folder = tmp_path_factory.mktemp("scans")
-    for seed in (1, 2):
-        write_image(body_phantom(shape=(48, 48, 60), spacing=(2.0, 2.0, 2.0), seed=seed), folder / f"ct{seed}.nii.gz")
-    return folder
+    return write_pretraining_scans(tmp_path_factory.mktemp("scans"))
 
 
 def write_config(path: Path, sources, **sections) -> Path:

@@ -26,6 +26,7 @@ intensities exactly consistent.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -325,3 +326,14 @@ def head_phantom(
     if left_marker:
         paint(_inside_ellipsoid(x, y, z, (0.75, 0.0, 0.0), (0.05, 0.05, 0.05)), HEAD_HU["left_marker"], "left_marker")
     return _finish(hu, labels, geometry, dtype, noise_hu, seed, return_labels, ids, "head")
+
+
+def write_pretraining_scans(folder) -> Path:
+    """Two 48 x 48 x 60 phantom CTs at 2 mm in ``folder`` (``ct1.nii.gz``, ``ct2.nii.gz``): they pass CT-FM's
+    pretraining filters. Returns ``folder``."""
+    from CTFMLib.image import write_image
+
+    folder = Path(folder)
+    for seed in (1, 2):
+        write_image(body_phantom(shape=(48, 48, 60), spacing=(2.0, 2.0, 2.0), seed=seed), folder / f"ct{seed}.nii.gz")
+    return folder

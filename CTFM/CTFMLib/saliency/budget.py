@@ -64,7 +64,8 @@ def estimate_peak_bytes(model: torch.nn.Module, x_shape, method: str, batch: int
 
     # The network may see the input's channels folded into its first axis (triage: HU windows stacked along
     # S): what scales is the number of input values per network input channel.
-    channels = _input_channels(model) or int(x_shape[0])
+    first = _first_conv(model)
+    channels = int(first.in_channels) if first is not None else int(x_shape[0])
     voxels = int(np.prod(x_shape)) // channels
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     inputs = 4 * int(np.prod(x_shape))
@@ -73,23 +74,13 @@ def estimate_peak_bytes(model: torch.nn.Module, x_shape, method: str, batch: int
         per_voxel = BACKWARD_FACTOR * saved + 4 * OUTPUT_CHAIN_FLOATS * outputs
         work = per_voxel * voxels * batch + 3 * inputs * batch  # and the input, its gradient
     else:
-        filters = int(getattr(model, "init_filters", 0) or _first_width(model) or 32)
+        filters = int(getattr(model, "init_filters", 0) or (first.out_channels if first is not None else 32))
         work = FORWARD_BYTES["fp32"] * filters * voxels * batch + inputs * (batch + 1)
     return int(work + 2 * parameters + PROCESS_BYTES)
 
 
-def _input_channels(model: torch.nn.Module) -> Optional[int]:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            return int(module.in_channels)
-    return None
-
-
-def _first_width(model: torch.nn.Module) -> Optional[int]:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            return int(module.out_channels)
-    return None
+def _first_conv(model: torch.nn.Module) -> Optional[torch.nn.Conv3d]:
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv3d)), None)
 
 
 def check_memory(model: torch.nn.Module, x_shape, method: str, batch: int, target: str, budget_gb: float,
