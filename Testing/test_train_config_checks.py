@@ -85,6 +85,28 @@ def test_load_config_lists_every_problem_in_one_line():
     assert all(key in str(info.value) for key in ("segment.crop_size", "segment.dsdepth", "run.device"))
 
 
+def test_micro_batch_and_memory_budget_are_checked_with_the_rest():
+    """``pretrain.micro_batch`` takes "auto", null or a whole number of crops, ``run.max_memory_gb`` a positive
+    number or null; wrong ones are listed with the other problems. Before: both were unknown keys."""
+    from CTFMLib.train.config import ConfigError, load_config
+
+    assert load_config(None, "pretrain")["pretrain"]["micro_batch"] == "auto"
+    assert load_config(None, "pretrain")["run"]["max_memory_gb"] is None
+    for value in ("auto", None, 0, 6):
+        assert load_config(None, "pretrain", {"pretrain.micro_batch": value})["pretrain"]["micro_batch"] == value
+    assert load_config(None, "pretrain", {"run.max_memory_gb": 3.5})["run"]["max_memory_gb"] == 3.5
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, "pretrain", {"pretrain.micro_batch": "half", "run.max_memory_gb": -1,
+                                       "optim.lr": 0})
+    message = str(caught.value)
+    assert len(caught.value.problems) == 3 and "\n" not in message
+    assert "pretrain.micro_batch must be 'auto', null or a whole number of crops per forward pass" in message
+    assert "run.max_memory_gb must be a number of GB" in message and "optim.lr" in message
+    for bad in (-1, 2.5, True, [4]):
+        with pytest.raises(ConfigError, match="pretrain.micro_batch"):
+            load_config(None, "pretrain", {"pretrain.micro_batch": bad})
+
+
 def test_projection_input_width_is_derived_from_the_encoder():
     """``pretrain.projection`` left out (or null) follows the encoder: ``[C, C/2, C/4]`` for its deepest width C.
     Before: the default ``[512, 256, 128]`` refused every encoder but the published one, so changing

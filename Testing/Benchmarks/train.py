@@ -13,7 +13,8 @@ Default: the real :class:`~CTFMLib.train.pretrain.PretrainTask` with the default
 Each step is timed as the trainer runs it (no data workers: ``task.batch`` runs in the training loop):
 
 - ``data``: ``task.batch(step)``: the crops and augmented views, NumPy/torch on the CPU;
-- ``model``: ``task.loss`` (host -> device copy, forward, NT-Xent) + backward + AdamW step, under the
+- ``model``: ``task.backward`` (host -> device copy, forward, NT-Xent, backward; in micro-batches of
+  ``pretrain.micro_batch`` crops, "auto" = what fits this machine's memory) + AdamW step, under the
   trainer's precision (``auto``: bf16 autocast on CUDA when supported, else fp16 with a grad scaler;
   fp32 on the CPU), with ``torch.cuda.synchronize()`` before each clock reading on CUDA.
 
@@ -23,8 +24,9 @@ A crop is one of the ``crops_per_scan`` crops of a scan; the model sees two view
 ``--data-only``: time ``task.batch`` alone (the model is not built).
 
 Memory: in fp32 the full encoder keeps ~0.6 GB of activations per 32 x 128 x 128 view for the backward
-pass (measured on the CPU: 4 views 4.1 GB peak, 8 views 6.5 GB), so the default step (60 views) needs
-~38 GB: run it on a large GPU, or on a CPU with fewer ``--crops`` / ``--scans-per-step``.
+pass (measured on the CPU: 4 views 4.1 GB peak, 8 views 6.5 GB), so the default step (60 views) would need
+~38 GB at once; the task's micro-batches (``pretrain.micro_batch``, "auto") keep each pass within the memory
+available, at the cost of a second forward pass per crop.
 """
 
 import argparse
@@ -158,9 +160,11 @@ def main():
         if args.data_only:
             steps.append({"step": step, "warmup": step <= args.warmup, "data_s": round(t1 - t0, 4)})
             continue
-        with torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False):
-            loss = task.loss(model, batch, device)
-        scaler.scale(loss).backward()
+        def autocast():
+            return torch.autocast("cuda", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+
+        # as the trainer runs it: pretrain.micro_batch crops per pass ("auto": what fits this machine's memory)
+        loss = task.backward(model, batch, device, scaler.scale, autocast)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,9 @@ Sections shared by all tasks (units in brackets):
 - ``run``: ``seed``, ``device`` (auto/cpu/cuda[:N]), ``precision`` (auto/fp32/bf16/fp16; mixed precision on
   CUDA only), ``checkpoint_every``, ``log_every``, ``val_every`` (0 = never) [steps], ``keep_checkpoints``
   (numbered checkpoints kept, 0 = all), ``deterministic``, ``out_dir``, ``scans_per_step`` (global batch:
-  scans per update, split evenly over the processes).
+  scans per update, split evenly over the processes), ``max_memory_gb`` [GB] (what one pretraining step may
+  use on the device the network runs on, ``ctfm train --max-memory-gb``; ``None`` = 85 % of the memory
+  available, shared by the processes of one machine).
 - ``model``: ``init_filters``, ``blocks_down`` (SegResEncoder), ``weights`` (start from these weights: any
   ``weights.load_model`` source, ``None`` = random init).
 
@@ -26,6 +28,14 @@ Pretraining's ``pretrain.projection`` (the projection head's widths, input first
 derived from the encoder as ``[C, C/2, C/4]`` with ``C = model.init_filters * 2**(len(model.blocks_down) - 1)``
 (``[512, 256, 128]`` for the published encoder), so changing the encoder needs no second edit. A list given
 must start with ``C``.
+
+Pretraining's ``pretrain.micro_batch``: crops per forward pass. ``"auto"`` (default): the most whose estimated
+memory (:mod:`.memory`, measured before any scan is read) fits ``run.max_memory_gb``; a number: that many
+(refused when it does not fit); ``0`` or ``None``: all the crops of a step at once. The gradient is that of the
+whole step either way (the contrastive loss is computed on every crop's projection; see
+``PretrainTask.backward``), except that the encoder's batch norms normalise each micro-batch by its own
+statistics (and update their running statistics once per micro-batch), so a smaller micro-batch changes
+training slightly, as a smaller batch per GPU does under DDP.
 
 Every value is range-checked when the configuration is loaded (see "value checks" below: finite numbers,
 spacings in 0.05-50 mm, probabilities in [0, 1], crop sizes that fit a training step's memory, ...), and
@@ -64,6 +74,7 @@ _SHARED = {
         "deterministic": False,
         "out_dir": None,
         "scans_per_step": 2,
+        "max_memory_gb": None,
     },
     "model": {"init_filters": 32, "blocks_down": [1, 2, 2, 4, 4], "weights": None},
 }
@@ -71,6 +82,7 @@ _SHARED = {
 _PRETRAIN = {
     "crops_per_scan": 15,
     "crop_size": [32, 128, 128],  # voxels, (S, P, L) at `spacing`
+    "micro_batch": "auto",  # crops per forward pass: "auto" (the most that fit run.max_memory_gb), N, or 0/null = all
     "temperature": 0.1,
     "projection": None,  # None: [C, C/2, C/4], C the encoder's deepest channel count (512 -> [512, 256, 128])
     "spacing": [3, 1, 1],  # mm, (S, P, L)
@@ -135,7 +147,9 @@ DEFAULTS = {
 
 
 # Keys whose default is a value but that also accept null (random init, no resampling, ...).
-_NULLABLE = {"model.weights", "segment.labels", "segment.spacing"}
+_NULLABLE = {"model.weights", "segment.labels", "segment.spacing", "pretrain.micro_batch"}
+# Keys that take values of several types (checked by the value checks below).
+_ANY_TYPE = {"pretrain.micro_batch"}
 
 
 class ConfigError(ValueError):
@@ -305,7 +319,7 @@ def _merge(base: dict, new: dict, prefix: str, source: str, problems: Optional[_
 
 def _coerce(default: Any, value: Any, name: str, source: str) -> Any:
     """``value`` checked against the type of ``default`` (``None`` defaults accept anything)."""
-    if default is None or (value is None and name in _NULLABLE):
+    if default is None or (value is None and name in _NULLABLE) or name in _ANY_TYPE:
         return value
     if name == "data.source" and isinstance(value, str):
         return [value]  # one path is a natural thing to write
@@ -478,6 +492,9 @@ def _check_values(config: dict, p: Optional[_Problems] = None) -> None:
           what="a whole number (0 = keep all)")
     p.run("run.out_dir", _text, run["out_dir"], "run.out_dir", nullable=True)
     p.run("run.scans_per_step", _number, run["scans_per_step"], "run.scans_per_step", 1, 4096, integer=True)
+    if run.get("max_memory_gb") is not None:
+        p.run("run.max_memory_gb", _number, run["max_memory_gb"], "run.max_memory_gb", 0.0, 1e6, low_open=True,
+              what="a number of GB (the memory a pretraining step may use) or null (85 % of what is available),")
 
     p.run("model.init_filters", _number, model["init_filters"], "model.init_filters", 1, 128, integer=True)
     blocks = model["blocks_down"]
@@ -504,6 +521,10 @@ def _check_pretrain(pre: dict, scans_per_step: int, p: _Problems) -> None:
     crops = p.run("pretrain.crops_per_scan", _number, pre["crops_per_scan"], "pretrain.crops_per_scan", 2, 1024,
                   integer=True, what="a whole number (the crops of a scan are each other's negatives)")
     voxels = p.run("pretrain.crop_size", _crop, pre["crop_size"], "pretrain.crop_size")
+    micro = pre.get("micro_batch", "auto")
+    if micro != "auto" and micro is not None:
+        p.run("pretrain.micro_batch", _number, micro, "pretrain.micro_batch", 0, 1 << 20, integer=True,
+              what="'auto', null or a whole number of crops per forward pass (0 = all at once)")
     if crops is not None and voxels is not None:
         p.run("pretrain.crop_size", _step_input, scans_per_step * 2 * crops, voxels,
               "run.scans_per_step x 2 views x pretrain.crops_per_scan x pretrain.crop_size float32 voxels")

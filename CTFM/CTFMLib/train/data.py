@@ -220,8 +220,8 @@ def pretrain_preprocess(
         out_shape = tuple(int(np.round((n - 1) * s / t)) + 1 for n, s, t in zip(data.shape, source, target))
         voxels = float(np.prod([float(n) for n in out_shape]))
         if voxels > MAX_PREPARED_VOXELS:
-            raise ImageError(f"resampled to {list(target)} mm the scan would be {list(out_shape)} voxels "
-                             f"({voxels * 4 / 2 ** 30:.1f} GiB), more than a CT needs; check its spacing "
+            raise ImageError(f"resampled to {list(target)} mm the scan would be {'x'.join(map(str, out_shape))} voxels "
+                             f"({', '.join(orientation)}; {voxels * 4 / 2 ** 30:.1f} GiB), more than a CT needs; check its spacing "
                              f"({[round(float(v), 4) for v in source]} mm) and pretrain.spacing")
         data = resample_axes(data, target / source, out_shape, "linear")
     try:

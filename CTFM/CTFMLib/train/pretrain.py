@@ -8,15 +8,24 @@ no batch norm); the loss is NT-Xent within each scan (:mod:`.losses`).
 The exported model is the encoder alone, in the published layout, so it is
 used like the released CT-FM feature extractor.
 
+A step's crops go through the encoder in micro-batches of ``pretrain.micro_batch``
+crops (``"auto"``: the most that fit the memory budget, :mod:`.memory`) with the
+exact gradient of the whole step's loss (:meth:`PretrainTask.backward`, the
+"gradient cache" technique). The encoder's batch norms (``networks.SegResBlock``)
+then see micro-batches: each is normalised by its own statistics, and running
+statistics are updated once per micro-batch.
+
 The config is a plain dict with the sections ``pretrain``, ``model``, ``run``
 (and ``optim``, read by the trainer) as ``CTFMLib.train.config.DEFAULTS["pretrain"]``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +79,11 @@ class ProjectionModel(nn.Module):
 
 
 
+def _full(z: torch.Tensor) -> torch.Tensor:
+    """Half-precision projections (autocast) in float32 for the loss; float32 and float64 as they are."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def _need(section: dict, where: str, key: str):
     if key not in section:
         raise ValueError(f"the pretraining config lacks {where}.{key}; build the config with "
@@ -87,7 +101,9 @@ class PretrainTask:
     a scan cache view. Crops are padded with 0 where a scan is smaller.
     """
 
-    def __init__(self, config: dict, volumes: Sequence[np.ndarray] | VolumeSource):
+    def __init__(self, config: dict, volumes: Sequence[np.ndarray] | VolumeSource, micro_batch: Optional[int] = None):
+        """``micro_batch``: crops per forward pass as :func:`.memory.plan_micro_batch` chose it (``0``: all at
+        once); ``None``: from ``pretrain.micro_batch`` (``"auto"`` is planned here)."""
         self.config = config
         pre, model, run = (config_section(config, k, "pretrain") for k in ("pretrain", "model", "run"))
         self.n_crops = int(_need(pre, "pretrain", "crops_per_scan"))
@@ -125,6 +141,15 @@ class PretrainTask:
         self.volumes = volumes
         if len(volumes) == 0:
             raise ValueError("no scans to pretrain on: the data source gave no usable volume")
+        if micro_batch is None:
+            micro_batch = pre.get("micro_batch", "auto")
+            if micro_batch == "auto":
+                from .memory import plan_micro_batch
+
+                micro_batch = plan_micro_batch(config, device=str(run.get("device", "cpu"))).micro_batch
+        if isinstance(micro_batch, bool) or not isinstance(micro_batch, (int, type(None))) or (micro_batch or 0) < 0:
+            raise ValueError(f"pretrain.micro_batch must be 'auto', null or a whole number >= 0, not {micro_batch!r}")
+        self.micro_batch = int(micro_batch or 0)  # 0: every crop of a step in one pass
 
     # --- model --------------------------------------------------------------------------
 
@@ -183,10 +208,69 @@ class PretrainTask:
     # --- loss, validation, export -----------------------------------------------------------
 
     def loss(self, model: nn.Module, batch: dict, device) -> torch.Tensor:
-        """NT-Xent within each scan, averaged over the batch's scans (and their anchors)."""
+        """NT-Xent within each scan, averaged over the batch's scans (and their anchors); every crop in one pass."""
         views = batch["views"].to(device, non_blocking=True)
         x = views.reshape((-1, 1) + tuple(views.shape[-3:]))  # (S*2*n, 1, D, H, W), order [scan][view][crop]
         return ntxent_within_scan(model(x), self.n_crops, self.temperature)
+
+    def step_work(self, world: int = 1) -> dict:
+        """Voxels one process puts through the network per step, for the expected time (:mod:`CTFMLib.costs`):
+        ``train`` with gradients, ``forward`` without (the gradient cache's first pass, when micro-batched)."""
+        crops = self.scans_per_step // max(1, world) * 2 * self.n_crops
+        voxels = float(crops * math.prod(self.crop_size))
+        return {"train": voxels, "forward": voxels if len(self.chunks(crops)) > 1 else 0.0}
+
+    def chunks(self, n: int) -> list:
+        """``[(start, end), ...]``: ``n`` crops in passes of at most ``micro_batch``, as even as possible
+        (so that no batch norm sees a lone leftover crop)."""
+        if not self.micro_batch or self.micro_batch >= n:
+            return [(0, n)]
+        passes = math.ceil(n / self.micro_batch)
+        bounds = [round(i * n / passes) for i in range(passes + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def backward(self, model: nn.Module, batch: dict, device, scale: Callable = lambda loss: loss,
+                 autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
+        """The step's loss (detached) after accumulating ``d scale(loss) / d weights`` into the ``.grad`` s,
+        ``micro_batch`` crops per pass (the trainer's optional ``Task.backward``).
+
+        The contrastive loss ties every crop of a scan to every other, so it cannot be split into a sum over
+        micro-batches. Instead ("gradient cache", Gao et al. 2021): (1) every crop's projection ``z`` is
+        computed without keeping activations, a micro-batch at a time; (2) the loss of the whole step and its
+        gradient ``dz`` are computed on ``z``; (3) each micro-batch is forwarded again with activations and
+        back-propagated from its rows of ``dz``. The result is the gradient of the whole step, as one pass
+        gives it, when the network's output for a crop does not depend on the other crops of its pass (the
+        batch norms in eval mode); in train mode each micro-batch is normalised by its own statistics.
+        Running statistics are updated once per micro-batch (pass (1) leaves them as they were). Under DDP
+        only the last pass synchronises gradients (``no_sync`` for the others), so they are reduced once.
+        """
+        views = batch["views"].to(device, non_blocking=True)
+        x = views.reshape((-1, 1) + tuple(views.shape[-3:]))  # (S*2*n, 1, D, H, W), order [scan][view][crop]
+        chunks = self.chunks(x.shape[0])
+        if len(chunks) == 1:
+            with autocast():
+                loss = ntxent_within_scan(model(x), self.n_crops, self.temperature)
+            scale(loss).backward()
+            return loss.detach()
+        net = unwrap(model)
+        running = {name: b.detach().clone() for name, b in net.named_buffers()}
+        with torch.no_grad(), autocast():
+            z = torch.cat([_full(model(x[a:b])) for a, b in chunks])
+        with torch.no_grad():  # pass (1) must not count in the running statistics
+            for name, b in net.named_buffers():
+                b.copy_(running[name])
+        del running
+        z.requires_grad_(True)
+        loss = ntxent_within_scan(z, self.n_crops, self.temperature)  # float32, outside autocast
+        (dz,) = torch.autograd.grad(scale(loss), z)
+        no_sync = getattr(model, "no_sync", None)
+        for i, (a, b) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                with autocast():
+                    part = model(x[a:b])
+                _full(part).backward(dz[a:b])
+        return loss.detach()
 
     @torch.no_grad()
     def validate(self, model: nn.Module, device) -> dict:
@@ -202,7 +286,7 @@ class PretrainTask:
             index = self.scan_index(0, 0)
             views = self._scan_views(index, np.random.default_rng([self.seed, _VALIDATION]))
             x = torch.from_numpy(views.reshape((-1, 1) + self.crop_size)).to(device)
-            z = net(x).float()
+            z = torch.cat([net(x[a:b]).float() for a, b in self.chunks(x.shape[0])])  # eval mode: as one pass
             loss = ntxent_within_scan(z, self.n_crops, self.temperature)
             zn = torch.nn.functional.normalize(z, dim=1)
             sim = zn @ zn.T

@@ -7,9 +7,10 @@ Order, so that nothing is written for a run that is refused: the configuration (
 the keys that go together), ``max_steps``, the device, every data source (each must exist) and the output
 folder (:mod:`.runfolder`: new, empty, or a run of the same task; without ``resume`` it may not hold
 checkpoints) are checked together, and every problem found is refused at once, in one
-:class:`~.config.ConfigError` that lists them all. Then the scans are listed (a CSV row naming a missing
-file is refused here, before any preprocessing); only then is the folder created and marked, and the data
-prepared.
+:class:`~.config.ConfigError` that lists them all. Pretraining then estimates the memory of a step and
+picks its micro-batch (:mod:`.memory`), or is refused there in a second or two. Then the scans are listed
+(a CSV row naming a missing file is refused here, before any preprocessing); only then is the folder
+created and marked, and the data prepared.
 
 The preprocessed-scan cache is ``data/`` in the output folder (``--out``, else ``run.out_dir``), unless
 ``data.cache_dir`` names another folder: it belongs to the run (deleting the run deletes it; ``--resume``
@@ -59,16 +60,19 @@ def stop_exit_code(summary: dict) -> int:
 
 def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_steps: Optional[int] = None,
         device: Optional[str] = None, progress=None, overrides: Optional[dict] = None,
-        allow_non_ct: bool = False) -> dict:
+        allow_non_ct: bool = False, max_memory_gb: Optional[float] = None) -> dict:
     """Train ``task`` ("pretrain", "segment", "classify") as the configuration file says.
 
     ``out_dir`` (or the configuration's ``run.out_dir``) receives ``ctfm-run.json`` (the marker),
     ``checkpoints/``, ``metrics.csv``, ``data/`` (the preprocessed-scan cache, unless ``data.cache_dir``
     says otherwise) and, at the end, ``model/``; it must be new, empty or a run of the same task
     (:mod:`.runfolder`). ``allow_non_ct`` (``ctfm train --allow-non-ct``) sets ``data.allow_non_ct``: scans
-    whose values do not look like a CT in HU are trained on instead of skipped. Returns the loop's summary,
+    whose values do not look like a CT in HU are trained on instead of skipped. ``max_memory_gb``
+    (``ctfm train --max-memory-gb``) sets ``run.max_memory_gb``: pretraining picks its micro-batch to fit it,
+    or is refused (:class:`~.memory.PretrainMemoryError`) before any scan is read. Returns the loop's summary,
     plus ``skipped``: the scans left out and why (also in ``skipped.csv`` of the cache folder), ``non_ct``:
-    the scans used although they do not look like CT, and ``exit_code`` (:func:`stop_exit_code`).
+    the scans used although they do not look like CT, ``exit_code`` (:func:`stop_exit_code`) and, for
+    pretraining, ``micro_batch`` (crops per forward pass) and ``memory`` (the estimate, bytes).
     Raises :class:`ConfigError` listing every problem of the configuration, the sources and the folder.
     """
     if task not in TASKS:
@@ -76,6 +80,11 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
     progress = progress or null_progress
     if allow_non_ct:
         overrides = {**(overrides or {}), "data.allow_non_ct": True}
+    if max_memory_gb is not None:
+        if task != "pretrain":  # only pretraining plans its memory; a budget nothing honours is refused
+            raise ConfigError(f"--max-memory-gb applies to ctfm train pretrain (its micro-batches); ctfm train "
+                              f"{task} has no memory plan: leave it out")
+        overrides = {**(overrides or {}), "run.max_memory_gb": max_memory_gb}
     problems: list = []
     config, partial, failed = None, None, None
     try:
@@ -113,6 +122,14 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
             problems.append(str(e))
     if problems:
         raise ConfigError(problems=problems)
+    plan = None
+    if task == "pretrain":  # the memory a step needs, before any scan is listed or read (PretrainMemoryError)
+        from .memory import plan_micro_batch
+
+        plan = plan_micro_batch(config, world=_world(), device=str(resolve_device(
+            device if device not in (None, "", "auto") else config["run"].get("device", "auto"))))
+        if _rank() == 0:
+            progress(None, plan.describe())
     from .data import find_scans
 
     rejected: list = []
@@ -126,7 +143,8 @@ def run(task: str, config_path=None, out_dir=None, resume: bool = False, max_ste
         raise TrainingError(str(e)) from None
     try:
         try:
-            return _train_in(folder, task, config, scans, rejected, labels, resume, max_steps, device, progress)
+            return _train_in(folder, task, config, scans, rejected, labels, resume, max_steps, device, progress,
+                             plan)
         except WriteError as e:  # the data cache or skipped.csv could not be written (disk full, read-only)
             raise TrainingError(str(e)) from None
     except BaseException:
@@ -182,7 +200,7 @@ def _undo_unused_run(path: Path, made: list, progress) -> None:
         pass
 
 
-def _train_in(folder, task, config, scans, rejected, labels, resume, max_steps, device, progress) -> dict:
+def _train_in(folder, task, config, scans, rejected, labels, resume, max_steps, device, progress, plan=None) -> dict:
     out = folder.path
     if _rank() == 0:
         # What a killed run left; the shared cache folders only when no other process may be writing there.
@@ -204,13 +222,17 @@ def _train_in(folder, task, config, scans, rejected, labels, resume, max_steps, 
         p = config["pretrain"]
         usable, skipped, cache = _prepare(config, scans, out, p["spacing"], p["hu_range"], report, rejected=rejected,
                                           used_non_ct=non_ct)
-        task_object = PretrainTask(config, [cache.get(scan) for scan in usable])
+        task_object = PretrainTask(config, [cache.get(scan) for scan in usable],
+                                   micro_batch=plan.micro_batch if plan is not None else None)
     summary = train(task_object, out, resume=resume, max_steps=max_steps,
                     progress=subrange(progress, 0.1, 1.0), device=device)
     summary["skipped"] = [(s.path, reason) for s, reason in skipped]
     summary["scans"] = len(usable)
     summary["non_ct"] = non_ct
     summary["exit_code"] = stop_exit_code(summary)
+    if plan is not None:
+        summary["micro_batch"] = plan.micro_batch
+        summary["memory"] = plan.as_dict()
     return summary
 
 

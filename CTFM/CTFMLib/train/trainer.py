@@ -84,6 +84,11 @@ class Task(Protocol):
         """Scalar loss, the MEAN over this process's samples. ``model`` may be the DDP wrapper: call it, and
         reach attributes through ``unwrap(model)``."""
 
+    # Optional: ``backward(model, batch, device, scale, autocast) -> loss`` (detached), for a task whose step
+    # does not fit one forward pass: it accumulates the gradients of ``scale(loss)`` itself (``scale`` is the
+    # GradScaler's, ``autocast`` a context factory; under DDP it must let gradients be reduced exactly once,
+    # e.g. ``model.no_sync()`` for all passes but the last). Without it the loop runs ``loss`` and backward.
+
     def validate(self, model: nn.Module, device: torch.device) -> dict:
         """Validation metrics (``{}`` for none), called on rank 0 in eval mode under ``torch.no_grad()``."""
 
@@ -294,6 +299,7 @@ class _Run:
         log_every, ckpt_every = int(self.run_cfg["log_every"]), int(self.run_cfg["checkpoint_every"])
         val_every = int(self.run_cfg.get("val_every") or 0)
         autocast = (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
+        backward = getattr(task, "backward", None)
         if start == 0:
             self._report(0.0, f"training {count(self.n_steps, 'step')} on {self.device}"
                               + (f" x {info.world} processes" if info.enabled else ""))
@@ -301,13 +307,22 @@ class _Run:
         interval_loss, interval_steps, interval_time = 0.0, 0, 0.0
         step = start
         model.train()
+        ready = None  # the first step's batch, made before the loop to time the data side of a step
+        if start < self.n_steps:
+            t0 = time.perf_counter()
+            ready = task.batch(start + 1, info.rank, info.world)
+            self._expect(start, time.perf_counter() - t0)
         while step < self.n_steps:
             step += 1
             t0 = time.perf_counter()
-            batch = task.batch(step, info.rank, info.world)
-            with autocast():
-                loss = task.loss(model, batch, self.device)
-            self.scaler.scale(loss).backward()
+            batch = ready if ready is not None else task.batch(step, info.rank, info.world)
+            ready = None
+            if backward is not None:  # the task runs its own (e.g. micro-batched) backward passes
+                loss = backward(model, batch, self.device, self.scaler.scale, autocast)
+            else:
+                with autocast():
+                    loss = task.loss(model, batch, self.device)
+                self.scaler.scale(loss).backward()
             local = float(loss.detach().float())
             total, bad = all_reduce_sum([local, 0.0 if math.isfinite(local) else 1.0], self.device)
             if bad:
@@ -391,6 +406,31 @@ class _Run:
                     self.tb.add_scalar(key if key.startswith(("val", "train")) else f"train/{key}", value,
                                        row["step"])
             self.tb.flush()
+
+    def _expect(self, start: int, data_seconds: float) -> None:
+        """Announce the expected time of the remaining steps (main process): the network's share from this
+        computer's measured speed (:mod:`CTFMLib.costs`, for tasks that say their voxels per step,
+        ``task.step_work``) plus the time the first batch took to make."""
+        work = getattr(self.task, "step_work", None)
+        if work is None or not self.info.is_main:
+            return
+        from ..costs import flops_per_voxel, network_seconds, rate
+        from ..progress import Estimate
+
+        voxels = work(self.info.world)
+        precision = {torch.bfloat16: "bf16", torch.float16: "bf16"}.get(self.amp_dtype, "fp32")
+        say = lambda m: self._report(None, m)  # noqa: E731
+        try:
+            flops = flops_per_voxel(self.base)
+        except Exception:  # noqa: BLE001 - a network the meta device cannot run: counted as the encoder
+            flops = None
+        network = network_seconds(rate("train", self.device, precision, announce=say), voxels["train"], flops=flops)
+        if voxels.get("forward"):
+            network += network_seconds(rate("forward", self.device, precision, announce=say), voxels["forward"],
+                                       flops=flops)
+        steps = self.n_steps - start
+        self._report(None, Estimate(steps * (network + data_seconds),
+                                    f"{count(steps, 'step')} of about {network + data_seconds:.1f} s on {self.device}"))
 
     def _report(self, fraction, message: str) -> None:
         from ..progress import Cancelled
