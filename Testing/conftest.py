@@ -1,5 +1,6 @@
 """Test harness: import paths, isolated model caches, tiny checkpoints, the shared real CT data."""
 
+import contextlib
 import os
 import shutil
 import sys
@@ -26,6 +27,25 @@ _SESSION_STORE = tempfile.mkdtemp(prefix="ctfm-test-store-")
 os.environ["CTFM_CACHE"] = _SESSION_STORE
 
 
+def _session_costs(path: str) -> None:
+    """This computer's speed as the generic figures, for every thread count: commands print estimates without
+    first measuring the published encoder (seconds each, in every test with a private cache). Testing/test_costs.py
+    measures with files of its own."""
+    from CTFMLib.costs import GENERIC, Costs
+
+    costs = Costs(path)
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        for precision in ("fp32", "bf16"):
+            for kind, value in GENERIC.items():
+                costs.put(Costs.key("cpu", precision, threads), kind, value * 2 / threads)
+
+
+_handle, _SESSION_COSTS = tempfile.mkstemp(prefix="ctfm-test-", suffix="-costs.json")
+os.close(_handle)
+os.environ["CTFM_COSTS_FILE"] = _SESSION_COSTS
+_session_costs(_SESSION_COSTS)
+
+
 @contextmanager
 def user_model_store():
     """While active, CTFM_CACHE is what the user had set (or unset): their imported and downloaded models."""
@@ -42,6 +62,8 @@ def user_model_store():
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_STORE, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(_SESSION_COSTS)
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ import torch
 
 from .image import Image, ImageError
 from .preprocess import PreprocessConfig, Preprocessed, preprocess
-from .progress import null_progress, subrange
+from .progress import Estimate, null_progress, subrange
+from .text import count
 
 PATCH_SIZE = (24, 128, 128)
 PATCH_SPACING = (3.0, 1.0, 1.0)
@@ -103,6 +104,17 @@ class Runner:
         return features.float().mean(dim=(2, 3, 4)).cpu().numpy()
 
 
+def expect_forward(runner: Runner, voxels: float, progress, detail: str) -> float:
+    """Tell ``progress`` how long ``voxels`` input voxels through ``runner``'s network take on this computer
+    (:mod:`CTFMLib.costs`, measured once here); returns the seconds."""
+    from .costs import network_seconds, rate
+
+    measured = rate("forward", runner.device, runner.options.precision, announce=lambda m: progress(None, m))
+    seconds = network_seconds(measured, voxels, runner.model)
+    progress(None, Estimate(seconds, detail))
+    return seconds
+
+
 def _load_encoder(weights, model):
     if model is not None:
         return model
@@ -142,6 +154,7 @@ def embed_image(
     progress(0.05, "preprocessing")
     if mode == "volume":
         pre = preprocess(image)
+        expect_forward(runner, pre.array.size, progress, f"the whole volume, {runner.device.type}")
         progress(0.1, f"embedding the whole volume {pre.array.shape} on {runner.device.type}")
         vector = runner.embed(pre.array[None])[0]
         progress(1.0, "done")
@@ -150,6 +163,7 @@ def embed_image(
     pre = preprocess(image, config)
     if mode == "point":
         patch = patch_at_point(pre, point_lps)
+        expect_forward(runner, patch.size, progress, f"one patch, {runner.device.type}")
         progress(0.1, f"embedding the patch at {np.round(point_lps, 1).tolist()} mm")
         vector = runner.embed(patch[None])[0]
         progress(1.0, "done")
@@ -197,6 +211,8 @@ def embed_patches(pre: Preprocessed, runner: Runner, progress=None, size=PATCH_S
     """Embeddings ``(N, C)`` of the patches tiling ``pre`` and their centres ``(N, 3)`` in LPS mm."""
     progress = progress or null_progress
     starts = patch_grid(pre, size)
+    expect_forward(runner, len(starts) * float(np.prod(size)), progress,
+                   f"{count(len(starts), 'patch', 'patches')}, {runner.device.type}")
     vectors, centres = [], []
     bs = runner.options.batch_size
     for i in range(0, len(starts), bs):

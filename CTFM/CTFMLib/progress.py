@@ -62,6 +62,25 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class Estimate(str):
+    """A progress message that is an expected duration: ``expected time: about 40 s (detail)``.
+
+    Sent as ``callback(None, Estimate(seconds, detail))``, so it travels through every callback and
+    :func:`subrange` unchanged; ``.seconds`` is the number. :class:`ConsoleBar` keeps it on its own line,
+    :class:`JsonLines` adds ``"expected_seconds"``, and ``ctfm`` prints it as a sentence.
+    """
+
+    seconds: float
+
+    def __new__(cls, seconds: float, detail: str = ""):
+        from .costs import duration
+
+        text = f"expected time: about {duration(seconds)}" + (f" ({detail})" if detail else "")
+        message = super().__new__(cls, text)
+        message.seconds = float(seconds)
+        return message
+
+
 def null_progress(fraction: Optional[float], message: str = "") -> None:
     """A callback that ignores progress."""
 
@@ -100,6 +119,10 @@ class ConsoleBar:
             filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
             bar, pct = "#" * filled + "-" * (self.width - filled), f"{100 * fraction:3.0f}%"
         line = f"[{bar}] {pct} {message}"
+        if isinstance(message, Estimate):  # a line to keep, not a state of the bar
+            self.stream.write(("\r" + " " * 120 + "\r" if self._tty else "") + str(message) + "\n")
+            self.stream.flush()
+            return
         if self._tty:
             self.stream.write("\r" + line[:120].ljust(120))
             if done:
@@ -130,8 +153,30 @@ class JsonLines:
         self.stream = stream
 
     def __call__(self, fraction: Optional[float], message: str = "") -> None:
-        self.stream.write(json.dumps({"progress": fraction, "message": message}) + "\n")
+        line = {"progress": fraction, "message": str(message)}
+        if isinstance(message, Estimate):
+            line["expected_seconds"] = round(message.seconds, 1)
+        self.stream.write(json.dumps(line) + "\n")
         self.stream.flush()
+
+
+class SayEstimates:
+    """``ctfm``'s progress callback: an :class:`Estimate` becomes a sentence (``say(text)``: stdout, or stderr
+    under ``--json``) and ``.expected`` (seconds); everything else, and the estimate for machine renderers
+    (JSON lines to the Slicer GUI, Slicer CLI comments), goes to ``renderer``."""
+
+    def __init__(self, renderer: ProgressCallback, say: Callable[[str], None]):
+        self.renderer = renderer
+        self.say = say
+        self.expected: Optional[float] = None
+
+    def __call__(self, fraction: Optional[float], message: str = "") -> None:
+        if isinstance(message, Estimate):
+            self.expected = message.seconds
+            self.say(str(message))
+            if isinstance(self.renderer, ConsoleBar) or self.renderer is null_progress:
+                return
+        self.renderer(fraction, message)
 
 
 def parse_json_progress(line: str):

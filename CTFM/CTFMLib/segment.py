@@ -176,10 +176,19 @@ def _argmax_of(head, device, dtype):
 
 def plan_for(image: Image, model: nn.Module, options: RunOptions, quality: str = DEFAULT_QUALITY, spacing="model",
              roi=None, interpolation: str = "linear", foreground: bool = True,
-             timings: Optional[Timings] = None) -> SegmentationPlan:
-    """:func:`CTFMLib.segment_plan.plan_segmentation` for a loaded ``model`` and resolved run options."""
+             timings: Optional[Timings] = None, progress=None) -> SegmentationPlan:
+    """:func:`CTFMLib.segment_plan.plan_segmentation` for a loaded ``model`` and resolved run options.
+
+    With ``progress``, a computer that has run no segmentation yet first measures its speed
+    (:func:`CTFMLib.costs.rate`, announced to ``progress``), so that the plan's time is its own."""
     filters = getattr(getattr(model, "encoder", None), "init_filters", None)
     threads = int(options.threads or torch.get_num_threads())
+    if progress is not None:
+        device = torch.device(options.device)
+        if (timings or Timings()).seconds_per_window(device.type, options.precision, threads) is None:
+            from .costs import rate
+
+            rate("forward", device, options.precision, threads, announce=lambda m: progress(None, m))
     return plan_segmentation(
         image, quality=quality, spacing=spacing, model_spacing=getattr(model, "ctfm_spacing", None),
         roi=tuple(roi or getattr(model, "ctfm_window", None) or ROI), classes=output_channels(model), filters=filters,

@@ -67,6 +67,12 @@ ORIENTATION = "SPL"
 SECONDS_PER_WINDOW = {("cpu", "fp32"): 6.8, ("cpu", "bf16"): 3.8, ("cpu", "bf16", "amx"): 1.6,
                       ("cuda", "fp32"): 0.5, ("cuda", "bf16"): 0.25, ("mps", "fp32"): 2.0, ("mps", "bf16"): 2.0}
 MEASURED_THREADS = 2
+# A window of the published network from this computer's encoder figure (CTFMLib.costs: seconds per million
+# voxels of the encoder's forward pass, autocast for bf16) before a segmentation has run here: the window's
+# 2.46 million voxels x the streamed SegResNetDS window against the encoder on as many voxels. Measured on
+# 2 threads of an Intel Xeon with AMX: fp32 7.75 s per window (Timings) against 1.75-2.03 s per million
+# voxels (1.55-1.8); bf16 2.21 s against 1.12 (0.8: the streamed network runs natively in bf16).
+ENCODER_TO_WINDOW = {"fp32": 1.7 * float(np.prod(ROI)) / 1e6, "bf16": 0.8 * float(np.prod(ROI)) / 1e6}
 # Reading, preprocessing and mapping back, per voxel of the input (an allowance; the labels' linear
 # mapping onto the input grid adds a head product per input voxel).
 SECONDS_PER_VOXEL = {"nearest": 1.5e-7, "linear": 4e-7}
@@ -208,6 +214,11 @@ def seconds_per_window(device: str, precision: str, threads: int, filters: Optio
     measured = timings.seconds_per_window(kind, precision, threads)
     if measured is not None:
         return measured * _scale(filters, roi), True
+    from .costs import Costs
+
+    encoder = Costs().get(Costs.key(kind, precision, threads), "forward")  # measured here, for the encoder
+    if encoder is not None:
+        return encoder * ENCODER_TO_WINDOW.get(precision, ENCODER_TO_WINDOW["fp32"]) * _scale(filters, roi), True
     base = SECONDS_PER_WINDOW.get((kind, precision), SECONDS_PER_WINDOW[("cpu", "fp32")])
     if kind == "cpu" and precision == "bf16" and "amx_bf16" in _cpu_flags():
         base = SECONDS_PER_WINDOW[("cpu", "bf16", "amx")]
@@ -261,7 +272,7 @@ class SegmentationPlan:
 
     def to_dict(self) -> dict:
         return {
-            "input": {"shape": list(self.input_shape), "spacing": [round(float(s), 4) for s in self.input_spacing]},
+            "input": {"axes": "xyz", "shape": list(self.input_shape), "spacing": [round(float(s), 4) for s in self.input_spacing]},
             "working": {"axes": ORIENTATION, "spacing_mm": self.working_spacing_spl(),
                         "resampled": self.working_spacing is not None, "grid": list(self.working_shape),
                         "model_spacing_mm": None if self.model_spacing is None else list(self.model_spacing)},
@@ -314,7 +325,7 @@ def _any_in(summed: np.ndarray, lo, hi) -> bool:
     """Whether any occupied block lies in [lo, hi) (block coordinates)."""
     lo = [max(0, min(int(v), summed.shape[a] - 1)) for a, v in enumerate(lo)]
     hi = [max(0, min(int(v), summed.shape[a] - 1)) for a, v in enumerate(hi)]
-    if any(h <= l for l, h in zip(lo, hi)):
+    if any(h <= low for low, h in zip(lo, hi)):
         return False
     (a0, b0, c0), (a1, b1, c1) = lo, hi
     total = (summed[a1, b1, c1] - summed[a0, b1, c1] - summed[a1, b0, c1] - summed[a1, b1, c0]

@@ -35,10 +35,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, _cut, _load_encoder, patch_starts
+from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, _cut, _load_encoder, expect_forward, patch_starts
 from ..image import Image, ImageError
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, Preprocessed, preprocess
 from ..progress import null_progress
+from ..text import count
 
 
 def _triple(value, name: str, kind=int) -> tuple:
@@ -129,6 +130,8 @@ def scan_embeddings(
     progress(0.0, "preprocessing")
     pre = _preprocess(image, spacing)
     starts = patch_grid(pre.array.shape, patch_size, stride)
+    expect_forward(runner, len(starts) * float(np.prod(patch_size)), progress,
+                   f"{count(len(starts), 'patch', 'patches')}, {runner.device.type}")
     vectors = _embed_starts(pre, runner, starts, patch_size, progress)
     return vectors.mean(axis=0).astype(np.float32), vectors, patch_centres(pre, starts, patch_size)
 

@@ -51,7 +51,9 @@ from typing import Optional
 import numpy as np
 
 from ..image import Geometry, Image, ImageError
+from ..costs import duration
 from ..progress import null_progress, subrange
+from ..text import GRID_AXES, count, size
 from . import targets
 from .budget import check_memory
 from .methods import input_gradients_only, integrated_gradients, occlusion
@@ -238,6 +240,7 @@ def _run(target, method, image, weights, point_lps, class_name, labels, spacing,
                           else batch, target, budget, region is not None)
     notes.append("peak memory not estimated (the network could not be probed)" if needed is None
                  else f"estimated peak memory {needed / 2**30:.1f} GB")
+    expected = _expect(method, problem, box, mask_size, overlap, steps, progress)
     work = subrange(progress, 0.1, 0.95)
     if method == "occlusion":
         work(0.0, "occluding")
@@ -254,7 +257,52 @@ def _run(target, method, image, weights, point_lps, class_name, labels, spacing,
         inside = tuple(slice(int(s), int(e)) for s, e in zip(*box))
         raw[inside] = attributions.sum(axis=0)[inside]  # a voxel's channels (HU windows) together
         notes.append(f"integrated gradients: {steps} steps from 0 (-1024 HU; each HU window's 0 for triage)")
+    details["expected_seconds"] = round(expected, 1)
     return problem, raw, details, box, notes
+
+
+# Occlusion expected to take longer than this (and 4x longer than gradients) is announced with the cheaper way.
+OCCLUSION_WARN_SECONDS = 120
+
+
+def _expect(method, problem, box, mask_size, overlap, steps, progress) -> float:
+    """Announce (:class:`~CTFMLib.progress.Estimate`) how long the method will take on this computer
+    (:mod:`CTFMLib.costs`), naming gradients when occlusion is slow; returns the seconds."""
+    from ..costs import network_seconds, rate
+    from ..progress import Estimate
+    from .methods import occlusion_grid
+
+    shape = tuple(problem.x.shape[1:])
+    voxels = float(np.prod(shape))
+    device = problem.x.device
+    try:
+        from ..costs import flops_per_voxel
+
+        flops = flops_per_voxel(problem.model, int(problem.x.shape[0]), shape)
+    except Exception:  # noqa: BLE001 - a network the meta device cannot run: count it as the encoder
+        flops = None
+    say = lambda m: progress(None, m)  # noqa: E731
+    forward = rate("forward", device, announce=say)
+    # gradient passes against forward passes, as measured on the encoder here (or the generic ratio)
+    gradient = rate("input_gradient", device, measure_now=method == "gradient", announce=say)
+    if not gradient.measured:
+        from ..costs import GENERIC
+
+        gradient = type(gradient)("input_gradient", forward.seconds_per_mvoxel * GENERIC["input_gradient"]
+                                  / GENERIC["forward"], False)
+    gradient_seconds = steps * network_seconds(gradient, voxels, flops=flops)
+    if method == "gradient":
+        progress(None, Estimate(gradient_seconds, f"{count(steps, 'gradient step')} on "
+                                f"{size(shape, GRID_AXES)}, {device.type}"))
+        return gradient_seconds
+    cubes = len(occlusion_grid(shape, mask_size, overlap).windows(box))
+    seconds = (cubes + 1) * network_seconds(forward, voxels, flops=flops)
+    detail = f"{count(cubes, 'occluded cube')} on {size(shape, GRID_AXES)}, {device.type}"
+    if seconds > OCCLUSION_WARN_SECONDS and seconds > 4 * gradient_seconds:
+        detail += (f"; --method gradient takes about {duration(gradient_seconds)}, or give a smaller --roi or "
+                   "--cube")
+    progress(None, Estimate(seconds, detail))
+    return seconds
 
 
 # --- the command line's pieces ------------------------------------------------------------------

@@ -227,7 +227,7 @@ def occlusion(forward: Callable, x: torch.Tensor, score: Callable, box: Optional
         part = blend(drops, windows, grid, weights, box, lambda v: v[:, 0])
     heat = np.zeros(shape, dtype=np.float64)
     heat[tuple(slice(s, e) for s, e in zip(*box))] = part
-    details = {"windows": int(len(windows)), "windows_whole_grid": grid.n_windows, "mask_voxels": list(grid.mask),
+    details = {"windows": int(len(windows)), "windows_whole_grid": grid.n_windows, "mask_voxels": list(grid.mask), "axes": "SPL",
                "overlap": overlap, "occlusion": mode if isinstance(mode, str) else float(mode),
                "blend": blend_mode, "reference_score": ref_score}
     return heat, details

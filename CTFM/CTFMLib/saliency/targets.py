@@ -191,7 +191,7 @@ def class_problem(image, weights, class_name, labels, spacing, region, device, h
     notes = [f"class {chosen.name!r} (channel {channel}): mean softmax probability over "
              f"{'the region' if region is not None else 'the input'}; network input "
              f"{'x'.join(map(str, padded.shape))} voxels of the {'x'.join(map(str, pre.array.shape))} "
-             f"model-card grid{padding}"]
+             f"model-card grid (S, P, L){padding}"]
     return Problem(x, lambda b: objective(b)[:, None], lambda v: v[:, 0], objective, geometry, to_input, model,
                     notes, limit=((0, 0, 0), tuple(crop.shape)))
 
