@@ -395,7 +395,7 @@ def test_ctfm_train_classify_probe_end_to_end(tmp_path):
         "run": {"seed": 0, "device": "cpu", "scans_per_step": 2, "val_every": 5, "log_every": 1},
     }))
     out = tmp_path / "run"
-    result = run_ctfm("train", "classify", "--config", config, "--out", out, "--device", "cpu", timeout=300)
+    result = run_ctfm("train", "classify", "--config", config, "--out", out, "--device", "cpu", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 5
     (cache,) = (out / "embeddings").glob("embeddings-*.npz")

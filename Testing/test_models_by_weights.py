@@ -57,7 +57,7 @@ def test_a_whole_body_shaped_folder_gets_the_whole_body_labels_spacing_and_says_
                                                                                   tmp_path):
     """The issue's case, as the user ran it: `--structures liver` on the folder failed (label_1..label_117)."""
     ct = small_ct(tmp_path / "ct.nii.gz")
-    run = run_ctfm("segment", ct, "--model", whole_body_folder, "--structures", "liver", "--plan",
+    run = run_ctfm("segment", ct, "--model", whole_body_folder, "--structures", "liver", "--plan", "--json",
                    env={"CTFM_CACHE": str(ctfm_cache)})
     assert run.returncode == 0, run.stderr
     plan = json.loads(run.stdout.splitlines()[-1])
@@ -145,7 +145,7 @@ def test_an_import_under_its_own_name_is_known_by_its_weights_and_the_import_say
     assert result.returncode == 0, result
     assert any(ln.startswith("note:") and "hashed" in ln for ln in result.stdout.splitlines()), result
     ct = small_ct(tmp_path / "ct.nii.gz")
-    run = ctfm("segment", ct, "--model", "local-copy", "--structures", "spleen", "--plan")
+    run = ctfm("segment", ct, "--model", "local-copy", "--structures", "spleen", "--plan", "--json")
     assert run.returncode == 0, run
     assert json.loads(run.stdout.splitlines()[-1])["working"]["model_spacing_mm"] == [2.0, 2.0, 2.0]
 

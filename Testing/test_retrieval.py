@@ -301,7 +301,7 @@ def test_cli_add_query_info_eval_remove_compact(tmp_path, tiny_encoder_folder):
 
     assert run_ctfm("index", "remove", idx, scans / "head0.nii.gz").returncode == 0
     assert run_ctfm("index", "remove", idx, "99").returncode == 1  # nothing to remove is said, not hidden
-    assert _ok_json(run_ctfm("index", "compact", idx))["scan_rows_dropped"] == 1
+    assert _ok_json(run_ctfm("index", "compact", idx, "--json"))["scan_rows_dropped"] == 1
     assert _ok_json(run_ctfm("index", "info", idx, "--json"))["scans"] == 3
 
 

@@ -155,8 +155,10 @@ def test_query_arguments_parse_with_the_real_cli():
 
 
 def test_add_output_is_read_back():
-    outcome = parse_add_output(["[1/2] a: added as scan 1 (4 patches)", "added 1, already indexed 3, failed 1 of 5"],
-                               ["ctfm: FAILED /x/broken.nii.gz: not a readable image file"])
+    summary = {"index": "/idx", "added": 1, "already_indexed": 3, "not_ct": [], "failed": ["/x/broken.nii.gz"],
+               "total": 5}
+    outcome = parse_add_output([json.dumps(summary)], ["[1/2] a: added as scan 1 (4 patches)",
+                                                        "ctfm: FAILED /x/broken.nii.gz: not a readable image file"])
     assert (outcome.added, outcome.skipped, outcome.total) == (1, 3, 5)
     assert outcome.failed == [("/x/broken.nii.gz", "not a readable image file")]
     assert "1 failed" in outcome.summary() and "broken" in outcome.summary()

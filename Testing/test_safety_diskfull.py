@@ -60,7 +60,7 @@ def test_a5_saliency_embed_and_triage_on_a_full_disk_fail_and_leave_nothing(smal
     small_disk.fill(leave_kb=0)
     assert_disk_full(ctfm("embed", material["ct"], "--weights", material["enc"], "--out", small_disk.root / "e.npy"),
                      small_disk)
-    assert_disk_full(ctfm("triage", material["ct"], "--model", material["tri"], "--json",
+    assert_disk_full(ctfm("triage", material["ct"], "--model", material["tri"], "--json-out",
                           small_disk.root / "t.json"), small_disk)
 
 

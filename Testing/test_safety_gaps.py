@@ -52,15 +52,15 @@ def child_env(**extra) -> dict:
 # --- A2: the report's commands, without --overwrite (which the old ctfm did not have) -----------------------------
 
 
-@pytest.mark.parametrize("case", ["saliency --out", "triage --json", "triage --saliency"])
+@pytest.mark.parametrize("case", ["saliency --out", "triage --json-out", "triage --saliency"])
 def test_a2_saliency_and_triage_outputs_named_as_the_input_keep_the_ct(models, tmp_path, case):
-    """A2: `ctfm saliency s.nii.gz ... --out s.nii.gz` (CT replaced by the heatmap), `ctfm triage t.nii.gz --json
+    """A2: `ctfm saliency s.nii.gz ... --out s.nii.gz` (CT replaced by the heatmap), `ctfm triage t.nii.gz --json-out
     t.nii.gz` (CT replaced by a line of JSON), `ctfm triage t2.nii.gz --saliency t2.nii.gz` (CT replaced by the
     heatmap): each exited 0. Now refused in one line, and the CT is the same file as before."""
     ct = small_ct(tmp_path / "s.nii.gz")
     args = {"saliency --out": ("saliency", ct, "--weights", models["enc"], "--target", "embedding", "--method",
                                "gradient", "--out", ct),
-            "triage --json": ("triage", ct, "--model", models["tri"], "--json", ct),
+            "triage --json-out": ("triage", ct, "--model", models["tri"], "--json-out", ct),
             "triage --saliency": ("triage", ct, "--model", models["tri"], "--saliency", ct)}[case]
     before = tree_digest(tmp_path)
     assert_refused(ctfm(*args))

@@ -65,7 +65,7 @@ def test_a2_saliency_and_triage_never_write_over_their_input(models, tmp_path):
                         "--out", ct, "--overwrite"), "is the input")
     head = small_ct(tmp_path / "t.nii.gz")
     before = tree_digest(tmp_path)
-    assert_refused(ctfm("triage", head, "--model", models["triage"], "--json", head), "--json")
+    assert_refused(ctfm("triage", head, "--model", models["triage"], "--json-out", head), "--json-out")
     assert_refused(ctfm("triage", head, "--model", models["triage"], "--saliency", head, "--overwrite"),
                    "is the input")
     assert tree_digest(tmp_path) == before
@@ -161,7 +161,7 @@ def test_a9_links_planted_at_temporary_names_redirect_no_write(models, tmp_path)
         ctfm("embed", ct, "--weights", models["enc"], "--out", shared / "e.npy"),
         ctfm("saliency", ct, "--weights", models["enc"], "--target", "embedding", "--method", "gradient",
              "--out", shared / "heat.nii.gz"),
-        ctfm("triage", ct, "--model", models["triage"], "--json", shared / "t.json"),
+        ctfm("triage", ct, "--model", models["triage"], "--json-out", shared / "t.json"),
     ]
     for r in runs:
         assert r.returncode == 0, r
@@ -199,7 +199,7 @@ def test_a9_links_planted_at_temporary_names_redirect_no_write(models, tmp_path)
     (["saliency", "{ct}", "--weights", "{enc}", "--target", "embedding", "--out", "{t}/adir.nii.gz"], ["folder"]),
     (["segment", "{ct}", "--model", "{seg}", "--out", "{t}/labels.txt"], ["cannot write labels"]),
     (["saliency", "{ct}", "--weights", "{enc}", "--target", "embedding", "--out", "{t}/h.png"], ["heatmap"]),
-    (["triage", "{ct}", "--model", "{tri}", "--json", "{t}/result.txt"], ["--json"]),
+    (["triage", "{ct}", "--model", "{tri}", "--json-out", "{t}/result.txt"], ["--json-out"]),
 ])
 def test_a17_bad_values_and_outputs_are_refused_before_any_work(models, tmp_path, args, words):
     ct = small_ct(tmp_path / "ct.nii.gz")

@@ -169,7 +169,7 @@ def test_a4_a_run_of_the_same_task_resumes_and_an_unmarked_one_gets_the_marker(t
     assert tree_digest(run) == before
 
     (run / "ctfm-run.json").unlink()  # as a run of an older CT-FM
-    result = ctfm("train", "pretrain", "--config", config, "--out", run, "--resume")
+    result = ctfm("train", "pretrain", "--config", config, "--out", run, "--resume", "--json")
     assert result.returncode == 0, result
     assert summary_of(result)["steps"] == 4 and steps_logged(run) == [1, 2, 3, 4]
     assert json.loads((run / "ctfm-run.json").read_text())["task"] == "pretrain"
@@ -324,7 +324,7 @@ def test_a18_csv_rows_that_are_not_scans_are_reported_in_skipped_csv(tmp_path, s
     rows = [scans / "ct1.nii.gz", scans / "ct2.nii.gz", fifo, Path(os.devnull), empty, tree, study]
     (tmp_path / "list.csv").write_text("path\n" + "".join(f"{p}\n" for p in rows))
     cfg = write_config(tmp_path / "pretrain.json", tmp_path / "list.csv")
-    result = ctfm("train", "pretrain", "--config", cfg, "--out", tmp_path / "run", "--max-steps", "1")
+    result = ctfm("train", "pretrain", "--config", cfg, "--out", tmp_path / "run", "--max-steps", "1", "--json")
     assert result.returncode == 0, result
     summary = summary_of(result)
     assert summary["scans"] == 3
@@ -488,7 +488,7 @@ def test_a21_a_run_stopped_by_a_signal_keeps_its_checkpoint_but_does_not_exit_0(
             "pretrain": {"crops_per_scan": 4, "crop_size": [16, 32, 32], "projection": [16, 16, 8]}}
     cfg = write_config(tmp_path / "pretrain.json", scans, cache, **slow)
     run = tmp_path / "run"
-    proc = start_ctfm("train", "pretrain", "--config", cfg, "--out", run)
+    proc = start_ctfm("train", "pretrain", "--config", cfg, "--out", run, "--json")
     try:
         wait_for_rows(run, 2, proc)
         proc.send_signal(sig)
@@ -504,7 +504,7 @@ def test_a21_a_run_stopped_by_a_signal_keeps_its_checkpoint_but_does_not_exit_0(
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == summary["steps"] == steps_logged(run)[-1]
     if sig != signal.SIGTERM:
         return
-    resumed = ctfm("train", "pretrain", "--config", cfg, "--out", run, "--resume")
+    resumed = ctfm("train", "pretrain", "--config", cfg, "--out", run, "--resume", "--json")
     assert resumed.returncode == 0 and not summary_of(resumed)["stopped"], resumed
     reference = ctfm("train", "pretrain", "--config", cfg, "--out", tmp_path / "whole")
     assert reference.returncode == 0, reference
@@ -571,7 +571,7 @@ def test_b_a_truncated_last_checkpoint_falls_back_to_the_newest_numbered_one(tmp
     last = run / "checkpoints" / "last.pt"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
-    result = ctfm("train", "pretrain", "--config", config, "--out", run, "--resume")
+    result = ctfm("train", "pretrain", "--config", config, "--out", run, "--resume", "--json")
     assert result.returncode == 0, result
     assert steps_logged(run) == [1, 2, 3, 4]  # step 3 redone after the fallback, logged once
     assert load_checkpoint(last)["step"] == 4 and math.isfinite(summary_of(result)["last_loss"])

@@ -423,7 +423,7 @@ def test_ctfm_saliency_end_to_end(tmp_path, tiny_encoder_folder):
     out = tmp_path / "out" / "heat.nii.gz"
     proc = run_ctfm("--progress", "none", "saliency", tmp_path / "head.nii.gz", "--weights", tiny_encoder_folder,
                     "--target", "embedding", "--method", "occlusion", roi_ras, "--ras", "--out", out,
-                    "--device", "cpu", "--threads", "1", timeout=300)
+                    "--device", "cpu", "--threads", "1", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "out" / "heat.json").read_text())

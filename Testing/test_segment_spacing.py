@@ -272,7 +272,8 @@ def test_ctfm_segment_plan_prints_json_and_writes_nothing(tiny, tmp_path):
     _, folder = tiny
     ct = write_image(air_padded_phantom(), tmp_path / "ct.nii.gz")
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = ctfm("segment", ct, "--model", folder, "--plan", "--spacing", "3", "--quality", "full", "--device", "cpu")
+    r = ctfm("segment", ct, "--model", folder, "--plan", "--spacing", "3", "--quality", "full", "--device", "cpu",
+             "--json")
     assert r.returncode == 0, r
     plan = json.loads(r.stdout.strip().splitlines()[-1])
     assert plan["working"]["spacing_mm"] == [3.0, 3.0, 3.0] and plan["working"]["resampled"]

@@ -261,8 +261,9 @@ def test_triage_command_line_parses():
     args = triage.triage_arguments("in.nrrd", "/models/triage", "out.json", "cpu", "heat.nii.gz", "gradient")
     parsed = parse_child_command(args)
     assert (parsed.command, parsed.image, parsed.model, parsed.device) == ("triage", "in.nrrd", "/models/triage", "cpu")
-    assert (parsed.json, parsed.saliency, parsed.method, parsed.progress) == ("out.json", "heat.nii.gz", "gradient",
-                                                                             "json")
+    assert (parsed.json_out, parsed.saliency, parsed.method, parsed.progress) == ("out.json", "heat.nii.gz",
+                                                                                 "gradient", "json")
+    assert parsed.json is True  # the result on stdout as one JSON object too
     parsed = parse_child_command(triage.triage_arguments("in.nrrd", "m", "out.json"))
     assert parsed.saliency is None and parsed.method is None and parsed.device == "auto"
 

@@ -10,7 +10,7 @@ def test_ctfm_train_pretrain_writes_a_loadable_encoder_and_metrics(tmp_path):
     config = tiny_pretraining(tmp_path)
     out = tmp_path / "run"
     result = run_ctfm("--progress", "json", "train", "pretrain", "--config", config, "--out", out, "--max-steps", "3",
-                      "--device", "cpu", timeout=300)
+                      "--device", "cpu", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["scans"] == 2 and summary["skipped"] == []
@@ -55,7 +55,7 @@ def test_ctfm_train_classify_reads_csv_labels_and_exports_a_triage_model(tmp_pat
         "run": {"seed": 0, "device": "cpu", "scans_per_step": 2, "val_every": 3, "log_every": 1},
     }))
     out = tmp_path / "run"
-    result = run_ctfm("train", "classify", "--config", config, "--out", out, "--device", "cpu", timeout=300)
+    result = run_ctfm("train", "classify", "--config", config, "--out", out, "--device", "cpu", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["scans"] == 4

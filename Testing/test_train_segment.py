@@ -290,7 +290,7 @@ def test_ctfm_train_segment_from_a_csv(tmp_path):
         "segment": {"labels": {"3": "liver", "4": "spleen"}, "crop_size": [16, 32, 32], "dsdepth": 2},
     }))
     result = run_ctfm("train", "segment", "--config", config, "--out", tmp_path / "out", "--max-steps", "2",
-                      "--device", "cpu", timeout=300)
+                      "--device", "cpu", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["scans"] == 2 and summary["steps"] == 2

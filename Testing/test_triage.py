@@ -357,7 +357,7 @@ def test_ctfm_triage_prints_writes_json_and_a_saliency_map(tiny_triage_folder, t
     path = write_image(image, tmp_path / "head.nii.gz")
     out, heat_path = tmp_path / "result" / "triage.json", tmp_path / "heat.nii.gz"
     result = run_ctfm("--progress", "json", "triage", path, "--model", tiny_triage_folder, "--device", "cpu",
-                      "--json", out, "--saliency", heat_path, "--method", "gradient", timeout=300)
+                      "--json-out", out, "--json", "--saliency", heat_path, "--method", "gradient", timeout=300)
     assert result.returncode == 0, result.stderr
     fractions = [parse_json_progress(line) for line in result.stderr.splitlines()]
     fractions = [f[0] for f in fractions if f is not None and f[0] is not None]
@@ -385,7 +385,8 @@ def test_ctfm_triage_without_saliency_and_argument_errors(tiny_triage_folder, tm
     from CTFMLib.cli import main
 
     path = write_image(head("lps"), tmp_path / "head.nii.gz")
-    assert main(["--progress", "none", "triage", str(path), "--model", str(tiny_triage_folder), "--device", "cpu"]) == 0
+    assert main(["--progress", "none", "triage", str(path), "--model", str(tiny_triage_folder), "--device", "cpu",
+                 "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["saliency"] is None and printed["decision"] in ("normal", "abnormal")
     for extra, message in [(["--method", "gradient"], "give --saliency"), (["--saliency", "heat.png"], ".nii.gz")]:

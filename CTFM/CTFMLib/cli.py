@@ -5,7 +5,7 @@
     ctfm embed IMAGE --weights SRC --out FILE.npy [--mode volume|scan|point --point X,Y,Z]
     ctfm segment IMAGE --model whole-body|FOLDER|HF_ID --out OUT.nii.gz|OUT.seg.nrrd [--fast] [--structures a,b]
     ctfm segment FOLDER_OR_CSV --model ... --out-dir DIR   (batch: failed inputs are reported and skipped)
-    ctfm triage IMAGE --model FOLDER [--json OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
+    ctfm triage IMAGE --model FOLDER [--json-out OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
     ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
                   [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz
     ctfm index add|query|info|remove|compact|eval INDEX ...   (similar-case retrieval: CTFMLib.retrieval.commands)
@@ -17,6 +17,11 @@ model its weights matched, labels it had to guess) is printed as ``ctfm: note:``
 
 Points are LPS millimetres (DICOM/ITK), or RAS (Slicer) with ``--ras``.
 ``--progress json`` prints machine-readable progress for the Slicer modules.
+
+Every command prints its result as sentences; with ``--json`` (a flag everywhere) as ONE JSON object, the
+last line of stdout, while the other lines a person reads go to stderr (:func:`say`); where a file is meant
+the option is ``--json-out FILE`` (``ctfm triage``). Sizes name their axis order: an image's as ITK and
+Slicer show it, ``(x, y, z)``; a model's working grid ``(S, P, L)`` (:mod:`CTFMLib.text`).
 """
 
 from __future__ import annotations
@@ -34,10 +39,16 @@ from . import __version__, cache
 from .arguments import (Parser, fraction, memory_gb, parse_point, positive_float,
                         positive_int)
 from .catalog import load_catalog
-from .progress import Cancelled, Terminated, make_renderer, terminate_on_sigterm
-from .text import count
+from .progress import Cancelled, Estimate, SayEstimates, Terminated, make_renderer, terminate_on_sigterm
+from .text import count, print_result, say, size
 
 EXIT_ERROR = 2
+JSON_HELP = "print the result as one JSON object, the last line of stdout (other lines go to stderr)"
+
+
+def add_json_flag(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json``: a flag on every command that prints a result (``--json-out FILE`` where a file is meant)."""
+    parser.add_argument("--json", action="store_true", help=JSON_HELP.replace("the result", what, 1))
 
 
 def _versions() -> dict:
@@ -98,7 +109,7 @@ def cmd_info(args) -> int:
         "models": [{"id": m.id, "repo_id": m.repo_id, "task": m.task, "status": model_status(m)} for m in catalog],
     }
     if args.json:
-        print(json.dumps(info, indent=2))
+        print_result(args, info)
         return 0
     v = info["versions"]
     print("CT-FM " + v["ctfm"] + "  (" + ", ".join(f"{k} {val}" for k, val in v.items() if k != "ctfm") + ")")
@@ -116,16 +127,24 @@ def cmd_info(args) -> int:
 def cmd_models(args) -> int:
     catalog = load_catalog()
     if args.action == "list":  # no torch: the list is quick everywhere
-        claimed = set()
+        claimed, rows, lines = set(), [], []
         for m in catalog:
-            print(f"{m.id:<28} {m.repo_id or '-':<45} {model_status(m)}\n    {m.title}: {m.description}")
+            status = model_status(m)
+            rows.append({"id": m.id, "repo_id": m.repo_id, "status": status, "title": m.title,
+                         "description": m.description, "folder": None})
+            lines.append(f"{m.id:<28} {m.repo_id or '-':<45} {status}\n    {m.title}: {m.description}")
             imported = cache.imported_model(m.repo_id or m.id)
             if imported is not None:
                 claimed.add(imported.name)
+                rows[-1]["folder"] = str(imported)
         for model_id, folder in cache.imported_models():  # imported under an id the catalogue does not know
             if folder.name not in claimed:
-                print(f"{model_id:<28} {'-':<45} {cache.import_status(folder)}\n    imported model in {folder}; "
-                      f"use it as --model {_quoted(model_id)} or --weights {_quoted(model_id)}")
+                status = cache.import_status(folder)
+                rows.append({"id": model_id, "repo_id": None, "status": status, "title": None, "description": None,
+                             "folder": str(folder)})
+                lines.append(f"{model_id:<28} {'-':<45} {status}\n    imported model in {folder}; "
+                             f"use it as --model {_quoted(model_id)} or --weights {_quoted(model_id)}")
+        print_result(args, {"models": rows}, *lines)
         return 0
     if args.action == "download":
         entry = catalog.find(args.name)
@@ -142,7 +161,8 @@ def cmd_models(args) -> int:
 
         folder = weights.download(repo_id, revision=revision, entry=entry, progress=args.progress_cb, explicit=True)
         model, info = weights.load_model(folder if entry is None else args.name, catalog=catalog)
-        print(f"{repo_id}: {info.architecture} ready at {folder}")
+        print_result(args, {"id": repo_id, "architecture": info.architecture, "folder": str(folder)},
+                     f"{repo_id}: {info.architecture} ready at {folder}")
         return 0
     from . import weights
 
@@ -151,15 +171,18 @@ def cmd_models(args) -> int:
         model_id = (cache.import_marker(dest) or {}).get("id") or dest.name
         entry = catalog.find(model_id)
         shown = _quoted(entry.id if entry else model_id)
-        note = f" ({cache.NOT_PUBLISHED})" if cache.import_status(dest) == cache.NOT_PUBLISHED else ""
-        print(f"imported {shown} into {dest}{note}; use it as --model {shown} or --weights {shown}")
-        if entry is None:
-            for line in weights.model_notes(dest, model_id, catalog):
-                print(f"note: {line}")
+        status = cache.import_status(dest)
+        note = f" ({cache.NOT_PUBLISHED})" if status == cache.NOT_PUBLISHED else ""
+        notes = list(weights.model_notes(dest, model_id, catalog)) if entry is None else []
+        print_result(args, {"id": entry.id if entry else model_id, "folder": str(dest), "status": status,
+                            "notes": notes},
+                     f"imported {shown} into {dest}{note}; use it as --model {shown} or --weights {shown}",
+                     *(f"note: {line}" for line in notes))
         return 0
     if args.action == "remove":
         removed = weights.remove_model(args.name, catalog=catalog)
-        print("\n".join(f"removed {r}" for r in removed) or f"{args.name}: nothing to remove")
+        print_result(args, {"name": args.name, "removed": [str(r) for r in removed]},
+                     *([f"removed {r}" for r in removed] or [f"{args.name}: nothing to remove"]))
         return 0
     raise AssertionError(args.action)
 
@@ -202,7 +225,8 @@ def cmd_embed(args) -> int:
                          "nothing was written")
     with atomic_output(out, overwrite=args.overwrite) as tmp:
         np.save(tmp, vector)
-    print(f"wrote {vector.shape[0]}-d {mode} embedding to {out}")
+    print_result(args, {"out": str(out), "mode": mode, "dim": int(vector.shape[0])},
+                 f"wrote {vector.shape[0]}-d {mode} embedding to {out}")
     return 0
 
 
@@ -336,6 +360,7 @@ def cmd_segment(args) -> int:
     if not args.plan and bool(args.out) == bool(args.out_dir):
         raise ValueError("give either --out FILE (one image) or --out-dir DIR (a folder or CSV of images), or --plan")
     source = Path(args.image)
+    skipped = []  # batch: images whose outputs exist (without --overwrite)
     if args.plan:  # one image (a file or a DICOM series folder), as with --out
         jobs = [(source, args.series, None)]
     elif args.out:
@@ -355,10 +380,12 @@ def cmd_segment(args) -> int:
         if not args.overwrite:
             done = [job for job in jobs if any(f.exists() for f in segmentation_files(job[2]))]
             for path, _, out in done:
-                print(f"{out} exists: skipped {path.name} (add --overwrite to segment it again)", flush=True)
+                say(args, f"{out} exists: skipped {path.name} (add --overwrite to segment it again)")
             jobs = [job for job in jobs if job not in done]
+            skipped = [str(p) for p, _, _ in done]
             if not jobs:
-                print(f"nothing to do: all {len(done)} outputs exist", flush=True)
+                print_result(args, {"results": [], "failed": [], "skipped": skipped},
+                             f"nothing to do: all {count(len(done), 'output')} exist")
                 return 0
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
     check_models(args)
@@ -368,55 +395,88 @@ def cmd_segment(args) -> int:
     options = run_options(args.device, args.precision, args.threads, None, args.batch_size)
     model, labels = load_segmentation_model(args.model, args.progress_cb)
     select_structures(labels, structures)  # an unknown name fails once, before any image is read
-    failed = []
+    failed, results = [], []
     for n, (path, series, out) in enumerate(jobs, 1):
         prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
         try:
             image = read_image(path, series_uid=series)
             _warn_if_not_ct(image, path, prefix)
-            plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation)
+            plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation,
+                            progress=args.progress_cb)
             if args.plan:
-                print(json.dumps({"image": str(path), **plan.to_dict()}), flush=True)
+                print_result(args, plan_json(path, plan), *plan_sentences(path, plan))
                 continue
             where = ("at the input's spacing" if plan.working_spacing is None else
-                     "at " + "x".join(f"{v:g}" for v in plan.working_spacing) + " mm")
-            print(f"{prefix}expected time: about {_duration(plan.expected_seconds)} ({quality} quality {where}, "
-                  f"{count(plan.windows_run, 'window')}, {options.device}, {options.precision})", flush=True)
+                     "at " + "x".join(f"{v:g}" for v in plan.working_spacing) + " mm (S, P, L)")
+            args.progress_cb(None, Estimate(plan.expected_seconds, f"{prefix}{quality} quality {where}, "
+                             f"{count(plan.windows_run, 'window')}, {options.device}, {options.precision}"))
             result = segment_image(image, model=model, labels=labels, structures=structures, quality=quality,
                                    spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
                                    progress=args.progress_cb, max_memory_gb=args.max_memory_gb, plan=plan)
             written = write_segmentation(result, out, overwrite=args.overwrite)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
-            print(f"{prefix}wrote {', '.join(map(str, written))} ({count(present, 'structure')} present, "
-                  f"{_duration(result.seconds)})", flush=True)
+            results.append({"image": str(path), "files": [str(f) for f in written], "structures_present": present,
+                            "seconds": round(float(result.seconds), 1),
+                            "expected_seconds": round(float(plan.expected_seconds), 1)})
+            line = (f"{prefix}wrote {', '.join(map(str, written))} ({count(present, 'structure')} present, "
+                    f"{_duration(result.seconds)})")
+            if args.out_dir:
+                say(args, line)
+            else:
+                print_result(args, results[-1], line)
         except Exception as e:  # noqa: BLE001 - in a batch every failure is reported and the rest go on
             if not args.out_dir or isinstance(e, Cancelled):
                 raise
-            failed.append(path)
+            failed.append({"image": str(path), "error": _one_line(e)})
             print(f"ctfm: FAILED {path}: {_one_line(e)}", file=sys.stderr, flush=True)
     if args.out_dir:
-        print(f"segmented {len(jobs) - len(failed)} of {len(jobs)} images"
-              + (f"; failed: {', '.join(str(p) for p in failed)}" if failed else ""), flush=True)
+        print_result(args, {"results": results, "failed": failed, "skipped": skipped},
+                     f"segmented {len(jobs) - len(failed)} of {count(len(jobs), 'image')}"
+                     + (f"; failed: {', '.join(f['image'] for f in failed)}" if failed else ""))
     return 1 if failed else 0
 
 
+def plan_json(path: Path, plan) -> dict:
+    """``segment --plan --json``: the plan's fields, the input's size and spacing marked ``(x, y, z)``."""
+    return {"image": str(path), **plan.to_dict()}
+
+
+def plan_sentences(path: Path, plan) -> list:
+    """What ``segment --plan`` prints without ``--json``: the grid (axes named), windows, time and memory."""
+    d = plan_json(path, plan)
+    working = d["working"]
+    where = ("the input's spacing" if not working["resampled"] else
+             "x".join(f"{v:g}" for v in working["spacing_mm"]) + " mm (S, P, L)")
+    windows = d["windows"]
+    lines = [f"{path}: {size(d['input']['shape'])} at "
+             + "x".join(f"{v:g}" for v in d["input"]["spacing"]) + " mm (x, y, z)",
+             (f"{d['quality']} quality at {where}: working grid {size(working['grid'], 'SPL')}, "
+              f"{count(windows['run'], 'window')} of {windows['total']} to run ({windows['skipped']} all air), "
+              f"window {size(d['roi'], 'SPL')}"),
+             (f"expected time: about {_duration(d['expected_seconds'])} on {d['device']} ({d['precision']}; "
+              f"{d['estimate']}); expected peak memory {d['expected_peak_gb']:g} GB")]
+    return lines + [f"note: {note}" for note in d["notes"]]
+
+
 def cmd_train(args) -> int:
-    """Train; prints the summary (JSON). Exit 0 only when the schedule ran to its end: a run stopped by
-    SIGTERM (SIGINT) keeps its checkpoint and summary but exits 143 (130), so schedulers see it did not finish."""
+    """Train; prints the summary (sentences, or with ``--json`` the summary object). Exit 0 only when the
+    schedule ran to its end: a run stopped by SIGTERM (SIGINT) keeps its checkpoint and summary but exits
+    143 (130), so schedulers see it did not finish."""
     from .train.run import run
     from .train.trainer import TrainingError
 
     try:
         summary = run(args.task, args.config, args.out, resume=args.resume, max_steps=args.max_steps,
-                      device=args.device, progress=args.progress_cb, allow_non_ct=args.allow_non_ct)
+                      device=args.device, progress=args.progress_cb, allow_non_ct=args.allow_non_ct,
+                      max_memory_gb=args.max_memory_gb)
     except TrainingError as e:
         print(f"ctfm: training stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
-        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()}, default=str),
-              flush=True)
+        print_result(args, {k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items()},
+                     *train_sentences(args.task, summary))
     code = int(summary.get("exit_code", 0))
     if code and main_process:
         print(f"ctfm: training stopped ({summary.get('stop_reason')}) after step {summary.get('steps')}, before the "
@@ -425,8 +485,29 @@ def cmd_train(args) -> int:
     return code
 
 
+def train_sentences(task: str, summary: dict) -> list:
+    """What ``ctfm train`` prints without ``--json``: steps, last loss, where the model and checkpoint are."""
+    loss = summary.get("last_loss")
+    loss = f"{loss:.4g}" if isinstance(loss, (int, float)) else "none"
+    scans = summary.get("scans")
+    lines = [f"{task}: {count(int(summary.get('steps') or 0), 'step')}"
+             + (f" on {count(int(scans), 'scan')}" if isinstance(scans, int) else "")
+             + f", last loss {loss} ({summary.get('device')})"]
+    if summary.get("exported"):
+        lines.append(f"model: {summary['exported']}")
+    if summary.get("checkpoint"):
+        lines.append(f"checkpoint: {summary['checkpoint']}")
+    skipped = summary.get("skipped") or []
+    if skipped:
+        lines.append(f"skipped {count(len(skipped), 'scan')}: "
+                     + "; ".join(f"{path} ({why})" for path, why in list(skipped)[:5])
+                     + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
+    return lines
+
+
 def cmd_triage(args) -> int:
-    """Triage one head CT; prints one JSON object (the last stdout line), also written to ``--json``."""
+    """Triage one head CT; prints the verdict (with ``--json`` one JSON object, the last stdout line), and writes
+    that object to ``--json-out`` when given."""
     from .files import atomic_outputs, check_outputs
     from .image import WRITE_SUFFIXES, read_image, write_image
     from .progress import subrange
@@ -436,9 +517,9 @@ def cmd_triage(args) -> int:
         raise ValueError("--method chooses how the saliency map is computed; give --saliency HEAT.nii.gz as well")
     if args.saliency and not str(args.saliency).lower().endswith(WRITE_SUFFIXES):
         raise ValueError(f"--saliency must be an image file ending in {', '.join(WRITE_SUFFIXES)}, not {args.saliency}")
-    if args.json and not str(args.json).lower().endswith(".json"):
-        raise ValueError(f"--json must be a file ending in .json, not {args.json}")
-    outputs = [Path(p) for p in (args.json, args.saliency) if p]
+    if args.json_out and not str(args.json_out).lower().endswith(".json"):
+        raise ValueError(f"--json-out must be a file ending in .json, not {args.json_out}")
+    outputs = [Path(p) for p in (args.json_out, args.saliency) if p]
     check_outputs(outputs, [args.image], overwrite=args.overwrite)
     image = read_image(args.image, series_uid=args.series)
     _warn_if_not_ct(image, args.image)
@@ -455,19 +536,24 @@ def cmd_triage(args) -> int:
 
         heat = saliency_image(image, target="triage", triage_model=model, method=args.method or "gradient",
                               device=args.device, progress=subrange(args.progress_cb, 0.2, 1.0))
-    text = json.dumps({**result.to_dict(), "saliency": str(args.saliency) if args.saliency else None})
+    verdict = {**result.to_dict(), "saliency": str(args.saliency) if args.saliency else None}
     with atomic_outputs(outputs, overwrite=args.overwrite) as temporaries:
         for path, tmp in zip(outputs, temporaries):
             if heat is not None and path == Path(args.saliency):
                 write_image(heat.heatmap, tmp)
             else:
-                tmp.write_text(text + "\n", encoding="utf-8")
-    print(text, flush=True)
+                tmp.write_text(json.dumps(verdict) + "\n", encoding="utf-8")
+    relation = ">=" if result.probability >= result.threshold else "<"
+    lines = [(f"{result.decision}: probability {result.probability:.3f} {relation} threshold "
+              f"{result.threshold:.3f} (logit {result.logit:+.3f}; {result.seconds:.1f} s)")]
+    lines += [f"wrote {path}" for path in outputs]
+    print_result(args, verdict, *lines)
     return 0
 
 
 def cmd_saliency(args) -> int:
-    """A saliency heatmap: writes HEAT.nii.gz and HEAT.json, prints the JSON (the last stdout line)."""
+    """A saliency heatmap: writes HEAT.nii.gz and HEAT.json; prints what it wrote (with ``--json`` HEAT.json's
+    object, the last stdout line)."""
     from .arguments import spacing_mm
     from .files import check_outputs
     from .image import read_image
@@ -516,8 +602,22 @@ def cmd_saliency(args) -> int:
     extra = {"image": str(args.image)}
     if result.peak_lps is not None:
         extra["peak_ras"] = [round(float(v), 3) for v in result.peak_lps * ras]
-    print(json.dumps(write_saliency(result, args.out, extra, overwrite=args.overwrite)), flush=True)
+    written = write_saliency(result, args.out, extra, overwrite=args.overwrite)
+    print_result(args, written, *saliency_sentences(written, sidecar_json(args.out)))
     return 0
+
+
+def saliency_sentences(summary: dict, sidecar) -> list:
+    """What ``ctfm saliency`` prints without ``--json``: the files, the target and method, the region, the peak."""
+    lines = [(f"wrote {summary['heatmap']} and {sidecar} ({summary.get('target')}, {summary.get('method')}, "
+              f"{_duration(float(summary.get('seconds') or 0.0))})")]
+    region = summary.get("region")
+    if region:
+        lines.append("region: " + ", ".join(f"{v:g}" for v in region["min_lps"]) + " to "
+                     + ", ".join(f"{v:g}" for v in region["max_lps"]) + " mm (LPS)")
+    if summary.get("peak_ras") is not None:
+        lines.append("peak at " + ", ".join(f"{v:g}" for v in summary["peak_ras"]) + " mm (RAS, as Slicer shows it)")
+    return lines + [f"note: {note}" for note in summary.get("notes") or []]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="versions, device, cache folders and the model catalogue")
-    info.add_argument("--json", action="store_true", help="print the information as one JSON object")
+    add_json_flag(info, "the information")
     info.set_defaults(func=cmd_info)
 
     models = sub.add_parser("models", help="list, download, import or remove models")
@@ -543,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--force", action="store_true",
                         help="import: accept other weights than the published ones under a published catalogue id "
                              "(shown as 'imported, not the published weights')")
+    add_json_flag(models)
     models.set_defaults(func=cmd_models)
 
     embed = sub.add_parser("embed", help="compute a 512-d CT-FM embedding")
@@ -559,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     embed.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_run_options(embed)
+    add_json_flag(embed)
     embed.set_defaults(func=cmd_embed)
 
     seg = sub.add_parser("segment", help="segment a CT (whole-body structures or a tumour model)")
@@ -582,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with a resampled working grid: bring the class evidence back to the input's voxels "
                           "linearly and take the argmax there (default), or map the labels (nearest)")
     seg.add_argument("--plan", action="store_true",
-                     help="print what the segmentation would do (grid, windows, expected time and memory) as JSON "
+                     help="print what the segmentation would do (grid, windows, expected time and memory; as JSON "
+                          "with --json) "
                           "and run nothing")
     seg.add_argument("--structures", help="comma-separated structure names to keep (default: all)")
     seg.add_argument("--largest-component", action="store_true",
@@ -597,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32 (default)")
     seg.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
     seg.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
+    add_json_flag(seg, "the result (a batch: one object with its results and failures at the end; --plan: the "
+                       "plan)")
     seg.set_defaults(func=cmd_segment)
 
     tr = sub.add_parser("train", help="pretrain CT-FM or fine-tune it (runs under torchrun as well)")
@@ -612,6 +717,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-non-ct", action="store_true",
                     help="train on scans whose values do not look like a CT in Hounsfield units (no air or fat, "
                          "e.g. MR); without it they are skipped and listed in skipped.csv (data.allow_non_ct)")
+    tr.add_argument("--max-memory-gb", type=memory_gb,
+                    help="memory a pretraining step may use (default: 85%% of what is available; "
+                         "run.max_memory_gb): the step runs in micro-batches of crops that fit, or is refused "
+                         "before any scan is read")
+    add_json_flag(tr, "the run's summary")
     tr.set_defaults(func=cmd_train)
 
     tri = sub.add_parser("triage", help="head-CT triage with a model trained by `ctfm train classify`")
@@ -619,12 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--model", required=True,
                      help="the triage model folder (<out_dir>/model of `ctfm train classify`) or an imported id")
     tri.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    tri.add_argument("--json", help="also write the result to this .json file")
+    add_json_flag(tri)
+    tri.add_argument("--json-out", metavar="FILE", help="also write the result (the --json object) to this .json file")
     tri.add_argument("--saliency", help="also write a heat map of what drove the result (.nii.gz, .nrrd, .mha)")
     tri.add_argument("--method", choices=("occlusion", "gradient"),
                      help="saliency method (default: gradient; occlusion on the triage grid takes thousands of passes)")
     tri.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
-    tri.add_argument("--overwrite", action="store_true", help="replace --json / --saliency if they exist")
+    tri.add_argument("--overwrite", action="store_true", help="replace --json-out / --saliency if they exist")
     tri.set_defaults(func=cmd_triage)
 
     sal = sub.add_parser("saliency", help="a heatmap of the voxels that drive an embedding, a class or a triage")
@@ -643,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--center", help="X,Y,Z in mm: the --cube's centre for the embedding, class and triage targets")
     sal.add_argument("--ras", action="store_true", help="points and --roi are RAS (as Slicer shows them), not LPS")
     sal.add_argument("--out", required=True, help="the heatmap: .nii.gz, .nii, .nrrd or .mha (+ a .json beside it)")
-    sal.add_argument("--mask-size", type=positive_int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10)")
+    sal.add_argument("--mask-size", type=positive_int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10, S, P, L)")
     sal.add_argument("--overlap", type=fraction, default=0.25, help="overlap of the occlusion cubes (default: 0.25)")
     sal.add_argument("--steps", type=positive_int, default=4, help="gradient: integration steps (default: 4)")
     sal.add_argument("--spacing", help="embedding and class: auto (embedding 3 mm, class native), native, or MM")
@@ -654,11 +765,12 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--max-memory-gb", type=memory_gb, help="refuse before running when the estimated peak memory "
                                                           "is higher (default: 85%% of the memory available)")
     sal.add_argument("--overwrite", action="store_true", help="replace --out and its .json if they exist")
+    add_json_flag(sal, "the result (what HEAT.json holds)")
     sal.set_defaults(func=cmd_saliency)
 
     from .retrieval.commands import add_index_parser  # ctfm index add|query|info|remove|compact|eval
 
-    add_index_parser(sub, _add_run_options)
+    add_index_parser(sub, _add_run_options, add_json_flag)
     _accept_global_options_anywhere(p)
     return p
 
@@ -760,7 +872,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "models" and args.action != "list" and not args.name:
         parser.error(f"models {args.action} needs a name")
-    args.progress_cb = make_renderer(args.progress)
+    args.progress_cb = SayEstimates(make_renderer(args.progress), functools.partial(say, args))
     from .catalog import ModelNote
 
     with warnings.catch_warnings():  # restored on return (main may run inside another program)

@@ -8,8 +8,8 @@ limited to a region: a cube of N mm around the point or an LPS box (a markups RO
 
 The child writes ``heat.nii.gz`` (float32 in [0, 1] on the input's voxel grid, 0
 outside the region) and ``heat.json`` (``target``, ``method``, ``region``, ``peak_lps``,
-``seconds``, ...) and prints that JSON as its last stdout line; :func:`read_heatmap`
-reads both before the temporary folder goes. Points and boxes are LPS here (the
+``seconds``, ...) and, with ``--json``, prints that JSON as its last stdout line;
+:func:`read_heatmap` reads both before the temporary folder goes. Points and boxes are LPS here (the
 caller converts from RAS). No Qt, no torch.
 """
 
@@ -119,7 +119,7 @@ def saliency_arguments(
             args.append("--center=" + coordinates(np.asarray(center_lps, dtype=np.float64).reshape(3)))
     if center_lps is not None and (cube_mm is None or target == "point"):
         raise ValueError("a centre applies only to the cube of the embedding, class and triage targets")
-    args += ["--device", device, "--out", str(out)]
+    args += ["--device", device, "--out", str(out), "--json"]  # the result: one JSON object, the last stdout line
     return args
 
 

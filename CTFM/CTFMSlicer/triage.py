@@ -3,8 +3,8 @@
 A triage model is a folder that CT-FM Train's classify task wrote (``<output>/model``:
 ``config.json`` with ``"architecture": "TriageModel"`` and the decision ``threshold``,
 ``model.safetensors``), or a catalogue model of task "triage" imported under its id.
-The child prints ``{probability, logit, decision, threshold, model, seconds, saliency}``
-as its last stdout line and writes it to ``--json OUT``; with ``--saliency heat.nii.gz``
+With ``--json`` the child prints ``{probability, logit, decision, threshold, model, seconds, saliency}``
+as its last stdout line and writes it to ``--json-out OUT``; with ``--saliency heat.nii.gz``
 it also writes the map that shows which voxels drove the decision. No Qt, no torch.
 """
 
@@ -81,7 +81,7 @@ def model_folder(choice: str, folder=None, catalog_path=None) -> Path:
 def triage_arguments(image, model, json_out, device: str = "auto", saliency_out=None,
                      method: Optional[str] = None) -> list:
     """``ctfm`` arguments (after ``--progress json``) for one triage run, optionally with its saliency map."""
-    args = ["triage", str(image), "--model", str(model), "--device", device, "--json", str(json_out)]
+    args = ["triage", str(image), "--model", str(model), "--device", device, "--json-out", str(json_out), "--json"]
     if saliency_out is not None:
         args += ["--saliency", str(saliency_out)]
         if method is not None:

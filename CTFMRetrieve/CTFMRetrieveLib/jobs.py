@@ -24,7 +24,6 @@ from CTFMSlicer.saliency import coordinates, last_json_object
 
 QUERY_MODES = ("crosshair", "roi", "scan")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SUMMARY = re.compile(r"^added (\d+), already indexed (\d+), failed (\d+) of (\d+)")
 FAILED = re.compile(r"^ctfm: FAILED (.*?): (.*)$")
 
 
@@ -37,7 +36,7 @@ def add_arguments(index, paths: Sequence, weights: Optional[str] = None, device:
         raise ValueError("nothing to add: choose volumes or a folder")
     if device not in DEVICES:
         raise ValueError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
-    args = ["index", "add", str(index), *[str(p) for p in paths], "--device", device]
+    args = ["index", "add", str(index), *[str(p) for p in paths], "--device", device, "--json"]
     if weights:
         args += ["--weights", str(weights)]
     return args
@@ -62,15 +61,20 @@ class AddOutcome:
 
 
 def parse_add_output(stdout: Sequence[str], stderr: Sequence[str]) -> Optional[AddOutcome]:
-    """The outcome from an add's output lines; None when it printed no summary (it did not finish)."""
-    outcome = None
-    for line in stdout:
-        m = SUMMARY.match(line.strip())
-        if m:
-            added, skipped, _failed, total = (int(v) for v in m.groups())
-            outcome = AddOutcome(added, skipped, [], total)
-    if outcome is not None:
-        outcome.failed = [m.groups() for m in (FAILED.match(line.strip()) for line in stderr) if m]
+    """The outcome from an add's output lines (its ``--json`` summary object, the last stdout line, and the
+    ``ctfm: FAILED`` lines on stderr); None when it printed no summary (it did not finish)."""
+    summary = last_json_object(stdout)
+    if summary is None or "added" not in summary:
+        return None
+    try:
+        outcome = AddOutcome(int(summary["added"]), int(summary.get("already_indexed") or 0), [],
+                             int(summary.get("total") or 0))
+    except (TypeError, ValueError):
+        return None
+    reasons = [m.groups() for m in (FAILED.match(line.strip()) for line in stderr) if m]
+    named = {what for what, _ in reasons}
+    outcome.failed = reasons + [(what, "failed") for what in summary.get("failed") or [] if what not in named]
+    outcome.failed += [(what, "not CT-like (left out)") for what in summary.get("not_ct") or []]
     return outcome
 
 

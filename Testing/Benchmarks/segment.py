@@ -414,7 +414,7 @@ def child_env(args) -> dict:
 def plan_cli(image: Path, model: Path, spacing, quality, precision, args) -> dict:
     """``ctfm segment IMAGE --plan ...`` (in a child): its JSON, or an error saying why not."""
     cmd = [sys.executable, "-m", "CTFMLib.cli", "segment", str(image), "--model", str(model), "--device", args.device,
-           "--precision", precision, "--threads", str(args.threads), "--plan"]
+           "--precision", precision, "--threads", str(args.threads), "--plan", "--json"]
     if spacing:
         cmd += ["--spacing", str(spacing)]
     if quality:

@@ -1,13 +1,16 @@
 """``ctfm index``: build, search, inspect and evaluate a retrieval index from the command line.
 
     ctfm index add INDEX SCANS... [--weights SRC] [--stride S[,P,L]] [--allow-non-ct]   (files, folders, CSV, DICOM)
-    ctfm index query INDEX IMAGE [--point X,Y,Z [--ras] | --box X0,Y0,Z0,X1,Y1,Z1] [-k K] [--exclude-patient] [--json]
-    ctfm index info INDEX [--check] [--json]
-    ctfm index check INDEX [--repair] [--json]   (verify every vector; --repair drops damaged scans)
+    ctfm index query INDEX IMAGE [--point X,Y,Z [--ras] | --box X0,Y0,Z0,X1,Y1,Z1] [-k K] [--exclude-patient]
+    ctfm index info INDEX [--check]
+    ctfm index check INDEX [--repair]   (verify every vector; --repair drops damaged scans)
     ctfm index remove INDEX ID_OR_PATH [--series UID]
     ctfm index compact INDEX
     ctfm index reembed INDEX NEW_INDEX --weights SRC   (the same scans, embedded with other weights)
-    ctfm index eval INDEX --labels CSV [-k 1,3,5,10] [--metric cosine|l2] [--json]
+    ctfm index eval INDEX --labels CSV [-k 1,3,5,10] [--metric cosine|l2]
+
+Each prints sentences (or a table), and with ``--json`` one JSON object, the last line of stdout (the
+lines a person reads then go to stderr: :func:`CTFMLib.text.say`).
 
 ``add`` is resumable: scans already in the index are skipped (also those another ``add`` running at the
 same time added meanwhile), so an interrupted run is simply started again; a scan that cannot be read
@@ -42,7 +45,7 @@ from typing import Optional
 import numpy as np
 
 from ..arguments import non_negative_int, parse_numbers, positive_int
-from ..text import count
+from ..text import count, print_result, say
 
 EXIT_ERROR = 2
 DEFAULT_WEIGHTS = "ct_fm_feature_extractor"
@@ -51,8 +54,8 @@ STRIDE_MAX_FACTOR = 64  # beyond this refused: the index and the embedding time 
 RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
 
 
-def add_index_parser(sub, add_run_options) -> None:
-    """Register ``ctfm index ...`` on the main parser's subcommands."""
+def add_index_parser(sub, add_run_options, add_json_flag) -> None:
+    """Register ``ctfm index ...`` on the main parser's subcommands (``add_json_flag``: the CLI's ``--json``)."""
     p = sub.add_parser("index", help="similar-case retrieval: build, search and evaluate an index of CT scans")
     actions = p.add_subparsers(dest="index_action", required=True)
 
@@ -74,6 +77,7 @@ def add_index_parser(sub, add_run_options) -> None:
                      help="also add scans whose values do not look like a CT in Hounsfield units (no air or fat, "
                           "e.g. MR); without it they are left out and listed")
     add_run_options(add)
+    add_json_flag(add, "the counts and the scans left out or failed")
 
     q = actions.add_parser("query", help="the scans (or places in them) most similar to an image, a point or a box")
     q.add_argument("index", help="the index folder (made by `ctfm index add`)")
@@ -103,14 +107,14 @@ def add_index_parser(sub, add_run_options) -> None:
     q.add_argument("--overwrite", action="store_true", help="--thumbnails: replace 1.png, 2.png, ... left in DIR")
     q.add_argument("--weights", help="where the index's weights are now, if they moved (default: where they were "
                                      "when it was built; they must be the same file)")
-    q.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_json_flag(q, "the hits instead of a table")
     add_run_options(q)
 
     info = actions.add_parser("info", help="what the index holds: model, settings, scans, size")
     info.add_argument("index", help="the index folder (made by `ctfm index add`)")
     info.add_argument("--check", action="store_true",
                       help="also verify files, rows and every vector (as `ctfm index check` does)")
-    info.add_argument("--json", action="store_true", help="print one JSON object instead of sentences")
+    add_json_flag(info, "the information")
 
     ck = actions.add_parser(
         "check", help="verify every scan's vectors against their checksums; --repair drops the damaged ones",
@@ -121,15 +125,17 @@ def add_index_parser(sub, add_run_options) -> None:
                     "consistent, writable index: add the dropped scans again.")
     ck.add_argument("index", help="the index folder (made by `ctfm index add`)")
     ck.add_argument("--repair", action="store_true", help="drop the damaged scans (a new generation of the files)")
-    ck.add_argument("--json", action="store_true", help="print one JSON object instead of sentences")
+    add_json_flag(ck, "the report")
 
     rm = actions.add_parser("remove", help="remove a scan by id or path (run compact to reclaim space)")
     rm.add_argument("index", help="the index folder (made by `ctfm index add`)")
     rm.add_argument("target", help="a scan id (see info/query) or the scan's path")
     rm.add_argument("--series", help="only this DICOM series of the path")
+    add_json_flag(rm)
 
     co = actions.add_parser("compact", help="rewrite the vector files without removed scans")
     co.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    add_json_flag(co)
 
     re_ = actions.add_parser(
         "reembed", help="embed every scan of an index again with other weights, into a new index",
@@ -143,6 +149,7 @@ def add_index_parser(sub, add_run_options) -> None:
                      help="also re-embed scans whose values do not look like a CT in Hounsfield units (added "
                           "to INDEX with --allow-non-ct); without it they are left out and listed")
     add_run_options(re_)
+    add_json_flag(re_, "the counts and the scans left out or failed")
 
     ev = actions.add_parser("eval", help="leave-one-out retrieval scores of the labelled scans: HR@k, P@k, AP@k, mAP")
     ev.add_argument("index", help="the index folder (made by `ctfm index add`)")
@@ -153,7 +160,7 @@ def add_index_parser(sub, add_run_options) -> None:
     ev.add_argument("--metric", choices=("cosine", "l2"), default="cosine",
                     help="similarity: cosine (default) or Euclidean distance (l2)")
     ev.add_argument("--exclude-patient", action="store_true", help="leave out scans of the query's patient")
-    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_json_flag(ev, "the scores instead of a table")
     p.set_defaults(func=cmd_index)
 
 
@@ -301,14 +308,14 @@ def plan_add(args) -> SimpleNamespace:
         settings = {"stride": stride}
     skipped = len(scans) - len(todo)
     if skipped:
-        print(f"{skipped} of {count(len(scans), 'scan')} {'is' if skipped == 1 else 'are'} already indexed: skipped",
-              flush=True)
+        say(args, f"{skipped} of {count(len(scans), 'scan')} {'is' if skipped == 1 else 'are'} already indexed: "
+                  "skipped")
     return SimpleNamespace(root=root, existing=existing, todo=todo, failed=failed, skipped=skipped,
                            total=len(scans) + len(failed), source=source, settings=settings)
 
 
 def add_scans(todo, runner, digest: str, config: dict, progress, index=None, create=None, label: str = "",
-              allow_non_ct: bool = False, not_ct: list | None = None) -> tuple:
+              allow_non_ct: bool = False, not_ct: list | None = None, args=None) -> tuple:
     """Embed each scan of ``todo`` and add it to ``index``: ``(added, skipped, failed descriptions)``.
 
     ``index``: an open index, or ``None`` and ``create(dim)`` makes it with the first vector (its length is
@@ -317,6 +324,7 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
     itself (other weights, locked) is raised, as it would repeat for every scan. A scan whose values do
     not look like a CT in HU (:func:`CTFMLib.ct_check.not_ct_reason`) is left out with a line on stderr and
     its description appended to ``not_ct``; with ``allow_non_ct`` it is added, after a warning.
+    The lines about each scan go to stdout, or to stderr when ``args`` asks for ``--json``.
     """
     from ..ct_check import not_ct_reason
     from ..progress import Cancelled, subrange
@@ -346,7 +354,7 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
                     print(f"ctfm: {label}warning: adding {ref.describe()} although it is {reason} (--allow-non-ct)",
                           file=sys.stderr, flush=True)
                 scan_vector, patches, centres = scan_embeddings(
-                    image, runner, progress=lambda f, m, sub=sub, p=prefix: sub(f, f"{p}: {m}"), **settings)
+                    image, runner, progress=lambda f, m, sub=sub, p=prefix: sub(f, _prefixed(p, m)), **settings)
                 if index is None:
                     index = create(scan_vector.shape[0])
                 record = ScanRecord(ref.path, ref.series_uid, _opt(image.metadata.get("patient_id")),
@@ -356,10 +364,10 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
                     scan_id = index.add(record, scan_vector, patches, centres, weights_hash=digest)
                 except AlreadyIndexedError:
                     skipped += 1
-                    print(f"{prefix}: already indexed (added by another process meanwhile): skipped", flush=True)
+                    say(args, f"{prefix}: already indexed (added by another process meanwhile): skipped")
                     continue
                 added += 1
-                print(f"{prefix}: added as scan {scan_id} ({count(len(patches), 'patch', 'patches')})", flush=True)
+                say(args, f"{prefix}: added as scan {scan_id} ({count(len(patches), 'patch', 'patches')})")
             except (Cancelled, KeyboardInterrupt, RetrievalIndexError):
                 raise
             except Exception as e:  # noqa: BLE001 - one unusable scan is reported; the others go on
@@ -371,12 +379,25 @@ def add_scans(todo, runner, digest: str, config: dict, progress, index=None, cre
     return added, skipped, failed
 
 
-def print_summary(added: int, skipped: int, failed: list, total: int, not_ct: list = ()) -> None:
-    """``added A, already indexed S, [left out N not CT-like (--allow-non-ct adds them), ]failed F of T``."""
+def _prefixed(prefix: str, message):
+    """A scan's progress message under its ``[n/N] scan`` prefix (an expected time stays one)."""
+    from ..progress import Estimate
+
+    if isinstance(message, Estimate):
+        return Estimate(message.seconds, f"{prefix}: {message[message.find('(') + 1:-1]}" if "(" in message else prefix)
+    return f"{prefix}: {message}"
+
+
+def print_summary(added: int, skipped: int, failed: list, total: int, not_ct: list = (), args=None,
+                  index=None) -> None:
+    """``added A, already indexed S, [left out N not CT-like (--allow-non-ct adds them), ]failed F of T``, or
+    with ``--json`` (in ``args``) ``{"index", "added", "already_indexed", "not_ct", "failed", "total"}``."""
     left_out = (f"left out {len(not_ct)} not CT-like (--allow-non-ct adds them), " if not_ct else "")
-    print(f"added {added}, already indexed {skipped}, {left_out}failed {len(failed)} of {total}"
-          + (f"; failed: {', '.join(failed)}" if failed else "")
-          + (f"; not CT-like: {', '.join(not_ct)}" if not_ct else ""), flush=True)
+    print_result(args, {"index": None if index is None else str(index), "added": added, "already_indexed": skipped,
+                        "not_ct": list(not_ct), "failed": list(failed), "total": total},
+                 f"added {added}, already indexed {skipped}, {left_out}failed {len(failed)} of {total}"
+                 + (f"; failed: {', '.join(failed)}" if failed else "")
+                 + (f"; not CT-like: {', '.join(not_ct)}" if not_ct else ""))
 
 
 def cmd_add(args) -> int:
@@ -400,9 +421,9 @@ def cmd_add(args) -> int:
             return VectorIndex.open_or_create(plan.root, model_id, digest, dim, config)
 
         done, late, bad = add_scans(plan.todo, runner, digest, config, args.progress_cb, index, create,
-                                    allow_non_ct=getattr(args, "allow_non_ct", False), not_ct=not_ct)
+                                    allow_non_ct=getattr(args, "allow_non_ct", False), not_ct=not_ct, args=args)
         added, skipped, failed = done, skipped + late, failed + bad
-    print_summary(added, skipped, failed, plan.total, not_ct)
+    print_summary(added, skipped, failed, plan.total, not_ct, args, plan.root)
     return 1 if failed or not_ct else 0
 
 
@@ -563,7 +584,7 @@ def cmd_info(args) -> int:
     else:
         for key in ("path", "model_id", "weights_hash", "dim", "scans", "patches", "removed_rows", "bytes"):
             print(f"{key:<14} {info.get(key)}")
-        print(f"{'settings':<14} {json.dumps(info.get('preprocessing'))}")
+        print(f"{'settings':<14} {json.dumps(info.get('preprocessing'))} (sizes and spacings S, P, L)")
         if args.check:
             print("consistent" if not info["problems"] else "PROBLEMS:\n  " + "\n  ".join(info["problems"]))
             for note in info["notes"]:
@@ -621,13 +642,14 @@ def cmd_remove(args) -> int:
     else:
         target = str(Path(target).expanduser().resolve())  # the index stores absolute paths
     with VectorIndex.open(args.index) as index:
-        count = index.remove(target, series_uid=args.series)
-    if not count:
+        removed = index.remove(target, series_uid=args.series)
+    if not removed:
         print(f"ctfm: nothing removed: no scan {args.target!r} in {args.index} (see `ctfm index info`)",
               file=sys.stderr)
-        return 1
-    print(f"removed {count} scan(s); `ctfm index compact {args.index}` reclaims their space", flush=True)
-    return 0
+    print_result(args, {"index": str(args.index), "target": args.target, "removed": removed},
+                 *([f"removed {count(removed, 'scan')}; `ctfm index compact {args.index}` reclaims their space"]
+                   if removed else []))
+    return 0 if removed else 1
 
 
 def cmd_compact(args) -> int:
@@ -635,8 +657,15 @@ def cmd_compact(args) -> int:
 
     with VectorIndex.open(args.index) as index:
         result = index.compact()
-    print(json.dumps(result), flush=True)
+    print_result(args, result, compact_sentence(args.index, result))
     return 0
+
+
+def compact_sentence(index, result: dict) -> str:
+    """``compact``'s result in words: the rows it dropped and the files' new generation."""
+    return (f"compacted {index}: dropped {count(int(result.get('scan_rows_dropped', 0)), 'scan row')} and "
+            f"{count(int(result.get('patch_rows_dropped', 0)), 'patch row')} (file generation "
+            f"{result.get('generation')})")
 
 
 def cmd_reembed(args) -> int:

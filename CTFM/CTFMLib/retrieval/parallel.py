@@ -126,7 +126,7 @@ def cmd_add(args) -> int:
             added, skipped, failed = commands.add_scans(mine, runner, digest, config, progress, index,
                                                         label=f"rank {rank}: ",
                                                         allow_non_ct=getattr(args, "allow_non_ct", False),
-                                                        not_ct=not_ct)
+                                                        not_ct=not_ct, args=args)
 
         results = [None] * world
         dist.all_gather_object(results, (added, skipped, failed, not_ct))
@@ -134,7 +134,7 @@ def cmd_add(args) -> int:
         not_ct = [d for r in results for d in r[3]]
         if rank == 0:
             commands.print_summary(sum(r[0] for r in results), plan["skipped"] + sum(r[1] for r in results),
-                                   failed, plan["total"], not_ct)
+                                   failed, plan["total"], not_ct, args=args)
         dist.barrier()  # no rank exits (and has torchrun stop the others) before the summary is out
         return 1 if failed or not_ct else 0
     finally:
