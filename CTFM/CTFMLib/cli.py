@@ -872,7 +872,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "models" and args.action != "list" and not args.name:
         parser.error(f"models {args.action} needs a name")
-    args.progress_cb = SayEstimates(make_renderer(args.progress), functools.partial(say, args))
+    args.progress_cb = SayEstimates(make_renderer(args.progress), functools.partial(print, file=sys.stderr, flush=True))
     from .catalog import ModelNote
 
     with warnings.catch_warnings():  # restored on return (main may run inside another program)

@@ -161,9 +161,10 @@ class JsonLines:
 
 
 class SayEstimates:
-    """``ctfm``'s progress callback: an :class:`Estimate` becomes a sentence (``say(text)``: stdout, or stderr
-    under ``--json``) and ``.expected`` (seconds); everything else, and the estimate for machine renderers
-    (JSON lines to the Slicer GUI, Slicer CLI comments), goes to ``renderer``."""
+    """``ctfm``'s progress callback: an :class:`Estimate` becomes a sentence (``say(text)``, on stderr with the
+    progress: stdout keeps the results a script reads) and ``.expected`` (seconds), also with ``--progress none``;
+    everything else goes to ``renderer``, and so does the estimate for machine renderers (JSON lines to the
+    Slicer GUI, which carry ``expected_seconds`` and are not said again; Slicer CLI comments)."""
 
     def __init__(self, renderer: ProgressCallback, say: Callable[[str], None]):
         self.renderer = renderer
@@ -173,7 +174,8 @@ class SayEstimates:
     def __call__(self, fraction: Optional[float], message: str = "") -> None:
         if isinstance(message, Estimate):
             self.expected = message.seconds
-            self.say(str(message))
+            if not isinstance(self.renderer, JsonLines):
+                self.say(str(message))
             if isinstance(self.renderer, ConsoleBar) or self.renderer is null_progress:
                 return
         self.renderer(fraction, message)
