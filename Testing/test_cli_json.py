@@ -114,10 +114,10 @@ def test_segment_one_plan_and_batch(tmp_path):
     small_ct(images / "b.nii.gz", seed=1)
     (images / "broken.nii.gz").write_bytes(b"not an image")
     common = ("--model", model, "--device", "cpu", "--spacing", "native")
-    plain = ctfm("segment", ct, *common, "--out", tmp_path / "one.nii.gz")
+    plain = ctfm("segment", ct, *common, "--out", tmp_path / "one.nii.gz", "--progress", "bar")
     assert_sentences(plain)
     assert "expected time" in plain.stderr and "expected time" not in plain.stdout  # progress, not a result
-    one = ctfm("segment", ct, *common, "--out", tmp_path / "two.nii.gz", "--json")
+    one = ctfm("segment", ct, *common, "--out", tmp_path / "two.nii.gz", "--json", "--progress", "bar")
     result = assert_one_object(one)
     assert "expected time" in one.stderr  # the lines a person reads move to stderr
     assert result["files"][0] == str(tmp_path / "two.nii.gz") and result["structures_present"] >= 0

@@ -14,7 +14,7 @@ from ctfm_testing.hostile import ctfm, small_ct, tiny_encoder
 
 from CTFMLib import costs
 from CTFMLib.costs import Costs, flops_per_voxel, rate
-from CTFMLib.progress import ConsoleBar, Estimate, JsonLines, SayEstimates, subrange
+from CTFMLib.progress import ConsoleBar, Estimate, JsonLines, subrange
 
 
 @pytest.fixture
@@ -97,33 +97,38 @@ def test_an_estimate_keeps_its_seconds_through_subranges_and_renderers():
     stream = io.StringIO()
     JsonLines(stream)(None, message)
     assert json.loads(stream.getvalue()) == {"progress": None, "message": str(message), "expected_seconds": 42.0}
-    bar, said = io.StringIO(), []
-    tap = SayEstimates(ConsoleBar(bar), said.append)
-    tap(0.5, "patch 1 of 2")
-    tap(None, Estimate(300, "x"))
-    assert said == ["expected time: about 5 min (x)"] and tap.expected == 300
-    assert "expected" not in bar.getvalue()  # said once, not also drawn into the bar
+    bar = io.StringIO()
+    ConsoleBar(bar)(0.5, "patch 1 of 2")
+    ConsoleBar(bar)(None, Estimate(300, "x"))
+    assert bar.getvalue().splitlines()[-1] == "expected time: about 5 min (x)"  # a line of its own, no bar
 
 
 # --- the commands -----------------------------------------------------------------------------------
 
 
 def _expected_lines(result) -> list:
-    return [ln for ln in (result.stdout + result.stderr).splitlines() if ln.startswith("expected time: about")]
+    """The estimate lines, on stderr with the progress (``--progress bar``; ``none`` says nothing)."""
+    assert "expected time" not in result.stdout  # stdout keeps the results
+    return [ln for ln in result.stderr.splitlines() if ln.startswith("expected time: about")]
+
+
+def bar(*args):
+    return ctfm("--progress", "bar", *args)
 
 
 def test_embed_and_index_add_print_the_expected_time(tmp_path):
     weights = tiny_encoder(tmp_path / "enc")
     ct = small_ct(tmp_path / "ct.nii.gz")
-    result = ctfm("embed", ct, "--weights", weights, "--mode", "scan", "--out", tmp_path / "e.npy")
+    result = bar("embed", ct, "--weights", weights, "--mode", "scan", "--out", tmp_path / "e.npy")
     assert result.returncode == 0, result
     (line,) = _expected_lines(result)
     assert "patch" in line
-    result = ctfm("index", "add", tmp_path / "index", ct, "--weights", weights)
+    result = bar("index", "add", tmp_path / "index", ct, "--weights", weights)
     assert result.returncode == 0, result
     assert len(_expected_lines(result)) == 1, result
 
 
+@pytest.mark.slow
 def test_saliency_prints_its_expected_time_and_names_gradients_before_a_long_occlusion(tmp_path, costs_file):
     weights = tiny_encoder(tmp_path / "enc")
     ct = small_ct(tmp_path / "ct.nii.gz")
@@ -131,12 +136,12 @@ def test_saliency_prints_its_expected_time_and_names_gradients_before_a_long_occ
     # This "computer" is very slow: a forward pass of the published encoder costs 5000 s per million voxels.
     Costs(costs_file).put(key, "forward", 5000.0)
     Costs(costs_file).put(key, "input_gradient", 15000.0)
-    result = ctfm("saliency", ct, "--weights", weights, "--target", "embedding", "--method", "gradient",
+    result = bar("saliency", ct, "--weights", weights, "--target", "embedding", "--method", "gradient",
                   "--out", tmp_path / "g.nii.gz")
     assert result.returncode == 0, result
     (line,) = _expected_lines(result)
     assert "gradient step" in line and "--method gradient" not in line
-    result = ctfm("saliency", ct, "--weights", weights, "--target", "embedding", "--method", "occlusion",
+    result = bar("saliency", ct, "--weights", weights, "--target", "embedding", "--method", "occlusion",
                   "--out", tmp_path / "o.nii.gz", "--json")
     assert result.returncode == 0, result
     (line,) = _expected_lines(result)
@@ -149,7 +154,7 @@ def test_a_quick_occlusion_says_nothing_about_gradients(tmp_path, costs_file):
     weights = tiny_encoder(tmp_path / "enc")
     ct = small_ct(tmp_path / "ct.nii.gz", shape=(20, 18, 8))
     Costs(costs_file).put(_key(), "forward", 0.001)
-    result = ctfm("saliency", ct, "--weights", weights, "--target", "embedding", "--method", "occlusion",
+    result = bar("saliency", ct, "--weights", weights, "--target", "embedding", "--method", "occlusion",
                   "--out", tmp_path / "o.nii.gz")
     assert result.returncode == 0, result
     (line,) = _expected_lines(result)

@@ -89,6 +89,7 @@ def test_spacing_1p5_equals_monai_spacingd_and_invertd_on_the_real_ct(tiny, ct_s
     assert plan_for(image, model, options, "full", "model", roi) == plan_for(image, model, options, "full", 1.5, roi)
 
 
+@pytest.mark.slow
 def test_labels_on_a_finer_input_follow_monai_better_linear_than_nearest(tiny, tmp_path):
     """A 1 mm input segmented at 2 mm: the evidence interpolated back (linear) agrees with MONAI's inverted
     softmax; labels mapped by nearest neighbour are blockier."""
@@ -118,6 +119,7 @@ class EveryVoxelInterpolated(NativeLabels):
         return labels.numpy().astype(self.dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["finer phantom, 118 classes", "oblique phantom", "coarser slices"])
 def test_only_boundary_voxels_need_interpolating(case, monkeypatch):
     """Where all eight working voxels around an input voxel share an argmax, so does any blend of their scores:
@@ -139,11 +141,11 @@ def test_only_boundary_voxels_need_interpolating(case, monkeypatch):
 
 
 def test_equal_top_scores_take_the_first_class_as_argmax_does():
-    from CTFMLib.native_labels import _winner_and_runner_up
+    from CTFMLib.native_labels import winner_and_runner_up
 
     scores = torch.tensor([[0.1, 0.45, 0.45, 0.0], [0.5, 0.2, 0.3, 0.0], [0.3, 0.3, 0.4, 0.0],
                            [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
-    winner, runner_up, runner_class, third = _winner_and_runner_up(scores)
+    winner, runner_up, runner_class, third = winner_and_runner_up(scores)
     assert winner.tolist() == [1, 0, 2, 0, 3]
     assert runner_up.tolist() == pytest.approx([0.45, 0.3, 0.3, 0.25, 0.3])
     # a tie for the best names no second class: the second-best score then bounds every other class
@@ -151,6 +153,7 @@ def test_equal_top_scores_take_the_first_class_as_argmax_does():
     assert third.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.25, 0.2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", SIX)
 def test_threshold_model_at_the_model_spacing_keeps_the_labels(geometry):
     """At the model's spacing (1.5 mm) the threshold model agrees >= 99% with the phantom's truth in every
@@ -192,6 +195,7 @@ class SmallNet(nn.Module):
         return self.net(x)
 
 
+@pytest.mark.slow
 def test_all_air_windows_are_computed_once_and_change_no_blended_value():
     """Done when (item 4): an all-air window is not run again; the blended values, hence labels, are identical."""
     volume = np.zeros((40, 60, 70), np.float32)
@@ -224,6 +228,7 @@ def air_padded_phantom():
     return Image(array, body.spacing, body.origin - np.array([2.0, 2.0, 0.0]), body.direction)
 
 
+@pytest.mark.slow
 def test_segment_image_reuses_all_air_windows_and_reports_them():
     image = air_padded_phantom()
     kwargs = dict(model=HUThresholds(), labels={1: "fat", 2: "soft", 3: "dense", 4: "marker"}, roi=(16, 24, 24),
@@ -234,6 +239,7 @@ def test_segment_image_reuses_all_air_windows_and_reports_them():
     np.testing.assert_array_equal(result.labels.array, threshold_labels(image.array))
 
 
+@pytest.mark.slow
 def test_the_plan_is_what_runs():
     """Windows and grid of the plan equal the run's; the plan's skipped windows never exceed the run's."""
     image = air_padded_phantom()
@@ -311,7 +317,8 @@ def test_the_plan_needs_no_torch(tmp_path):
     assert done.stdout.split() == ["1", "False"]
 
 
-def test_timings_measured_here_drive_the_estimate(tmp_path):
+def test_timings_measured_here_drive_the_estimate(tmp_path, monkeypatch):
+    monkeypatch.setenv("CTFM_COSTS_FILE", str(tmp_path / "costs.json"))  # nothing measured on this "computer"
     timings = Timings(tmp_path / "timings.json")
     image = Image(np.full((100, 100, 60), 40, np.int16), spacing=(1.5, 1.5, 1.5))
     before = plan_segmentation(image, device="cpu", precision="fp32", threads=2, timings=timings)

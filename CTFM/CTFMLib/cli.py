@@ -39,7 +39,7 @@ from . import __version__, cache
 from .arguments import (Parser, fraction, memory_gb, parse_point, positive_float,
                         positive_int)
 from .catalog import load_catalog
-from .progress import Cancelled, Estimate, SayEstimates, Terminated, make_renderer, terminate_on_sigterm
+from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
 from .text import count, print_result, say, size
 
 EXIT_ERROR = 2
@@ -872,7 +872,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "models" and args.action != "list" and not args.name:
         parser.error(f"models {args.action} needs a name")
-    args.progress_cb = SayEstimates(make_renderer(args.progress), functools.partial(print, file=sys.stderr, flush=True))
+    args.progress_cb = make_renderer(args.progress)
     from .catalog import ModelNote
 
     with warnings.catch_warnings():  # restored on return (main may run inside another program)

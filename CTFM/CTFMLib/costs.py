@@ -264,7 +264,10 @@ def network_seconds(rate_: Rate, voxels: float, model=None, flops: Optional[floa
     """Seconds for ``voxels`` input voxels through ``model`` (or a network of ``flops`` per voxel; default:
     the published encoder) at ``rate_``."""
     if flops is None and model is not None:
-        flops = flops_per_voxel(model)
+        try:
+            flops = flops_per_voxel(model)
+        except Exception:  # noqa: BLE001 - a network the meta device cannot run (it makes tensors of its own)
+            flops = None  # counted as the published encoder
     factor = 1.0 if flops is None else flops / reference_flops()
     return rate_.seconds_per_mvoxel * factor * float(voxels) / 1e6
 

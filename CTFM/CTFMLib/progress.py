@@ -66,8 +66,9 @@ class Estimate(str):
     """A progress message that is an expected duration: ``expected time: about 40 s (detail)``.
 
     Sent as ``callback(None, Estimate(seconds, detail))``, so it travels through every callback and
-    :func:`subrange` unchanged; ``.seconds`` is the number. :class:`ConsoleBar` keeps it on its own line,
-    :class:`JsonLines` adds ``"expected_seconds"``, and ``ctfm`` prints it as a sentence.
+    :func:`subrange` unchanged; ``.seconds`` is the number. :class:`ConsoleBar` writes it as a line of its
+    own (on stderr with the progress: stdout keeps the results a script reads), :class:`JsonLines` adds
+    ``"expected_seconds"``; ``--progress none`` says nothing, so a refusal stays one line.
     """
 
     seconds: float
@@ -98,13 +99,18 @@ def subrange(callback: Optional[ProgressCallback], start: float, end: float) -> 
 class ConsoleBar:
     """A single-line text progress bar on a terminal (or plain lines when not a tty)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30, min_interval: float = 0.1):
-        self.stream = stream
+    def __init__(self, stream: Optional[TextIO] = None, width: int = 30, min_interval: float = 0.1):
+        self._stream = stream
         self.width = width
         self.min_interval = min_interval
         self._last = 0.0
         self._last_message = None
-        self._tty = hasattr(stream, "isatty") and stream.isatty()
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    @property
+    def stream(self) -> TextIO:
+        """The given stream, else ``sys.stderr`` as it is now (a caller may have redirected it)."""
+        return self._stream or sys.stderr
 
     def __call__(self, fraction: Optional[float], message: str = "") -> None:
         now = time.monotonic()
@@ -135,8 +141,12 @@ class ConsoleBar:
 class FilterProgress:
     """Slicer Execution Model progress: ``<filter-progress>`` and ``<filter-comment>`` lines on stdout."""
 
-    def __init__(self, stream: TextIO = sys.stdout):
-        self.stream = stream
+    def __init__(self, stream: Optional[TextIO] = None):
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
 
     def __call__(self, fraction: Optional[float], message: str = "") -> None:
         if message:
@@ -149,8 +159,12 @@ class FilterProgress:
 class JsonLines:
     """Machine-readable progress, one JSON object a line: ``{"progress": f, "message": m}``."""
 
-    def __init__(self, stream: TextIO = sys.stderr):
-        self.stream = stream
+    def __init__(self, stream: Optional[TextIO] = None):
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
 
     def __call__(self, fraction: Optional[float], message: str = "") -> None:
         line = {"progress": fraction, "message": str(message)}
@@ -158,27 +172,6 @@ class JsonLines:
             line["expected_seconds"] = round(message.seconds, 1)
         self.stream.write(json.dumps(line) + "\n")
         self.stream.flush()
-
-
-class SayEstimates:
-    """``ctfm``'s progress callback: an :class:`Estimate` becomes a sentence (``say(text)``, on stderr with the
-    progress: stdout keeps the results a script reads) and ``.expected`` (seconds), also with ``--progress none``;
-    everything else goes to ``renderer``, and so does the estimate for machine renderers (JSON lines to the
-    Slicer GUI, which carry ``expected_seconds`` and are not said again; Slicer CLI comments)."""
-
-    def __init__(self, renderer: ProgressCallback, say: Callable[[str], None]):
-        self.renderer = renderer
-        self.say = say
-        self.expected: Optional[float] = None
-
-    def __call__(self, fraction: Optional[float], message: str = "") -> None:
-        if isinstance(message, Estimate):
-            self.expected = message.seconds
-            if not isinstance(self.renderer, JsonLines):
-                self.say(str(message))
-            if isinstance(self.renderer, ConsoleBar) or self.renderer is null_progress:
-                return
-        self.renderer(fraction, message)
 
 
 def parse_json_progress(line: str):
