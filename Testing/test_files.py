@@ -241,7 +241,7 @@ def test_sigterm_the_moment_the_temporary_folder_appears_leaves_nothing(tmp_path
 
 def test_the_next_write_removes_what_a_killed_writer_left_but_nothing_live_or_foreign(tmp_path):
     """SIGKILL cannot be cleaned up after; the next writer into that folder sweeps the dead writer's folder."""
-    host = files._host()
+    host = files.host_tag()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctfm_testing.phantoms import GEOMETRIES, _grid, _voxel_centres
+from ctfm_testing.phantoms import GEOMETRIES, phantom_grid, voxel_centres
 
 from CTFMLib.image import Image, read_image
 from CTFMLib.retrieval import thumbnails
@@ -23,8 +23,8 @@ GRADIENT = np.array([2.0, -3.0, 5.0])  # HU per mm along LPS x, y, z
 
 def linear_volume(name: str) -> Image:
     g = GEOMETRIES[name]
-    grid = _grid(g["shape"], g["spacing"], g.get("direction"), None)
-    x, y, z = _voxel_centres(grid)
+    grid = phantom_grid(g["shape"], g["spacing"], g.get("direction"), None)
+    x, y, z = voxel_centres(grid)
     hu = GRADIENT[0] * x + GRADIENT[1] * y + GRADIENT[2] * z + 10.0
     return Image.from_geometry(hu.astype(np.float32), grid)
 
@@ -44,8 +44,8 @@ def test_axial_slice_samples_the_documented_lps_points(name):
 
 def test_markers_appear_where_radiologists_expect():
     g = GEOMETRIES["permuted"]
-    grid = _grid(g["shape"], g["spacing"], g.get("direction"), None)
-    x, y, z = _voxel_centres(grid)
+    grid = phantom_grid(g["shape"], g["spacing"], g.get("direction"), None)
+    x, y, z = voxel_centres(grid)
     hu = np.full(grid.shape, -1000.0, np.float32)
     hu[(np.abs(x - 30) < 4) & (np.abs(y) < 4) & (np.abs(z) < 4)] = 300.0  # patient's left
     hu[(np.abs(x) < 4) & (np.abs(y + 30) < 4) & (np.abs(z) < 4)] = 600.0  # anterior
@@ -91,6 +91,7 @@ def test_write_thumbnail_defaults_to_the_scan_centre(tmp_path):
         thumbnails.axial_slice(image, (np.nan, 0, 0))
 
 
+@pytest.mark.slow
 def test_cli_query_writes_thumbnails_excludes_a_scan_and_centres_scan_hits(tmp_path, tiny_encoder_folder):
     import json
 

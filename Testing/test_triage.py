@@ -185,9 +185,9 @@ def test_to_input_refuses_a_map_on_another_grid():
 
 
 def test_training_feeds_the_network_what_triage_feeds_it(tmp_path):
-    """``ctfm train classify``'s data path (TriageScanCache through run._classify_task) and ClassifyTask's
+    """``ctfm train classify``'s data path (TriageScanCache through run.classify_task) and ClassifyTask's
     batches give, voxel for voxel, the network input triage_preprocess gives at inference."""
-    from CTFMLib.train.run import _classify_task
+    from CTFMLib.train.run import classify_task
 
     rows = ["path,label"]
     images = {}
@@ -210,7 +210,7 @@ def test_training_feeds_the_network_what_triage_feeds_it(tmp_path):
         "classify": {"size": list(size), "flip_p": 0.0},
         "run": {"scans_per_step": 2},
     })
-    task, usable, skipped = _classify_task(config, find_scans([tmp_path / "labels.csv"]), tmp_path / "out",
+    task, usable, skipped = classify_task(config, find_scans([tmp_path / "labels.csv"]), tmp_path / "out",
                                            null_progress)
     assert not skipped and len(usable) == 2
     batch = task.batch(1)
@@ -255,6 +255,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_triage_image_on_held_out_phantoms_in_every_geometry(tmp_path, one_thread):
     t0 = time.perf_counter()
     # Training and validation scans go through triage_volume, as `ctfm train classify` caches them.
@@ -352,6 +353,7 @@ def test_triage_names_what_a_wrong_model_folder_holds(tiny_encoder_folder, tiny_
 # --- the command line --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctfm_triage_prints_writes_json_and_a_saliency_map(tiny_triage_folder, tmp_path):
     image = head("oblique20", lesion={"center_lps": (5, 5, 5)})
     path = write_image(image, tmp_path / "head.nii.gz")
@@ -394,6 +396,7 @@ def test_ctfm_triage_without_saliency_and_argument_errors(tiny_triage_folder, tm
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctfm_triage_wrong_model_folder_exits_2_with_the_reason(tiny_encoder_folder, tmp_path):
     path = write_image(head("lps"), tmp_path / "head.nii.gz")
     wrong = run_ctfm("triage", path, "--model", tiny_encoder_folder, "--device", "cpu", timeout=300)

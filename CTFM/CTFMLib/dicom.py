@@ -45,7 +45,7 @@ from typing import Optional
 
 import numpy as np
 
-from .image import Image, ImageError, _first_line, _native_stderr_captured, _sitk, check_read_geometry, from_sitk
+from .image import Image, ImageError, check_read_geometry, first_line, from_sitk, import_sitk, native_stderr_captured
 
 # Direction cosines of two slices may differ by this much (about 0.06 degrees).
 ORIENTATION_TOLERANCE = 1e-3
@@ -132,7 +132,9 @@ class _Slice:
 
 
 @dataclass
-class _Scan:
+class FolderScan:
+    """The files of a folder as :func:`scan_folder` sorted them."""
+
     slices: list  # _Slice of every DICOM image file
     non_image: list  # DICOM files without pixels (RTSTRUCT, SR, DICOMDIR, ...)
     not_dicom: list
@@ -153,7 +155,7 @@ def list_dicom_series(folder, recursive: bool = False) -> list:
     :class:`SeriesInfo` ordered by modality, description and UID.
     """
     folder = _existing_folder(folder)
-    return [_info(group) for group in _group(_scan(folder, recursive).slices)]
+    return [_info(group) for group in _group(scan_folder(folder, recursive).slices)]
 
 
 def read_dicom_series(folder, series_uid: Optional[str] = None, recursive: bool = False, progress=None) -> Image:
@@ -164,7 +166,7 @@ def read_dicom_series(folder, series_uid: Optional[str] = None, recursive: bool 
     optional ``callback(fraction, message)`` (see :mod:`CTFMLib.progress`).
     """
     folder = _existing_folder(folder)
-    scan = _scan(folder, recursive, progress)
+    scan = scan_folder(folder, recursive, progress)
     if scan.unreadable:
         # Such a file may be a slice of the wanted series; reading around it could drop a slice unnoticed.
         listed = "; ".join(f"{p.name}: {why}" for p, why in scan.unreadable[:5])
@@ -204,7 +206,7 @@ def read_dicom_file(path) -> Image:
     except _NotDicom:
         raise ImageError(f"cannot read {path.name}: not a DICOM file") from None
     except Exception as e:  # pydicom raises many types on damaged files
-        raise ImageError(f"cannot read {path.name}: a corrupt or truncated DICOM file ({_first_line(e)})") from None
+        raise ImageError(f"cannot read {path.name}: a corrupt or truncated DICOM file ({first_line(e)})") from None
     if s is None:
         raise ImageError(f"{path.name} is a DICOM file without an image (e.g. RTSTRUCT, SR or DICOMDIR)")
     if s.frames > 1:
@@ -243,11 +245,13 @@ def _existing_folder(folder) -> Path:
     return folder
 
 
-def _scan(folder: Path, recursive: bool, progress=None) -> _Scan:
+def scan_folder(folder: Path, recursive: bool, progress=None) -> FolderScan:
+    """Every file of ``folder`` sorted into image slices, non-image DICOM, not DICOM and unreadable (headers only);
+    :mod:`CTFMLib.dicom_write` uses it to refuse a folder that already holds DICOM files."""
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     # Hidden files (.DS_Store, ._* resource forks) are never slices.
     paths = sorted(p for p in candidates if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    scan = _Scan([], [], [], [])
+    scan = FolderScan([], [], [], [])
     for n, path in enumerate(paths):
         if progress and n % 50 == 0:
             progress(0.5 * n / len(paths), f"reading DICOM headers {n}/{len(paths)}")
@@ -256,7 +260,7 @@ def _scan(folder: Path, recursive: bool, progress=None) -> _Scan:
         except _NotDicom:
             scan.not_dicom.append(path)
         except Exception as e:  # pydicom raises many types on damaged files
-            scan.unreadable.append((path, _first_line(e)))
+            scan.unreadable.append((path, first_line(e)))
         else:
             if s is None:
                 scan.non_image.append(path)
@@ -417,7 +421,7 @@ def _choose(groups: list, series_uid: Optional[str], folder: Path) -> list:
     raise ImageError(f"no DICOM series with SeriesInstanceUID {series_uid!r} in {folder}; it holds:\n{listing}")
 
 
-def _no_series_message(folder: Path, scan: _Scan, recursive: bool) -> str:
+def _no_series_message(folder: Path, scan: FolderScan, recursive: bool) -> str:
     parts = [f"no DICOM image files in {folder}"]
     if scan.non_image:
         parts.append(f"{len(scan.non_image)} DICOM file(s) without images (e.g. RTSTRUCT, SR, DICOMDIR) were skipped")
@@ -628,7 +632,7 @@ def _check_stored_values_are_hu(image: Image, name: str, missing: str) -> None:
 
 
 def _read_voxels(ordered: list) -> Image:
-    sitk = _sitk()
+    sitk = import_sitk()
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames([str(s.path) for s in ordered])
@@ -637,24 +641,24 @@ def _read_voxels(ordered: list) -> Image:
         # with another slope could fall outside it or lose its fractions.
         reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        with _native_stderr_captured():  # GDCM's complaints would add lines to the one-line refusal
+        with native_stderr_captured():  # GDCM's complaints would add lines to the one-line refusal
             img = reader.Execute()
     except RuntimeError as e:
         culprit = _first_unreadable(ordered)
         where = f" ({culprit})" if culprit else ""
-        raise ImageError(f"cannot read the pixel data of series {_info(ordered).summary()}{where}: {_first_line(e)}") from None
+        raise ImageError(f"cannot read the pixel data of series {_info(ordered).summary()}{where}: {first_line(e)}") from None
     return from_sitk(img)
 
 
 def _first_unreadable(ordered: list) -> str:
     """Name the first slice GDCM cannot decode (only called after a failure)."""
-    sitk = _sitk()
+    sitk = import_sitk()
     for s in ordered:
         reader = sitk.ImageFileReader()
         reader.SetImageIO("GDCMImageIO")
         reader.SetFileName(str(s.path))
         try:
-            with _native_stderr_captured():
+            with native_stderr_captured():
                 reader.Execute()
         except RuntimeError:
             return f"{s.path.name} is corrupt or truncated"
@@ -683,15 +687,15 @@ def _read_multiframe(s: _Slice) -> tuple:
     order, normal, median = _check_geometry(positions, row_dirs, col_dirs, [f"frame {k + 1}" for k in range(s.frames)], name, "frame")
     if order != sorted(order) and order != sorted(order, reverse=True):
         raise ImageError(f"multi-frame file {s.path.name}: its frames are not stored in position order, so they cannot be stacked as stored")
-    sitk = _sitk()
+    sitk = import_sitk()
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(s.path))
     try:
-        with _native_stderr_captured():
+        with native_stderr_captured():
             image = from_sitk(reader.Execute())
     except RuntimeError as e:
-        raise ImageError(f"cannot read multi-frame DICOM file {s.path.name}: {_first_line(e)}") from None
+        raise ImageError(f"cannot read multi-frame DICOM file {s.path.name}: {first_line(e)}") from None
     # The frames' own positions say where the volume is; refuse a reader that placed it elsewhere.
     stacking = normal if order[0] == 0 else -normal
     expected = (image.shape[2] == s.frames and np.allclose(image.origin, positions[0], atol=1e-3)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .dicom import _scan
+from .dicom import scan_folder
 from .files import OutputExistsError, WriteError, atomic_output, describe_os_error
 from .image import Image, ImageError
 
@@ -282,7 +282,7 @@ def write_dicom_series(
     if folder.exists() and not folder.is_dir():
         raise ImageError(f"cannot write a DICOM series into {folder}: it is a file, not a folder")
     if folder.is_dir():
-        scan = _scan(folder, recursive=False)
+        scan = scan_folder(folder, recursive=False)
         dicom = [s.path for s in scan.slices] + scan.non_image + [p for p, _ in scan.unreadable]
         if dicom:
             raise ImageError(

@@ -115,7 +115,8 @@ def expect_forward(runner: Runner, voxels: float, progress, detail: str) -> floa
     return seconds
 
 
-def _load_encoder(weights, model):
+def resolve_encoder(weights, model):
+    """The encoder to run: ``model`` when given, else the SegResEncoder loaded from ``weights`` (id, folder or file)."""
     if model is not None:
         return model
     if weights is None:
@@ -150,7 +151,7 @@ def embed_image(
     progress = progress or null_progress
     options = options or RunOptions(**run_kwargs)
     progress(0.0, "loading the model")
-    runner = Runner(_load_encoder(weights, model), options, progress)
+    runner = Runner(resolve_encoder(weights, model), options, progress)
     progress(0.05, "preprocessing")
     if mode == "volume":
         pre = preprocess(image)
@@ -187,7 +188,7 @@ def patch_starts(size: int, patch: int, stride: Optional[int] = None) -> list:
     return starts
 
 
-def _cut(array: np.ndarray, start, size) -> np.ndarray:
+def cut_patch(array: np.ndarray, start, size) -> np.ndarray:
     """A patch of ``size`` at ``start`` (may reach outside: the outside is 0, i.e. -1024 HU)."""
     out = np.zeros(size, dtype=np.float32)
     src, dst = [], []
@@ -217,7 +218,7 @@ def embed_patches(pre: Preprocessed, runner: Runner, progress=None, size=PATCH_S
     bs = runner.options.batch_size
     for i in range(0, len(starts), bs):
         chunk = starts[i:i + bs]
-        batch = np.stack([_cut(pre.array, s, size) for s in chunk])
+        batch = np.stack([cut_patch(pre.array, s, size) for s in chunk])
         vectors.append(runner.embed(batch))
         for s in chunk:
             centres.append(pre.geometry.index_to_physical(np.asarray(s) + (np.asarray(size) - 1) / 2.0))
@@ -233,5 +234,5 @@ def patch_at_point(pre: Preprocessed, point_lps, size=PATCH_SIZE) -> np.ndarray:
         raise ImageError(f"the point {np.round(point_lps, 1).tolist()} mm (LPS) lies outside the image")
     centre = np.floor(idx + 0.5).astype(int)
     start = centre - np.asarray(size) // 2
-    return _cut(pre.array, tuple(int(s) for s in start), size)
+    return cut_patch(pre.array, tuple(int(s) for s in start), size)
 

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Optional
 __all__ = [
     "FileSafetyError", "OutputExistsError", "WriteError", "TEMP_PREFIX",
     "safe_name", "child_path", "is_inside", "remove_tree", "same_file",
-    "atomic_output", "atomic_outputs", "atomic_write_bytes", "private_folder", "temporary_folder", "sweep_stale_temporaries", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error",
+    "atomic_output", "atomic_outputs", "atomic_write_bytes", "private_folder", "temporary_folder", "sweep_stale_temporaries", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error", "host_tag",
 ]  # fmt: skip
 
 TEMP_PREFIX = ".ctfm-tmp-"
@@ -347,13 +347,14 @@ def _private_name(parent: Path, purpose: str) -> Path:
     return parent / f"{TEMP_PREFIX}{_owner_tag()}{secrets.token_hex(16)}{purpose}"
 
 
-def _host() -> str:
+def host_tag() -> str:
+    """This computer's name as it appears in private temporary folder names (see :func:`_owner_tag`)."""
     return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:32] or "host"
 
 
 def _owner_tag() -> str:
     """``HOST-PID-``: names a private temporary folder after the process that owns it (see the sweep below)."""
-    return f"{_host()}-{os.getpid()}-"
+    return f"{host_tag()}-{os.getpid()}-"
 
 
 def _alive(pid: int) -> bool:
@@ -398,7 +399,7 @@ def sweep_stale_temporaries(folder) -> list:
         entries = [e.name for e in os.scandir(folder) if e.name.startswith(TEMP_PREFIX)]
     except OSError:
         return removed
-    host = _host()
+    host = host_tag()
     for name in entries:
         parts = name[len(TEMP_PREFIX):].split("-", 2)  # HOST-PID-RANDOM[purpose] (HOST has no "-")
         if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():

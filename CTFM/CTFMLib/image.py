@@ -129,7 +129,8 @@ class Image:
 # --- SimpleITK conversion ----------------------------------------------------------
 
 
-def _sitk():
+def import_sitk():
+    """The SimpleITK module, imported on first use (also by :mod:`CTFMLib.dicom`)."""
     import SimpleITK as sitk  # imported lazily: `ctfm info` and the Slicer GUI start without it
 
     return sitk
@@ -137,7 +138,7 @@ def _sitk():
 
 def from_sitk(img, metadata: Optional[dict] = None) -> Image:
     """Convert a 3-D scalar SimpleITK image (no copy of voxels beyond SimpleITK's own)."""
-    sitk = _sitk()
+    sitk = import_sitk()
     dim = img.GetDimension()
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"expected a scalar (grey-level) image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
@@ -152,7 +153,7 @@ def from_sitk(img, metadata: Optional[dict] = None) -> Image:
 
 
 def to_sitk(image: Image):
-    sitk = _sitk()
+    sitk = import_sitk()
     array = image.array
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
@@ -207,11 +208,11 @@ def read_image(path, series_uid: Optional[str] = None, recursive: bool = False) 
         _check_metaimage(path)
     elif name.endswith((".nrrd", ".nhdr")):
         _check_nrrd(path)
-    sitk = _sitk()
+    sitk = import_sitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        with _native_stderr_captured():  # ITK's own complaints would add lines to the one-line refusal
+        with native_stderr_captured():  # ITK's own complaints would add lines to the one-line refusal
             img = reader.Execute()
     except RuntimeError as e:
         if nifti is not None and nifti.version == 2:
@@ -292,9 +293,9 @@ def _read_failure(path: Path, e: Exception) -> str:
     truncated = ("fread got only", "bytes but received", "data not read completely", "File cannot be read")
     if any(t in text for t in truncated):
         # MetaIO ends such an error with a stale "Reason: No such file or directory"; the file is there.
-        reason = "" if "File cannot be read" in text else f" ({_first_line(e)})"
+        reason = "" if "File cannot be read" in text else f" ({first_line(e)})"
         return f"cannot read {path.name}: the file is truncated or corrupt{reason}; copy or export it again"
-    return f"cannot read {path.name}: not a readable image file or it is corrupt ({_first_line(e)})"
+    return f"cannot read {path.name}: not a readable image file or it is corrupt ({first_line(e)})"
 
 
 # --- NIfTI: one pass over the raw file -------------------------------------------------------------
@@ -346,8 +347,8 @@ def scan_nifti(path, values: bool = True) -> NiftiScan:
             head = f.read(540)
         except (EOFError, OSError, zlib.error) as e:
             if gz and not isinstance(e, gzip.BadGzipFile):
-                raise _truncated(path, f"its compressed data is cut short or damaged ({_first_line(e)})") from None
-            raise ImageError(f"cannot read {path.name}: not a readable NIfTI file or it is corrupt ({_first_line(e)})") from None
+                raise _truncated(path, f"its compressed data is cut short or damaged ({first_line(e)})") from None
+            raise ImageError(f"cannot read {path.name}: not a readable NIfTI file or it is corrupt ({first_line(e)})") from None
         header = _nifti_header(head, path)
         version, order, dim, datatype, bitpix, pixdim, vox_offset, slope, inter = header
         count = int(np.prod([max(int(n), 1) for n in dim[1 : dim[0] + 1]], dtype=object))
@@ -367,7 +368,7 @@ def scan_nifti(path, values: bool = True) -> NiftiScan:
                     held += len(chunk)
             except (EOFError, OSError, zlib.error) as e:
                 what = "compressed data is cut short or damaged" if gz else "data cannot be read"
-                raise _truncated(path, f"its {what} ({_first_line(e)})") from None
+                raise _truncated(path, f"its {what} ({first_line(e)})") from None
             if dtype is not None:
                 nonfinite = counter.bad
     if held < expected:
@@ -668,7 +669,8 @@ def _ascii_problem(path: Path, offset: int, longest: int = 64) -> str:
     return ""
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The last non-empty line of an exception's message (ITK's ends with the reason), for one-line refusals."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 
@@ -713,8 +715,8 @@ def write_sitk(img, path, compress: bool = True, overwrite: bool = True) -> Path
     path = Path(path)
     with atomic_output(path, overwrite=overwrite) as tmp:
         try:
-            with _native_stderr_captured():
-                _sitk().WriteImage(img, str(tmp), compress)
+            with native_stderr_captured():
+                import_sitk().WriteImage(img, str(tmp), compress)
                 _verify_written(tmp)
         except RuntimeError as e:
             raise WriteError(_write_errno(tmp), f"cannot write {path}: {_write_reason(e, path)}") from None
@@ -722,7 +724,7 @@ def write_sitk(img, path, compress: bool = True, overwrite: bool = True) -> Path
 
 
 @contextmanager
-def _native_stderr_captured():
+def native_stderr_captured():
     """Hold what native code writes to file descriptor 2; replay it unless the block failed."""
     import tempfile
 
@@ -760,7 +762,7 @@ def _verify_written(tmp: Path) -> None:
         if name.endswith((".nii", ".nii.gz")):
             check_nifti_complete(tmp)
             return
-        reader = _sitk().ImageFileReader()
+        reader = import_sitk().ImageFileReader()
         reader.SetFileName(str(tmp))
         reader.ReadImageInformation()
         if name.endswith(".nrrd"):
@@ -783,7 +785,7 @@ def _raw_encoding(path: Path) -> bool:
 
 
 def _bytes_of(reader) -> int:
-    sitk = _sitk()
+    sitk = import_sitk()
     sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
              sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8}
     return sizes.get(reader.GetPixelID(), 1)
@@ -807,5 +809,5 @@ def _write_reason(e: Optional[Exception], final: Path) -> str:
 
     code = _write_errno(final)
     if code == errno.EIO and e is not None:
-        return _first_line(e)
+        return first_line(e)
     return describe_os_error(OSError(code, "the written file is incomplete"), final)

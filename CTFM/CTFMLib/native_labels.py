@@ -30,10 +30,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .preprocess import Preprocessed, _undo_orientation
+from .preprocess import Preprocessed, undo_orientation
 from .windows import WindowPlan
 
-__all__ = ["NativeLabels", "axis_weights"]
+__all__ = ["NativeLabels", "axis_weights", "winner_and_runner_up"]
 
 
 def axis_weights(n_input: int, scale: float, box_start: int, box_size: int) -> tuple:
@@ -55,7 +55,7 @@ def axis_weights(n_input: int, scale: float, box_start: int, box_size: int) -> t
     return lo, hi, frac.astype(np.float32), ~inside
 
 
-def _winner_and_runner_up(scores: torch.Tensor) -> tuple:
+def winner_and_runner_up(scores: torch.Tensor) -> tuple:
     """Per voxel, from one ``topk(3)`` over the last axis: the argmax (the first of equal maxima, as ``argmax``),
     the second-best score and its class, and the third-best score: the bounds in
     :meth:`NativeLabels._interpolated_argmax`. Where the best two tie, the second's class is given as -1
@@ -118,7 +118,7 @@ class NativeLabels:
             q = first_row + r - pad0  # row in box coordinates
             if 0 <= q < self.box[0]:
                 scores = self._scores(values[r, pad1:pad1 + h, pad2:pad2 + w])
-                self.rows[q] = (scores,) + _winner_and_runner_up(scores)
+                self.rows[q] = (scores,) + winner_and_runner_up(scores)
                 self._emit(q)
 
     def _scores(self, row: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ class NativeLabels:
                 del self.rows[q]
 
     def _labels_of_row(self, a: tuple, b: Optional[tuple], f0: float) -> np.ndarray:
-        """Labels of one input row between working rows ``a`` and ``b`` (``(scores,) +`` :func:`_winner_and_runner_up`;
+        """Labels of one input row between working rows ``a`` and ``b`` (``(scores,) +`` :func:`winner_and_runner_up`;
         ``b`` None when the input row lies on ``a``), ``f0`` of the way to ``b``."""
         (lo1, hi1, of1), (lo2, hi2, of2) = self.cells
         winners = torch.stack([row[1].index_select(0, r)[:, c] for row in ((a,) if b is None else (a, b))
@@ -227,4 +227,4 @@ class NativeLabels:
         """The label map on the input voxel grid (call after the last row)."""
         if self.next_input < len(self.axes[0][0]) and not self.axes[0][3][self.next_input:].all():
             raise RuntimeError(f"rows are missing: input row {self.next_input} was never completed")
-        return np.ascontiguousarray(_undo_orientation(self.out, self.pre.perm, self.pre.flip))
+        return np.ascontiguousarray(undo_orientation(self.out, self.pre.perm, self.pre.flip))

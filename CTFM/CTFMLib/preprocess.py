@@ -84,14 +84,16 @@ def _axis_of(code: str) -> int:
     return int(np.argmax(np.abs(_CODE_VECTORS[code])))
 
 
-def _apply_orientation(array: np.ndarray, perm, flip) -> np.ndarray:
+def apply_orientation(array: np.ndarray, perm, flip) -> np.ndarray:
+    """``array`` (leading axes, then i, j, k) reoriented by :func:`orientation_transform`'s ``(perm, flip)``; a view."""
     lead = array.ndim - 3
     out = np.transpose(array, list(range(lead)) + [lead + p for p in perm])
     slices = tuple([slice(None)] * lead + [slice(None, None, -1) if f else slice(None) for f in flip])
     return out[slices]
 
 
-def _undo_orientation(array: np.ndarray, perm, flip) -> np.ndarray:
+def undo_orientation(array: np.ndarray, perm, flip) -> np.ndarray:
+    """The inverse of :func:`apply_orientation`: a reoriented array back on the input's axes; a view."""
     lead = array.ndim - 3
     slices = tuple([slice(None)] * lead + [slice(None, None, -1) if f else slice(None) for f in flip])
     array = array[slices]
@@ -99,7 +101,8 @@ def _undo_orientation(array: np.ndarray, perm, flip) -> np.ndarray:
     return np.transpose(array, list(range(lead)) + [lead + int(p) for p in inverse])
 
 
-def _oriented_geometry(g: Geometry, perm, flip) -> Geometry:
+def oriented_geometry(g: Geometry, perm, flip) -> Geometry:
+    """The grid of :func:`apply_orientation`'s result: the same voxels in the same place, axes permuted and flipped."""
     shape = tuple(g.shape[p] for p in perm)
     spacing = g.spacing[list(perm)]
     direction = g.direction[:, list(perm)] * np.where(flip, -1.0, 1.0)[None, :]
@@ -218,7 +221,7 @@ class Preprocessed:
             full = resample_axes(full, scale, self.oriented_shape, mode)
             if mode == "nearest":
                 full = full.astype(output.dtype, copy=False)
-        return np.ascontiguousarray(_undo_orientation(full, self.perm, self.flip))
+        return np.ascontiguousarray(undo_orientation(full, self.perm, self.flip))
 
     def to_model(self, array: np.ndarray, mode: str = "nearest") -> np.ndarray:
         """Carry an array on the input voxel grid (e.g. a label map) onto the model grid: the same
@@ -227,7 +230,7 @@ class Preprocessed:
         array = np.asarray(array)
         if tuple(array.shape[-3:]) != tuple(self.input_geometry.shape):
             raise ValueError(f"array grid {array.shape[-3:]} is not the input grid {tuple(self.input_geometry.shape)}")
-        out = _apply_orientation(array, self.perm, self.flip)
+        out = apply_orientation(array, self.perm, self.flip)
         if self.config.spacing is not None:
             oriented_spacing = self.input_geometry.spacing[list(self.perm)]
             out = resample_axes(out, self.geometry.spacing / oriented_spacing, self.resampled_shape, mode)
@@ -279,8 +282,8 @@ def preprocess(image: Image, config: Optional[PreprocessConfig] = None, validate
         validate_ct(image)
     g_in = image.geometry
     perm, flip = orientation_transform(g_in.direction, config.orientation)
-    oriented = _apply_orientation(image.array, perm, flip)
-    g = _oriented_geometry(g_in, perm, flip)
+    oriented = apply_orientation(image.array, perm, flip)
+    g = oriented_geometry(g_in, perm, flip)
     oriented_shape = tuple(oriented.shape)
     if config.spacing is not None:
         target = np.asarray(config.spacing, dtype=np.float64)

@@ -499,9 +499,9 @@ def _record_timing(model, runner, options, stats: dict, seconds: float, roi, per
     run = stats.get("windows_run", 0)
     if filters is None or filters < 32 or run < 2:
         return
-    from .segment_plan import _scale
+    from .segment_plan import window_cost_scale
 
-    per_window = max(seconds - per_voxel_seconds, 0.5 * seconds) / run / _scale(filters, roi)
+    per_window = max(seconds - per_voxel_seconds, 0.5 * seconds) / run / window_cost_scale(filters, roi)
     Timings().record(runner.device.type, options.precision, torch.get_num_threads(), per_window)
 
 

@@ -42,7 +42,7 @@ __all__ = [
     "ROI", "QUALITIES", "DEFAULT_QUALITY", "FAST_SPACING", "SPACING_TOLERANCE", "SegmentationPlan", "Timings",
     "Foreground",
     "parse_spacing", "working_spacing", "working_grid_shape", "plan_segmentation", "model_facts", "planned_run",
-    "cpu_has_bf16",
+    "cpu_has_bf16", "window_cost_scale",
 ]  # fmt: skip
 
 ROI = (96, 160, 160)
@@ -200,7 +200,7 @@ class Timings:
             pass  # a cache that cannot be written only means estimates stay generic
 
 
-def _scale(filters: Optional[int], roi) -> float:
+def window_cost_scale(filters: Optional[int], roi) -> float:
     """Cost of a window relative to the published network's 96x160x160 window (convolutions ~ filters^2)."""
     f = (filters or REFERENCE_FILTERS) / REFERENCE_FILTERS
     return f * f * float(np.prod(roi)) / float(np.prod(ROI))
@@ -213,18 +213,18 @@ def seconds_per_window(device: str, precision: str, threads: int, filters: Optio
     timings = timings or Timings()
     measured = timings.seconds_per_window(kind, precision, threads)
     if measured is not None:
-        return measured * _scale(filters, roi), True
+        return measured * window_cost_scale(filters, roi), True
     from .costs import Costs
 
     encoder = Costs().get(Costs.key(kind, precision, threads), "forward")  # measured here, for the encoder
     if encoder is not None:
-        return encoder * ENCODER_TO_WINDOW.get(precision, ENCODER_TO_WINDOW["fp32"]) * _scale(filters, roi), True
+        return encoder * ENCODER_TO_WINDOW.get(precision, ENCODER_TO_WINDOW["fp32"]) * window_cost_scale(filters, roi), True
     base = SECONDS_PER_WINDOW.get((kind, precision), SECONDS_PER_WINDOW[("cpu", "fp32")])
     if kind == "cpu" and precision == "bf16" and "amx_bf16" in _cpu_flags():
         base = SECONDS_PER_WINDOW[("cpu", "bf16", "amx")]
     if kind == "cpu":
         base *= MEASURED_THREADS / max(1, threads)
-    return base * _scale(filters, roi), False
+    return base * window_cost_scale(filters, roi), False
 
 
 # --- the plan --------------------------------------------------------------------------------------------

@@ -46,12 +46,12 @@ import numpy as np
 
 from .image import Geometry, Image, ImageError
 from .preprocess import (
-    _apply_orientation,
-    _oriented_geometry,
-    _undo_orientation,
+    apply_orientation,
     foreground_box,
     orientation_transform,
+    oriented_geometry,
     resample_axes,
+    undo_orientation,
     validate_ct,
 )
 from .progress import null_progress
@@ -105,8 +105,8 @@ def triage_volume(image: Image, spacing: Sequence[float] = TRIAGE_SPACING, orien
         validate_ct(image)
     g_in = image.geometry
     perm, flip = orientation_transform(g_in.direction, orientation)
-    oriented = _apply_orientation(image.array, perm, flip)
-    g_or = _oriented_geometry(g_in, perm, flip)
+    oriented = apply_orientation(image.array, perm, flip)
+    g_or = oriented_geometry(g_in, perm, flip)
     try:
         start, end = foreground_box(oriented)
     except ImageError:
@@ -162,7 +162,7 @@ class TriageInput:
         cropped = resample_axes(grid, oriented_spacing / v.geometry.spacing, box_shape, "linear")
         oriented = np.zeros(v.oriented_shape, dtype=np.float32)
         oriented[tuple(slice(s, e) for s, e in zip(v.box_start, v.box_end))] = cropped
-        return np.ascontiguousarray(_undo_orientation(oriented, v.perm, v.flip), dtype=np.float32)
+        return np.ascontiguousarray(undo_orientation(oriented, v.perm, v.flip), dtype=np.float32)
 
     def to_input_image(self, heat: np.ndarray, **metadata) -> Image:
         """:meth:`to_input` as an :class:`~CTFMLib.image.Image` with the input's geometry."""

@@ -31,17 +31,20 @@ LABELMAP_VOLUME_CLASS = "vtkMRMLLabelMapVolumeNode"
 _ORTHONORMAL_ATOL = 1e-5
 
 
-def _slicer():
+def import_slicer():
+    """The ``slicer`` module, imported on first use so that importing CTFMSlicer needs no running Slicer."""
     import slicer  # deferred so that importing this module never needs a running Slicer
 
     return slicer
 
 
-def _array_from_vtk_matrix(matrix) -> np.ndarray:
+def array_from_vtk_matrix(matrix) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4 x 4 float64 array (the node geometry conversions in this module and CT-FM Segment)."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
 
 
-def _vtk_matrix_from_array(array: np.ndarray):
+def vtk_matrix_from_array(array: np.ndarray):
+    """A 4 x 4 array as a new ``vtkMatrix4x4`` (the inverse of :func:`array_from_vtk_matrix`)."""
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
@@ -77,7 +80,7 @@ def parent_to_world(node) -> np.ndarray:
 
     matrix = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(matrix)
-    return _array_from_vtk_matrix(matrix)
+    return array_from_vtk_matrix(matrix)
 
 
 def ijk_to_world_ras(node) -> np.ndarray:
@@ -86,7 +89,7 @@ def ijk_to_world_ras(node) -> np.ndarray:
 
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    return parent_to_world(node) @ _array_from_vtk_matrix(matrix)
+    return parent_to_world(node) @ array_from_vtk_matrix(matrix)
 
 
 def _is_scalar_volume_node(node) -> bool:
@@ -125,7 +128,7 @@ def image_from_volume_node(node, copy: bool = True) -> Image:
     as they are, and never to write to (the Segment panel's plan reads it in the GUI thread).
     """
     check_scalar_volume(node)
-    slicer = _slicer()
+    slicer = import_slicer()
     voxels = slicer.util.arrayFromVolume(node).transpose(2, 1, 0)
     if copy:
         voxels = np.array(voxels, order="C", copy=True)
@@ -169,7 +172,7 @@ def volume_node_from_image(image: Image, name: str = "CT-FM", scene=None, node=N
     a linear parent transform, its local matrix is chosen so that the image
     lands at its world position. Returns the node.
     """
-    slicer = _slicer()
+    slicer = import_slicer()
     if node is None:
         scene = scene or slicer.mrmlScene
         if scene is None:
@@ -181,7 +184,7 @@ def volume_node_from_image(image: Image, name: str = "CT-FM", scene=None, node=N
     voxels = _voxels_for_vtk(np.asarray(image.array), label)
     world_ras = RAS_TO_LPS @ image.affine
     local_ras = np.linalg.solve(parent_to_world(node), world_ras)
-    node.SetIJKToRASMatrix(_vtk_matrix_from_array(local_ras))
+    node.SetIJKToRASMatrix(vtk_matrix_from_array(local_ras))
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(voxels.transpose(2, 1, 0)))
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
@@ -259,7 +262,7 @@ def table_node_from_rows(
     table = vtk.vtkTable()
     for index, column in enumerate(columns):
         table.AddColumn(_column_array(column, [r[index] for r in cells]))
-    slicer = _slicer()
+    slicer = import_slicer()
     if node is None:
         scene = scene or slicer.mrmlScene
         if scene is None:

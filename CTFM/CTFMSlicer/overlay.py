@@ -21,8 +21,8 @@ from CTFMLib.image import Image, ImageError
 
 from .nodes import (
     SCALAR_VOLUME_CLASS,
-    _slicer,
     image_from_volume_node,
+    import_slicer,
     lps_to_ras,
     ras_to_lps,
     rows_from_table_node,
@@ -86,7 +86,7 @@ def heatmap_volume_node(
     """
     import vtk
 
-    slicer = _slicer()
+    slicer = import_slicer()
     _check_same_grid(heat, reference_node)
     values = np.asarray(heat.array, dtype=np.float32)
     if values.size and not np.all(np.isfinite(values)):
@@ -157,7 +157,7 @@ def _check_fraction(value: float, what: str) -> float:
 def peak_markup_node(peak_lps: Sequence[float], name: str = "CT-FM saliency peak", label: str = "peak",
                      scene=None, node=None):
     """A point list with one locked control point at the heatmap's maximum (``peak_lps``, LPS mm, shown in RAS)."""
-    slicer = _slicer()
+    slicer = import_slicer()
     position = lps_to_ras(peak_lps)
     if not np.all(np.isfinite(position)):
         raise ValueError(f"the heatmap peak {list(peak_lps)} is not a point")
@@ -198,7 +198,7 @@ def roi_lps_box(roi_node) -> tuple:
 
 def crosshair_ras(scene=None) -> np.ndarray:
     """World RAS position (mm) of the scene's crosshair (Shift + mouse move in a slice view sets it)."""
-    scene = scene or _slicer().mrmlScene
+    scene = scene or import_slicer().mrmlScene
     node = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode") if scene is not None else None
     if node is None:
         raise ValueError("the scene has no crosshair; choose a markup point instead")
@@ -218,7 +218,7 @@ class QueryPlaceObserver:
     def observe(self, scene, roiNode=None, crosshair: bool = True) -> None:
         """Observe the scene's crosshair node(s) (with ``crosshair``) and ``roiNode`` (replacing what was
         observed before)."""
-        slicer = _slicer()
+        slicer = import_slicer()
         wanted = [(n, "ModifiedEvent") for n in _nodes_of_class(scene, "vtkMRMLCrosshairNode")] if crosshair else []
         if roiNode is not None:
             wanted += [(roiNode, "ModifiedEvent"), (roiNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent),

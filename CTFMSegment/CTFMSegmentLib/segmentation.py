@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from CTFMLib.image import Image, ImageError
-from CTFMSlicer.nodes import RAS_TO_LPS, _array_from_vtk_matrix, _vtk_matrix_from_array, check_scalar_volume, ijk_to_world_ras
+from CTFMSlicer.nodes import RAS_TO_LPS, array_from_vtk_matrix, check_scalar_volume, ijk_to_world_ras, vtk_matrix_from_array
 
 SEGMENTATION_CLASS = "vtkMRMLSegmentationNode"
 CLOSED_SURFACE = "Closed surface"
@@ -88,7 +88,7 @@ def oriented_image_from_labels(array: np.ndarray, ijk_to_ras: np.ndarray):
     scalars = numpy_support.numpy_to_vtk(flat, deep=True)
     scalars.SetName("labels")
     image.GetPointData().SetScalars(scalars)
-    image.SetImageToWorldMatrix(_vtk_matrix_from_array(ijk_to_ras))
+    image.SetImageToWorldMatrix(vtk_matrix_from_array(ijk_to_ras))
     return image
 
 
@@ -164,7 +164,7 @@ def segmentation_node_from_labels(
 
     matrix = vtk.vtkMatrix4x4()
     reference_volume_node.GetIJKToRASMatrix(matrix)
-    labelmap = oriented_image_from_labels(array, _array_from_vtk_matrix(matrix))
+    labelmap = oriented_image_from_labels(array, array_from_vtk_matrix(matrix))
 
     # Build the segments in a private scene: nothing reaches the user's scene unless all of it worked.
     workshop = slicer.vtkMRMLScene()

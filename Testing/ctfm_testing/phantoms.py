@@ -139,7 +139,8 @@ GEOMETRIES = _geometries()
 # --- shared machinery -------------------------------------------------------------
 
 
-def _grid(shape, spacing, direction, origin) -> Geometry:
+def phantom_grid(shape, spacing, direction, origin) -> Geometry:
+    """A phantom's checked grid; ``origin=None`` centres it on the LPS origin."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be three positive sizes, got {shape}")
@@ -154,7 +155,7 @@ def _grid(shape, spacing, direction, origin) -> Geometry:
     return Geometry(shape, spacing, origin, direction)
 
 
-def _voxel_centres(geometry: Geometry):
+def voxel_centres(geometry: Geometry):
     """LPS x, y, z (mm) of every voxel centre, each an array of the grid's shape."""
     ijk = np.indices(geometry.shape, dtype=np.float64).reshape(3, -1).T
     lps = geometry.index_to_physical(ijk)
@@ -226,8 +227,8 @@ def body_phantom(
     dtype = _check_dtype(dtype)
     if body_radius_mm <= 0:
         raise ValueError(f"body_radius_mm must be positive, got {body_radius_mm}")
-    geometry = _grid(shape, spacing, direction, origin)
-    x, y, z = (c / body_radius_mm for c in _voxel_centres(geometry))  # in body radii
+    geometry = phantom_grid(shape, spacing, direction, origin)
+    x, y, z = (c / body_radius_mm for c in voxel_centres(geometry))  # in body radii
     hu = np.full(geometry.shape, BODY_HU["air"])
     labels = np.zeros(geometry.shape, dtype=np.uint8)
     ids = BODY_LABELS
@@ -296,8 +297,8 @@ def head_phantom(
     dtype = _check_dtype(dtype)
     if head_radius_mm <= 0:
         raise ValueError(f"head_radius_mm must be positive, got {head_radius_mm}")
-    geometry = _grid(shape, spacing, direction, origin)
-    x_mm, y_mm, z_mm = _voxel_centres(geometry)
+    geometry = phantom_grid(shape, spacing, direction, origin)
+    x_mm, y_mm, z_mm = voxel_centres(geometry)
     x, y, z = (c / head_radius_mm for c in (x_mm, y_mm, z_mm))
     hu = np.full(geometry.shape, HEAD_HU["air"])
     labels = np.zeros(geometry.shape, dtype=np.uint8)

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, _cut, _load_encoder, expect_forward, patch_starts
+from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, cut_patch, expect_forward, patch_starts, resolve_encoder
 from ..image import Image, ImageError
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, Preprocessed, preprocess
 from ..progress import null_progress
@@ -73,7 +73,7 @@ def as_runner(encoder, options: Optional[RunOptions] = None, progress=None) -> R
     if isinstance(encoder, torch.nn.Module):
         return Runner(encoder, options, progress)
     if isinstance(encoder, (str, Path)):
-        return Runner(_load_encoder(str(encoder), None), options, progress)
+        return Runner(resolve_encoder(str(encoder), None), options, progress)
     raise TypeError(f"encoder must be a Runner, a torch.nn.Module or a weights source, not {type(encoder).__name__}")
 
 
@@ -97,7 +97,7 @@ def _embed_starts(pre: Preprocessed, runner: Runner, starts: np.ndarray, patch_s
     out, n = [], len(starts)
     for i in range(0, n, bs):
         chunk = starts[i:i + bs]
-        batch = np.stack([_cut(pre.array, tuple(int(v) for v in s), patch_size) for s in chunk])
+        batch = np.stack([cut_patch(pre.array, tuple(int(v) for v in s), patch_size) for s in chunk])
         out.append(np.asarray(runner.embed(batch), dtype=np.float32))
         done = min(i + bs, n)
         progress(done / n, f"patch {done} of {n}")

@@ -145,7 +145,7 @@ class VectorIndex:
         except BaseException as e:
             if conn.in_transaction:
                 for p in made:  # still holding the lock: nobody else has seen them
-                    _search._unlink(p)
+                    _search.unlink_quietly(p)
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
@@ -334,7 +334,7 @@ class VectorIndex:
                                             self.dim)
                     for _, g, p in store.vector_files(self.root):
                         if g != gen:
-                            _search._unlink(p)
+                            _search.unlink_quietly(p)
                     self._faiss.drop_generations(gen)
             except (RetrievalIndexError, OSError, sqlite3.Error):
                 pass  # a writer is active (it cuts the tail itself before appending), read-only or missing files
@@ -444,7 +444,7 @@ class VectorIndex:
     def _drop_generation(self, gen: int) -> None:
         """After a switch to generation gen + 1: delete gen's files and stale FAISS indexes."""
         for lv in store.LEVELS:  # readers that mapped the old files keep reading them until they reload
-            _search._unlink(store.vector_file(self.root, lv, gen))
+            _search.unlink_quietly(store.vector_file(self.root, lv, gen))
         self._faiss.drop_generations(gen + 1)
         self._snap, self._views = None, {}
 
@@ -734,7 +734,7 @@ def _drop_unused_sidecars(root: Path, existed: dict) -> None:
     if unused:
         for suffix, path in files.items():
             if not existed[suffix]:
-                _search._unlink(path)
+                _search.unlink_quietly(path)
 
 
 def _tidy_sidecars(root: Path) -> None:

@@ -222,7 +222,7 @@ class FaissCache:
             return index.ntotal
         for _, _, p in self._saved(view.level, metric):
             if p != target:
-                _unlink(p)
+                unlink_quietly(p)
         return index.ntotal
 
     def drop_generations(self, keep: int) -> None:
@@ -231,7 +231,7 @@ class FaissCache:
             for metric in ("cosine", "l2"):
                 for g, _, p in self._saved(level, metric):
                     if g != keep:
-                        _unlink(p)
+                        unlink_quietly(p)
         self.mem.clear()
 
     def search(self, view, queries, k, metric, allowed, max_per_scan=None) -> list:
@@ -321,7 +321,8 @@ def _add(index, view: LevelView, metric: str, start: int, stop: int) -> None:
         index.add(_normalised(x) if metric == "cosine" else x)
 
 
-def _unlink(path: Path) -> None:
+def unlink_quietly(path: Path) -> None:
+    """Remove a file the index no longer needs (here and in the index); one that cannot be removed is left."""
     try:
         os.unlink(path)
     except OSError:

@@ -33,10 +33,10 @@ import numpy as np
 
 from ..ct_check import not_ct_reason
 from ..files import atomic_output, atomic_write_text
-from ..image import Image, ImageError, _first_line
+from ..image import Image, ImageError, first_line
 from ..scans import (IMAGE_SUFFIXES, DataError, ScanRef, find_scans, read_scan,  # noqa: F401
                      scan_key)
-from ..preprocess import _apply_orientation, foreground_box, orientation_transform, resample_axes, validate_ct
+from ..preprocess import apply_orientation, foreground_box, orientation_transform, resample_axes, validate_ct
 
 # CT-FM's pretraining filters (Pai et al., CT-FM): CT only, slices 1-5 mm thick, more than 50 of them, no scouts.
 MIN_THICKNESS_MM, MAX_THICKNESS_MM = 1.0, 5.0
@@ -138,7 +138,7 @@ def scan_header(scan: ScanRef) -> dict:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise ImageError(
-            f"cannot read {path.name}: not a readable image file or it is corrupt ({_first_line(e)})"
+            f"cannot read {path.name}: not a readable image file or it is corrupt ({first_line(e)})"
         ) from None
     keys = set(reader.GetMetaDataKeys())
 
@@ -211,7 +211,7 @@ def pretrain_preprocess(
     """
     validate_ct(image)
     perm, flip = orientation_transform(image.direction, orientation)
-    data = _apply_orientation(image.array, perm, flip)
+    data = apply_orientation(image.array, perm, flip)
     if spacing is not None:
         source = image.spacing[list(perm)]
         target = np.asarray(spacing, dtype=np.float64).reshape(3)
@@ -439,18 +439,18 @@ class ScanCache:
                 return recorded
             stamp = self.stamp(scan)
         except Exception as e:  # noqa: BLE001 - one bad scan must not stop the others; the reason is reported
-            return f"{type(e).__name__}: {_first_line(e)}"
+            return f"{type(e).__name__}: {first_line(e)}"
         try:
             return self._build(scan, stamp, check=True)
         except ImageError as e:
-            reason = _first_line(e)
+            reason = first_line(e)
             try:
                 self._write_info(scan, stamp, {"skipped": reason})
             except OSError:
                 pass
             return reason
         except Exception as e:  # noqa: BLE001 - reported as the reason, not recorded (may be transient)
-            return f"{type(e).__name__}: {_first_line(e)}"
+            return f"{type(e).__name__}: {first_line(e)}"
 
     def prepare(self, scans: Sequence, workers: int = 2, progress=None, rejected: Sequence = ()) -> tuple:
         """Fill the cache; returns ``(usable scans, [(skipped scan, reason), ...])``, both in input order.
@@ -518,7 +518,7 @@ class ScanCache:
                         except BrokenProcessPool:
                             raise
                         except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled back
-                            reason = f"{type(e).__name__}: {_first_line(e)}"
+                            reason = f"{type(e).__name__}: {first_line(e)}"
                         del pending[scan.key]
                         finished(scan, reason)
                     suspects = None

@@ -213,7 +213,7 @@ def _train_in(folder, task, config, scans, rejected, labels, resume, max_steps, 
         report(None, f"{out} is a {task} run made before run folders were marked; marked it (ctfm-run.json)")
     non_ct: list = []
     if task == "classify":
-        task_object, usable, skipped = _classify_task(config, scans, out, report, rejected, labels, non_ct)
+        task_object, usable, skipped = classify_task(config, scans, out, report, rejected, labels, non_ct)
     elif task == "segment":
         task_object, usable, skipped = _segment_task(config, scans, out, report, rejected, non_ct)
     else:
@@ -302,7 +302,7 @@ def _labels(config, task, scans) -> dict:
     return labels
 
 
-def _classify_task(config, scans, out, report, rejected=(), labels=None, used_non_ct=None):
+def classify_task(config, scans, out, report, rejected=(), labels=None, used_non_ct=None):
     """Labelled scans (a CSV column, 0 or 1) -> ClassifyTask with a seeded validation split.
 
     Scans are cached as :func:`CTFMLib.triage.triage_volume` gives them (HU on the SPL triage grid), the
