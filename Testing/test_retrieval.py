@@ -220,7 +220,7 @@ def _vectors_index(tmp_path, patients=None):
 
 
 def test_eval_leave_one_out_by_hand(tmp_path):
-    from CTFMLib.retrieval.commands import evaluate, read_labels
+    from CTFMLib.retrieval.metrics import evaluate, read_labels
 
     with _vectors_index(tmp_path) as index:
         result = evaluate(index, read_labels(tmp_path / "labels.csv"), ks=(1, 3))
@@ -234,7 +234,7 @@ def test_eval_leave_one_out_by_hand(tmp_path):
 
 
 def test_eval_with_a_split_and_patient_exclusion(tmp_path):
-    from CTFMLib.retrieval.commands import evaluate, read_labels
+    from CTFMLib.retrieval.metrics import evaluate, read_labels
 
     with _vectors_index(tmp_path, patients={"a1": "P1", "a2": "P1"}) as index:
         labels = read_labels(tmp_path / "labels.csv")
@@ -256,6 +256,7 @@ def _ok_json(out):
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_cli_add_query_info_eval_remove_compact(tmp_path, tiny_encoder_folder):
     scans = tmp_path / "scans"
     for i in range(2):
@@ -305,6 +306,7 @@ def test_cli_add_query_info_eval_remove_compact(tmp_path, tiny_encoder_folder):
     assert _ok_json(run_ctfm("index", "info", idx, "--json"))["scans"] == 3
 
 
+@pytest.mark.slow
 def test_cli_refuses_other_weights_and_bad_arguments(tmp_path, tiny_encoder_folder):
     from ctfm_testing.checkpoints import write_monai_encoder
 
@@ -326,6 +328,7 @@ def test_cli_refuses_other_weights_and_bad_arguments(tmp_path, tiny_encoder_fold
     assert out.returncode == 2 and "not a retrieval index" in out.stderr
 
 
+@pytest.mark.slow
 def test_moved_weights_are_refused_naming_the_weights_option(tmp_path, tiny_encoder_folder):
     """An index remembers where its weights were; when that folder moved, query and add say so and name
     --weights (the same file, checked by its sha256), which then works."""
@@ -412,6 +415,7 @@ def _index_of(tmp_path, scans: dict, runner, stride, model_id):
     return index
 
 
+@pytest.mark.slow
 def test_real_ct_structures_are_found_in_a_resampled_shifted_cropped_copy(real_ct, tmp_path):
     """Done when: each structure's best match in the index lies within 15 mm of its true place in the copy.
 
@@ -441,6 +445,7 @@ def test_real_ct_structures_are_found_in_a_resampled_shifted_cropped_copy(real_c
     assert max(distances.values()) <= 15.0, distances
 
 
+@pytest.mark.slow
 def test_real_ct_identical_voxels_give_identical_embeddings_at_the_reported_centres(real_ct, tiny, tmp_path):
     """With the CT-FM architecture (random weights): a copy only shifted, cropped by whole voxels and stored
     in another axis order has the original's voxels, so the patch the index reports near each structure

@@ -28,10 +28,15 @@ Semantic search (CT-FM's quantitative semantic-search evaluation): a patch centr
 structure's centroid in one scan queries another scan; the score is the distance in mm from the
 centre of the best-matching patch to the centroid of the same structure in the searched scan
 (:func:`semantic_distance`, the mean over queries).
+
+``ctfm index eval`` (:func:`evaluate` on an index, :func:`read_labels` for its labels CSV) scores an index with
+these, leave-one-out.
 """
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -105,3 +110,76 @@ def semantic_distance(best_match_lps, target_centre_lps) -> float:
     if a.shape != b.shape:
         raise ValueError(f"{len(a)} best matches but {len(b)} target centres")
     return float(np.linalg.norm(a - b, axis=1).mean())
+
+
+def read_labels(path) -> list:
+    """``[(absolute path, series_uid or None, label, split)]`` from a CSV with columns path,label[,series_uid,split]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no labels file {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise ValueError(f"{path} needs columns 'path' and 'label' (it has: {', '.join(columns) or 'none'})")
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    out = []
+    for number, row in enumerate(rows, start=2):
+        if not row.get("path") or not row.get("label"):
+            raise ValueError(f"{path} row {number}: 'path' and 'label' must not be empty")
+        split = row.get("split", "").lower() or None
+        if split not in (None, "query", "database"):
+            raise ValueError(f"{path} row {number}: split must be query or database, not {row['split']!r}")
+        p = Path(row["path"]).expanduser()
+        p = (p if p.is_absolute() else path.parent / p).resolve()
+        out.append((str(p), row.get("series_uid") or None, row["label"], split))
+    return out
+
+
+def evaluate(index, labels: list, ks=(1, 3, 5, 10), metric: str = "cosine", exclude_patient: bool = False) -> dict:
+    """Leave-one-out retrieval scores of an index's labelled scans (the metrics above).
+
+    Each query scan's stored scan vector ranks every database scan but itself (and its patient's
+    with ``exclude_patient``); relevant = same label. Without a ``split`` every labelled scan is
+    both a query and in the database.
+    """
+    def find(path, series):
+        for key, value in by_key.items():
+            if key[0] == path and (series is None or key[1] == series):
+                yield key, value
+
+    by_key = {(rec.path, rec.series_uid): (scan_id, rec) for scan_id, rec in index.scans()}
+    label_of, queries, database, missing = {}, [], set(), []
+    for path, series, label, split in labels:
+        found = list(find(path, series))
+        if not found:
+            missing.append(path + (f" (series {series})" if series else ""))
+        for key, (scan_id, rec) in found:
+            label_of[scan_id] = label
+            if split in (None, "query"):
+                queries.append((scan_id, rec))
+            if split in (None, "database"):
+                database.add(scan_id)
+    if not queries or not database:
+        raise ValueError("the labels name no indexed scan to query with or to search"
+                         + (f" (not in the index: {'; '.join(missing[:5])})" if missing else "")
+                         + "; add the scans first (`ctfm index add`), with the same paths")
+    db_keys = {key for key, (sid, _) in by_key.items() if sid in database}
+    relevance = []
+    for scan_id, rec in queries:
+        allowed = db_keys - {(rec.path, rec.series_uid)}  # never the query itself
+        if not allowed:
+            continue
+        hits = index.search(index.vectors(scan_id)[0], k=len(allowed), level="scan", metric=metric,
+                            exclude_patient=rec.patient_id if exclude_patient else None,
+                            where=lambda r, allowed=allowed: (r.path, r.series_uid) in allowed)
+        relevance.append([int(label_of[h.scan_id] == label_of[scan_id]) for h in hits])
+    if not relevance:
+        raise ValueError("every query's database is empty: label at least two scans")
+    result = {"queries": len(relevance), "database": len(database), "metric": metric, "not_indexed": missing,
+              "mAP": mean_average_precision(relevance)}
+    for k in ks:
+        result[f"HR@{k}"] = hit_rate_at_k(relevance, k)
+        result[f"P@{k}"] = precision_at_k(relevance, k)
+        result[f"AP@{k}"] = average_precision_at_k(relevance, k)
+    return result

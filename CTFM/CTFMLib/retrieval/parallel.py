@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 4 -m CTFMLib.cli index add /data/index /archive --device cuda
 
 ``cmd_add`` in :mod:`CTFMLib.retrieval.commands` comes here when ``WORLD_SIZE`` > 1; one process runs the
-plain path, without a process group. The processes work together like this:
+plain path, without a process group; both run the add workflow of :mod:`CTFMLib.retrieval.ingest`. The
+processes work together like this:
 
 - **Plan, once.** Rank 0 finds the scans, leaves out those already indexed, loads the weights and, for a
   new index, creates it (the vector length from one patch of air through the encoder), so the index is
@@ -82,7 +83,7 @@ def cmd_add(args) -> int:
 
     from ..embed import Runner
     from ..progress import null_progress
-    from . import commands
+    from . import ingest
     from .embedding import embedding_settings
     from .index import VectorIndex
 
@@ -90,15 +91,15 @@ def cmd_add(args) -> int:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         progress = args.progress_cb if rank == 0 else null_progress
-        options = commands.run_options(args)
+        options = ingest.run_options(args)
         options.device = rank_device(options.device, int(os.environ.get("LOCAL_RANK", rank) or 0))
         runner = digest = None
         box = [None]
         if rank == 0:
             try:
-                plan = commands.plan_add(args)
+                plan = ingest.plan_add(args)
                 if plan.todo:
-                    model, model_id, digest = commands.load_encoder(plan.source, progress)
+                    model, model_id, digest = ingest.load_encoder(plan.source, progress)
                     runner = Runner(model, options, progress)
                     config = embedding_settings(**plan.settings)
                     if plan.existing:  # other weights are refused here, once
@@ -113,28 +114,28 @@ def cmd_add(args) -> int:
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
         if plan.get("error"):
-            return commands.EXIT_ERROR  # rank 0 printed why
+            return ingest.EXIT_ERROR  # rank 0 printed why
 
         mine = share(plan["todo"], rank, world)
         added, skipped, failed, not_ct = 0, 0, [], []
         if mine:
             if runner is None:
-                model, _, digest = commands.load_encoder(plan["source"], progress)
+                model, _, digest = ingest.load_encoder(plan["source"], progress)
                 runner = Runner(model, options, progress)
             config = embedding_settings(**plan["settings"])
             index = VectorIndex.open(plan["root"], weights_hash=digest, timeout=LOCK_TIMEOUT)
-            added, skipped, failed = commands.add_scans(mine, runner, digest, config, progress, index,
-                                                        label=f"rank {rank}: ",
-                                                        allow_non_ct=getattr(args, "allow_non_ct", False),
-                                                        not_ct=not_ct, args=args)
+            added, skipped, failed = ingest.add_scans(mine, runner, digest, config, progress, index,
+                                                      label=f"rank {rank}: ",
+                                                      allow_non_ct=getattr(args, "allow_non_ct", False),
+                                                      not_ct=not_ct, args=args)
 
         results = [None] * world
         dist.all_gather_object(results, (added, skipped, failed, not_ct))
         failed = list(plan["failed"]) + [f for r in results for f in r[2]]
         not_ct = [d for r in results for d in r[3]]
         if rank == 0:
-            commands.print_summary(sum(r[0] for r in results), plan["skipped"] + sum(r[1] for r in results),
-                                   failed, plan["total"], not_ct, args=args)
+            ingest.print_summary(sum(r[0] for r in results), plan["skipped"] + sum(r[1] for r in results),
+                                 failed, plan["total"], not_ct, args=args)
         dist.barrier()  # no rank exits (and has torchrun stop the others) before the summary is out
         return 1 if failed or not_ct else 0
     finally:

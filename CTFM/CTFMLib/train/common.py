@@ -1,14 +1,19 @@
-"""What every training task builds the same way: its config sections, its seeded model, its sample order."""
+"""What every training task builds the same way: its config sections, its seeded model, its sample order.
+
+Also :class:`ProjectionModel`, pretraining's model: :mod:`.memory` measures it to plan the micro-batch that
+:mod:`.pretrain` then uses, so it lives here, below both, rather than in either.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..networks import SegResEncoder
+from ..networks import SegResEncoder, global_average
 
 
 def config_section(config: dict, name: str, task: str) -> dict:
@@ -43,3 +48,30 @@ def pass_order_index(seed: int, tag: int, slot: int, n: int) -> int:
     """The item at global ``slot`` when each pass over ``n`` items follows its own seeded permutation."""
     order = np.random.default_rng([seed, tag, slot // n]).permutation(n)
     return int(order[slot % n])
+
+
+class ProjectionModel(nn.Module):
+    """Encoder -> global average of the deepest map -> MLP head; ``(B, 1, D, H, W)`` -> ``(B, dims[-1])``.
+
+    The head is ``Linear(dims[0], dims[1])``, ReLU, ``Linear(dims[1], dims[2])``
+    (and so on for longer ``dims``), without batch norm, as upstream CT-FM.
+    """
+
+    def __init__(self, encoder: SegResEncoder, dims: Sequence[int] = (512, 256, 128)):
+        super().__init__()
+        dims = [int(d) for d in dims]
+        if len(dims) < 2:
+            raise ValueError(f"the projection needs at least [input, output] sizes, got {dims}")
+        if dims[0] != encoder.out_channels:
+            raise ValueError(f"the projection head takes {dims[0]} features but the encoder gives "
+                             f"{encoder.out_channels}; start pretrain.projection with {encoder.out_channels}")
+        self.encoder = encoder
+        layers = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.ReLU(inplace=True))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(global_average(self.encoder(x)[-1]))

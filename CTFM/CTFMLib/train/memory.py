@@ -69,7 +69,7 @@ class MemoryPlan:
 
 def _encoder_model(init_filters: int, blocks_down, projection, device="cpu"):
     from ..networks import SegResEncoder
-    from .pretrain import ProjectionModel
+    from .common import ProjectionModel
 
     encoder = SegResEncoder(init_filters=init_filters, in_channels=1, blocks_down=list(blocks_down))
     dims = [encoder.out_channels] + [int(d) for d in list(projection)[1:]]

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..networks import SegResEncoder, global_average
-from .common import config_section, pass_order_index, seeded_model
+from .common import ProjectionModel, config_section, pass_order_index, seeded_model
 from .config import derived_projection
 from .losses import ntxent_within_scan
 from .trainer import unwrap
@@ -48,35 +47,6 @@ class VolumeSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> np.ndarray: ...
-
-
-class ProjectionModel(nn.Module):
-    """Encoder -> global average of the deepest map -> MLP head; ``(B, 1, D, H, W)`` -> ``(B, dims[-1])``.
-
-    The head is ``Linear(dims[0], dims[1])``, ReLU, ``Linear(dims[1], dims[2])``
-    (and so on for longer ``dims``), without batch norm, as upstream CT-FM.
-    """
-
-    def __init__(self, encoder: SegResEncoder, dims: Sequence[int] = (512, 256, 128)):
-        super().__init__()
-        dims = [int(d) for d in dims]
-        if len(dims) < 2:
-            raise ValueError(f"the projection needs at least [input, output] sizes, got {dims}")
-        if dims[0] != encoder.out_channels:
-            raise ValueError(f"the projection head takes {dims[0]} features but the encoder gives "
-                             f"{encoder.out_channels}; start pretrain.projection with {encoder.out_channels}")
-        self.encoder = encoder
-        layers = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:
-                layers.append(nn.ReLU(inplace=True))
-        self.head = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(global_average(self.encoder(x)[-1]))
-
-
 
 
 def _full(z: torch.Tensor) -> torch.Tensor:
