@@ -198,6 +198,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_triage_learns_bleeds_and_exports(tmp_path, one_thread):
     t0 = time.perf_counter()
     train_set = dataset(range(100, 164))  # 32 with a bleed, 32 without
@@ -299,6 +300,7 @@ def logistic_regression(features, labels, iterations=100):
     return w
 
 
+@pytest.mark.slow
 def test_probe_is_logistic_regression_on_cached_embeddings(tmp_path, one_thread, encoder_calls):
     train_set = dataset(range(100, 164))  # 64 scans, 16 features: not separable, so the MLE is finite
     held_out = dataset(range(500, 516))
@@ -374,6 +376,7 @@ def test_probe_embeddings_cache_is_reused_and_invalidated(tmp_path, one_thread, 
     assert len(encoder_calls) == 8 and np.load(first)["train"].shape == (8, 32)
 
 
+@pytest.mark.slow
 def test_ctfm_train_classify_probe_end_to_end(tmp_path):
     from conftest import run_ctfm
     from CTFMLib.image import write_image

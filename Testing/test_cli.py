@@ -18,6 +18,7 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and out.stdout.startswith("ctfm ")
 
 
+@pytest.mark.slow
 def test_info_reports_versions_device_cache_and_catalogue(ctfm_cache):
     out = run_ctfm("info", "--json", env={"CTFM_CACHE": str(ctfm_cache)})
     assert out.returncode == 0, out.stderr
@@ -30,6 +31,7 @@ def test_info_reports_versions_device_cache_and_catalogue(ctfm_cache):
     assert ids["ct_fm_feature_extractor"]["status"] == "not on this computer"
 
 
+@pytest.mark.slow
 def test_embed_real_ct_with_local_weights(example_ct_path, ctfm_weights_folder, tmp_path):
     out_file = tmp_path / "emb.npy"
     out = run_ctfm("--progress", "bar", "embed", example_ct_path, "--weights", ctfm_weights_folder, "--out", out_file)
@@ -39,6 +41,7 @@ def test_embed_real_ct_with_local_weights(example_ct_path, ctfm_weights_folder, 
     assert vec.shape == (512,) and np.isfinite(vec).all() and np.abs(vec).max() > 0
 
 
+@pytest.mark.slow
 def test_embed_json_progress_is_machine_readable(example_ct_path, tiny_encoder_folder, tmp_path):
     from CTFMLib.image import read_image
     from CTFMLib.progress import parse_json_progress
@@ -64,6 +67,7 @@ def test_offline_without_weights_says_how_to_get_them(example_ct_path, ctfm_cach
     assert not (tmp_path / "e.npy").exists()
 
 
+@pytest.mark.slow
 def test_models_import_list_remove(ctfm_cache, ctfm_weights_folder):
     env = {"CTFM_CACHE": str(ctfm_cache)}
     # Random weights are not the published model: its id takes them only with --force, and says so.

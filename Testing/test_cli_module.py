@@ -221,6 +221,7 @@ def test_check_task_reports_a_broken_configuration(tmp_path):
     assert result.returncode == 1 and "does not parse" in result.stderr
 
 
+@pytest.mark.slow
 def test_training_tasks_refuse_bad_arguments_and_configurations(tmp_path):
     missing = run_cli(slicer_command_line({"task": "pretrain"}))
     assert missing.returncode == 1
@@ -278,6 +279,7 @@ def tiny_pretraining(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_pretrain_task_trains_and_reports_progress_slicer_can_follow(tmp_path):
     pytest.importorskip("torch")
     config = tiny_pretraining(tmp_path)
@@ -302,6 +304,7 @@ def test_pretrain_task_trains_and_reports_progress_slicer_can_follow(tmp_path):
     assert (out / "metrics.csv").read_text().count("\n") == 7  # continued at step 5, not from scratch
 
 
+@pytest.mark.slow
 def test_sigterm_stops_pretraining_with_a_checkpoint_within_10_s(tmp_path):
     pytest.importorskip("torch")
     import signal

@@ -289,6 +289,7 @@ def tiny_models(tmp_path_factory) -> dict:
     return {"enc": tiny_encoder(root / "enc"), "seg": tiny_segmenter(root / "seg"), "tri": tiny_triage(root / "tri")}
 
 
+@pytest.mark.slow
 def test_every_command_warns_about_a_non_ct_input_and_not_about_a_ct(tmp_path, tiny_models):
     """``ctfm embed``, ``segment``, ``saliency`` and ``triage`` on the MR-like phantom run as before but print one
     ``ctfm: warning:`` line naming the file and why it does not look like a CT; on the CT phantom they print

@@ -115,6 +115,7 @@ def test_real_series_with_a_middle_slice_removed_is_refused(tmp_path):
     assert "missing slices?" in text
 
 
+@pytest.mark.slow
 def test_real_slices_copied_into_two_series_need_a_choice(tmp_path):
     ordered = real_slices_by_z(require_shared_data(*REAL_SERIES))
     copy_uid = pydicom.uid.generate_uid()

@@ -53,6 +53,7 @@ def whole_body_folder(tmp_path_factory):
                       blocks_down=(1, 2, 2, 4, 4))
 
 
+@pytest.mark.slow
 def test_a_whole_body_shaped_folder_gets_the_whole_body_labels_spacing_and_says_so(whole_body_folder, ctfm_cache,
                                                                                   tmp_path):
     """The issue's case, as the user ran it: `--structures liver` on the folder failed (label_1..label_117)."""
@@ -166,6 +167,7 @@ def test_an_unmatched_118_output_model_gets_the_totalsegmentator_labels_with_a_n
     assert model.ctfm_spacing is None  # no catalogue match: no spacing is claimed for it
 
 
+@pytest.mark.slow
 def test_other_unlabelled_models_say_their_names_are_unknown_on_the_command_line(tmp_path, ctfm_cache):
     folder = _segmenter(tmp_path / "five", 5)
     ct = small_ct(tmp_path / "ct.nii.gz")

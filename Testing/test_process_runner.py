@@ -255,6 +255,7 @@ def test_start_later_and_bad_executable():
         ProcessRunner(["/nonexistent/ctfm-python"])
 
 
+@pytest.mark.slow
 def test_ctfm_cli_command_runs_the_cli_with_json_progress(tmp_path):
     # A real CLI call through the runner: the command line must be one ctfm accepts.
     info = ProcessRunner(ctfm_cli_command("info", "--json")).wait(timeout=120)

@@ -312,6 +312,7 @@ def _verify_crash_state(path, committed, in_flight):
     return held
 
 
+@pytest.mark.slow
 def test_sigkill_during_add_keeps_exactly_the_committed_scans(tmp_path):
     path = tmp_path / "ix"
     VectorIndex.create(path, "ctfm-test", HASH, CRASH_DIM).close()
@@ -402,6 +403,7 @@ def reader_scan(i):
             rng.standard_normal((n, 32)).astype(np.float32), np.stack([np.full(n, i), np.arange(n), -np.arange(n)], 1))
 
 
+@pytest.mark.slow
 def test_reader_process_sees_whole_scans_while_a_writer_adds(tmp_path):
     path = tmp_path / "ix"
     ix = VectorIndex.create(path, "ctfm-test", HASH, 32)
@@ -440,6 +442,7 @@ def _clustered(n, dim, clusters, seed=0):
     return x, rng
 
 
+@pytest.mark.slow
 def test_faiss_recall_on_clustered_vectors(tmp_path):
     """100,000 512-d vectors from 1,000 Gaussian clusters (1,000 patches per scan): recall@10 against brute force."""
     pytest.importorskip("faiss")

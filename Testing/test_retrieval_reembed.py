@@ -35,6 +35,7 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_reembed_equals_a_fresh_index_with_the_new_weights(tmp_path, tiny_encoder_folder):
     scans = tmp_path / "scans"
     paths = [write_image(body_phantom(**GEOMETRIES["oblique20"], seed=1), scans / "a.nii.gz"),
@@ -75,6 +76,7 @@ def test_reembed_equals_a_fresh_index_with_the_new_weights(tmp_path, tiny_encode
     assert out.returncode == 0 and "added 0, already indexed 3" in out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_reembed_refuses_its_own_folder_and_says_how_to_switch_models(tmp_path, tiny_encoder_folder):
     path = write_image(body_phantom(**GEOMETRIES["lps"]), tmp_path / "a.nii.gz")
     idx = tmp_path / "idx"

@@ -188,6 +188,7 @@ def scene_cases(mrml_scene):
     ]
 
 
+@pytest.mark.slow
 def test_add_find_and_show_end_to_end(mrml_scene, scene_cases, tiny_encoder_folder, tmp_path):
     logic = CTFMRetrieveLogic()
     index = tmp_path / "index"
@@ -326,6 +327,7 @@ def test_volume_with_unchanged_file_is_indexed_in_place(mrml_scene, tmp_path):
     np.testing.assert_allclose(read_image(world).origin, read_image(path).origin + [-25.0, 0, 0])  # RAS +x = LPS -x
 
 
+@pytest.mark.slow
 def test_errors_say_what_is_wrong(mrml_scene, scene_cases, tiny_encoder_folder, tmp_path):
     from ctfm_testing.checkpoints import write_monai_encoder
 

@@ -45,6 +45,7 @@ def assert_disk_full(result, disk: SmallDisk, expect_entries=()):
     assert disk.entries() == sorted(expect_entries), disk.entries()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["labels.nii.gz", "labels.nii", "labels.nrrd", "labels.mha", "labels.seg.nrrd"])
 def test_a5_segment_on_a_full_disk_fails_and_leaves_nothing(small_disk, material, name):
     small_disk.fill(leave_kb=0)
@@ -52,6 +53,7 @@ def test_a5_segment_on_a_full_disk_fails_and_leaves_nothing(small_disk, material
     assert_disk_full(r, small_disk)
 
 
+@pytest.mark.slow
 def test_a5_saliency_embed_and_triage_on_a_full_disk_fail_and_leave_nothing(small_disk, material):
     small_disk.fill(leave_kb=8)
     r = ctfm("saliency", material["ct"], "--weights", material["enc"], "--target", "embedding", "--method",
@@ -94,6 +96,7 @@ def test_a20_model_import_on_a_full_disk_leaves_nothing(small_disk, material, mo
         assert [e for e in small_disk.entries() if e not in ("cache", "cache/models")] == [], small_disk.entries()
 
 
+@pytest.mark.slow
 def test_a19_index_add_on_a_full_disk_fails_in_one_line_and_the_index_stays_consistent(small_disk, material):
     from CTFMLib.retrieval.index import VectorIndex
 

@@ -132,6 +132,7 @@ def _nifti_bytes(ct) -> bytes:
     return gzip.decompress(open(ct, "rb").read())
 
 
+@pytest.mark.slow
 def test_fuzz_corrupt_headers(run, world, tmp_path):
     """Damaged NIfTI (header bytes), NRRD and MetaImage (header fields): refused in one line, or read."""
     rng = random.Random(SEED + 2)
@@ -186,6 +187,7 @@ def _rotation(rng) -> np.ndarray:
                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
 
 
+@pytest.mark.slow
 def test_fuzz_geometry(run, world, tmp_path):
     """Random grids written as NRRD: spacing in 0.05-50 mm with orthonormal axes is read; anything else refused."""
     rng = random.Random(SEED + 3)
@@ -233,6 +235,7 @@ BAD_OVERLAPS = ["-1", "1", "1.5", "nan", "inf", "-inf", "abc", "", "-0.1", "1e99
 BAD_TEXT = ["nan,nan,nan", "inf,0,0", "1,2", "1,2,3,4", "a,b,c", "", ",,", "1e999,0,0", "1;2", "-nan,0,0,1,1,1"]
 
 
+@pytest.mark.slow
 def test_fuzz_cli_values(run, world, tmp_path):
     rng = random.Random(SEED + 4)
     index = tmp_path / "index"

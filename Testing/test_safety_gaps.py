@@ -110,6 +110,7 @@ def busy_labels(tmp_path_factory):
     return {"ct": ct, "seg": tiny_segmenter(root / "seg", seed=2)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["seg.nii.gz", "seg.nii", "seg.nrrd", "seg.mha", "seg.seg.nrrd"])
 def test_a5_label_map_that_does_not_fit_is_an_error_not_a_truncated_success(tmp_path, busy_labels, name):
     """A5: `ctfm segment big.nii.gz --out SMALL/seg.nii.gz` (and `.nii`) on a nearly full disk exited 0, "wrote ...",
@@ -127,6 +128,7 @@ def test_a5_label_map_that_does_not_fit_is_an_error_not_a_truncated_success(tmp_
 # --- A6: what `ctfm index info --check` says after an old add zero-filled vectors ---------------------------------
 
 
+@pytest.mark.slow
 def test_a6_info_check_flags_vectors_that_were_zero_filled(models, tmp_path):
     """A6: after `ctfm index add` had zero-filled the rows a truncation lost, `ctfm index info c1 --check` said
     "consistent" (and check(deep=True) == []). The same on-disk state (one scan's patch rows all zeros, the file
@@ -256,6 +258,7 @@ def test_a16_hostile_geometry_is_refused_by_the_commands_the_report_ran(models, 
 # --- A19: `ctfm index add` of a folder on a nearly full disk -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a19_add_of_a_folder_on_a_nearly_full_disk_stops_at_once_with_the_cause(models, tmp_path):
     """A19: with ~40-60 KB free, `ctfm index add IDX scans` printed "FAILED scan: cannot rollback - no transaction is
     active" for every scan (each embedded, then failed the same way; the real cause, a full disk, hidden). Now one
@@ -286,6 +289,7 @@ def test_a19_add_of_a_folder_on_a_nearly_full_disk_stops_at_once_with_the_cause(
 # --- A20: SIGKILL, which no process can clean up after ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a20_what_a_sigkilled_saliency_leaves_is_gone_after_the_next_run(tmp_path):
     """A20: `kw.py SIGKILL o3 ctfm saliency ... --out o3/heat.nii.gz` left `.heat.json.tmpPID` in o3. Nothing is
     ever left under the final names (section B); the temporary is expected to be gone once the same command has
@@ -505,6 +509,7 @@ def test_b_dicom_without_orientation_or_any_position_is_refused_naming_a_file(tm
     assert any(p.name in str(e.value) for p in paths) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_b_unicode_and_punctuation_in_paths_work_through_the_cli(models, tmp_path):
     """B: unicode, spaces, quotes, commas and semicolons in file, folder, model and index paths work for embed,
     segment, batch, index add/query/remove and model import."""
@@ -560,6 +565,7 @@ def test_b_directory_links_are_not_followed_when_folders_are_searched(tmp_path):
 # --- Outputs ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_b_sigkill_during_segment_leaves_nothing_under_the_final_names(tmp_path):
     """B: no partial file ever appeared under a final name after SIGKILL during a segment write."""
     seg = tiny_segmenter(tmp_path / "seg")
@@ -581,6 +587,7 @@ def test_b_sigkill_during_segment_leaves_nothing_under_the_final_names(tmp_path)
 # --- Retrieval index ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_b_sigkilled_index_adds_stay_consistent_and_a_restart_finishes_the_job(models, tmp_path):
     """B: random SIGKILLs of `ctfm index add scans/`: `info --check` consistent after every kill, and a restarted
     add skips what is in and ends with every scan exactly once."""
@@ -640,6 +647,7 @@ for i in range(start, start + 400):
 """
 
 
+@pytest.mark.slow
 def test_b_sigkilled_writer_with_removes_and_compactions_keeps_every_committed_vector(tmp_path):
     """B: SIGKILLs of a writer doing add, remove every 5th and compact now and then: `check(deep=True)` is empty and
     every stored scan/patch vector and centre is bit-identical to what was written."""
@@ -695,6 +703,7 @@ def test_b_dicom_patient_ids_with_quotes_and_escapes_are_stored_verbatim_and_ree
             assert [rec.patient_id for _, rec in ix.scans()] == [patient] and ix.check(deep=True) == []
 
 
+@pytest.mark.slow
 def test_b_query_k_huge_returns_everything_and_odd_boxes_are_handled(models, tmp_path):
     """B: `-k 1000000000` returns every scan; degenerate (a point) and inverted boxes, and 1e300 boxes: a result or
     a one-line refusal, never a traceback."""

@@ -113,6 +113,7 @@ def child_env():
 # --- A6: a truncated vector file is refused, found and repaired ---------------------------------------
 
 
+@pytest.mark.slow
 def test_a6_add_refuses_a_truncated_vector_file_and_check_repair_drops_the_damaged_scans(built, tmp_path,
                                                                                          ctfm_cache):
     """A6: `truncate -s 1000 patch-g0.f32` then `ctfm index add`: the add zero-filled the lost vectors, and
@@ -292,6 +293,7 @@ print("added", sid, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a7_a_second_creator_waits_instead_of_truncating_the_first_ones_files(tmp_path):
     """A7: creator A delayed between its check and the vector files; creator B created, added and committed;
     A then truncated B's vector files ("shorter than its committed rows", "mmap length ...")."""
@@ -317,6 +319,7 @@ def test_a7_a_second_creator_waits_instead_of_truncating_the_first_ones_files(tm
         np.testing.assert_array_equal(got["/" + role][1], np.full((5, 8), value, np.float32))
 
 
+@pytest.mark.slow
 def test_a7_two_adds_creating_one_new_index_both_succeed(built, tmp_path):
     """A7 without the delay: two `ctfm index add NEW_INDEX scans` started together; one failed with
     "table meta already exists" and "already holds a retrieval index"."""
@@ -361,6 +364,7 @@ sys.exit(main(["--progress", "none", "index", "add", *sys.argv[3:]]))
 """
 
 
+@pytest.mark.slow
 def test_a8_a_scan_another_add_indexed_meanwhile_is_skipped_not_an_abort(built, tmp_path, ctfm_cache):
     """A8: two `ctfm index add ce scans` at once: the loser stopped with "is already in the index as scan 2:
     use update() to replace it" (rc 2) and left its remaining scans unprocessed."""
@@ -411,6 +415,7 @@ def test_a17_per_scan_negative_is_refused_and_zero_still_means_no_limit(built, c
     assert len(per_scan) == 3 and max(per_scan.values()) > 1  # several places of one scan: no limit
 
 
+@pytest.mark.slow
 def test_a17_stride_1_is_refused_before_any_work_and_a_fine_stride_warns(built, tmp_path, ctfm_cache):
     """A17: `ctfm index add idx scan --stride 1` embedded 294,448 patches for a 30-slice scan, without a warning."""
     idx = tmp_path / "idx"
@@ -446,6 +451,7 @@ def test_a17_add_into_a_file_is_refused_once_up_front(built, tmp_path, ctfm_cach
 # --- A19: read-only media, full disks, damaged files ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a19_an_index_on_read_only_media_can_be_searched(built, tmp_path, ctfm_cache):
     """A19: on a read-only mount every command failed with sqlite3.OperationalError "unable to open database
     file" (a traceback): a read-only index could not even be searched."""
@@ -486,6 +492,7 @@ def test_a19_read_only_media_with_unmerged_changes_are_refused_not_read_stale(tm
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a19_full_disk_reads_work_and_writes_fail_with_the_real_cause(built, tmp_path, ctfm_cache):
     """A19: with ~8 KB free even `ctfm index info` failed with "disk I/O error" (traceback, -wal/-shm left);
     with ~50 KB free `add` said "cannot rollback - no transaction is active" (the real cause, disk full, hidden)
@@ -532,6 +539,7 @@ def test_a19_full_disk_reads_work_and_writes_fail_with_the_real_cause(built, tmp
             assert writer.check(deep=True) == []
 
 
+@pytest.mark.slow
 def test_a19_damaged_files_give_one_line_with_the_cause(built, tmp_path, ctfm_cache):
     """A19: index.sqlite overwritten -> "sqlite3.DatabaseError: file is not a database" (traceback, every command);
     scan-g0.f32 deleted -> query "keeps changing generation; retry", add -> every scan FAILED [Errno 2];
@@ -600,6 +608,7 @@ def test_readers_need_no_write_access_and_leave_no_files(built, tmp_path, ctfm_c
 # --- A20: SIGTERM during index add -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a20_sigterm_during_ctfm_index_add_leaves_no_temporary_files_and_a_consistent_index(tmp_path, built):
     """A20: no command but training handled SIGTERM (Slicer's Cancel): `ctfm index add` died at once."""
     scans = tmp_path / "scans"
@@ -658,6 +667,7 @@ except Terminated:
 """
 
 
+@pytest.mark.slow
 def test_a20_sigterm_while_vectors_are_written_cuts_them_again(tmp_path):
     """A20: a writer stopped by SIGTERM while appending vectors leaves no uncommitted tail behind."""
     path = tmp_path / "ix"
@@ -743,6 +753,7 @@ def test_b_query_arguments_are_checked(built, ctfm_cache):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result
 
 
+@pytest.mark.slow
 def test_b_corrupt_sqlite_pages_and_an_empty_index_file_say_what_to_do(built, tmp_path, ctfm_cache):
     """B: a corrupted SQLite page -> "cannot be read (...); rebuild the index"; an empty index.sqlite ->
     "incompletely created index" (and `add` now completes the creation)."""
@@ -766,6 +777,7 @@ def test_b_corrupt_sqlite_pages_and_an_empty_index_file_say_what_to_do(built, tm
     assert ctfm("index", "check", empty).returncode == 0
 
 
+@pytest.mark.slow
 def test_b_sql_is_parameterised(built, tmp_path, ctfm_cache):
     """B: CSV columns and values that are SQL, and removal targets like "1 OR 1=1" or "%", are plain text."""
     listing = tmp_path / "list.csv"

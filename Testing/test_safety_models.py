@@ -113,6 +113,7 @@ BAD_IDS = ["..", ".", "", " ", "../x", "..\\..\\x", "a\\b", "C:x", "c:\\windows"
            "owner/.", "a\x00b", "a\nb", "esc\x1b[2J", "con", "x" * 300, "trailing.", "a:b", "a|b", "a*b"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", BAD_IDS, ids=[repr(b)[:20] for b in BAD_IDS])
 def test_a1_ids_that_are_not_one_plain_name_are_refused(store, enc, bad):
     """A1: ids are checked by one rule (files.safe_name on each part of OWNER/NAME) for import, remove and lookup."""
@@ -130,6 +131,7 @@ def test_a1_ids_that_are_not_one_plain_name_are_refused(store, enc, bad):
     assert all(p.parent == _models(store) for p in _models(store).iterdir())
 
 
+@pytest.mark.slow
 def test_a1_fuzz_random_ids_never_touch_anything_outside_the_store(store, enc, tmp_path):
     """A1 (fuzz): 200 random ids with '..', separators of every platform, drive letters and unicode, through
     `models remove` and `models import --id`: no traceback, a one-line refusal or success, and nothing outside
@@ -191,6 +193,7 @@ _A10_CHILD = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a10_absurd_configs_are_refused_in_one_line_before_building(store, enc, tmp_path):
     """A10: absurd config.json values built the network first (tracebacks, gigabytes, a hang); now each is one line,
     at once, for `ctfm embed --weights FOLDER` and for `ctfm models import` alike (in a child with a 4 GB cap)."""
@@ -356,6 +359,7 @@ _IMPORTER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_b_concurrent_imports_under_one_id_always_leave_a_loadable_model(store, tmp_path):
     """B (held up): two imports of different models under one id, at the same time, in rounds: the result always
     loads and is one of the two, and no temporary folder is left."""
@@ -472,6 +476,7 @@ def test_a12_a_download_of_the_wrong_size_is_refused(store, enc, tmp_path):
 # --- A13: pickled checkpoints ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a13_a_deflated_pt_bomb_is_refused_before_it_is_inflated(tmp_path):
     """A13: a 1 MB .pt holding a 1 GiB zero tensor (re-zipped with deflate) was inflated before being refused."""
     from CTFMLib import weights as W
@@ -554,6 +559,7 @@ def test_a14_a_triage_model_with_negative_variance_is_refused(tmp_path):
         load_triage_model(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_b_half_and_double_weights_are_cast_and_load(tmp_path, enc, dtype):
     """B (held up): float16/bfloat16/float64 weights load (cast to float32) and give the float32 model's output."""
@@ -599,6 +605,7 @@ def _import_temporaries(store, tmp) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_a20_sigterm_during_import_leaves_no_temporary_folder(store, tmp_path):
     """A20: SIGTERM (Slicer's Cancel) during `ctfm models import` left a ctfm-import-* folder (119 MB) and .partial."""
     big = tiny_encoder(tmp_path / "big", init_filters=16, blocks_down=(1, 2, 2, 4, 4))  # about 75 MB
@@ -632,6 +639,7 @@ def test_a20_sigterm_during_import_leaves_no_temporary_folder(store, tmp_path):
 # --- A21: ids, labels, permissions ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a21a_any_safe_id_can_be_used_after_import_and_is_listed(store, enc, tmp_path):
     """A21 (a): an import without --id, or under "mymodel" / "ü/空 x", reported success but could not be used,
     and `models list` never showed it."""
@@ -671,6 +679,7 @@ HOSTILE_NAMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", sorted(HOSTILE_NAMES))
 def test_a21c_hostile_label_names_are_refused(tmp_path, ctfm_cache, what):
     """A21 (c): label names with NUL, control characters, ESC, path-like text or 1 MB were accepted into
@@ -698,6 +707,7 @@ def test_a21c_display_names_are_checked(display):
     assert load_labels({"1": {"name": "liver", "display_name": "Liver / hepar"}})[0].display_name == "Liver / hepar"
 
 
+@pytest.mark.slow
 def test_labels_json_and_seg_nrrd_agree_on_every_name(tmp_path):
     """With hostile names refused (A21 c), what .labels.json says and .seg.nrrd stores are the same names
     (unicode included)."""

@@ -85,6 +85,7 @@ def test_a2_existing_outputs_need_overwrite(models, tmp_path):
     assert np.load(tmp_path / "mine.npy").shape == (16,)
 
 
+@pytest.mark.slow
 def test_a2_batch_skips_existing_outputs_and_redoes_them_with_overwrite(models, tmp_path):
     scans, outs = tmp_path / "scans", tmp_path / "outs"
     scans.mkdir()
@@ -140,6 +141,7 @@ def test_a3_two_rows_writing_one_file_are_refused(models, tmp_path, second, word
 
 # --- A9: predictable temporary names -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_a9_links_planted_at_temporary_names_redirect_no_write(models, tmp_path):
     """The old writers used ``.NAME.tmp<PID>...`` in the output folder and followed links planted there.
 

@@ -62,6 +62,7 @@ def big_ct(tmp_path_factory):
     return small_ct(tmp_path_factory.mktemp("ct") / "big.nii.gz", shape=(192, 192, 96), spacing=(1.5, 1.5, 2.0))
 
 
+@pytest.mark.slow
 def test_a20_sigterm_while_segment_writes_leaves_nothing(tmp_path, big_ct):
     seg = tiny_segmenter(tmp_path / "seg")
     out = tmp_path / "out"
@@ -72,6 +73,7 @@ def test_a20_sigterm_while_segment_writes_leaves_nothing(tmp_path, big_ct):
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow
 def test_a20_sigterm_while_saliency_writes_leaves_nothing(tmp_path, big_ct):
     enc = tiny_encoder(tmp_path / "enc")
     out = tmp_path / "out"
@@ -83,6 +85,7 @@ def test_a20_sigterm_while_saliency_writes_leaves_nothing(tmp_path, big_ct):
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow
 def test_a20_sigterm_during_model_import_leaves_nothing(tmp_path):
     """A model of ~80 MB in a zip: SIGTERM as soon as the import starts writing anywhere."""
     from CTFMLib.networks import build_network
@@ -103,6 +106,7 @@ def test_a20_sigterm_during_model_import_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path / "tmp") == [] and os.listdir(cache / "models") == []
 
 
+@pytest.mark.slow
 def test_a20_sigterm_during_index_add_leaves_no_temporary_file_and_a_consistent_index(tmp_path):
     enc = tiny_encoder(tmp_path / "enc")
     scans = tmp_path / "scans"

@@ -143,6 +143,7 @@ def test_a4_a_model_folder_given_as_out_is_refused(tmp_path, config):
     assert tree_digest(model) == before
 
 
+@pytest.mark.slow
 def test_a4_a_run_of_another_task_is_refused_naming_its_task(tmp_path, scans, trained_run):
     """A4: a pretraining run is not overwritten by a classification run (marker, and checkpoints of old runs)."""
     run = copy_run(trained_run, tmp_path / "run")
@@ -207,6 +208,7 @@ def _classify_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a4_the_slicer_cli_module_refuses_a_user_folder_and_leaves_it_alone(tmp_path, config):
     """A4: CTFMTrain (the Slicer CLI module) created the folder and trained into whatever it held."""
     from test_cli_module import run_cli, slicer_command_line
@@ -479,6 +481,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert losses(run) == losses(reference)
 
 
+@pytest.mark.slow
 @POSIX_ONLY
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a21_a_run_stopped_by_a_signal_keeps_its_checkpoint_but_does_not_exit_0(tmp_path, scans, cache, sig, code):
@@ -530,6 +533,7 @@ def test_a21_the_slicer_hub_reports_a_signal_stop_as_not_finished(tmp_path, conf
 # --- section B: what held up -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @POSIX_ONLY
 def test_b_sigkills_then_resume_end_with_the_uninterrupted_run(tmp_path, scans, cache):
     """B: random SIGKILLs during pretraining with a checkpoint every step, each followed by --resume: the final

@@ -88,6 +88,7 @@ def test_occlusion_equals_monai_with_upstream_settings(tiny_encoder_folder):
     {"mask_size": 10, "overlap": 0.25, "mode": "gaussian", "n_batch": 12},  # upstream
     {"mask_size": (6, 7, 5), "overlap": 0.5, "mode": 0.0, "n_batch": 5},  # a constant, uniform blending
 ])
+@pytest.mark.slow
 def test_occlusion_of_the_objective_equals_monai_on_a_wrapped_encoder(tiny_encoder_folder, settings):
     """MONAI run on a module whose output is the objective 1 - cos(e(x), e(occluded)) = blend="objective"."""
     from monai.visualize import OcclusionSensitivity
@@ -153,6 +154,7 @@ def bright_blob_head(name, noise_hu=5.0):
                         lesion={"center_lps": tuple(BLOB), "radius_mm": BLOB_RADIUS, "hu": 2000.0})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHAPE_GEOMETRIES)
 def test_heatmap_lands_on_the_blob_in_every_geometry(name):
     image = bright_blob_head(name)
@@ -194,6 +196,7 @@ def test_occlusion_heat_is_the_same_physical_map_on_equivalent_grids():
 # --- region limits ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["occlusion", "gradient"])
 @pytest.mark.parametrize("geometry", ["lps", "oblique20"])  # a tight and a loose index box around the LPS box
 def test_region_limits_the_heat_and_keeps_its_values(tiny_encoder_folder, method, geometry):
@@ -282,6 +285,7 @@ def triage_probability(model, image) -> float:
 CASES = [np.array([5.0, -6.0, 4.0]), np.array([-6.0, 5.0, -4.0])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centre", CASES, ids=["left-anterior", "right-posterior"])
 def test_heat_peaks_inside_the_bleed_and_deleting_it_matters_most(bleed_model, centre):
     radius = 8.0
@@ -323,6 +327,7 @@ def seg_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["occlusion", "gradient"])
 def test_class_target_explains_a_class_probability_over_the_region(seg_folder, method):
     """The mean softmax probability of "liver" over the region's voxels: occlusion equals MONAI's on a module
@@ -413,6 +418,7 @@ def test_bad_arguments_name_the_problem():
 # --- ctfm saliency ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctfm_saliency_end_to_end(tmp_path, tiny_encoder_folder):
     from conftest import run_ctfm
 

@@ -21,6 +21,7 @@ from CTFMLib.saliency.budget import SaliencyMemoryError  # noqa: E402
 CTFM_ROOT = Path(__file__).resolve().parents[1] / "CTFM"
 
 
+@pytest.mark.slow
 def test_class_saliency_of_a_whole_head_ct_at_native_spacing_is_refused_before_running():
     """The issue's case: gradient saliency of a class on an ordinary head CT (256x256x108) at native spacing,
     with the whole-body network's size (32 filters, 118 outputs): tens of GB. Refused at once, naming the
@@ -41,6 +42,7 @@ def test_class_saliency_of_a_whole_head_ct_at_native_spacing_is_refused_before_r
     assert time.perf_counter() - started < 60  # refused before any pass over the volume (minutes on a CPU)
 
 
+@pytest.mark.slow
 def test_the_estimate_covers_the_peak_a_gradient_run_takes():
     """A class gradient run in a child process: its peak RSS (ru_maxrss) lies under the estimate it printed,
     and the estimate is not so generous that it would refuse runs that fit (at most twice the peak)."""
@@ -69,6 +71,7 @@ def test_the_estimate_covers_the_peak_a_gradient_run_takes():
     assert measured["peak_gb"] <= measured["estimate_gb"] <= 2 * measured["peak_gb"], measured
 
 
+@pytest.mark.slow
 def test_ctfm_saliency_past_its_budget_is_one_line_exit_2(tmp_path, tiny_encoder_folder):
     """The command line: --max-memory-gb below what the run needs refuses in one line, writes nothing."""
     from ctfm_testing.phantoms import body_phantom

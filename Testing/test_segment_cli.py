@@ -49,6 +49,7 @@ def leftovers(folder):
     return [p.name for p in folder.rglob(".*")]
 
 
+@pytest.mark.slow
 def test_one_image_to_label_map_and_sidecar(model_folder, phantoms, tmp_path):
     out = tmp_path / "out" / "a_labels.nii.gz"
     run = run_ctfm("segment", phantoms / "a.nii.gz", "--model", model_folder, "--out", out,
@@ -66,6 +67,7 @@ def test_one_image_to_label_map_and_sidecar(model_folder, phantoms, tmp_path):
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_seg_nrrd_with_structures_and_largest_component(model_folder, phantoms, tmp_path):
     from CTFMLib.labels import read_seg_nrrd
 
@@ -83,6 +85,7 @@ def test_seg_nrrd_with_structures_and_largest_component(model_folder, phantoms, 
     assert all(x.terminology for x in infos)
 
 
+@pytest.mark.slow
 def test_batch_folder_reports_the_corrupt_input_and_writes_the_others(model_folder, phantoms, tmp_path):
     out_dir = tmp_path / "results"
     run = run_ctfm("segment", phantoms, "--model", model_folder, "--out-dir", out_dir, "--device", "cpu")
@@ -95,6 +98,7 @@ def test_batch_folder_reports_the_corrupt_input_and_writes_the_others(model_fold
     assert read_image(out_dir / "b.nii.gz").shape == (50, 50, 30)
 
 
+@pytest.mark.slow
 def test_batch_csv_with_relative_paths_and_a_missing_file(model_folder, phantoms, tmp_path):
     csv = tmp_path / "list.csv"
     rel = os.path.relpath(phantoms / "b.nrrd", tmp_path)
@@ -107,6 +111,7 @@ def test_batch_csv_with_relative_paths_and_a_missing_file(model_folder, phantoms
     assert [p.name for p in out_dir.iterdir()] == ["b_out.seg.nrrd"]
 
 
+@pytest.mark.slow
 def test_refusals_are_one_line_errors_without_output(model_folder, phantoms, tmp_path):
     out = tmp_path / "a.nii.gz"
     run = run_ctfm("segment", phantoms / "a.nii.gz", "--model", model_folder, "--out", out, "--max-memory-gb", "0.001")
@@ -119,6 +124,7 @@ def test_refusals_are_one_line_errors_without_output(model_folder, phantoms, tmp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_interrupt_leaves_no_output(model_folder, tmp_path):
     path = write_image(body_phantom(shape=(200, 200, 100), spacing=(1.0, 1.0, 1.5)), tmp_path / "big.nii.gz")
     out_dir = tmp_path / "out"

@@ -156,6 +156,7 @@ def test_the_volume_view_is_the_childs_image_without_a_copy(mrml_scene):
 # --- the cache ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plans_are_cached_until_the_voxels_or_the_inputs_change(mrml_scene, ctfm_cache):
     volume = body_volume("lps", shape=(96, 96, 200), spacing=(1.5, 1.5, 1.5))
     logic = CTFMSegmentLogic()
@@ -194,6 +195,7 @@ def test_an_all_air_volume_has_no_plan_and_says_why(mrml_scene, ctfm_cache):
 # --- what the panel shows -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_summary_shows_spacing_windows_each_presets_time_and_memory(mrml_scene, ctfm_cache):
     volume = body_volume("lps", shape=(160, 160, 120), spacing=(0.8, 0.8, 1.0))
     logic = CTFMSegmentLogic()
@@ -275,6 +277,7 @@ print(json.dumps({"attempts": attempts, "torch_loaded": "torch" in sys.modules, 
 """
 
 
+@pytest.mark.slow
 def test_the_panel_plan_imports_no_torch(tmp_path, ctfm_cache):
     config = {"architecture": "SegResNetDS", "init_filters": 8, "out_channels": 3, "_training": {"spacing": 2.0}}
     model = tmp_path / "model"

@@ -406,6 +406,7 @@ def run_to_end(runner, done, timeout=300):
     return result
 
 
+@pytest.mark.slow
 @needs_cli
 def test_start_segmentation_end_to_end(mrml_scene, tiny_segmenter):
     from CTFMLib.segment import segment_image
@@ -445,6 +446,7 @@ def test_start_segmentation_end_to_end(mrml_scene, tiny_segmenter):
     assert {int(i.value): i.name for i in done[0][0].label_infos}.get(2) == "spleen"
 
 
+@pytest.mark.slow
 @needs_cli
 def test_an_error_in_the_child_reaches_on_done_with_its_log(mrml_scene, tmp_path):
     volume, _ = phantom_volume("lps")
@@ -464,6 +466,7 @@ def test_an_error_in_the_child_reaches_on_done_with_its_log(mrml_scene, tmp_path
     assert mrml_scene.GetNumberOfNodes() == before
 
 
+@pytest.mark.slow
 @needs_cli
 def test_cancel_stops_the_child_quickly_and_leaves_the_scene_unchanged(mrml_scene, tiny_segmenter):
     big = volume_node_from_image(body_phantom(shape=(256, 256, 160), spacing=(1.0, 1.0, 1.0)), name="big")

@@ -524,6 +524,7 @@ def tiny_encoder(tmp_path_factory):
     return write_encoder(tmp_path_factory.mktemp("saliency-encoder"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_saliency", [False, True], ids=["triage", "triage+saliency"])
 def test_triage_in_a_child_process_equals_ctfmlib(mrml_scene, tiny_triage, with_saliency):
     require_command("triage")
@@ -566,6 +567,7 @@ def test_triage_in_a_child_process_equals_ctfmlib(mrml_scene, tiny_triage, with_
     assert peak.GetNumberOfControlPoints() == 1
 
 
+@pytest.mark.slow
 def test_triage_failure_names_the_problem(mrml_scene, tmp_path):
     require_command("triage")
     volume = volume_node_from_image(head_phantom(**GEOMETRIES["lps"], **HEAD), name="head")
@@ -578,6 +580,7 @@ def test_triage_failure_names_the_problem(mrml_scene, tmp_path):
     assert output is None and "safetensors" in message and not message.startswith("ctfm:")
 
 
+@pytest.mark.slow
 def test_saliency_in_a_child_process_equals_ctfmlib(mrml_scene, tiny_encoder):
     """An embedding map in a cube around a markup, computed by the child, equals CTFMLib's in-process map."""
     require_command("saliency")
@@ -617,6 +620,7 @@ def test_saliency_in_a_child_process_equals_ctfmlib(mrml_scene, tiny_encoder):
     assert output.heatmap.array.max() == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_saliency_cancel_and_failure(mrml_scene, tiny_encoder, tmp_path):
     require_command("saliency")
     volume = volume_node_from_image(head_phantom(**GEOMETRIES["lps"], **HEAD), name="head")

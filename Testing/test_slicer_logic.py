@@ -55,6 +55,7 @@ def test_embed_volume_equals_ctfmlib_on_the_same_image(mrml_scene, tiny_model):
     assert messages and messages[-1] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_point_mode_hands_the_point_to_ctfmlib_in_lps(mrml_scene, tiny_model):
     from CTFMLib.embed import embed_image
 
@@ -219,6 +220,7 @@ def test_segment_refuses_vector_volume(mrml_scene):
 # --- embedding in a child process (what the widget uses) ---------------------------------
 
 
+@pytest.mark.slow
 def test_start_embedding_in_a_child_process_equals_in_process(mrml_scene, tiny_model):
     image = body_phantom(**GEOMETRIES["oblique20"])
     node = volume_node_from_image(image, name="ct")

@@ -34,6 +34,7 @@ def reference_features(net, x):
         net.up_layers[-1]["head"] = head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slab_bytes", [1, 3000, None, 1 << 30])  # 4-row slabs ... one slab per level
 @pytest.mark.parametrize("shape", [(24, 16, 32), (32, 8, 8)])
 def test_features_equal_the_module_forward(slab_bytes, shape):
@@ -46,6 +47,7 @@ def test_features_equal_the_module_forward(slab_bytes, shape):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.slow
 def test_deeper_decoder_blocks_and_a_channels_last_net_share_its_weights():
     net = trained_looking(seed=1, blocks_down=(1, 1, 2, 2), blocks_up=(2, 1, 2))
     net = net.to(memory_format=torch.channels_last_3d)
@@ -60,6 +62,7 @@ def test_deeper_decoder_blocks_and_a_channels_last_net_share_its_weights():
     assert streamed.w_down0.data_ptr() == net.encoder.layers[0]["downsample"].weight.data_ptr()
 
 
+@pytest.mark.slow
 def test_repeated_calls_and_a_new_window_size_reuse_or_remake_the_level_buffers():
     net = trained_looking()
     streamed = StreamedFeatures(net, slab_bytes=1)

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from conftest import run_ctfm
 from test_cli_module import tiny_pretraining
 
 
+@pytest.mark.slow
 def test_ctfm_train_pretrain_writes_a_loadable_encoder_and_metrics(tmp_path):
     config = tiny_pretraining(tmp_path)
     out = tmp_path / "run"
@@ -22,6 +25,7 @@ def test_ctfm_train_pretrain_writes_a_loadable_encoder_and_metrics(tmp_path):
     assert rows[0].startswith("step,loss,lr") and len(rows) == 4
 
 
+@pytest.mark.slow
 def test_ctfm_train_refuses_unknown_keys(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"optim": {"learning_rate": 1e-3}}))
@@ -33,6 +37,7 @@ def test_ctfm_train_refuses_unknown_keys(tmp_path):
     assert segment.returncode == 2 and "optim.learning_rate" in segment.stderr
 
 
+@pytest.mark.slow
 def test_ctfm_train_classify_reads_csv_labels_and_exports_a_triage_model(tmp_path):
     import numpy as np
 

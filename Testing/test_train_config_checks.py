@@ -186,6 +186,7 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path):
     assert not (tmp_path / "new").exists(), sorted(str(p) for p in (tmp_path / "new").rglob("*"))
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_in_training_keeps_only_its_prepared_scans(tmp_path, scans):
     """A run whose loss turns NaN at step 2 (lr 1e30), before its first checkpoint: the folder keeps the marker
     and the preprocessed scans (the next run reuses them), nothing else. Before: config.json, metrics.csv and

@@ -139,6 +139,7 @@ def test_find_scans_names_what_is_missing(tmp_path):
 # --- filters ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_scan_applies_ct_fm_filters_from_headers_and_images(tmp_path):
     import SimpleITK as sitk
 
@@ -187,6 +188,7 @@ def test_check_scan_applies_ct_fm_filters_from_headers_and_images(tmp_path):
 # --- preprocessing --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pretrain_preprocess_equals_monai_recipe_on_real_ct():
     from ctfm_testing.data import require_shared_data
 
@@ -201,6 +203,7 @@ def test_pretrain_preprocess_equals_monai_recipe_on_real_ct():
     np.testing.assert_array_equal(pretrain_preprocess(image, spacing=None), monai_pipeline(path, pixdim=None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", ["ras", "oblique20", "permuted", "aniso_0.7x0.7x5", "odd_sizes"])
 def test_pretrain_preprocess_equals_monai_recipe_in_every_geometry(geometry, tmp_path):
     path = write_image(body_phantom(**GEOMETRIES[geometry]), tmp_path / "ct.nii.gz")

@@ -197,6 +197,7 @@ def model_state(out_dir: Path) -> dict:
 # --- the loop in child processes --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @POSIX_ONLY
 def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     script = runner_script(tmp_path)
@@ -225,6 +226,7 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(tmp_
     assert [r["loss"] for r in rows] == [r["loss"] for r in metric_rows(whole)]
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one_process_with_the_same_global_batch(tmp_path):
     script = runner_script(tmp_path)
     config = {"run.scans_per_step": 4, "optim.max_steps": 5, "run.checkpoint_every": 5}
@@ -266,6 +268,7 @@ def test_two_processes_under_torchrun_match_one_process_with_the_same_global_bat
     torch.testing.assert_close(ranks[0]["b_grad"] + ranks[1]["b_grad"], bn.bias.grad, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @POSIX_ONLY
 def test_sigterm_writes_a_checkpoint_and_exits_within_10_seconds(tmp_path):
     out = tmp_path / "run"

@@ -230,6 +230,7 @@ def test_task_refuses_crops_the_network_cannot_take():
         SegmentTask(tiny_config(crop_size=[16, 30, 32]), [(3, "liver")], phantom_items(1))
 
 
+@pytest.mark.slow
 def test_frozen_encoder_keeps_its_weights_and_statistics(tmp_path):
     from CTFMLib.train.trainer import train
 
@@ -245,6 +246,7 @@ def test_frozen_encoder_keeps_its_weights_and_statistics(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("up_layers."))
 
 
+@pytest.mark.slow
 def test_validation_dice_equals_segmenting_the_scan(tmp_path):
     """The loop's sliding-window validation and segment_image on the exported folder agree."""
     from CTFMLib.preprocess import preprocess
@@ -278,6 +280,7 @@ def test_validation_dice_equals_segmenting_the_scan(tmp_path):
     assert [x.name for x in result.label_info] == ["liver", "soft_tissue"]
 
 
+@pytest.mark.slow
 def test_ctfm_train_segment_from_a_csv(tmp_path):
     for name in ("a", "b"):
         write_pair(tmp_path, name, shape=(40, 40, 24), spacing=(2.5, 2.5, 4.0))
@@ -307,6 +310,7 @@ def test_ctfm_train_segment_from_a_csv(tmp_path):
     assert refused.returncode != 0 and "'segmentation'" in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one_process(tmp_path):
     """`torchrun -m CTFMLib.cli train segment` with 2 CPU processes (gloo) == 1 process, same global batch."""
     import subprocess
@@ -342,6 +346,7 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
 # --- the real CT -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetuning_overfits_the_example_ct(tmp_path):
     """Five largest structures of example_seg, learned from example_ct_sm alone, segmented back: mean Dice >= 0.8."""
     folder = require_shared_data("totalsegmentator_example")
