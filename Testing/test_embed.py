@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from CTFMLib.embed import PATCH_SIZE, RunOptions, Runner, embed_image, patch_starts, select_device
+from CTFMLib.embed import PATCH_SIZE, embed_image, patch_starts
 from CTFMLib.image import ImageError, read_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.progress import Cancelled
+from CTFMLib.runtime import RunOptions, Runner, select_device
 from ctfm_testing.checkpoints import monai_encoder, write_monai_encoder
 from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 
 
+@pytest.mark.slow
 def test_full_ctfm_embedding_equals_model_card_pipeline(example_ct_path, tmp_path):
     """Published layout written by MONAI + safetensors; reference = model card with MONAI's encoder."""
     from monai.transforms import Compose, CropForeground, EnsureType, LoadImage, Orientation, ScaleIntensityRange

@@ -176,3 +176,26 @@ def test_import_circles_in_the_core_are_only_the_known_ones():
     assert circles == KNOWN_CIRCLES, ("new import circles: " + "; ".join(" <-> ".join(c) for c in sorted(
         circles - KNOWN_CIRCLES)) + " | known circles gone (remove them from KNOWN_CIRCLES): "
         + "; ".join(" <-> ".join(c) for c in sorted(KNOWN_CIRCLES - circles)))
+
+
+RUNTIME_NAMES = {"select_device", "rank_device", "cpu_supports_bf16", "default_precision", "resolve_precision",
+                 "RunOptions", "Runner", "run_options"}
+
+
+def test_device_and_precision_live_only_in_runtime():
+    """One home answers "which device, which precision" (CTFMLib/runtime.py): no other file of the extension
+    defines its names, so no command resolves ``auto`` its own way."""
+    runtime = CORE / "runtime.py"
+    offenders = []
+    for folder in ("CTFM", "CTFMSegment", "CTFMRetrieve", "CTFMTrain"):
+        for path in (REPO / folder).rglob("*.py"):
+            if path == runtime:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                if defines and node.name in RUNTIME_NAMES:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.name}")
+    assert offenders == []
+    defined = {node.name for node in ast.parse(runtime.read_text(encoding="utf-8")).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert RUNTIME_NAMES - {"default_precision"} <= defined  # the policy is resolve_precision

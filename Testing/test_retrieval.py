@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_ctfm, user_model_store
-from CTFMLib.embed import PATCH_SIZE, RunOptions, Runner, embed_image, patch_starts
+from CTFMLib.embed import PATCH_SIZE, embed_image, patch_starts
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.retrieval import metrics
 from CTFMLib.retrieval.embedding import (
     embedding_settings, patch_grid, point_patch_start, query_vector, scan_embeddings,
 )
+from CTFMLib.runtime import RunOptions, Runner
 from ctfm_testing.checkpoints import monai_encoder
 from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom, rotation_matrix
 

@@ -17,7 +17,8 @@ import torch
 from conftest import ROOT, run_ctfm
 from CTFMLib.image import write_image
 from CTFMLib.retrieval.index import VectorIndex
-from CTFMLib.retrieval.parallel import rank_device, share
+from CTFMLib.retrieval.parallel import share
+from CTFMLib.runtime import rank_device
 from ctfm_testing.checkpoints import write_monai_encoder
 from ctfm_testing.phantoms import body_phantom, head_phantom
 

@@ -12,8 +12,9 @@ from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import preprocess
 from CTFMLib.progress import Cancelled
 from CTFMLib.segment import (
-    ROI, MemoryBudgetError, default_precision, estimate_seconds, keep_largest_components, segment_image,
+    ROI, MemoryBudgetError, estimate_seconds, keep_largest_components, segment_image,
 )
+from CTFMLib.runtime import resolve_precision
 from CTFMLib.sliding_window import gaussian_importance, plan_windows, stitch
 from conftest import ROOT
 from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
@@ -162,6 +163,7 @@ def test_window_layout_and_weights_are_monais():
     assert torch.equal(gaussian_importance(ROI), compute_importance_map(ROI, mode="gaussian", sigma_scale=0.125))
 
 
+@pytest.mark.slow
 def test_blending_memory_is_one_window_deep():
     """C x D x H x W would be 500 MB here; the ring of one window's depth is 17 MB."""
     code = f"""
@@ -186,6 +188,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 # --- the model card's labels ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_ct_labels_equal_model_card(example_ct_path, tiny):
     """Default window (96x160x160) on the native 3 mm CT: 2 windows along axis 0, padding in the others."""
     monai_model, folder = tiny
@@ -202,6 +205,7 @@ def test_real_ct_labels_equal_model_card(example_ct_path, tiny):
     assert (bf16.labels.array == ref).mean() >= 0.99
 
 
+@pytest.mark.slow
 def test_real_ct_resampled_to_1p5mm_equals_model_card(example_ct_path, tiny, tmp_path):
     """A 40-slice slab of the CT resampled to 1.5 mm: 80 x 202 x 244 voxels, 6 windows (whole volume: the benchmark)."""
     import SimpleITK as sitk
@@ -220,6 +224,7 @@ def test_real_ct_resampled_to_1p5mm_equals_model_card(example_ct_path, tiny, tmp
     assert (result.labels.array == ref).mean() >= 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out_channels", [5, 3])  # 5 > 4 features: features are blended; 3: logits are
 def test_phantom_labels_equal_model_card_with_many_windows(tmp_path, out_channels):
     monai_model, config = tiny_segresnet(out_channels=out_channels)
@@ -238,6 +243,7 @@ def test_phantom_labels_equal_model_card_with_many_windows(tmp_path, out_channel
 # --- geometry ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", SIX)
 def test_voxelwise_model_gives_its_labels_exactly_on_the_input_grid(geometry):
     image = body_phantom(**GEOMETRIES[geometry])
@@ -359,7 +365,7 @@ def test_default_precision_follows_the_cpu():
     with open("/proc/cpuinfo") as f:
         flags = set(next(ln for ln in f if ln.startswith("flags")).split())
     expected = "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
-    assert default_precision(torch.device("cpu")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == expected
 
 
 def test_cuda_request_without_a_gpu_runs_on_the_cpu():

@@ -83,7 +83,8 @@ def test_spacing_1p5_equals_monai_spacingd_and_invertd_on_the_real_ct(tiny, ct_s
     recorded = write_published_layout(monai_model, tmp_path / "model", {**config, "_training": {"spacing": [1.5] * 3}})
     model, _ = load_segmentation_model(recorded)
     assert model.ctfm_spacing == (1.5, 1.5, 1.5)
-    from CTFMLib.segment import plan_for, run_options
+    from CTFMLib.runtime import run_options
+    from CTFMLib.segment import plan_for
 
     options = run_options("cpu", "fp32")
     assert plan_for(image, model, options, "full", "model", roi) == plan_for(image, model, options, "full", 1.5, roi)

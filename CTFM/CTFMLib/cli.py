@@ -87,7 +87,7 @@ def model_status(entry) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from .embed import select_device
+    from .runtime import select_device
 
     info = {
         "versions": _versions(),
@@ -390,7 +390,8 @@ def cmd_segment(args) -> int:
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
     check_models(args)
     from .image import read_image
-    from .segment import load_segmentation_model, plan_for, run_options, segment_image, select_structures
+    from .runtime import run_options
+    from .segment import load_segmentation_model, plan_for, segment_image, select_structures
 
     options = run_options(args.device, args.precision, args.threads, None, args.batch_size)
     model, labels = load_segmentation_model(args.model, args.progress_cb)
@@ -789,8 +790,9 @@ def _accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32 (default) or bf16 (faster on GPUs and on CPUs with AVX512-BF16/AMX, slightly different)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32 (default), bf16 (faster on GPUs and on CPUs with AVX512-BF16/AMX, slightly different) "
+                        "or auto (bf16 where it is faster, else fp32)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
     p.add_argument("--batch-size", type=positive_int, default=2, help="patches per forward pass (default: 2)")
 

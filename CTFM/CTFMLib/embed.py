@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,87 +18,13 @@ import torch
 from .image import Image, ImageError
 from .preprocess import PreprocessConfig, Preprocessed, preprocess
 from .progress import Estimate, null_progress, subrange
+from .runtime import RunOptions, Runner
 from .text import count
 
 PATCH_SIZE = (24, 128, 128)
 PATCH_SPACING = (3.0, 1.0, 1.0)
 AGGREGATES = ("mean", "max", "min")
 MODES = ("volume", "scan", "point")
-
-
-def select_device(device: str = "auto", report=None) -> torch.device:
-    """Resolve ``auto``/``cpu``/``cuda[:N]``/``mps``; an unavailable accelerator falls back to the CPU with a warning."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return _fallback(f"CUDA was requested but PyTorch {torch.__version__} sees no CUDA GPU; using the CPU", report)
-    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        return _fallback("MPS (Apple GPU) was requested but is not available; using the CPU", report)
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-
-
-def _fallback(message: str, report) -> torch.device:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-    if report:
-        report(None, message)
-    return torch.device("cpu")
-
-
-@dataclass
-class RunOptions:
-    """How to run a network: device, precision, threads, memory layout, batch size."""
-
-    device: str = "auto"
-    precision: str = "fp32"  # or "bf16" (autocast)
-    threads: Optional[int] = None
-    channels_last: bool = False
-    batch_size: int = 2
-
-    def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-
-
-class Runner:
-    """A network placed on a device, run under ``inference_mode`` with the chosen precision."""
-
-    def __init__(self, model: torch.nn.Module, options: Optional[RunOptions] = None, progress=None):
-        self.options = options or RunOptions()
-        if self.options.threads:
-            torch.set_num_threads(int(self.options.threads))
-        self.device = select_device(self.options.device, progress)
-        self.model = model.eval().to(self.device)
-        if self.options.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
-
-    def autocast(self):
-        """The precision context: bf16 autocast, or nothing for fp32 and models that cast for themselves."""
-        if self.options.precision == "bf16" and not getattr(self.model, "casts_itself", False):
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def run(self, x: torch.Tensor):
-        """The model's output for a batch ``(B, C, D, H, W)``, on the runner's device, layout and precision."""
-        x = x.to(self.device)
-        if self.options.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode(), self.autocast():
-            return self.model(x)
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, D, H, W)`` float32 in [0, 1] -> ``(B, C)`` embeddings."""
-        features = self.run(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None])[-1]
-        return features.float().mean(dim=(2, 3, 4)).cpu().numpy()
 
 
 def expect_forward(runner: Runner, voxels: float, progress, detail: str) -> float:
@@ -155,8 +78,8 @@ def embed_image(
     progress(0.05, "preprocessing")
     if mode == "volume":
         pre = preprocess(image)
-        expect_forward(runner, pre.array.size, progress, f"the whole volume, {runner.device.type}")
-        progress(0.1, f"embedding the whole volume {pre.array.shape} on {runner.device.type}")
+        expect_forward(runner, pre.array.size, progress, f"the whole volume, {runner.placement}")
+        progress(0.1, f"embedding the whole volume {pre.array.shape} on {runner.placement}")
         vector = runner.embed(pre.array[None])[0]
         progress(1.0, "done")
         return vector
@@ -164,7 +87,7 @@ def embed_image(
     pre = preprocess(image, config)
     if mode == "point":
         patch = patch_at_point(pre, point_lps)
-        expect_forward(runner, patch.size, progress, f"one patch, {runner.device.type}")
+        expect_forward(runner, patch.size, progress, f"one patch, {runner.placement}")
         progress(0.1, f"embedding the patch at {np.round(point_lps, 1).tolist()} mm")
         vector = runner.embed(patch[None])[0]
         progress(1.0, "done")
@@ -213,7 +136,7 @@ def embed_patches(pre: Preprocessed, runner: Runner, progress=None, size=PATCH_S
     progress = progress or null_progress
     starts = patch_grid(pre, size)
     expect_forward(runner, len(starts) * float(np.prod(size)), progress,
-                   f"{count(len(starts), 'patch', 'patches')}, {runner.device.type}")
+                   f"{count(len(starts), 'patch', 'patches')}, {runner.placement}")
     vectors, centres = [], []
     bs = runner.options.batch_size
     for i in range(0, len(starts), bs):

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .embed import RunOptions, Runner, select_device
 from .image import Image
 from .native_labels import NativeLabels
 from .networks import SegResNetDS
 from .preprocess import PreprocessConfig, preprocess
 from .progress import null_progress, subrange
+from .runtime import RunOptions, Runner, run_options
 from .text import count
 from .segment_plan import (DEFAULT_QUALITY, QUALITIES, ROI, SIGMA_SCALE, SegmentationPlan, Timings,
                            model_facts, plan_segmentation)
@@ -70,52 +70,6 @@ class SegmentationResult:
     seconds: float
     notes: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # windows_total/run/skipped, working grid, quality, ...
-
-
-# --- device and precision -----------------------------------------------------------------
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(torch.cpu, name, None)
-        try:
-            if check is not None and check():
-                return True
-        except RuntimeError:
-            pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def default_precision(device: torch.device) -> str:
-    """bf16 autocast where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32.
-
-    On the project's test CPU (AVX512-BF16, no AMX) a window takes 3.8 s in bf16 against
-    7.7 s in fp32 (both channels_last_3d); with random weights of the published network the
-    labels agree with the fp32 model card on 99.2% of voxels (fp32: 99.9999%).
-    """
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    return "fp32"
-
-
-def run_options(device="auto", precision="auto", threads=None, channels_last=None, batch_size=1,
-                report=None) -> RunOptions:
-    """RunOptions for segmentation: precision "auto" per device, channels_last_3d on the CPU (1.3x faster here)."""
-    resolved = select_device(device, report)
-    if precision in (None, "auto"):
-        precision = default_precision(resolved)
-    if channels_last is None:
-        channels_last = resolved.type == "cpu"
-    return RunOptions(device=str(resolved), precision=precision, threads=threads, channels_last=channels_last,
-                      batch_size=batch_size)
 
 
 # --- what the windows compute ----------------------------------------------------------------
@@ -507,5 +461,5 @@ def _record_timing(model, runner, options, stats: dict, seconds: float, roi, per
 
 __all__ = [
     "segment_image", "estimate_seconds", "plan_for", "SegmentationResult", "SegmentationError", "MemoryBudgetError",
-    "keep_largest_components", "select_structures", "load_segmentation_model", "run_options", "ROI", "OVERLAP",
+    "keep_largest_components", "select_structures", "load_segmentation_model", "ROI", "OVERLAP",
 ]

@@ -87,7 +87,7 @@ class StreamedFeatures(nn.Module):
     not copied (``net.to(memory_format=torch.channels_last_3d)`` first saves memory).
     """
 
-    casts_itself = True  # runs in ``dtype`` without autocast (see CTFMLib.embed.Runner)
+    casts_itself = True  # runs in ``dtype`` without autocast (see CTFMLib.runtime.Runner)
 
     def __init__(self, net: SegResNetDS, dtype: torch.dtype = torch.float32, slab_bytes: Optional[int] = None):
         super().__init__()

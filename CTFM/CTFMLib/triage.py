@@ -239,7 +239,7 @@ def triage_image(image: Image, model, device: str = "auto", progress=None) -> Tr
     """
     import torch
 
-    from .embed import select_device
+    from .runtime import select_device
 
     t0 = time.perf_counter()
     report = progress or null_progress

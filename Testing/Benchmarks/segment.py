@@ -202,7 +202,8 @@ def run_reference_resampled(args, model) -> dict:
 def run_ours(args) -> dict:
     from CTFMLib.image import read_image
     from CTFMLib.progress import Cancelled
-    from CTFMLib.segment import load_segmentation_model, run_options, segment_image
+    from CTFMLib.runtime import run_options
+    from CTFMLib.segment import load_segmentation_model, segment_image
 
     model, labels = load_segmentation_model(args.model)
     options = run_options(args.device, args.precision, batch_size=args.batch_size)
@@ -304,7 +305,8 @@ def run_segment(args) -> dict:
 
     from CTFMLib.image import read_image
     from CTFMLib.progress import Cancelled
-    from CTFMLib.segment import load_segmentation_model, run_options, segment_image
+    from CTFMLib.runtime import run_options
+    from CTFMLib.segment import load_segmentation_model, segment_image
 
     missing = interface_problem()
     if missing:

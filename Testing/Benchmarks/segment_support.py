@@ -583,7 +583,8 @@ class Segmenter:
     through exactly the code a preset runs."""
 
     def __init__(self, model_folder: Path, precision="fp32", threads=None):
-        from CTFMLib.segment import load_segmentation_model, run_options
+        from CTFMLib.runtime import run_options
+        from CTFMLib.segment import load_segmentation_model
 
         self.model, self.labels = load_segmentation_model(str(model_folder))
         self.config = json.loads((Path(model_folder) / "config.json").read_text())

@@ -47,7 +47,7 @@ import numpy as np
 from ..arguments import non_negative_int, parse_numbers, positive_int
 from ..text import count, print_result
 from .ingest import (DEFAULT_WEIGHTS, EXIT_ERROR, STRIDE_MAX_FACTOR, STRIDE_WARN_FACTOR, add_scans, index_weights,
-                     load_encoder, plan_add, print_summary, run_options, settings_of, text_or_none)
+                     load_encoder, options_of, plan_add, print_summary, settings_of, text_or_none)
 
 RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
 
@@ -181,7 +181,7 @@ def cmd_add(args) -> int:
 
     if parallel.requested():  # under torchrun: ranks share the work (CTFMLib.retrieval.parallel)
         return parallel.cmd_add(args)
-    from ..embed import Runner
+    from ..runtime import Runner
     from .embedding import embedding_settings
     from .index import VectorIndex
 
@@ -189,7 +189,7 @@ def cmd_add(args) -> int:
     added, skipped, failed, not_ct = 0, plan.skipped, list(plan.failed), []
     if plan.todo:  # the weights are loaded (and hashed) only when there is work
         model, model_id, digest = load_encoder(plan.source, args.progress_cb)
-        runner = Runner(model, run_options(args), args.progress_cb)
+        runner = Runner(model, options_of(args), args.progress_cb)
         config = embedding_settings(**plan.settings)
         index = VectorIndex.open(plan.root, weights_hash=digest) if plan.existing else None
 
@@ -207,7 +207,7 @@ def cmd_add(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..embed import Runner
+    from ..runtime import Runner
     from ..image import read_image
     from .embedding import query_vector
     from .index import VectorIndex
@@ -242,7 +242,7 @@ def cmd_query(args) -> int:
             if exclude is None:
                 raise ValueError("--exclude-patient needs the query's PatientID, and this image has none "
                                  "(only DICOM series carry one); leave out --exclude-patient")
-        runner = Runner(model, run_options(args), args.progress_cb)
+        runner = Runner(model, options_of(args), args.progress_cb)
         vector = query_vector(image, runner, point_lps=point, box_lps=box, progress=args.progress_cb,
                               **settings_of(index))
         level = "scan" if point is None and box is None else "patch"

@@ -35,10 +35,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..embed import PATCH_SIZE, PATCH_SPACING, RunOptions, Runner, cut_patch, expect_forward, patch_starts, resolve_encoder
+from ..embed import PATCH_SIZE, PATCH_SPACING, cut_patch, expect_forward, patch_starts, resolve_encoder
 from ..image import Image, ImageError
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, Preprocessed, preprocess
 from ..progress import null_progress
+from ..runtime import RunOptions, Runner
 from ..text import count
 
 
@@ -119,7 +120,7 @@ def scan_embeddings(
 ) -> tuple:
     """Embed every patch of the grid (module docstring) of ``image`` (a CT in HU).
 
-    ``encoder``: a :class:`~CTFMLib.embed.Runner`, a network, or a weights source. ``stride``:
+    ``encoder``: a :class:`~CTFMLib.runtime.Runner`, a network, or a weights source. ``stride``:
     voxels between patch starts on the preprocessed grid, one int or one per axis (S, P, L);
     ``None`` = ``patch_size``. Returns ``(scan_vector (D,), patch_vectors (N, D), centres_lps
     (N, 3))``: float32 vectors, float64 centres in LPS mm.
@@ -131,7 +132,7 @@ def scan_embeddings(
     pre = _preprocess(image, spacing)
     starts = patch_grid(pre.array.shape, patch_size, stride)
     expect_forward(runner, len(starts) * float(np.prod(patch_size)), progress,
-                   f"{count(len(starts), 'patch', 'patches')}, {runner.device.type}")
+                   f"{count(len(starts), 'patch', 'patches')}, {runner.placement}")
     vectors = _embed_starts(pre, runner, starts, patch_size, progress)
     return vectors.mean(axis=0).astype(np.float32), vectors, patch_centres(pre, starts, patch_size)
 

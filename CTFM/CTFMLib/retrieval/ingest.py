@@ -78,8 +78,10 @@ def load_encoder(source: str, progress=None):
     return model, model_id_of(source), digest
 
 
-def run_options(args):
-    from ..embed import RunOptions
+def options_of(args):
+    """The :class:`~CTFMLib.runtime.RunOptions` of ``ctfm index``'s ``--device``/``--precision``/``--threads``/
+    ``--batch-size`` (precision ``auto`` is resolved by the Runner, on its device)."""
+    from ..runtime import RunOptions
 
     return RunOptions(device=args.device, precision=args.precision, threads=args.threads,
                       batch_size=args.batch_size)

@@ -13,7 +13,8 @@ processes work together like this:
   error in this step (other weights, another stride, ...) is printed once, by rank 0; every rank exits 2.
 - **Embed, apart.** Rank r of N takes scans r, r + N, r + 2N, ... of that list, on its own device:
   ``cuda:LOCAL_RANK`` when ``--device`` is auto or cuda and CUDA is available, else the ``--device``
-  given. On the CPU torchrun gives each process one thread (``OMP_NUM_THREADS=1``) unless ``--threads``.
+  given (:func:`CTFMLib.runtime.rank_device`). On the CPU torchrun gives each process one thread
+  (``OMP_NUM_THREADS=1``) unless ``--threads``.
 - **Write, in turn.** Every rank adds its scans to the index itself; SQLite's write lock lets one writer
   in at a time and the others wait (up to :data:`LOCK_TIMEOUT`), each scan added atomically as in the
   single-process add. Resumable the same way: a run started again skips the scans already added.
@@ -42,19 +43,6 @@ def requested() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
-def rank_device(device: str, local_rank: int) -> str:
-    """This process's device: ``cuda:LOCAL_RANK`` for auto/cuda when CUDA is available, else ``device``.
-
-    A CUDA device chosen here becomes the current one, so no process opens a context on GPU 0 as well.
-    """
-    import torch
-
-    if (device or "auto").lower() in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local_rank % torch.cuda.device_count()}"
-        torch.cuda.set_device(device)
-    return device
-
-
 def share(todo: list, rank: int, world: int) -> list:
     """The scans of ``todo`` that process ``rank`` of ``world`` embeds: every world-th, from the rank's."""
     return todo[rank::world]
@@ -81,8 +69,8 @@ def cmd_add(args) -> int:
     """``ctfm index add`` in one of several processes (module docstring); the exit code of this process."""
     import torch.distributed as dist
 
-    from ..embed import Runner
     from ..progress import null_progress
+    from ..runtime import Runner, rank_device
     from . import ingest
     from .embedding import embedding_settings
     from .index import VectorIndex
@@ -91,7 +79,7 @@ def cmd_add(args) -> int:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         progress = args.progress_cb if rank == 0 else null_progress
-        options = ingest.run_options(args)
+        options = ingest.options_of(args)
         options.device = rank_device(options.device, int(os.environ.get("LOCAL_RANK", rank) or 0))
         runner = digest = None
         box = [None]

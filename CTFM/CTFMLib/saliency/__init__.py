@@ -166,7 +166,7 @@ def saliency_image(image: Image, weights=None, target: str = "embedding", method
     ``max_memory_gb``: refuse (:class:`~CTFMLib.saliency.budget.SaliencyMemoryError`, naming cheaper settings)
     before the run when its estimated peak is higher (default: 85% of the memory available).
     """
-    from ..embed import select_device
+    from ..runtime import select_device
 
     t0 = time.perf_counter()
     if target not in TARGETS:

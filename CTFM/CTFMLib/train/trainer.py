@@ -50,6 +50,7 @@ from torch import nn
 
 from ..files import (WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
                      temporary_folder)
+from ..runtime import rank_device
 from ..text import count
 from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, per_rank, shutdown
 from .runfolder import remove_temporaries
@@ -102,7 +103,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU; an explicit but unavailable CUDA is an error."""
+    """``auto`` -> CUDA when available, else the CPU; an explicit but unavailable CUDA is an error.
+
+    Stricter than :func:`CTFMLib.runtime.select_device`, which falls back to the CPU: a training run
+    that silently lands on the CPU would take days."""
     name = (name or "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,7 +138,7 @@ def train(task: Task, out_dir, resume: bool = False, max_steps: int | None = Non
     dev = resolve_device(requested)
     info = init_distributed(dev.type)
     if info.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
+        dev = torch.device(rank_device("cuda", info.local_rank))
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _Run(task, Path(out_dir), resume, n_steps, progress, dev, info).run()
