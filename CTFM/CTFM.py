@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import qt
-
 import slicer
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
@@ -39,6 +38,7 @@ from CTFMSlicer.overlay import (
     heatmap_layers,
     set_heatmap_threshold,
 )
+from CTFMSlicer.running import JOBS, JobBusyError
 from CTFMSlicer.saliency import (
     DEFAULT_SEGMENTATION_MODEL,
     MAX_CUBE_MM,
@@ -49,8 +49,6 @@ from CTFMSlicer.saliency import (
     TARGETS,
     target_label,
 )
-from CTFMSlicer.triage import FOLDER as TRIAGE_FOLDER
-from CTFMSlicer.triage import triage_model_choices
 from CTFMSlicer.train import (
     MAX_STEPS_LIMIT,
     SOURCE_HINTS,
@@ -64,7 +62,8 @@ from CTFMSlicer.train import (
     trainRequest,
     writeStarterConfig,
 )
-from CTFMSlicer.running import JOBS, JobBusyError
+from CTFMSlicer.triage import FOLDER as TRIAGE_FOLDER
+from CTFMSlicer.triage import triage_model_choices
 from CTFMSlicer.widget import ParameterNodeWidgetMixin
 
 CACHE_FOLDER_SETTING = "CTFM/CacheFolder"

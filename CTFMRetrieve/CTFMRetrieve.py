@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-
 import qt
 import slicer
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLTableNode

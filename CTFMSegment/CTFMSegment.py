@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import qt
-
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _

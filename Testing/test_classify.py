@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from ctfm_testing.phantoms import GEOMETRIES, head_phantom
 from CTFMLib.networks import SegResEncoder
 from CTFMLib.train.classify import (
@@ -379,8 +380,9 @@ def test_probe_embeddings_cache_is_reused_and_invalidated(tmp_path, one_thread, 
 @pytest.mark.slow
 def test_ctfm_train_classify_probe_end_to_end(tmp_path):
     from conftest import run_ctfm
-    from CTFMLib.image import write_image
+
     from ctfm_testing.phantoms import head_phantom
+    from CTFMLib.image import write_image
 
     rows = ["path,label"]
     for i in range(4):

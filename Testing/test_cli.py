@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import run_ctfm
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from ctfm_testing.hostile import ctfm, small_ct, tiny_segmenter, tiny_triage
 from CTFMLib.cli import build_parser
 

@@ -260,8 +260,8 @@ def test_installed_layout_finds_ctfmlib_in_qt_scripted_modules(tmp_path):
 
 def tiny_pretraining(tmp_path) -> Path:
     """A configuration that pretrains a small encoder for a few steps on two phantom CTs."""
-    from CTFMLib.image import write_image
     from ctfm_testing.phantoms import body_phantom
+    from CTFMLib.image import write_image
 
     data = tmp_path / "scans"
     data.mkdir()

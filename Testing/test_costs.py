@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-from ctfm_testing.hostile import ctfm, small_ct, tiny_encoder
 
+from ctfm_testing.hostile import ctfm, small_ct, tiny_encoder
 from CTFMLib import costs
 from CTFMLib.costs import Costs, flops_per_voxel, rate
 from CTFMLib.progress import ConsoleBar, Estimate, JsonLines, subrange

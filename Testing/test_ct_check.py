@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ctfm_testing.data import require_shared_data
 from ctfm_testing.hostile import ctfm
 from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom
-
 from CTFMLib.image import Image, read_image, write_image
 
 EXAMPLE = "totalsegmentator_example"

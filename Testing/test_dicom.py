@@ -15,13 +15,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from ctfm_testing.data import require_shared_data
+from ctfm_testing.phantoms import GEOMETRIES, body_phantom
+from ctfm_testing.synthetic_dicom import edit_dicom, write_ct_series, write_enhanced_ct
 from CTFMLib.dicom import list_dicom_series, read_dicom_series
 from CTFMLib.dicom_write import write_dicom_series
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.progress import Cancelled
-from ctfm_testing.data import require_shared_data
-from ctfm_testing.phantoms import GEOMETRIES, body_phantom
-from ctfm_testing.synthetic_dicom import edit_dicom, write_ct_series, write_enhanced_ct
 
 REAL_SERIES = ("totalsegmentator_example", "example_ct_dicom")
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from ctfm_testing.checkpoints import monai_encoder, write_monai_encoder
+from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 from CTFMLib.embed import PATCH_SIZE, embed_image, patch_starts
 from CTFMLib.image import ImageError, read_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.progress import Cancelled
-from CTFMLib.runtime import RunOptions, Runner, select_device
-from ctfm_testing.checkpoints import monai_encoder, write_monai_encoder
-from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
+from CTFMLib.runtime import Runner, RunOptions, select_device
 
 
 @pytest.mark.slow

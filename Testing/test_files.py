@@ -13,7 +13,6 @@ import pytest
 from CTFMLib import files
 from CTFMLib.files import FileSafetyError, OutputExistsError, WriteError
 
-
 # --- names -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [

@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_ctfm
+
 from ctfm_testing.hostile import ctfm, small_ct
 
 TINY = {"in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 1]}

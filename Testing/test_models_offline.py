@@ -16,8 +16,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import run_ctfm
+
 from ctfm_testing.hostile import small_ct
 
 UNREACHABLE = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"}  # port 9 (discard): nothing listens

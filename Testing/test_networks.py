@@ -7,8 +7,8 @@ import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder as MonaiEncoder
 from monai.networks.nets.segresnet_ds import SegResNetDS as MonaiSegResNetDS
 
-from CTFMLib.networks import SegResEncoder, SegResNetDS, build_encoder, build_network
 from ctfm_testing.checkpoints import monai_encoder, monai_segresnet
+from CTFMLib.networks import SegResEncoder, SegResNetDS, build_encoder, build_network
 
 
 def shapes(model):

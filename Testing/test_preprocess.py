@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, axis_codes, preprocess, validate_ct
-from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 
 SIX = ["ras", "lps", "oblique20", "aniso_0.7x0.7x5", "odd_sizes", "int16", "float32", "permuted"]
 

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from CTFMLib.networks import SegResEncoder
 from CTFMLib.preprocess import PreprocessConfig, foreground_box, preprocess
 from CTFMLib.train import views as V

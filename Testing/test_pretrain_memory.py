@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from ctfm_testing.hostile import assert_refused, ctfm
 from CTFMLib.train.pretrain import PretrainTask
 

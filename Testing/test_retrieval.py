@@ -20,18 +20,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_ctfm, user_model_store
+
+from ctfm_testing.checkpoints import monai_encoder
+from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom, rotation_matrix
 from CTFMLib.embed import PATCH_SIZE, embed_image, patch_starts
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.retrieval import metrics
 from CTFMLib.retrieval.embedding import (
-    embedding_settings, patch_grid, point_patch_start, query_vector, scan_embeddings,
+    embedding_settings,
+    patch_grid,
+    point_patch_start,
+    query_vector,
+    scan_embeddings,
 )
-from CTFMLib.runtime import RunOptions, Runner
-from ctfm_testing.checkpoints import monai_encoder
-from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom, rotation_matrix
+from CTFMLib.runtime import Runner, RunOptions
 
 MARKER = (1500 + 1024) / 3072  # 1500 HU on the model's [0, 1] scale: only the 2000 HU marker is brighter
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CTFMLib.retrieval import RetrievalIndexError, ScanRecord, VectorIndex
-from CTFMLib.retrieval import store
+from CTFMLib.retrieval import RetrievalIndexError, ScanRecord, VectorIndex, store
 
 ROOT = Path(__file__).resolve().parents[1]
 HASH = "a" * 64

@@ -13,14 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_ctfm
+
+from ctfm_testing.checkpoints import write_monai_encoder
+from ctfm_testing.phantoms import body_phantom, head_phantom
 from CTFMLib.image import write_image
 from CTFMLib.retrieval.index import VectorIndex
 from CTFMLib.retrieval.parallel import share
 from CTFMLib.runtime import rank_device
-from ctfm_testing.checkpoints import write_monai_encoder
-from ctfm_testing.phantoms import body_phantom, head_phantom
 
 
 def torchrun_ctfm(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:

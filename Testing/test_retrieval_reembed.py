@@ -10,11 +10,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_ctfm
+
 from ctfm_testing.checkpoints import write_monai_encoder
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom, head_phantom
-
 from CTFMLib.image import write_image
 from CTFMLib.retrieval import VectorIndex
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from ctfm_testing.phantoms import GEOMETRIES, phantom_grid, voxel_centres
-
 from CTFMLib.image import Image, read_image
 from CTFMLib.retrieval import thumbnails
 
@@ -96,8 +95,8 @@ def test_cli_query_writes_thumbnails_excludes_a_scan_and_centres_scan_hits(tmp_p
     import json
 
     from conftest import run_ctfm
-    from ctfm_testing.phantoms import body_phantom
 
+    from ctfm_testing.phantoms import body_phantom
     from CTFMLib.image import write_image
 
     scans = [write_image(body_phantom(**GEOMETRIES[g], seed=i), tmp_path / f"{g}.nii.gz")

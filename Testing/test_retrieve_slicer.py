@@ -19,9 +19,9 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without Qt) is not installed")
 
 from conftest import run_ctfm  # noqa: E402
+
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom, head_phantom  # noqa: E402
-
 from CTFMLib.image import read_image, write_image  # noqa: E402
 from CTFMRetrieveLib import cases, results  # noqa: E402
 from CTFMRetrieveLib.jobs import QueryHit, parse_add_output, query_arguments  # noqa: E402

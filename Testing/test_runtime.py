@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from CTFMLib.runtime import RunOptions, Runner
 from ctfm_testing.hostile import ctfm, small_ct, tiny_encoder
+from CTFMLib.runtime import Runner, RunOptions
 
 
 def expected_precision(device: str) -> str:

@@ -23,8 +23,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctfm_testing.hostile import (assert_refused, ctfm, fill, leftovers, small_ct, small_tmpfs, tiny_encoder,
-                                  tiny_segmenter, tiny_triage, tree_digest)
+from ctfm_testing.hostile import (
+    assert_refused,
+    ctfm,
+    fill,
+    leftovers,
+    small_ct,
+    small_tmpfs,
+    tiny_encoder,
+    tiny_segmenter,
+    tiny_triage,
+    tree_digest,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -355,11 +365,10 @@ def test_b_pickled_code_in_weights_never_runs(tmp_path, variant):
 def test_b_a_pickled_training_checkpoint_never_runs_on_resume(tmp_path):
     """B: training resume loads checkpoints with weights_only=True: a last.pt carrying a payload is not executed."""
     import torch
-
     from test_safety_training import write_config
 
-    from CTFMLib.image import write_image
     from ctfm_testing.phantoms import body_phantom
+    from CTFMLib.image import write_image
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -486,8 +495,9 @@ def test_b_nan_and_inf_in_nrrd_are_refused_by_every_command(models, tmp_path, co
 @pytest.mark.parametrize("sform", ["singular", "zero"])
 def test_b_singular_and_zero_sform_nifti_are_refused(tmp_path, sform):
     """B: singular and zero sform NIfTI are refused (ITK), like the sheared one (test_safety_images)."""
-    from CTFMLib.image import ImageError, read_image
     from test_safety_images import ct_values, nifti
+
+    from CTFMLib.image import ImageError, read_image
 
     rows = {"singular": [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0]], "zero": [[0, 0, 0, 0]] * 3}[sform]
     path = nifti(tmp_path / f"{sform}.nii", ct_values(), sform=rows)
@@ -498,8 +508,9 @@ def test_b_singular_and_zero_sform_nifti_are_refused(tmp_path, sform):
 @pytest.mark.parametrize("case", ["no ImageOrientationPatient", "no ImagePositionPatient in any file"])
 def test_b_dicom_without_orientation_or_any_position_is_refused_naming_a_file(tmp_path, case):
     """B: missing ImageOrientationPatient, and ImagePositionPatient missing from every file (one file: test_dicom)."""
-    from CTFMLib.image import ImageError, read_image
     from test_safety_images import dicom_series, edit_all
+
+    from CTFMLib.image import ImageError, read_image
 
     paths = dicom_series(tmp_path)
     edit_all(paths, **({"ImageOrientationPatient": None} if case.startswith("no Image O")
@@ -545,9 +556,10 @@ def test_b_unicode_and_punctuation_in_paths_work_through_the_cli(models, tmp_pat
 def test_b_directory_links_are_not_followed_when_folders_are_searched(tmp_path):
     """B: `rglob` does not follow directory symlinks: no loop on `up -> ..` or a link to `/` (training sources,
     recursive DICOM reading)."""
+    from test_safety_images import dicom_series
+
     from CTFMLib.dicom import read_dicom_series
     from CTFMLib.train.data import find_scans
-    from test_safety_images import dicom_series
 
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
@@ -686,8 +698,8 @@ def test_b_sigkilled_writer_with_removes_and_compactions_keeps_every_committed_v
 def test_b_dicom_patient_ids_with_quotes_and_escapes_are_stored_verbatim_and_reembedded(models, tmp_path):
     """B: a DICOM PatientID with quotes, SQL and ESC is stored verbatim, the index stays intact, and `index reembed`
     reproduces it."""
-    from CTFMLib.retrieval.index import VectorIndex
     from ctfm_testing.synthetic_dicom import write_ct_series
+    from CTFMLib.retrieval.index import VectorIndex
 
     patient = "O'Brien\"; DROP TABLE scans;--\x1b[31m"
     write_ct_series(tmp_path / "series", small_ct(shape=(24, 20, 10), spacing=(6.0, 6.0, 6.0)), intercept=-2048.0,

@@ -19,12 +19,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from ctfm_testing.hostile import assert_refused, ctfm, leftovers, small_ct, tiny_encoder
+from ctfm_testing.synthetic_dicom import edit_dicom, write_ct_series, write_enhanced_ct
 from CTFMLib.dicom import read_dicom_series
 from CTFMLib.dicom_write import write_dicom_series
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import validate_ct
-from ctfm_testing.hostile import assert_refused, ctfm, leftovers, small_ct, tiny_encoder
-from ctfm_testing.synthetic_dicom import edit_dicom, write_ct_series, write_enhanced_ct
 
 # --- writers of hostile files ------------------------------------------------------------------------
 
@@ -212,9 +212,9 @@ def test_a16_spacing_outside_0_05_to_50_mm_is_refused_naming_the_axis(tmp_path, 
 
 def test_a16_every_test_geometry_and_the_real_data_pass_the_grid_check():
     """A16's limits must not refuse real scans: every phantom grid of the suite, and the shared CT."""
-    from CTFMLib.image import check_read_geometry
     from ctfm_testing.data import require_shared_data
     from ctfm_testing.phantoms import GEOMETRIES, body_phantom
+    from CTFMLib.image import check_read_geometry
 
     for name, geometry in GEOMETRIES.items():
         check_read_geometry(body_phantom(**geometry), name)

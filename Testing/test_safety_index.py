@@ -17,13 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_ctfm
-from ctfm_testing.hostile import (assert_refused, ctfm, fill, leftovers, small_ct, small_tmpfs, tiny_encoder,
-                                  tree_digest)
 
-from CTFMLib.retrieval import RetrievalIndexError, ScanRecord, VectorIndex
-from CTFMLib.retrieval import store
+from ctfm_testing.hostile import assert_refused, ctfm, fill, leftovers, small_ct, small_tmpfs, tiny_encoder, tree_digest
+from CTFMLib.retrieval import RetrievalIndexError, ScanRecord, VectorIndex, store
 
 ROOT = Path(__file__).resolve().parents[1]
 HASH = "a" * 64

@@ -384,8 +384,8 @@ def test_b_concurrent_imports_under_one_id_always_leave_a_loadable_model(store, 
 
 def test_a12_a_published_id_takes_other_weights_only_with_force_and_says_so(store, enc, tmp_path):
     """A12: any weights could be imported as the published model and were then used as the default weights."""
-    from CTFMLib.cli import model_status
     from CTFMLib.catalog import load_catalog
+    from CTFMLib.cli import model_status
     from CTFMLib.weights import load_model
 
     line = assert_refused(ctfm("models", "import", enc, "--id", PUBLISHED), "--force")

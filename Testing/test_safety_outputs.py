@@ -13,8 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from ctfm_testing.hostile import (assert_refused, ctfm, small_ct, tiny_encoder, tiny_segmenter, tiny_triage,
-                                  tree_digest)
+from ctfm_testing.hostile import assert_refused, ctfm, small_ct, tiny_encoder, tiny_segmenter, tiny_triage, tree_digest
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ctfm_testing.hostile import leftovers, small_ct, tiny_encoder, tiny_segmenter
-
 import CTFMLib
+from ctfm_testing.hostile import leftovers, small_ct, tiny_encoder, tiny_segmenter
 
 CTFM_ROOT = str(Path(CTFMLib.__file__).resolve().parents[1])
 

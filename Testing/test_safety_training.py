@@ -309,8 +309,8 @@ def test_a18_every_key_is_range_checked_when_the_configuration_is_loaded():
 def test_a18_csv_rows_that_are_not_scans_are_reported_in_skipped_csv(tmp_path, scans):
     """A18: a CSV row naming a FIFO or a folder with no scans was silently dropped (not in skipped.csv), and a
     folder row made the DICOM probe read every file of its tree (e.g. /etc)."""
-    from CTFMLib.image import write_image
     from ctfm_testing.phantoms import body_phantom
+    from CTFMLib.image import write_image
 
     fifo = tmp_path / "pipe.nii.gz"
     os.mkfifo(fifo)
@@ -518,8 +518,9 @@ def test_a21_the_slicer_hub_reports_a_signal_stop_as_not_finished(tmp_path, conf
     """A21: CTFMTrain now exits 143 after SIGTERM (Slicer: completed with errors); the hub's Train section says
     the run did not finish and how to continue, instead of "completed"."""
     pytest.importorskip("slicer", reason="slicer-core (MRML without Qt) is not installed")
-    from CTFMSlicer.train import trainRequest
     from test_slicer_train import cli_scene, start
+
+    from CTFMSlicer.train import trainRequest
 
     run, node, seen, logic = start(cli_scene(), trainRequest("pretrain", config, tmp_path / "out"))
     logic.status(node, node.Running)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from ctfm_testing.checkpoints import monai_encoder, monai_segresnet, write_published_layout
+from ctfm_testing.phantoms import GEOMETRIES, HEAD_HU, body_phantom, head_phantom
 from CTFMLib.image import read_image, write_image
 from CTFMLib.networks import SegResEncoder
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.progress import Cancelled
 from CTFMLib.saliency import parse_target, saliency_image
-from ctfm_testing.checkpoints import monai_encoder, monai_segresnet, write_published_layout
-from ctfm_testing.phantoms import GEOMETRIES, HEAD_HU, body_phantom, head_phantom
 
 SPL = GEOMETRIES["spl"]["direction"]
 SHAPE_GEOMETRIES = ["lps", "ras", "oblique20", "aniso_0.7x0.7x5", "odd_sizes", "spl", "permuted"]

@@ -13,7 +13,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ctfm_testing.phantoms import HEAD_LABELS, head_phantom  # noqa: E402
-
 from CTFMLib.networks import SegResNetDS  # noqa: E402
 from CTFMLib.saliency import saliency_image  # noqa: E402
 from CTFMLib.saliency.budget import SaliencyMemoryError  # noqa: E402
@@ -75,7 +74,6 @@ def test_the_estimate_covers_the_peak_a_gradient_run_takes():
 def test_ctfm_saliency_past_its_budget_is_one_line_exit_2(tmp_path, tiny_encoder_folder):
     """The command line: --max-memory-gb below what the run needs refuses in one line, writes nothing."""
     from ctfm_testing.phantoms import body_phantom
-
     from CTFMLib.image import write_image
 
     write_image(body_phantom(shape=(48, 48, 40)), tmp_path / "ct.nii.gz")

@@ -6,19 +6,23 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
+from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
+from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import preprocess
 from CTFMLib.progress import Cancelled
-from CTFMLib.segment import (
-    ROI, MemoryBudgetError, estimate_seconds, keep_largest_components, segment_image,
-)
 from CTFMLib.runtime import resolve_precision
+from CTFMLib.segment import (
+    ROI,
+    MemoryBudgetError,
+    estimate_seconds,
+    keep_largest_components,
+    segment_image,
+)
 from CTFMLib.sliding_window import gaussian_importance, plan_windows, stitch
-from conftest import ROOT
-from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
-from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 
 SIX = ["ras", "lps", "oblique20", "aniso_0.7x0.7x5", "odd_sizes", "int16", "float32", "permuted", "spl"]
 NAMES = {1: "fat", 2: "soft_tissue", 3: "dense", 4: "marker"}

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_ctfm
 from torch import nn
 
-from CTFMLib.image import read_image, write_image
-from CTFMLib.segment import segment_image
-from conftest import ROOT, run_ctfm
 from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
 from ctfm_testing.phantoms import body_phantom
+from CTFMLib.image import read_image, write_image
+from CTFMLib.segment import segment_image
 
 LABELS = {"1": "liver", "2": "spleen", "3": "kidney_left", "4": "aorta"}
 

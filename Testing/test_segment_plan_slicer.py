@@ -24,7 +24,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without Qt) is 
 
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom  # noqa: E402
-
 from CTFMLib.image import Image  # noqa: E402
 from CTFMLib.segment_plan import QUALITIES, ROI, model_facts, plan_segmentation, planned_run  # noqa: E402
 from CTFMSegmentLib import plan as segment_plan  # noqa: E402

@@ -21,7 +21,6 @@ vtk = pytest.importorskip("vtk")
 
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom  # noqa: E402
-
 from CTFMLib.image import Image, ImageError, write_image  # noqa: E402
 from CTFMSegmentLib import models as segment_models  # noqa: E402
 from CTFMSegmentLib import output as segment_output  # noqa: E402

@@ -14,19 +14,26 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
+from test_segment import SIX, HUThresholds, assert_meaningful, threshold_labels, tiny_segresnet
 from torch import nn
 
-from CTFMLib.image import Image, read_image, write_image
-from CTFMLib.native_labels import NativeLabels
-from CTFMLib.segment import load_segmentation_model, segment_image
-from CTFMLib.segment_plan import (QUALITIES, ROI, Timings, model_facts, parse_spacing, plan_segmentation,
-                                  working_grid_shape)
-from CTFMLib.sliding_window import stitch
-from conftest import ROOT
 from ctfm_testing.checkpoints import write_published_layout
 from ctfm_testing.hostile import ctfm
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom
-from test_segment import SIX, HUThresholds, assert_meaningful, threshold_labels, tiny_segresnet
+from CTFMLib.image import Image, read_image, write_image
+from CTFMLib.native_labels import NativeLabels
+from CTFMLib.segment import load_segmentation_model, segment_image
+from CTFMLib.segment_plan import (
+    QUALITIES,
+    ROI,
+    Timings,
+    model_facts,
+    parse_spacing,
+    plan_segmentation,
+    working_grid_shape,
+)
+from CTFMLib.sliding_window import stitch
 
 SMALL_ROI = (48, 80, 80)
 
@@ -34,8 +41,17 @@ SMALL_ROI = (48, 80, 80)
 def monai_resampled_labels(path, monai_model, pixdim, roi=ROI):
     """Spacingd -> the card's preprocessing and sliding window -> softmax -> Invertd (linear) -> argmax."""
     from monai.inferers import SlidingWindowInferer
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, Invertd, LoadImaged,
-                                  Orientationd, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), EnsureTyped("image"),
                    Orientationd("image", axcodes="SPL"), Spacingd("image", pixdim=pixdim, mode="bilinear"),

@@ -22,7 +22,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without Qt) is 
 
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import GEOMETRIES, head_phantom  # noqa: E402
-
 from CTFMLib.image import Image, ImageError, read_image, write_image  # noqa: E402
 from CTFMSlicer import models, overlay, saliency, triage  # noqa: E402
 from CTFMSlicer.logic import CTFMLogic  # noqa: E402

@@ -16,7 +16,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without Qt) is 
 
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom  # noqa: E402
-
 from CTFMLib.image import ImageError  # noqa: E402
 from CTFMSlicer import dependencies  # noqa: E402
 from CTFMSlicer.logic import DEFAULT_WEIGHTS, CTFMLogic  # noqa: E402
@@ -203,9 +202,8 @@ def test_segment_input_checks(mrml_scene, tmp_path):
 
 
 def test_segment_model_layout_matches_ctfmlib():
-    from CTFMSegmentLib import logic
-
     import CTFMLib.weights as weights
+    from CTFMSegmentLib import logic
 
     assert (logic.CONFIG_NAME, logic.WEIGHTS_NAME) == (weights.CONFIG_NAME, weights.WEIGHTS_NAME)
 

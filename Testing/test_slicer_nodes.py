@@ -13,7 +13,6 @@ import vtk  # noqa: E402  (slicer-core brings VTK)
 
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import BODY_LABELS, DEFAULT_BODY_RADIUS_MM, GEOMETRIES, body_phantom  # noqa: E402
-
 from CTFMLib.image import Image, ImageError  # noqa: E402
 from CTFMSlicer.nodes import (  # noqa: E402
     image_from_volume_node,

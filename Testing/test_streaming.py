@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from CTFMLib.networks import SegResNetDS, SegResEncoder
+from CTFMLib.networks import SegResEncoder, SegResNetDS
 from CTFMLib.streaming import StreamedFeatures
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_ctfm
 from test_cli_module import tiny_pretraining
 
@@ -41,8 +40,8 @@ def test_ctfm_train_refuses_unknown_keys(tmp_path):
 def test_ctfm_train_classify_reads_csv_labels_and_exports_a_triage_model(tmp_path):
     import numpy as np
 
-    from CTFMLib.image import write_image
     from ctfm_testing.phantoms import head_phantom
+    from CTFMLib.image import write_image
 
     rows = ["path,label"]
     for i in range(4):  # 60 slices of 3 mm: passes the upstream filters

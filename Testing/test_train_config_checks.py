@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ctfm_testing.hostile import ctfm, tree_digest
 
 
@@ -172,8 +173,8 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path):
     """Scans that all fail the pretraining filters (20 slices each): refused with the reasons in the line, and
     the output folder (and the parent it made) are gone. Before: ``new/run`` stayed with its marker and a
     ``data/`` holding only skip records, and the message pointed into it."""
-    from CTFMLib.image import write_image
     from ctfm_testing.phantoms import body_phantom
+    from CTFMLib.image import write_image
 
     short = tmp_path / "short"
     for seed in (1, 2):

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom
 from ctfm_testing.synthetic_dicom import write_ct_series
 from CTFMLib.dicom import list_dicom_series
@@ -363,10 +364,10 @@ def test_prepare_in_process_agrees_and_can_be_cancelled(tmp_path):
 
 def test_triage_cache_keeps_short_head_scans_that_pretraining_skips(tmp_path):
     """30 slices of 5 mm: too few for pretraining's filter, a normal head CT for triage fine-tuning."""
+    from ctfm_testing.phantoms import head_phantom
     from CTFMLib.image import write_image
     from CTFMLib.train.classify import TriageScanCache
     from CTFMLib.train.data import ScanCache, ScanRef, check_scan
-    from ctfm_testing.phantoms import head_phantom
 
     image = head_phantom(shape=(48, 48, 30), spacing=(4.0, 4.0, 5.0))
     write_image(image, tmp_path / "head.nii.gz")

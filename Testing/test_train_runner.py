@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from CTFMLib.networks import SegResEncoder
 from CTFMLib.progress import Cancelled
 from CTFMLib.train.config import DEFAULTS, ConfigError, load_config
@@ -31,7 +33,6 @@ from CTFMLib.train.distributed import rank_indices
 from CTFMLib.train.schedule import lr_factor, make_scheduler
 from CTFMLib.train.trainer import Task, TrainingError, load_checkpoint, resolve_device, train
 from CTFMLib.weights import load_model, save_pretrained
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="uses POSIX signals")

@@ -6,7 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_ctfm
 
+from ctfm_testing.data import require_shared_data
+from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 from CTFMLib.image import read_image, write_image
 from CTFMLib.train.config import load_config
 from CTFMLib.train.crops import affine_matrix, augment, crop_window, extract, warp
@@ -20,9 +23,6 @@ from CTFMLib.train.segmentation import (
     resolve_classes,
     sample_crop,
 )
-from conftest import run_ctfm
-from ctfm_testing.data import require_shared_data
-from ctfm_testing.phantoms import BODY_LABELS, GEOMETRIES, body_phantom
 
 NO_AUGMENT = {"affine_p": 0.0, "smooth_p": 0.0, "intensity_scale_p": 0.0, "intensity_shift_p": 0.0, "noise_p": 0.0}
 

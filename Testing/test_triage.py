@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_ctfm
+
 from ctfm_testing.phantoms import GEOMETRIES, head_phantom
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.progress import null_progress, parse_json_progress

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctfm_testing.checkpoints import monai_encoder, monai_segresnet, write_hf_cache, write_published_layout
 from CTFMLib import weights as W
 from CTFMLib.catalog import Catalog, ModelEntry
 from CTFMLib.networks import SegResEncoder
-from ctfm_testing.checkpoints import monai_encoder, monai_segresnet, write_hf_cache, write_published_layout
 
 TINY = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": [1, 1, 1, 1]}
 

@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, cache
-from .arguments import (Parser, fraction, memory_gb, parse_point, positive_float,
-                        positive_int)
+from .arguments import Parser, fraction, memory_gb, parse_point, positive_float, positive_int
 from .catalog import load_catalog
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
 from .text import count, print_result, say, size

@@ -18,7 +18,7 @@ import torch
 from .image import Image, ImageError
 from .preprocess import PreprocessConfig, Preprocessed, preprocess
 from .progress import Estimate, null_progress, subrange
-from .runtime import RunOptions, Runner
+from .runtime import Runner, RunOptions
 from .text import count
 
 PATCH_SIZE = (24, 128, 128)

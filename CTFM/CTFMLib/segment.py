@@ -42,12 +42,20 @@ from .native_labels import NativeLabels
 from .networks import SegResNetDS
 from .preprocess import PreprocessConfig, preprocess
 from .progress import null_progress, subrange
-from .runtime import RunOptions, Runner, run_options
-from .text import count
-from .segment_plan import (DEFAULT_QUALITY, QUALITIES, ROI, SIGMA_SCALE, SegmentationPlan, Timings,
-                           model_facts, plan_segmentation)
+from .runtime import Runner, RunOptions, run_options
+from .segment_plan import (
+    DEFAULT_QUALITY,
+    QUALITIES,
+    ROI,
+    SIGMA_SCALE,
+    SegmentationPlan,
+    Timings,
+    model_facts,
+    plan_segmentation,
+)
 from .sliding_window import plan_windows, stitch
 from .streaming import StreamedFeatures
+from .text import count
 
 OVERLAP = QUALITIES["full"][0]  # the model card's
 WHOLE_BODY_ID = "whole_body_segmentation"

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from CTFMLib.segment_plan import DEFAULT_QUALITY  # noqa: F401  (the panel's default quality)
+from CTFMLib.segment_plan import (
+    DEFAULT_QUALITY,  # noqa: F401  (the panel's default quality)
+    model_facts,
+)
 from CTFMLib.segment_plan import QUALITIES as QUALITY_PRESETS
-from CTFMLib.segment_plan import model_facts
 
 WHOLE_BODY = "whole-body"
 WHOLE_BODY_ID = "whole_body_segmentation"  # its catalogue id (``ctfm segment --model whole-body``)

@@ -18,7 +18,7 @@ import numpy as np
 
 from CTFMLib.image import Image, ImageError
 
-from .models import FOLDER, LABELS_NAME, WHOLE_BODY, names_from_labels_dict, model_label_names, path_is_set
+from .models import FOLDER, LABELS_NAME, WHOLE_BODY, model_label_names, names_from_labels_dict, path_is_set
 from .plan import short_duration
 
 MESSAGE_TAIL_LINES = 20  # of the child's last output lines, the failure message quotes these

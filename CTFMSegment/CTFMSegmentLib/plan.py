@@ -31,8 +31,15 @@ from typing import Optional
 import numpy as np
 
 from CTFMLib.image import Image
-from CTFMLib.segment_plan import (DEFAULT_QUALITY, QUALITIES, Foreground, SegmentationPlan, Timings, plan_segmentation,
-                                  planned_run)
+from CTFMLib.segment_plan import (
+    DEFAULT_QUALITY,
+    QUALITIES,
+    Foreground,
+    SegmentationPlan,
+    Timings,
+    plan_segmentation,
+    planned_run,
+)
 from CTFMSlicer.nodes import RAS_TO_LPS, check_scalar_volume, ijk_to_world_ras, image_from_volume_node
 
 from .models import FOLDER, model_config_path, segmentation_model_facts

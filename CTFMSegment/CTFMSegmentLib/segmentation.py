@@ -21,7 +21,13 @@ from typing import Iterable
 import numpy as np
 
 from CTFMLib.image import Image, ImageError
-from CTFMSlicer.nodes import RAS_TO_LPS, array_from_vtk_matrix, check_scalar_volume, ijk_to_world_ras, vtk_matrix_from_array
+from CTFMSlicer.nodes import (
+    RAS_TO_LPS,
+    array_from_vtk_matrix,
+    check_scalar_volume,
+    ijk_to_world_ras,
+    vtk_matrix_from_array,
+)
 
 SEGMENTATION_CLASS = "vtkMRMLSegmentationNode"
 CLOSED_SURFACE = "Closed surface"

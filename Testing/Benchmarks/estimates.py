@@ -137,9 +137,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per command")
     args = parser.parse_args()
 
-    from segment_support import cpu_info, example_folder, random_whole_body_model
-
     import shutil
+
+    from segment_support import cpu_info, example_folder, random_whole_body_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

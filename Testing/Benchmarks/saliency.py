@@ -90,11 +90,11 @@ def main():
     import numpy as np
     import torch
 
+    from ctfm_testing.phantoms import head_phantom
     from CTFMLib.embed import PATCH_SPACING
     from CTFMLib.networks import build_encoder
     from CTFMLib.preprocess import PreprocessConfig, preprocess
     from CTFMLib.saliency import EMBEDDING_SPACING
-    from ctfm_testing.phantoms import head_phantom
 
     if args.threads:
         torch.set_num_threads(args.threads)

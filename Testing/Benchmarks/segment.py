@@ -122,8 +122,8 @@ def resampled_ct(source: Path, spacing: float, out: Path) -> Path:
 
 def synthetic_large_ct(out: Path, slices: int) -> Path:
     """A life-size body phantom, 512 x 512 x ``slices`` at 0.8 x 0.8 x 1.5 mm, built slab by slab."""
-    from CTFMLib.image import Image, write_image
     from ctfm_testing.phantoms import body_phantom
+    from CTFMLib.image import Image, write_image
 
     spacing = np.array([0.8, 0.8, 1.5])
     shape = (512, 512, slices)
@@ -177,8 +177,17 @@ def run_reference_resampled(args, model) -> dict:
     """MONAI with a working spacing: Spacingd -> the card's pipeline -> softmax -> Invertd (linear) -> argmax."""
     import torch
     from monai.inferers import SlidingWindowInferer
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, Invertd, LoadImaged,
-                                  Orientationd, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     t0 = time.perf_counter()
     pixdim = (float(args.resample_to),) * 3

@@ -60,7 +60,6 @@ def synthetic_volume(shape_spl) -> np.ndarray:
 
 def real_volume(folder: Path) -> np.ndarray:
     from ctfm_testing.data import shared_data_dir
-
     from CTFMLib.train.data import ScanCache, find_scans
 
     data = shared_data_dir()

@@ -16,7 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from CTFMLib.dicom_write import Rescale, ct_dataset, ct_slice_datasets, decimal_string as _ds, save_dicom_files
+from CTFMLib.dicom_write import Rescale, ct_dataset, ct_slice_datasets, save_dicom_files
+from CTFMLib.dicom_write import decimal_string as _ds
 
 
 def write_ct_series(

@@ -46,8 +46,20 @@ import numpy as np
 
 from ..arguments import non_negative_int, parse_numbers, positive_int
 from ..text import count, print_result
-from .ingest import (DEFAULT_WEIGHTS, EXIT_ERROR, STRIDE_MAX_FACTOR, STRIDE_WARN_FACTOR, add_scans, index_weights,
-                     load_encoder, options_of, plan_add, print_summary, settings_of, text_or_none)
+from .ingest import (
+    DEFAULT_WEIGHTS,
+    EXIT_ERROR,
+    STRIDE_MAX_FACTOR,
+    STRIDE_WARN_FACTOR,
+    add_scans,
+    index_weights,
+    load_encoder,
+    options_of,
+    plan_add,
+    print_summary,
+    settings_of,
+    text_or_none,
+)
 
 RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
 
@@ -207,8 +219,8 @@ def cmd_add(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..runtime import Runner
     from ..image import read_image
+    from ..runtime import Runner
     from .embedding import query_vector
     from .index import VectorIndex
 

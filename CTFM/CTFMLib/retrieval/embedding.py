@@ -39,7 +39,7 @@ from ..embed import PATCH_SIZE, PATCH_SPACING, cut_patch, expect_forward, patch_
 from ..image import Image, ImageError
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, Preprocessed, preprocess
 from ..progress import null_progress
-from ..runtime import RunOptions, Runner
+from ..runtime import Runner, RunOptions
 from ..text import count
 
 

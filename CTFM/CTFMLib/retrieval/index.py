@@ -43,7 +43,12 @@ import numpy as np
 from . import search as _search
 from . import store
 from .store import (  # noqa: F401  (defined with the storage, used from here)
-    AlreadyIndexedError, CheckReport, Hit, IndexError_, RetrievalIndexError, ScanRecord,
+    AlreadyIndexedError,
+    CheckReport,
+    Hit,
+    IndexError_,
+    RetrievalIndexError,
+    ScanRecord,
 )
 
 FORMAT = 1

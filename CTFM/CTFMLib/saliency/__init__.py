@@ -50,8 +50,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..image import Geometry, Image, ImageError
 from ..costs import duration
+from ..image import Geometry, Image, ImageError
 from ..progress import null_progress, subrange
 from ..text import GRID_AXES, count, size
 from . import targets

@@ -198,8 +198,8 @@ def class_problem(image, weights, class_name, labels, spacing, region, device, h
 
 def triage_problem(image, triage_model, device, hold) -> Problem:
     """A triage model's probability; the HU-window copies of a voxel are the input's channels."""
-    from ..triage_model import DEFAULT_SIZE, DEFAULT_WINDOWS
     from ..triage import TRIAGE_SPACING, load_triage, triage_preprocess
+    from ..triage_model import DEFAULT_SIZE, DEFAULT_WINDOWS
 
     if triage_model is None:
         raise ValueError("the triage target needs a triage model (a folder written by `ctfm train classify`)")

@@ -36,8 +36,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..triage_model import (ARCHITECTURE, DEFAULT_SIZE, DEFAULT_SPACING, DEFAULT_WINDOWS, PAD_MODE,  # noqa: F401
-                            TriageModel, center_crop_slices, center_pad_crop, load_triage_model, triage_input)
+from ..triage_model import (  # noqa: F401
+    ARCHITECTURE,
+    DEFAULT_SIZE,
+    DEFAULT_SPACING,
+    DEFAULT_WINDOWS,
+    PAD_MODE,
+    TriageModel,
+    center_crop_slices,
+    center_pad_crop,
+    load_triage_model,
+    triage_input,
+)
 from .common import config_section, pass_order_index, seeded_model
 from .data import ScanCache
 from .distributed import rank_indices

@@ -34,9 +34,8 @@ import numpy as np
 from ..ct_check import not_ct_reason
 from ..files import atomic_output, atomic_write_text
 from ..image import Image, ImageError, first_line
-from ..scans import (IMAGE_SUFFIXES, DataError, ScanRef, find_scans, read_scan,  # noqa: F401
-                     scan_key)
 from ..preprocess import apply_orientation, foreground_box, orientation_transform, resample_axes, validate_ct
+from ..scans import IMAGE_SUFFIXES, DataError, ScanRef, find_scans, read_scan, scan_key  # noqa: F401
 
 # CT-FM's pretraining filters (Pai et al., CT-FM): CT only, slices 1-5 mm thick, more than 50 of them, no scouts.
 MIN_THICKNESS_MM, MAX_THICKNESS_MM = 1.0, 5.0

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..files import (TEMP_PREFIX, FileSafetyError, OutputExistsError, WriteError, atomic_write_text,
-                     describe_os_error, remove_tree)
+from ..files import (
+    TEMP_PREFIX,
+    FileSafetyError,
+    OutputExistsError,
+    WriteError,
+    atomic_write_text,
+    describe_os_error,
+    remove_tree,
+)
 
 __all__ = ["MARKER", "MARKER_FORMAT", "RunFolder", "RunFolderError", "inspect_run_folder", "claim_run_folder",
            "read_marker", "remove_temporaries", "has_checkpoints"]

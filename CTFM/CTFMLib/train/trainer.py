@@ -48,8 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import (WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error,
-                     temporary_folder)
+from ..files import WriteError, atomic_output, atomic_outputs, atomic_write_text, describe_os_error, temporary_folder
 from ..runtime import rank_device
 from ..text import count
 from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed, per_rank, shutdown

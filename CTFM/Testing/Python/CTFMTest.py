@@ -19,9 +19,8 @@ import os
 import unittest
 from pathlib import Path
 
-import vtk
-
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 from CTFM import CTFMLogic
