@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__, cache
 from .arguments import Parser, fraction, memory_gb, parse_point, positive_float, positive_int
 from .catalog import load_catalog
+from .costs import duration
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
 from .text import count, print_result, say, size
 
@@ -336,10 +337,6 @@ def segment_jobs(source: Path, out_dir: Path, out_format: str) -> list:
     return jobs
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
 def _segment_quality(args) -> str:
     from .segment_plan import DEFAULT_QUALITY
 
@@ -420,7 +417,7 @@ def cmd_segment(args) -> int:
                             "seconds": round(float(result.seconds), 1),
                             "expected_seconds": round(float(plan.expected_seconds), 1)})
             line = (f"{prefix}wrote {', '.join(map(str, written))} ({count(present, 'structure')} present, "
-                    f"{_duration(result.seconds)})")
+                    f"{duration(result.seconds)})")
             if args.out_dir:
                 say(args, line)
             else:
@@ -454,7 +451,7 @@ def plan_sentences(path: Path, plan) -> list:
              (f"{d['quality']} quality at {where}: working grid {size(working['grid'], 'SPL')}, "
               f"{count(windows['run'], 'window')} of {windows['total']} to run ({windows['skipped']} all air), "
               f"window {size(d['roi'], 'SPL')}"),
-             (f"expected time: about {_duration(d['expected_seconds'])} on {d['device']} ({d['precision']}; "
+             (f"expected time: about {duration(d['expected_seconds'])} on {d['device']} ({d['precision']}; "
               f"{d['estimate']}); expected peak memory {d['expected_peak_gb']:g} GB")]
     return lines + [f"note: {note}" for note in d["notes"]]
 
@@ -610,7 +607,7 @@ def cmd_saliency(args) -> int:
 def saliency_sentences(summary: dict, sidecar) -> list:
     """What ``ctfm saliency`` prints without ``--json``: the files, the target and method, the region, the peak."""
     lines = [(f"wrote {summary['heatmap']} and {sidecar} ({summary.get('target')}, {summary.get('method')}, "
-              f"{_duration(float(summary.get('seconds') or 0.0))})")]
+              f"{duration(float(summary.get('seconds') or 0.0))})")]
     region = summary.get("region")
     if region:
         lines.append("region: " + ", ".join(f"{v:g}" for v in region["min_lps"]) + " to "

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 __all__ = [
-    "KINDS", "STALE_DAYS", "PROBE_SHAPE", "Costs", "Rate", "rate", "measure", "flops_per_voxel", "reference_flops",
+    "KINDS", "STALE_DAYS", "cpu_name", "PROBE_SHAPE", "Costs", "Rate", "rate", "measure", "flops_per_voxel", "reference_flops",
     "network_seconds", "duration",
 ]  # fmt: skip
 
@@ -43,7 +43,8 @@ GENERIC = {"forward": 1.8, "input_gradient": 5.5, "train": 6.0}
 GENERIC_THREADS = 2
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what platform knows: part of every timing key."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -98,7 +99,7 @@ class Costs:
 
     @staticmethod
     def key(device: str, precision: str, threads: int) -> str:
-        return f"{_cpu_name()}|{str(device).split(':')[0]}|{precision}|{int(threads)}|torch {_torch_version()}"
+        return f"{cpu_name()}|{str(device).split(':')[0]}|{precision}|{int(threads)}|torch {_torch_version()}"
 
     def _read(self) -> dict:
         try:

@@ -27,13 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .costs import cpu_name
 from .image import Image
 from .preprocess import HU_MIN, mask_box, orientation_transform
 from .windows import plan_windows
@@ -141,17 +141,6 @@ def working_grid_shape(oriented_shape, oriented_spacing, target) -> tuple:
 # --- timings measured on this computer ------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 class Timings:
     """Seconds per window measured on this computer, kept in ``<CT-FM cache>/timings.json``.
 
@@ -178,7 +167,7 @@ class Timings:
 
     @staticmethod
     def key(device: str, precision: str, threads: int) -> str:
-        return f"{_cpu_name()}|{device}|{precision}|{int(threads)}"
+        return f"{cpu_name()}|{device}|{precision}|{int(threads)}"
 
     def seconds_per_window(self, device: str, precision: str, threads: int) -> Optional[float]:
         value = self._read().get(self.key(device, precision, threads))

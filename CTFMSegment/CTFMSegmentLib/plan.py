@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from CTFMLib.costs import duration
 from CTFMLib.image import Image
 from CTFMLib.segment_plan import (
     DEFAULT_QUALITY,
@@ -174,13 +175,8 @@ def plan_volume(volumeNode, model: str, modelFolder=None, quality: str = DEFAULT
 # --- what the panel shows -------------------------------------------------------------------------------
 
 
-def short_duration(seconds: float) -> str:
-    """``40 s``, ``4 min``, ``1.5 h``: the presets' times side by side."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
+# ``40 s``, ``4 min``, ``1.5 h``: the presets' times side by side, worded as ``ctfm`` words them.
+short_duration = duration
 
 
 def _mm(values, axes: str = "") -> str:
