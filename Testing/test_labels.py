@@ -442,3 +442,21 @@ def test_slicer_reads_the_real_reference_segmentation(tmp_path, mrml_scene):
     array, extent, ijk_to_ras = slicer_labelmap(node, "liver")
     np.testing.assert_allclose(ijk_to_ras, ras_affine(seg), atol=1e-6)
     assert int((array == 5).sum()) == int((seg.array == 5).sum())
+
+
+def test_the_sidecar_has_one_name_rule_for_its_writer_and_its_reader(tmp_path):
+    """``ctfm segment --out OUT`` writes ``OUT.labels.json`` beside a label map and the Segment module reads that
+    file, both through CTFMLib.labels (issue 18: the reader used to guess among three names)."""
+    for name, sidecar in (("a.nii.gz", "a.labels.json"), ("b.nii", "b.labels.json"), ("c.nrrd", "c.labels.json"),
+                          ("d.mha", "d.labels.json")):
+        assert L.sidecar_path(tmp_path / name) == tmp_path / sidecar
+    with pytest.raises(ValueError, match=".seg.nrrd"):
+        L.sidecar_path(tmp_path / "e.png")
+    infos = [L.LabelInfo(1, "liver", (1.0, 0.0, 0.0), "", "Liver"), L.LabelInfo(5, "spleen", (0.0, 1.0, 0.0), "", "Spleen")]
+    (tmp_path / "a.labels.json").write_text(L.sidecar_text(infos), encoding="utf-8")
+    assert L.read_sidecar(tmp_path / "a.nii.gz") == {1: "liver", 5: "spleen"}
+    (tmp_path / "c.labels.json").write_text('{"0": "background", "2": {"name": "kidney_left"}}', encoding="utf-8")
+    assert L.read_sidecar(tmp_path / "c.nrrd") == {2: "kidney_left"}  # the other published form, no background
+    assert L.read_sidecar(tmp_path / "b.nii") is None  # none written
+    (tmp_path / "f.labels.json").write_text(L.sidecar_text(infos), encoding="utf-8")
+    assert L.read_sidecar(tmp_path / "f.seg.nrrd") is None  # a .seg.nrrd names its segments itself

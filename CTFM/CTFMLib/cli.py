@@ -39,6 +39,7 @@ from . import __version__, cache
 from .arguments import Parser, fraction, memory_gb, parse_point, positive_float, positive_int
 from .catalog import load_catalog
 from .costs import duration
+from .labels import label_map_suffix, sidecar_path, sidecar_text
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
 from .text import count, print_result, say, size
 
@@ -233,26 +234,9 @@ def cmd_embed(args) -> int:
 # --- ctfm segment ----------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
-LABEL_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def _label_suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in LABEL_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    raise ValueError(f"cannot write labels to {path.name}: use one of {', '.join(LABEL_SUFFIXES)}")
-
-
-def sidecar_path(out: Path) -> Path:
-    """``OUT.labels.json`` next to a label map ``OUT.nii.gz`` / ``.nrrd`` / ``.mha``."""
-    suffix = _label_suffix(out)
-    return out.with_name(out.name[: -len(suffix)] + ".labels.json")
-
-
 def segmentation_files(out: Path) -> list:
     """The files ``ctfm segment --out OUT`` writes: ``[OUT]`` for a ``.seg.nrrd``, else ``[OUT, OUT.labels.json]``."""
-    return [out] if _label_suffix(out) == ".seg.nrrd" else [out, sidecar_path(out)]
+    return [out] if label_map_suffix(out) == ".seg.nrrd" else [out, sidecar_path(out)]
 
 
 def write_segmentation(result, out: Path, overwrite: bool = True) -> list:
@@ -263,15 +247,14 @@ def write_segmentation(result, out: Path, overwrite: bool = True) -> list:
     """
     from .files import atomic_outputs
     from .image import write_image
-    from .labels import label_dict, write_seg_nrrd
+    from .labels import write_seg_nrrd
 
-    if _label_suffix(out) == ".seg.nrrd":
+    if label_map_suffix(out) == ".seg.nrrd":
         return [write_seg_nrrd(result.labels, result.label_info, out, overwrite=overwrite)]
     files = segmentation_files(out)
     with atomic_outputs(files, overwrite=overwrite) as (label_map, sidecar):
         write_image(result.labels, label_map)
-        sidecar.write_text(json.dumps({str(k): v for k, v in label_dict(result.label_info).items()}, indent=1),
-                           encoding="utf-8")
+        sidecar.write_text(sidecar_text(result.label_info), encoding="utf-8")
     return files
 
 
@@ -361,11 +344,11 @@ def cmd_segment(args) -> int:
         jobs = [(source, args.series, None)]
     elif args.out:
         out = Path(args.out)
-        _label_suffix(out)
+        label_map_suffix(out)
         jobs = [(source, args.series, out)]
         check_outputs(segmentation_files(out), [source], overwrite=args.overwrite)
     else:
-        _label_suffix(Path("x." + args.out_format))
+        label_map_suffix(Path("x." + args.out_format))
         out_dir = Path(args.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--out-dir {out_dir} is a file: give a folder")

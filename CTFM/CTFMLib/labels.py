@@ -403,6 +403,51 @@ def label_dict(labels: Iterable[LabelInfo]) -> dict:
     return {int(info.value): info.name for info in labels}
 
 
+# --- the label map's sidecar: OUT.labels.json -------------------------------------------------------
+# One writer (``ctfm segment``, through :func:`sidecar_text`) and one reader (the Segment module, through
+# :func:`read_sidecar`) of the same name rule, so neither guesses where the other put it.
+
+LABEL_MAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def label_map_suffix(path) -> str:
+    """The label-map suffix of ``path`` (``.seg.nrrd`` before ``.nrrd``); ValueError naming the ones allowed."""
+    name = Path(path).name.lower()
+    for suffix in LABEL_MAP_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"cannot write labels to {Path(path).name}: use one of {', '.join(LABEL_MAP_SUFFIXES)}")
+
+
+def sidecar_path(out) -> Path:
+    """``OUT.labels.json`` beside a label map ``OUT.nii.gz`` / ``.nii`` / ``.nrrd`` / ``.mha`` (``{value: name}``;
+    a ``.seg.nrrd`` carries its names itself)."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(label_map_suffix(out))] + ".labels.json")
+
+
+def sidecar_text(labels: Iterable[LabelInfo]) -> str:
+    """The sidecar's JSON: ``{"1": "liver", ...}``."""
+    return json.dumps({str(k): v for k, v in label_dict(labels).items()}, indent=1)
+
+
+def read_sidecar(out) -> Optional[dict]:
+    """``{value: name}`` from the sidecar of the label map ``out``, or None when it has none (or is a .seg.nrrd).
+    Accepts either published form of a labels mapping ({"1": "liver"} or {"1": {"name": ...}})."""
+    try:
+        path = sidecar_path(out)
+    except ValueError:
+        return None
+    if label_map_suffix(out) == ".seg.nrrd" or not path.is_file():
+        return None
+    names = {}
+    for key, entry in json.loads(path.read_text(encoding="utf-8")).items():
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if int(key) != 0 and name:
+            names[int(key)] = str(name)
+    return names
+
+
 # --- Slicer .seg.nrrd --------------------------------------------------------------------
 
 # Field names of vtkMRMLSegmentationStorageNode (Slicer Libs/MRML/Core/vtkMRMLSegmentationStorageNode.cxx).

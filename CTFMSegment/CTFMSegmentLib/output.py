@@ -8,7 +8,6 @@ puts the labels exactly on the input's grid and describes each value
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Optional
 import numpy as np
 
 from CTFMLib.image import Image, ImageError
+from CTFMLib.labels import read_sidecar
 
-from .models import FOLDER, LABELS_NAME, WHOLE_BODY, model_label_names, names_from_labels_dict, path_is_set
+from .models import FOLDER, LABELS_NAME, WHOLE_BODY, model_label_names, path_is_set
 from .plan import short_duration
 
 MESSAGE_TAIL_LINES = 20  # of the child's last output lines, the failure message quotes these
@@ -43,25 +43,6 @@ class SegmentationOutput:
     label_infos: list
     seconds: float = 0.0
     notes: list = field(default_factory=list)
-
-
-def sidecar_candidates(out: Path) -> list:
-    """Where ``ctfm segment --out OUT`` may have put its ``{value: name}`` sidecar."""
-    out = Path(out)
-    stem = out.name
-    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return [out.with_name(f"{stem}.labels.json"), out.with_name(f"{out.name}.labels.json"), out.with_name(LABELS_NAME)]
-
-
-def read_sidecar(out: Path) -> Optional[dict]:
-    """``{value: name}`` written next to the label map, or None."""
-    for candidate in sidecar_candidates(out):
-        if candidate.is_file():
-            return names_from_labels_dict(json.loads(candidate.read_text(encoding="utf-8")))
-    return None
 
 
 def describe_labels(names: dict, model: str = WHOLE_BODY, modelFolder=None) -> list:
