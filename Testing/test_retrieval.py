@@ -24,13 +24,12 @@ from conftest import run_ctfm, user_model_store
 
 from ctfm_testing.checkpoints import monai_encoder
 from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom, rotation_matrix
-from CTFMLib.embed import PATCH_SIZE, embed_image, patch_starts
+from CTFMLib.embed import PATCH_SIZE, embed_image, patch_grid, patch_starts
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
 from CTFMLib.retrieval import metrics
 from CTFMLib.retrieval.embedding import (
     embedding_settings,
-    patch_grid,
     point_patch_start,
     query_vector,
     scan_embeddings,

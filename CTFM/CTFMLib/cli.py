@@ -41,9 +41,8 @@ from .catalog import load_catalog
 from .costs import duration
 from .labels import label_map_suffix, sidecar_path, sidecar_text
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
-from .text import count, print_result, say, size
+from .text import EXIT_ERROR, count, print_result, say, size
 
-EXIT_ERROR = 2
 JSON_HELP = "print the result as one JSON object, the last line of stdout (other lines go to stderr)"
 
 

@@ -125,16 +125,28 @@ def cut_patch(array: np.ndarray, start, size) -> np.ndarray:
     return out
 
 
-def patch_grid(pre: Preprocessed, size=PATCH_SIZE) -> list:
-    """Start indices of the patches that tile the preprocessed volume."""
-    axes = [patch_starts(n, p) for n, p in zip(pre.array.shape, size)]
-    return [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
+def axis_triple(value, name: str, kind=int) -> tuple:
+    """One positive number or three (one per axis) as a triple; ValueError naming ``name`` otherwise."""
+    values = tuple(kind(v) for v in (np.broadcast_to(value, 3) if np.ndim(value) == 0 else value))
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise ValueError(f"{name} must be one positive number or three (one per axis), not {value!r}")
+    return values
+
+
+def patch_grid(shape, patch_size=PATCH_SIZE, stride=None) -> np.ndarray:
+    """``(N, 3)`` int start indices of the patches covering a volume of ``shape`` (axis 0 slowest),
+    ``stride`` apart (default: the patch size, no overlap), the last on each axis flush with the end:
+    the one tiling of scan embeddings and of the retrieval index."""
+    patch_size = axis_triple(patch_size, "patch_size")
+    stride = axis_triple(stride if stride is not None else patch_size, "stride")
+    axes = [patch_starts(int(n), p, s) for n, p, s in zip(shape, patch_size, stride)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
 def embed_patches(pre: Preprocessed, runner: Runner, progress=None, size=PATCH_SIZE) -> tuple:
     """Embeddings ``(N, C)`` of the patches tiling ``pre`` and their centres ``(N, 3)`` in LPS mm."""
     progress = progress or null_progress
-    starts = patch_grid(pre, size)
+    starts = [tuple(int(v) for v in s) for s in patch_grid(pre.array.shape, size)]
     expect_forward(runner, len(starts) * float(np.prod(size)), progress,
                    f"{count(len(starts), 'patch', 'patches')}, {runner.placement}")
     vectors, centres = [], []

@@ -17,7 +17,9 @@ import json
 import sys
 from typing import Iterable, Optional
 
-__all__ = ["count", "size", "spacing", "say", "print_result", "IMAGE_AXES", "GRID_AXES"]
+__all__ = ["count", "size", "spacing", "say", "print_result", "IMAGE_AXES", "GRID_AXES", "EXIT_ERROR"]
+
+EXIT_ERROR = 2  # a refused input: one line on stderr (`ctfm: error: ...`) and this exit status
 
 IMAGE_AXES = "xyz"  # an image's own voxel axes, as ITK and Slicer give its size
 GRID_AXES = "SPL"  # the models' working grids (CTFMLib.segment_plan.ORIENTATION, CTFMLib.embed)

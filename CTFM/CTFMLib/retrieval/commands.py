@@ -45,10 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from ..arguments import non_negative_int, parse_numbers, positive_int
-from ..text import count, print_result
+from ..text import EXIT_ERROR, count, print_result
 from .ingest import (
     DEFAULT_WEIGHTS,
-    EXIT_ERROR,
     STRIDE_MAX_FACTOR,
     STRIDE_WARN_FACTOR,
     add_scans,

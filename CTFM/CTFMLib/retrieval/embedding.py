@@ -35,7 +35,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..embed import PATCH_SIZE, PATCH_SPACING, cut_patch, expect_forward, patch_starts, resolve_encoder
+from ..embed import (
+    PATCH_SIZE,
+    PATCH_SPACING,
+    axis_triple,
+    cut_patch,
+    expect_forward,
+    patch_grid,
+    patch_starts,
+    resolve_encoder,
+)
 from ..image import Image, ImageError
 from ..preprocess import HU_MAX, HU_MIN, PreprocessConfig, Preprocessed, preprocess
 from ..progress import null_progress
@@ -43,26 +52,19 @@ from ..runtime import Runner, RunOptions
 from ..text import count
 
 
-def _triple(value, name: str, kind=int) -> tuple:
-    values = tuple(kind(v) for v in (np.broadcast_to(value, 3) if np.ndim(value) == 0 else value))
-    if len(values) != 3 or any(v <= 0 for v in values):
-        raise ValueError(f"{name} must be one positive number or three (one per axis), not {value!r}")
-    return values
-
-
 def embedding_settings(patch_size=PATCH_SIZE, spacing=PATCH_SPACING, stride=None) -> dict:
     """The settings that make vectors comparable, as stored with an index (JSON-serialisable).
 
     Two vectors are comparable only when computed with the same settings and weights.
     """
-    patch_size = _triple(patch_size, "patch_size")
+    patch_size = axis_triple(patch_size, "patch_size")
     return {
         "orientation": "SPL",
-        "spacing": list(_triple(spacing, "spacing", float)),
+        "spacing": list(axis_triple(spacing, "spacing", float)),
         "hu_range": [HU_MIN, HU_MAX],
         "crop_foreground": True,
         "patch_size": list(patch_size),
-        "stride": list(_triple(stride if stride is not None else patch_size, "stride")),
+        "stride": list(axis_triple(stride if stride is not None else patch_size, "stride")),
         "scan_vector": "mean of patch vectors",
     }
 
@@ -78,17 +80,9 @@ def as_runner(encoder, options: Optional[RunOptions] = None, progress=None) -> R
     raise TypeError(f"encoder must be a Runner, a torch.nn.Module or a weights source, not {type(encoder).__name__}")
 
 
-def patch_grid(shape, patch_size=PATCH_SIZE, stride=None) -> np.ndarray:
-    """``(N, 3)`` int start indices of the patches covering a volume of ``shape`` (axis 0 slowest)."""
-    patch_size = _triple(patch_size, "patch_size")
-    stride = _triple(stride if stride is not None else patch_size, "stride")
-    axes = [patch_starts(int(n), p, s) for n, p, s in zip(shape, patch_size, stride)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-
-
 def patch_centres(pre: Preprocessed, starts: np.ndarray, patch_size=PATCH_SIZE) -> np.ndarray:
     """``(N, 3)`` LPS mm centres of the patches starting at ``starts`` (model-grid indices) of ``pre``."""
-    offset = (np.asarray(_triple(patch_size, "patch_size"), dtype=np.float64) - 1) / 2
+    offset = (np.asarray(axis_triple(patch_size, "patch_size"), dtype=np.float64) - 1) / 2
     return pre.geometry.index_to_physical(np.asarray(starts, dtype=np.float64).reshape(-1, 3) + offset)
 
 
@@ -106,7 +100,7 @@ def _embed_starts(pre: Preprocessed, runner: Runner, starts: np.ndarray, patch_s
 
 
 def _preprocess(image: Image, spacing) -> Preprocessed:
-    return preprocess(image, PreprocessConfig(spacing=_triple(spacing, "spacing", float), crop_foreground=True))
+    return preprocess(image, PreprocessConfig(spacing=axis_triple(spacing, "spacing", float), crop_foreground=True))
 
 
 def scan_embeddings(
@@ -126,7 +120,7 @@ def scan_embeddings(
     (N, 3))``: float32 vectors, float64 centres in LPS mm.
     """
     progress = progress or null_progress
-    patch_size = _triple(patch_size, "patch_size")
+    patch_size = axis_triple(patch_size, "patch_size")
     runner = as_runner(encoder, options, progress)
     progress(0.0, "preprocessing")
     pre = _preprocess(image, spacing)
@@ -157,7 +151,7 @@ def point_patch_start(pre: Preprocessed, point_lps, patch_size=PATCH_SIZE) -> np
     beyond it (like the index grid's last patches, so a point near the scan's edge still finds
     its own place). Raises :class:`ImageError` when the point lies outside the input image.
     """
-    patch_size = np.asarray(_triple(patch_size, "patch_size"))
+    patch_size = np.asarray(axis_triple(patch_size, "patch_size"))
     point = np.asarray(point_lps, dtype=np.float64).reshape(3)
     _check_inside(pre, point, f"point {np.round(point, 1).tolist()} mm (LPS)")
     idx = pre.physical_to_model_index(point)
@@ -172,7 +166,7 @@ def box_patch_starts(pre: Preprocessed, box_lps, patch_size=PATCH_SIZE) -> np.nd
     would reach beyond it, as in :func:`point_patch_start`. Raises :class:`ImageError` when the
     box misses the image.
     """
-    patch_size = _triple(patch_size, "patch_size")
+    patch_size = axis_triple(patch_size, "patch_size")
     box = np.asarray(box_lps, dtype=np.float64).reshape(2, 3)
     corners = np.array([[box[i, 0], box[j, 1], box[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
     idx = pre.physical_to_model_index(corners)
@@ -220,7 +214,7 @@ def query_vector(
     if point_lps is not None and box_lps is not None:
         raise ValueError("give a point or a box, not both")
     progress = progress or null_progress
-    patch_size = _triple(patch_size, "patch_size")
+    patch_size = axis_triple(patch_size, "patch_size")
     if point_lps is None and box_lps is None:
         return scan_embeddings(image, encoder, patch_size, spacing, stride, options, progress)[0]
     runner = as_runner(encoder, options, progress)

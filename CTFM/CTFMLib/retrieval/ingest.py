@@ -19,7 +19,6 @@ import numpy as np
 
 from ..text import count, print_result, say
 
-EXIT_ERROR = 2  # a refusal's exit status (as CTFMLib.cli's); parallel's ranks exit with it once rank 0 said why
 DEFAULT_WEIGHTS = "ct_fm_feature_extractor"
 STRIDE_WARN_FACTOR = 8  # patches per scan relative to the default stride: beyond this a warning (half overlap = 8)
 STRIDE_MAX_FACTOR = 64  # beyond this refused: the index and the embedding time grow as many times

@@ -34,6 +34,8 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from ..text import EXIT_ERROR
+
 LOCK_TIMEOUT = 24 * 3600.0  # seconds a rank waits for the index's write lock (held by another rank's add)
 WAIT_TIMEOUT = timedelta(days=7)  # how long a rank waits for the others (planning, the slowest share)
 
@@ -102,7 +104,7 @@ def cmd_add(args) -> int:
         dist.broadcast_object_list(box, src=0)
         plan = box[0]
         if plan.get("error"):
-            return ingest.EXIT_ERROR  # rank 0 printed why
+            return EXIT_ERROR  # rank 0 printed why
 
         mine = share(plan["todo"], rank, world)
         added, skipped, failed, not_ct = 0, 0, [], []
