@@ -214,11 +214,12 @@ def rate(kind: str, device="cpu", precision: str = "fp32", threads: Optional[int
 
 def flops_per_voxel(model, in_channels: Optional[int] = None, shape=(32, 64, 64)) -> float:
     """Multiply-adds of ``model``'s convolutions and linear layers per input voxel, counted on the meta device
-    (no memory, no time): the work that makes a network slow, to scale a measured rate to another network."""
-    import copy
-
+    (no memory, no time): the work that makes a network slow, to scale a measured rate to another network.
+    The network runs with meta stand-ins for its weights (``torch.func.functional_call``): it is not copied,
+    and its mode and weights are left as they were."""
     import torch
     from torch import nn
+    from torch.func import functional_call
 
     total = 0.0
 
@@ -234,16 +235,20 @@ def flops_per_voxel(model, in_channels: Optional[int] = None, shape=(32, 64, 64)
         elif isinstance(module, nn.Linear):
             total += module.in_features * out.numel()
 
-    meta = copy.deepcopy(model).to("meta") if any(p.device.type != "meta" for p in model.parameters()) else model
     if in_channels is None:
-        first = next((m for m in meta.modules() if isinstance(m, nn.Conv3d)), None)
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv3d)), None)
         in_channels = first.in_channels if first is not None else 1
-    hooks = [m.register_forward_hook(count) for m in meta.modules()
+    stand_ins = {name: torch.empty_like(t, device="meta")
+                 for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear))]
+    was_training = model.training
     try:
+        model.eval()
         with torch.no_grad():
-            meta.eval()(torch.zeros((1, in_channels) + tuple(shape), device="meta"))
+            functional_call(model, stand_ins, (torch.zeros((1, in_channels) + tuple(shape), device="meta"),))
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return total / math.prod(shape)
