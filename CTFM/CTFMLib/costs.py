@@ -102,11 +102,9 @@ class Costs:
         return f"{cpu_name()}|{str(device).split(':')[0]}|{precision}|{int(threads)}|torch {_torch_version()}"
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        from .files import read_json_object
+
+        return read_json_object(self.path)
 
     def get(self, key: str, kind: str, now: Optional[float] = None) -> Optional[float]:
         """The kept figure, or None when absent, malformed or older than :data:`STALE_DAYS`."""

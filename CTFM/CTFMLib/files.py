@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 __all__ = [
+    "read_json_object",
     "FileSafetyError", "OutputExistsError", "WriteError", "TEMP_PREFIX",
     "safe_name", "child_path", "is_inside", "remove_tree", "same_file",
     "atomic_output", "atomic_outputs", "atomic_write_bytes", "private_folder", "temporary_folder", "sweep_stale_temporaries", "atomic_write_text", "check_outputs", "fsync_dir", "describe_os_error", "host_tag",
@@ -421,6 +422,18 @@ def atomic_write_bytes(path, data: bytes, overwrite: bool = True) -> Path:
         with open(tmp, "xb") as f:
             f.write(data)
     return Path(path)
+
+
+def read_json_object(path) -> dict:
+    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object: for small caches
+    this package writes itself (timings, costs), where a damaged file only means measuring again."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def atomic_write_text(path, text: str, overwrite: bool = True) -> Path:

@@ -159,11 +159,9 @@ class Timings:
         self.path = Path(path)
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        from .files import read_json_object
+
+        return read_json_object(self.path)
 
     @staticmethod
     def key(device: str, precision: str, threads: int) -> str:

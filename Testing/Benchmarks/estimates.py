@@ -142,7 +142,11 @@ def main() -> int:
     from segment_support import cpu_info, example_folder, random_whole_body_model
 
     work = Path(args.work)
+    marker = work / ".ctfm-bench-estimates"  # the folder is this benchmark's: only then does it empty parts of it
+    if work.exists() and any(work.iterdir()) and not marker.exists():
+        parser.error(f"--work {work} holds files this benchmark did not make: give a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     cache = work / "ctfm_cache"
     if args.fresh and cache.exists():
         shutil.rmtree(cache)
