@@ -28,7 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CTFMSlicer import CITATION
-from CTFMSlicer.logic import DEFAULT_WEIGHTS, DEVICES, EMBED_MODES
+from CTFMSlicer.logic import DEFAULT_WEIGHTS, EMBED_MODES
 from CTFMSlicer.logic import CTFMLogic as CTFMCoreLogic
 from CTFMSlicer.models import NOT_PUBLISHED, TRAIN_YOURSELF, download_problem
 from CTFMSlicer.overlay import (
@@ -38,6 +38,7 @@ from CTFMSlicer.overlay import (
     heatmap_layers,
     set_heatmap_threshold,
 )
+from CTFMSlicer.process import DEVICES
 from CTFMSlicer.running import JOBS, JobBusyError
 from CTFMSlicer.saliency import (
     DEFAULT_SEGMENTATION_MODEL,

@@ -43,7 +43,7 @@ _addCTFMPackagesToPath()
 
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
-from CTFMSlicer.overlay import QueryPlaceObserver  # noqa: E402
+from CTFMSlicer.nodes import QueryPlaceObserver  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
 
 # The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's

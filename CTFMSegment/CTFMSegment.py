@@ -47,7 +47,7 @@ from CTFMSegmentLib.models import DEFAULT_QUALITY, FOLDER, MODELS, QUALITIES, SP
 from CTFMSegmentLib.output import is_out_of_memory  # noqa: E402
 from CTFMSegmentLib.plan import plan_summary  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
-from CTFMSlicer.logic import DEVICES  # noqa: E402
+from CTFMSlicer.process import DEVICES  # noqa: E402
 from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
 
 # The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's

@@ -199,3 +199,27 @@ def test_device_and_precision_live_only_in_runtime():
     defined = {node.name for node in ast.parse(runtime.read_text(encoding="utf-8")).body
                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     assert RUNTIME_NAMES - {"default_precision"} <= defined  # the policy is resolve_precision
+
+
+# The CTFMSlicer modules every CT-FM module may use (CTFMSlicer/__init__.py lists them); the others are the hub's
+# sections, which CT-FM Segment and CT-FM Retrieve must not reach into.
+SHARED_SLICER = {"CTFMSlicer", "CTFMSlicer.nodes", "CTFMSlicer.process", "CTFMSlicer.jobs", "CTFMSlicer.running",
+                 "CTFMSlicer.widget", "CTFMSlicer.inapp", "CTFMSlicer.dependencies"}
+
+
+def test_segment_and_retrieve_import_only_the_shared_slicer_modules():
+    offenders = []
+    for folder in ("CTFMSegment", "CTFMRetrieve"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("CTFMSlicer"):
+                    names = [node.module] if node.module != "CTFMSlicer" else [
+                        f"CTFMSlicer.{a.name}" if a.name[0].islower() else "CTFMSlicer" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names if a.name.startswith("CTFMSlicer")]
+                else:
+                    continue
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names if n not in SHARED_SLICER]
+    assert offenders == []
+    listed = (REPO / "CTFM" / "CTFMSlicer" / "__init__.py").read_text(encoding="utf-8")
+    assert all(f":mod:`.{name.split('.')[1]}`" in listed for name in SHARED_SLICER - {"CTFMSlicer"})

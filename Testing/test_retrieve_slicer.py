@@ -109,7 +109,7 @@ def test_the_selected_view_row_opens_that_hit(mrml_scene):
 def test_find_similar_follows_the_crosshair_and_the_roi(mrml_scene):
     """Moving the crosshair or the ROI (which does not modify the parameter node) reaches the panel, so its
     "outside the query volume" state follows them; after stop() nothing is observed."""
-    from CTFMSlicer.overlay import QueryPlaceObserver
+    from CTFMSlicer.nodes import QueryPlaceObserver
 
     volume = volume_node_from_image(body_phantom(**GEOMETRIES["lps"]), name="query", scene=mrml_scene)
     centre = results.volume_centre_ras(volume)

@@ -23,7 +23,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML without Qt) is 
 from ctfm_testing.mrml import mrml_scene_fixture  # noqa: E402,F401  (registers the mrml_scene fixture)
 from ctfm_testing.phantoms import GEOMETRIES, head_phantom  # noqa: E402
 from CTFMLib.image import Image, ImageError, read_image, write_image  # noqa: E402
-from CTFMSlicer import models, overlay, saliency, triage  # noqa: E402
+from CTFMSlicer import models, nodes, overlay, process, saliency, triage  # noqa: E402
 from CTFMSlicer.logic import CTFMLogic  # noqa: E402
 from CTFMSlicer.nodes import image_from_volume_node, rows_from_table_node, volume_node_from_image  # noqa: E402
 from CTFMSlicer.process import ctfm_cli_command  # noqa: E402
@@ -189,13 +189,13 @@ def test_roi_box_in_lps(mrml_scene):
     roi = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
     roi.SetCenter([10.0, -20.0, 30.0])
     roi.SetSize([4.0, 6.0, 8.0])
-    low, high = overlay.roi_lps_box(roi)
+    low, high = nodes.roi_lps_box(roi)
     # RAS x 8..12, y -23..-17, z 26..34  ->  LPS x -12..-8, y 17..23, z 26..34
     np.testing.assert_allclose(low, [-12.0, 17.0, 26.0])
     np.testing.assert_allclose(high, [-8.0, 23.0, 34.0])
     empty = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "empty")
     with pytest.raises(ValueError, match="no extent"):
-        overlay.roi_lps_box(empty)
+        nodes.roi_lps_box(empty)
 
 
 def test_saliency_request_from_the_section_values(mrml_scene, tmp_path):
@@ -313,8 +313,8 @@ def test_saliency_arguments_refuse_what_the_command_cannot_do():
 def test_last_json_object_skips_progress_and_text():
     lines = ['{"progress": 0.5, "message": "x"}', "wrote heat.nii.gz", '{"target": "embedding"}',
              '{"progress": 1.0, "message": "done"}', "not json {"]
-    assert saliency.last_json_object(lines) == {"target": "embedding"}
-    assert saliency.last_json_object(["plain", '{"progress": 1}']) is None
+    assert process.last_json_object(lines) == {"target": "embedding"}
+    assert process.last_json_object(["plain", '{"progress": 1}']) is None
 
 
 # --- triage table ----------------------------------------------------------------------------

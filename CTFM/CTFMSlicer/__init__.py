@@ -1,11 +1,21 @@
 """CTFMSlicer: the thin layer between 3D Slicer's MRML scene and CTFMLib.
 
-Volume nodes to and from :class:`CTFMLib.image.Image` (:mod:`.nodes`), the
-hub module's logic (:mod:`.logic`), a child-process runner for long work
-(:mod:`.process`), the one job slot the modules share and the follower of a
-running child (:mod:`.running`), the widgets' shared plumbing (:mod:`.widget`),
-where the in-app tests are loaded from (:mod:`.inapp`) and the Python
-dependency check (:mod:`.dependencies`).
+Shared by every CT-FM module (CT-FM Segment and CT-FM Retrieve import only these, and
+:data:`CITATION`; ``Testing/test_package_layers.py`` checks it):
+
+- :mod:`.nodes`: volume, table and markups nodes to and from CTFMLib types; the ROI box,
+  the crosshair and the observer of both.
+- :mod:`.process`: the child-process runner for long work, the ``--device`` choices, and
+  reading a child's output (its result line, its error sentence).
+- :mod:`.jobs`: a volume staged to a file and a ``ctfm`` command started on it.
+- :mod:`.running`: the one job slot the modules share, and the follower of a running child.
+- :mod:`.widget`: the widgets' shared plumbing (parameter node, job controls, reload).
+- :mod:`.inapp`: where the in-app tests are loaded from; :mod:`.dependencies`: the Python
+  dependency check.
+
+The hub module's sections (only CT-FM itself imports them): :mod:`.logic`, :mod:`.models`,
+:mod:`.triage`, :mod:`.saliency`, :mod:`.overlay` (heat maps and the triage table) and
+:mod:`.train`.
 
 Nothing here imports ``qt``, ``ctk`` or ``slicer.ScriptedLoadableModule``: the
 package runs on ``slicer-core`` (MRML without the application), which is how

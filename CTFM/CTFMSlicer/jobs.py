@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from .models import failure_text
 from .nodes import stage_volume
-from .process import ProcessRunner, ctfm_cli_command, remove_work_folder
+from .process import ProcessRunner, ctfm_cli_command, failure_text, remove_work_folder
 
 
 def start_volume_command(volumeNode, prefix: str, arguments: Callable, read_result: Callable, what: str,

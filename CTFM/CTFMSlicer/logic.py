@@ -15,13 +15,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import models, overlay, saliency, triage
+from . import models, nodes, overlay, saliency, triage
 from .nodes import image_from_volume_node, ras_to_lps, table_node_from_rows
-from .process import ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
+from .process import DEVICES, ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
 
 DEFAULT_WEIGHTS = "project-lighter/ct_fm_feature_extractor"
 EMBED_MODES = ("volume", "scan", "point")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class CTFMLogic:
@@ -205,7 +204,7 @@ class CTFMLogic:
     def saliencyPointRAS(self, pointSource: str, pointList=None, scene=None) -> np.ndarray:
         """The point (world RAS mm) a saliency target or cube uses: the list's first control point, or the crosshair."""
         if pointSource == "crosshair":
-            return overlay.crosshair_ras(scene)
+            return nodes.crosshair_ras(scene)
         if pointSource != "markup":
             raise ValueError(f"unknown point source '{pointSource}'; choose one of {', '.join(saliency.POINT_SOURCES)}")
         if pointList is None or pointList.GetNumberOfControlPoints() == 0:
@@ -248,7 +247,7 @@ class CTFMLogic:
             if target != "point":  # the point target's cube is centred on its point
                 request["center_lps"] = ras_to_lps(pointRAS)
         elif region == "roi":
-            request["region_lps"] = overlay.roi_lps_box(roiNode)
+            request["region_lps"] = nodes.roi_lps_box(roiNode)
         saliency.saliency_arguments("input", "heat.nii.gz", **request)  # the checks the command line needs
         return request
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from CTFMLib import cache
 
-from .process import ProcessRunner, ctfm_cli_command
+from .process import ProcessRunner, ctfm_cli_command, failure_text
 
 # The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME), repeated
 # here because CTFMLib.weights imports torch.
@@ -133,15 +133,6 @@ def download_arguments(model_id: str, revision: Optional[str] = None) -> list:
     if revision:
         args += ["--revision", str(revision)]
     return args
-
-
-def failure_text(stderr_tail: str, fallback: str) -> str:
-    """The child's own error sentence (its ``ctfm: error:`` line), else ``fallback``."""
-    lines = [line.strip() for line in (stderr_tail or "").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith("ctfm: "):
-            return line[len("ctfm: "):].removeprefix("error: ")
-    return fallback
 
 
 def start_download(model_id: str, on_progress: Optional[Callable] = None, on_done: Optional[Callable] = None,

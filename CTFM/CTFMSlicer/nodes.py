@@ -31,6 +31,11 @@ LABELMAP_VOLUME_CLASS = "vtkMRMLLabelMapVolumeNode"
 _ORTHONORMAL_ATOL = 1e-5
 
 
+def path_is_set(path) -> bool:
+    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
+    return path is not None and str(path) not in ("", ".")
+
+
 def import_slicer():
     """The ``slicer`` module, imported on first use so that importing CTFMSlicer needs no running Slicer."""
     import slicer  # deferred so that importing this module never needs a running Slicer
@@ -327,3 +332,71 @@ def stage_volume(node, prefix: str = "ctfm-"):
         remove_work_folder(folder)
         raise
     return folder, Path(path)
+
+
+# --- where a query or a map starts: the ROI and the crosshair --------------------------------
+
+
+def roi_lps_box(roi_node) -> tuple:
+    """``(min_lps, max_lps)`` (mm): the axis-aligned world box around a markups ROI, in LPS.
+
+    A rotated ROI gives the box that holds it. Raises ``ValueError`` for an ROI without
+    a defined extent.
+    """
+    if roi_node is None:
+        raise ValueError("no ROI selected: create a markups ROI around the region to explain")
+    bounds = [0.0] * 6
+    roi_node.GetRASBounds(bounds)
+    ras_min, ras_max = np.array(bounds[0::2]), np.array(bounds[1::2])
+    if not np.all(np.isfinite(ras_min + ras_max)) or np.any(ras_max <= ras_min):
+        raise ValueError(f"the ROI '{roi_node.GetName()}' has no extent; place it on the volume first")
+    corners = np.stack([ras_to_lps(ras_min), ras_to_lps(ras_max)])
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def crosshair_ras(scene=None) -> np.ndarray:
+    """World RAS position (mm) of the scene's crosshair (Shift + mouse move in a slice view sets it)."""
+    scene = scene or import_slicer().mrmlScene
+    node = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode") if scene is not None else None
+    if node is None:
+        raise ValueError("the scene has no crosshair; choose a markup point instead")
+    return np.array(node.GetCrosshairRAS(), dtype=np.float64)
+
+
+class QueryPlaceObserver:
+    """Calls ``changed()`` whenever the place a search starts from moves: the crosshair (Shift + mouse move in
+    a slice view) or the ROI (dragged, resized, placed). A panel's state that depends on them ("Find similar"
+    enabled only when they lie in the volume) is otherwise never refreshed: moving them does not modify the
+    parameter node that references the ROI. Plain VTK observers; the panel throttles ``changed`` itself."""
+
+    def __init__(self, changed):
+        self.changed = changed
+        self._observed = []  # (node, observer tag)
+
+    def observe(self, scene, roiNode=None, crosshair: bool = True) -> None:
+        """Observe the scene's crosshair node(s) (with ``crosshair``) and ``roiNode`` (replacing what was
+        observed before)."""
+        slicer = import_slicer()
+        wanted = [(n, "ModifiedEvent") for n in nodes_of_class(scene, "vtkMRMLCrosshairNode")] if crosshair else []
+        if roiNode is not None:
+            wanted += [(roiNode, "ModifiedEvent"), (roiNode, slicer.vtkMRMLMarkupsNode.PointModifiedEvent),
+                       (roiNode, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)]
+        if [(n, e) for n, e, _ in self._observed] == wanted:
+            return
+        self.stop()
+        self._observed = [(n, e, n.AddObserver(e, self._on_event)) for n, e in wanted]
+
+    def stop(self) -> None:
+        for node, _event, tag in self._observed:
+            node.RemoveObserver(tag)
+        self._observed = []
+
+    def _on_event(self, caller, event) -> None:
+        self.changed()
+
+
+def nodes_of_class(scene, class_name: str) -> list:
+    """The scene's nodes of one class (none without a scene)."""
+    if scene is None:
+        return []
+    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]

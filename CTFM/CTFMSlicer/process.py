@@ -16,6 +16,7 @@ workers the child spawned (data loaders, downloads) go too.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import queue
 import shutil
@@ -28,9 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from CTFMLib.files import is_inside, remove_tree
 from CTFMLib.progress import parse_json_progress
 
+# The --device choices of every ctfm command the modules run (``auto``: CUDA, else MPS, else CPU).
+DEVICES = ("auto", "cpu", "cuda", "mps")
 STDERR_TAIL_LINES = 40
 # After the child exits, how long its output pipes may stay open (held by a detached
 # grandchild) before the run is reported as done anyway.
@@ -366,3 +371,41 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --- reading a child's output ------------------------------------------------------------
+
+
+def failure_text(stderr_tail: str, fallback: str) -> str:
+    """The child's own error sentence (its ``ctfm: error:`` line), else ``fallback``."""
+    lines = [line.strip() for line in (stderr_tail or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ctfm: "):
+            return line[len("ctfm: "):].removeprefix("error: ")
+    return fallback
+
+
+def last_json_object(lines: Sequence[str]) -> Optional[dict]:
+    """The last line of ``lines`` that is a JSON object (the CLI's result line), or None.
+
+    Progress lines (``{"progress": ...}``) never count.
+    """
+    for line in reversed(list(lines)):
+        text = line.strip()
+        if not text.startswith("{"):
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and "progress" not in value:
+            return value
+    return None
+
+
+def coordinates(values: Sequence[float]) -> str:
+    """``x,y,z`` (or six numbers) with full precision, for the command line."""
+    numbers = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    if not all(np.isfinite(numbers)):
+        raise ValueError(f"coordinates must be finite numbers, got {numbers}")
+    return ",".join(repr(v) for v in numbers)

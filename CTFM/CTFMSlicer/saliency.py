@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from .jobs import start_volume_command
-from .process import ProcessRunner
+from .process import ProcessRunner, coordinates, last_json_object
 
 TARGETS = ("embedding", "point", "class", "triage")
 METHODS = ("occlusion", "gradient")
@@ -42,14 +42,6 @@ def sidecar_of(heat_path) -> Path:
         if name.lower().endswith(suffix):
             return heat_path.with_name(name[: -len(suffix)] + ".json")
     return heat_path.with_suffix(".json")
-
-
-def coordinates(values: Sequence[float]) -> str:
-    """``x,y,z`` (or six numbers) with full precision, for the command line."""
-    numbers = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-    if not all(np.isfinite(numbers)):
-        raise ValueError(f"coordinates must be finite numbers, got {numbers}")
-    return ",".join(repr(v) for v in numbers)
 
 
 def target_argument(target: str, point_lps=None, class_name: Optional[str] = None) -> str:
@@ -121,24 +113,6 @@ def saliency_arguments(
         raise ValueError("a centre applies only to the cube of the embedding, class and triage targets")
     args += ["--device", device, "--out", str(out), "--json"]  # the result: one JSON object, the last stdout line
     return args
-
-
-def last_json_object(lines: Sequence[str]) -> Optional[dict]:
-    """The last line of ``lines`` that is a JSON object (the CLI's result line), or None.
-
-    Progress lines (``{"progress": ...}``) never count.
-    """
-    for line in reversed(list(lines)):
-        text = line.strip()
-        if not text.startswith("{"):
-            continue
-        try:
-            value = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and "progress" not in value:
-            return value
-    return None
 
 
 def read_json_file(path) -> Optional[dict]:

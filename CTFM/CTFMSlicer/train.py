@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .logic import DEFAULT_WEIGHTS, DEVICES
+from .logic import DEFAULT_WEIGHTS
+from .process import DEVICES
 
 TRAIN_TASKS = ("pretrain", "segment", "classify", "check")
 TRAINING_TASKS = ("pretrain", "segment", "classify")  # the ones that train (and need a configuration)

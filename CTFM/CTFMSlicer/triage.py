@@ -19,8 +19,9 @@ import numpy as np
 
 from .jobs import start_volume_command
 from .models import CONFIG_NAME, WEIGHTS_NAME, imported_model_path, triage_catalog_ids
-from .process import ProcessRunner
-from .saliency import HEAT_NAME, METHODS, HeatmapOutput, last_json_object, read_heatmap, read_json_file
+from .nodes import path_is_set
+from .process import ProcessRunner, last_json_object
+from .saliency import HEAT_NAME, METHODS, HeatmapOutput, read_heatmap, read_json_file
 
 FOLDER = "folder"
 ARCHITECTURE = "TriageModel"  # CTFMLib.train.classify.ARCHITECTURE (that module imports torch)
@@ -31,11 +32,6 @@ RESULT_NAME = "triage.json"
 def triage_model_choices(catalog_path=None) -> tuple:
     """What the Triage model box offers: a folder, then the catalogue's triage models."""
     return (FOLDER, *triage_catalog_ids(catalog_path))
-
-
-def path_is_set(path) -> bool:
-    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
-    return path is not None and str(path) not in ("", ".")
 
 
 def folder_problem(folder) -> Optional[str]:

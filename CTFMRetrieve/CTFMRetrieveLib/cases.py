@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from CTFMLib.image import ImageError, write_image
-from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node
+from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node, path_is_set
 
 INDEX_DB = "index.sqlite"  # CTFMLib.retrieval.store.DB_NAME
 VOLUMES_FOLDER = "volumes"
@@ -25,11 +25,6 @@ CASE_SERIES_ATTRIBUTE = "CTFMRetrieve.CaseSeries"
 CASE_STAMP_ATTRIBUTE = "CTFMRetrieve.CaseStamp"  # the voxels' modification time when the file was written
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 HEATMAP_ATTRIBUTE = "CTFM.target"  # CT-FM saliency maps (CTFMSlicer.overlay) are not CT scans
-
-
-def path_is_set(path) -> bool:
-    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
-    return path is not None and str(path) not in ("", ".")
 
 
 def is_index(path) -> bool:

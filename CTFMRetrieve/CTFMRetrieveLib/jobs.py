@@ -18,12 +18,17 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from CTFMSlicer.jobs import start_volume_command
-from CTFMSlicer.models import failure_text
-from CTFMSlicer.process import ProcessRunner, ctfm_cli_command, work_folder
-from CTFMSlicer.saliency import coordinates, last_json_object
+from CTFMSlicer.process import (
+    DEVICES,
+    ProcessRunner,
+    coordinates,
+    ctfm_cli_command,
+    failure_text,
+    last_json_object,
+    work_folder,
+)
 
 QUERY_MODES = ("crosshair", "roi", "scan")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 FAILED = re.compile(r"^ctfm: FAILED (.*?): (.*)$")
 
 

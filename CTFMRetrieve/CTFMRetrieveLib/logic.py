@@ -18,12 +18,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from CTFMSlicer.nodes import ras_to_lps, table_row_of_view_row
-from CTFMSlicer.overlay import crosshair_ras, roi_lps_box
+from CTFMSlicer.nodes import crosshair_ras, path_is_set, ras_to_lps, roi_lps_box, table_row_of_view_row
 from CTFMSlicer.process import remove_work_folder
 
 from . import cases, jobs, results
-from .cases import index_folder_problem, path_is_set
+from .cases import index_folder_problem
 from .results import RESULT_COLUMNS, RESULTS_TABLE_NAME  # noqa: F401  (part of the logic's interface)
 
 QUERY_MODES = jobs.QUERY_MODES

@@ -22,9 +22,8 @@ import collections
 from typing import Callable, Optional
 
 from CTFMLib.image import ImageError
-from CTFMSlicer.logic import DEVICES
 from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node
-from CTFMSlicer.process import ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
+from CTFMSlicer.process import DEVICES, ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
 
 from .models import (  # noqa: F401  (CONFIG_NAME, WEIGHTS_NAME, WHOLE_BODY: the module's public names)
     CONFIG_NAME,

@@ -16,6 +16,7 @@ from CTFMLib.segment_plan import (
     model_facts,
 )
 from CTFMLib.segment_plan import QUALITIES as QUALITY_PRESETS
+from CTFMSlicer.nodes import path_is_set
 
 WHOLE_BODY = "whole-body"
 WHOLE_BODY_ID = "whole_body_segmentation"  # its catalogue id (``ctfm segment --model whole-body``)
@@ -55,11 +56,6 @@ def model_choices(catalog_path=None) -> tuple:
 
 
 MODELS = model_choices()
-
-
-def path_is_set(path) -> bool:
-    """A parameter-node path counts as unset when empty (``Path()`` reads back as ``.``)."""
-    return path is not None and str(path) not in ("", ".")
 
 
 def model_folder_problem(folder) -> Optional[str]:
