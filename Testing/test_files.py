@@ -261,3 +261,61 @@ def test_the_next_write_removes_what_a_killed_writer_left_but_nothing_live_or_fo
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# Where a file may be renamed into place by hand: files.py (the one helper), the model store's swap of a whole
+# imported model folder (a directory rename, which the file helpers do not cover) and the trainer's export, which
+# moves files a task wrote in a private folder onto atomic_outputs' own temporaries (the helper commits them), and
+# CTFMTrain's check that its output folder is writable (a temporary file that deletes itself, never renamed).
+RENAMES_ALLOWED = {("CTFMLib/files.py", "*"), ("CTFMLib/weights.py", "_install"),
+                   ("CTFMLib/model_store.py", "_install"), ("CTFMLib/train/trainer.py", "_export"),
+                   ("CTFMTrain/CTFMTrain.py", "check_output_directory")}
+
+
+def renames_by_hand(path: Path, relative: str) -> list:
+    """``os.replace``/``os.rename``/``shutil.move``/``tempfile.mkstemp``/``NamedTemporaryFile`` calls and
+    ``Path.rename(x)``/``Path.replace(x)`` (one argument: ``str.replace`` takes two) outside the allowed places."""
+    import ast
+
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                owner = child.func.value.id if isinstance(child.func.value, ast.Name) else None
+                name = child.func.attr
+                by_module = (owner, name) in {("os", "replace"), ("os", "rename"), ("shutil", "move"),
+                                              ("tempfile", "mkstemp"), ("tempfile", "NamedTemporaryFile")}
+                by_path = name in ("rename", "replace") and owner not in ("os", "str") and len(child.args) == 1 \
+                    and not child.keywords
+                allowed = (relative, "*") in RENAMES_ALLOWED or (relative, function) in RENAMES_ALLOWED
+                if (by_module or by_path) and not allowed:
+                    found.append(f"{relative}:{child.lineno} in {function}(): {owner or '...'}.{name}")
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), "<module>")
+    return found
+
+
+def test_every_write_goes_through_the_one_atomic_helper():
+    """Users' files are written only through CTFMLib.files (atomic_output, atomic_outputs, atomic_write_*), so one
+    place answers for "a complete file or none, never an overwrite it was not allowed": no module renames a
+    temporary into place by hand."""
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for root in ("CTFM", "CTFMSegment", "CTFMRetrieve", "CTFMTrain"):
+        for path in (repo / root).rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            relative = path.relative_to(repo / "CTFM").as_posix() if root == "CTFM" else path.relative_to(repo).as_posix()
+            offenders += renames_by_hand(path, relative)
+    assert offenders == []
+
+
+def test_the_rename_check_sees_hand_written_renames(tmp_path):
+    source = tmp_path / "module.py"
+    source.write_text("import os\nfrom pathlib import Path\n\ndef save(a, b):\n    os.replace(a, b)\n"
+                      "    Path(a).rename(b)\n    return 'x.tmp'.replace('.tmp', '')\n", encoding="utf-8")
+    assert [line.split(": ")[1] for line in renames_by_hand(source, "CTFMLib/module.py")] == ["os.replace", "....rename"]
+    assert renames_by_hand(source, "CTFMLib/files.py") == []
