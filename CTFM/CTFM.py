@@ -39,7 +39,6 @@ from CTFMSlicer.overlay import (
     set_heatmap_threshold,
 )
 from CTFMSlicer.process import DEVICES
-from CTFMSlicer.running import JOBS, JobBusyError
 from CTFMSlicer.saliency import (
     DEFAULT_SEGMENTATION_MODEL,
     MAX_CUBE_MM,
@@ -65,7 +64,7 @@ from CTFMSlicer.train import (
 )
 from CTFMSlicer.triage import FOLDER as TRIAGE_FOLDER
 from CTFMSlicer.triage import triage_model_choices
-from CTFMSlicer.widget import ParameterNodeWidgetMixin
+from CTFMSlicer.widget import JobControls, ParameterNodeWidgetMixin
 
 CACHE_FOLDER_SETTING = "CTFM/CacheFolder"
 
@@ -196,7 +195,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic = None
         self._observedMarkups = []
-        self._jobSection = None  # the section whose child process runs (self._runner)
+        self._jobs = {}  # section -> its JobControls
         self._heatmapNode = None  # the heatmap the opacity and threshold controls apply to
         self._heatmapShown = None  # (node id, opacity, threshold) last applied
         self._modelRows = []
@@ -215,6 +214,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
         self.observeSceneClose()
 
+        self._setupJobs()
         self._setupModels()
         self.ui.computeEmbeddingButton.connect("clicked(bool)", self.onComputeEmbedding)
         self.ui.triageButton.connect("clicked(bool)", self.onTriage)
@@ -225,21 +225,25 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
 
         self.initializeParameterNode()
 
-    def _jobWidgets(self, section: str) -> tuple:
-        """(action button, progress bar, status label, the button's idle text) of a section that runs jobs.
-
-        One child process runs at a time (they compete for the same CPU/GPU memory); meanwhile the
-        other sections' buttons are disabled and the running section's button reads Cancel.
-        """
+    def _setupJobs(self) -> None:
+        """One JobControls per section that runs jobs. One job runs at a time (they compete for the same
+        CPU/GPU memory); meanwhile the other sections' buttons are disabled and the running section's
+        button reads Cancel."""
         ui = self.ui
-        return {
-            "embedding": (ui.computeEmbeddingButton, ui.embeddingProgressBar, ui.embeddingStatusLabel,
-                          _("Compute embedding")),
-            "models": (ui.downloadModelButton, ui.modelsProgressBar, ui.modelsStatusLabel, _("Download")),
-            "triage": (ui.triageButton, ui.triageProgressBar, ui.triageStatusLabel, _("Run triage")),
-            "saliency": (ui.saliencyButton, ui.saliencyProgressBar, ui.saliencyStatusLabel,
-                         _("Compute saliency map")),
-        }[section]
+        self._jobs = {
+            "embedding": JobControls(self, "embedding", ui.computeEmbeddingButton, ui.embeddingProgressBar,
+                                     ui.embeddingStatusLabel, _("Compute embedding")),
+            "models": JobControls(self, "models", ui.downloadModelButton, ui.modelsProgressBar, ui.modelsStatusLabel,
+                                  _("Download"), what=_("CT-FM: download")),
+            "triage": JobControls(self, "triage", ui.triageButton, ui.triageProgressBar, ui.triageStatusLabel,
+                                  _("Run triage")),
+            "saliency": JobControls(self, "saliency", ui.saliencyButton, ui.saliencyProgressBar,
+                                    ui.saliencyStatusLabel, _("Compute saliency map"), what=_("CT-FM: saliency map")),
+            "train": JobControls(self, "training", ui.trainButton, ui.trainProgressBar, ui.trainStatusLabel, _("Start"),
+                                 lock=(ui.trainTaskComboBox, ui.trainConfigFilePathLineEdit, ui.createTrainConfigButton,
+                                       ui.trainOutputFolderPathLineEdit, ui.trainDeviceComboBox,
+                                       ui.trainResumeCheckBox, ui.trainMaxStepsSpinBox)),
+        }
 
     # --- models section ----------------------------------------------------------
 
@@ -288,9 +292,9 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
     def _updateModelButtons(self) -> None:
         row = self._selectedModel()
         removable = row is not None and row["status"] in ("imported", "downloaded", NOT_PUBLISHED)
-        self.ui.removeModelButton.enabled = removable and self._jobSection is None
-        self.ui.importModelButton.enabled = self._jobSection is None
-        self._updateJobButton("models", download_problem(row), _(
+        self.ui.removeModelButton.enabled = removable and self._job is None
+        self.ui.importModelButton.enabled = self._job is None
+        self._jobs["models"].refresh(download_problem(row), _(
             "Download the selected model from Hugging Face into the model folder (runs in the background; "
             "the button then cancels it)."))
 
@@ -311,24 +315,20 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self._fillModelsTable()
 
     def onDownloadModel(self) -> None:
-        if self._cancelIfRunning("models"):
-            return
         row = self._selectedModel()
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the download."), waitCursor=False):
+
+        def start():
             problem = download_problem(row)
             if problem:
                 raise ValueError(problem)
-            self.prepareJob(_("CT-FM: download"))
             self.ui.modelsStatusLabel.text = _("Downloading {model}...").format(model=row["title"])
-            self._startJob("models", self.logic.startDownload(
-                row["id"], on_progress=self._progressOf("models"),
-                on_done=lambda ok, message: self._onDownloadDone(ok, message)))
+            return self.logic.startDownload(row["id"], on_progress=self._jobs["models"].progress,
+                                            on_done=self._onDownloadDone)
+
+        self._jobs["models"].launch(_("Failed to start the download."), start)
 
     def _onDownloadDone(self, ok: bool, message: str) -> None:
-        self._endJob("models")
-        self.ui.modelsStatusLabel.text = message
-        if not ok and message != "Cancelled.":
-            logging.error(f"CT-FM download failed: {message}")
+        self._jobs["models"].finish(ok, message)
         self._fillModelsTable()
 
     def onImportModel(self) -> None:
@@ -410,78 +410,6 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self._updateModelButtons()
         self._applyHeatmapDisplay(p)
 
-    # --- jobs (child processes) ------------------------------------------------------
-
-    def _updateJobButton(self, section: str, problem, idleToolTip: str) -> None:
-        button = self._jobWidgets(section)[0]
-        if self._jobSection == section:
-            return  # it reads "Cancel" and stays enabled while its job runs
-        if self._jobSection is not None:
-            button.enabled = False
-            button.toolTip = _("Another CT-FM job is running ({section}); wait for it or cancel it.").format(
-                section=self._jobSection)
-            return
-        button.enabled = problem is None
-        button.toolTip = problem or idleToolTip
-
-    def _cancelIfRunning(self, section: str) -> bool:
-        """The section's button reads Cancel while its job runs: cancel it (True), else False."""
-        if self._jobSection != section or self._runner is None:
-            return False
-        self._jobWidgets(section)[2].text = _("Cancelling...")
-        self.cancelRunner()
-        return True
-
-    def _launch(self, section: str, failure: str, start) -> None:
-        """The section's button: cancel its running job, or start one.
-
-        ``start()`` (called after the Python dependencies are in place, inside an error display
-        titled ``failure``) returns the job's runner: the work runs in a child process, so Slicer
-        stays responsive and Cancel kills the process tree.
-        """
-        if self._cancelIfRunning(section):  # the button reads "Cancel" while the section's job runs
-            return
-        self._jobWidgets(section)[2].text = ""
-        with slicer.util.tryWithErrorDisplay(failure, waitCursor=False):
-            self.prepareJob(_("CT-FM: {section}").format(section=section))
-            self._startJob(section, start())
-
-    def _startJob(self, section: str, runner) -> None:
-        self._jobSection = section
-        self.followRunner(runner, _("CT-FM: {section}").format(section=section))
-        self._showJob(section, True)
-
-    def _endJob(self, section: str) -> None:
-        self._runner = None
-        self._jobSection = None
-        self._showJob(section, False)
-
-    def _showJob(self, section: str, running: bool) -> None:
-        button, bar, _label, idleText = self._jobWidgets(section)
-        bar.visible = running
-        bar.setRange(0, 0 if running else 100)  # busy until the child reports a fraction
-        bar.value = 0
-        button.text = _("Cancel") if running else idleText
-        button.enabled = True
-        self._updateState()
-
-    def _progressOf(self, section: str):
-        """A progress callback for the section's job (called in the GUI thread by the poll timer)."""
-        _button, bar, label, _idle = self._jobWidgets(section)
-
-        def progress(fraction, message: str = "") -> None:
-            self.showFraction(bar, fraction)
-            if message:
-                label.text = message
-
-        return progress
-
-    @staticmethod
-    def _reportFailure(label, what: str, message: str) -> None:
-        label.text = message.splitlines()[0] if message else _("Failed.")
-        if message and message != "Cancelled.":
-            logging.error(f"CT-FM {what} failed: {message}")
-
     # --- embedding ---------------------------------------------------------------
 
     def _updateEmbeddingState(self, p) -> None:
@@ -490,7 +418,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.ui.pointListSelector.visible = pointMode
         problem = (self.logic.embeddingInputProblem(p.inputVolume, p.weights, p.embedMode, p.pointList) if p
                    else _("No parameter node"))
-        self._updateJobButton("embedding", problem, _("Compute the CT-FM embedding of the input volume."))
+        self._jobs["embedding"].refresh(problem, _("Compute the CT-FM embedding of the input volume."))
 
     def onComputeEmbedding(self) -> None:
         def start():
@@ -499,15 +427,14 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             volumeName = p.inputVolume.GetName()
             return self.logic.startEmbedding(
                 p.inputVolume, p.weights, p.embedMode, pointRAS, p.device,
-                on_progress=self._progressOf("embedding"),
+                on_progress=self._jobs["embedding"].progress,
                 on_done=lambda embedding, message: self._onEmbeddingDone(embedding, message, volumeName))
 
-        self._launch("embedding", _("Failed to compute the embedding."), start)
+        self._jobs["embedding"].launch(_("Failed to compute the embedding."), start)
 
     def _onEmbeddingDone(self, embedding, message: str, volumeName: str) -> None:
-        self._endJob("embedding")
+        self._jobs["embedding"].finish(embedding is not None, message)
         if embedding is None:
-            self._reportFailure(self.ui.embeddingStatusLabel, "embedding", message)
             return
         table = self.logic.embeddingTableNode(embedding, name=f"{volumeName} CT-FM embedding")
         self.ui.embeddingStatusLabel.text = _(
@@ -525,7 +452,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.ui.triageSaliencyMethodComboBox.visible = withSaliency
         problem = (self.logic.triageInputProblem(p.triageVolume, p.triageModel, p.triageModelFolder) if p
                    else _("No parameter node"))
-        self._updateJobButton("triage", problem, _("Triage the volume in the background; the button then cancels it."))
+        self._jobs["triage"].refresh(problem, _("Triage the volume in the background; the button then cancels it."))
 
     def onTriage(self) -> None:
         def start():
@@ -533,15 +460,14 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             volume, method = p.triageVolume, p.triageSaliencyMethod
             return self.logic.startTriage(
                 volume, p.triageModel, p.triageModelFolder, p.device, p.triageSaliency, method,
-                on_progress=self._progressOf("triage"),
+                on_progress=self._jobs["triage"].progress,
                 on_done=lambda output, message: self._onTriageDone(output, message, volume, method))
 
-        self._launch("triage", _("Failed to start triage."), start)
+        self._jobs["triage"].launch(_("Failed to start triage."), start)
 
     def _onTriageDone(self, output, message: str, volume, method: str) -> None:
-        self._endJob("triage")
+        self._jobs["triage"].finish(output is not None, message)
         if output is None:
-            self._reportFailure(self.ui.triageStatusLabel, "triage", message)
             return
         if not slicer.mrmlScene.IsNodePresent(volume):
             self.ui.triageStatusLabel.text = _("The volume was removed while triage ran.")
@@ -601,7 +527,7 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             labels[name].visible = shown
         problem = (self.logic.saliencyInputProblem(p.saliencyVolume, **self._saliencyValues(p)) if p
                    else _("No parameter node"))
-        self._updateJobButton("saliency", problem, _(
+        self._jobs["saliency"].refresh(problem, _(
             "Compute the saliency map in the background; the button then cancels it."))
 
     def onSaliency(self) -> None:
@@ -611,15 +537,14 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             request = self.logic.saliencyRequest(**self._saliencyValues(p))
             name = f"{volume.GetName()} {target_label(p.saliencyTarget, p.saliencyClassName)} saliency"
             return self.logic.startSaliency(
-                volume, request, on_progress=self._progressOf("saliency"),
+                volume, request, on_progress=self._jobs["saliency"].progress,
                 on_done=lambda output, message: self._onSaliencyDone(output, message, volume, name, request))
 
-        self._launch("saliency", _("Failed to start the saliency map."), start)
+        self._jobs["saliency"].launch(_("Failed to start the saliency map."), start)
 
     def _onSaliencyDone(self, output, message: str, volume, name: str, request: dict) -> None:
-        self._endJob("saliency")
+        self._jobs["saliency"].finish(output is not None, message)
         if output is None:
-            self._reportFailure(self.ui.saliencyStatusLabel, "saliency map", message)
             return
         if not slicer.mrmlScene.IsNodePresent(volume):
             self.ui.saliencyStatusLabel.text = _("The volume was removed while the map was computed.")
@@ -689,55 +614,38 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
     def _updateTrainState(self, p) -> None:
         out = givenPath(p.trainOutputFolder) if p else None
         self.ui.openTrainOutputButton.enabled = out is not None and out.is_dir()
-        if self._trainRunning():
+        if self._jobs["train"].running:
             return
         problem, notes = self._trainCheck(p)
-        self.ui.trainButton.enabled = problem is None
-        self.ui.trainButton.toolTip = problem or _(
-            "Start the CT-FM Train CLI module in the background; the button then cancels it.")
+        self._jobs["train"].refresh(problem, _(
+            "Start the CT-FM Train CLI module in the background; the button then cancels it."))
         if self._trainMessage and p and self._trainValues(p) == self._trainMessageFor:
             self.ui.trainStatusLabel.text = self._trainMessage
         else:
             self.ui.trainStatusLabel.text = problem or " ".join(notes)
 
     def onTrain(self) -> None:
-        if self._trainRunning():  # the button reads "Cancel" while a run goes on
-            self.ui.trainStatusLabel.text = _("Cancelling...")
-            self._trainRun.cancel()
-            return
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=False):
-            request = self._trainRequest(p)
-            if request.parameters["task"] != "check":  # the check reports what is missing instead
-                self.prepareJob(_("CT-FM: training"))
-            else:
-                busy = self.jobBusyMessage()
-                if busy:
-                    raise JobBusyError(busy)
+        def start():
             node = self._trainNode
             if node is not None and not slicer.mrmlScene.IsNodePresent(node):
                 node = None  # left with a closed scene
-            self._trainRun = TrainRun(trainModule(), request, on_progress=self._onTrainProgress,
+            self._trainRun = TrainRun(trainModule(), self._trainRequest(p), on_progress=self._jobs["train"].progress,
                                       on_done=self._onTrainDone, node=node)
             self._trainMessage = ""
-            self._setTrainRunning(True)
-            try:
-                self._trainNode = self._trainRun.start()  # returns at once; the CLI runs in Slicer's CLI thread
-                JOBS.take(self, self._trainRun, _("CT-FM: training ({task})").format(task=self._trainRun.task))
-            except Exception:
-                self._trainRun = None
-                self._setTrainRunning(False)
-                raise
+            self._trainNode = self._trainRun.start()  # returns at once; the CLI runs in Slicer's CLI thread
+            return self._trainRun
 
-    def _onTrainProgress(self, fraction, message: str) -> None:
-        self.showFraction(self.ui.trainProgressBar, fraction)
-        self.ui.trainStatusLabel.text = message
+        p = self._parameterNode
+        # The check reports what is missing instead of installing it; the CLI node reports, nothing polls it.
+        self._jobs["train"].launch(_("Failed to start training."), start,
+                                   what=_("CT-FM: training ({task})").format(task=p.trainTask),
+                                   prepare=p.trainTask != "check", follow=False)
 
     def _onTrainDone(self, outcome: str, message: str, details: str) -> None:
         p = self._parameterNode
         self._trainMessage = message
         self._trainMessageFor = self._trainValues(p) if p else None
-        self._setTrainRunning(False)
+        self._jobs["train"].finish(outcome != "failed", message, log=False)
         self.ui.trainStatusLabel.text = message
         if outcome == "failed":
             logging.error(f"CT-FM Train: {message}\n{details}")
@@ -745,20 +653,6 @@ class CTFMWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
                 slicer.util.errorDisplay(message, windowTitle=_("CT-FM Train"), detailedText=details or message)
         else:
             logging.info(f"CT-FM Train: {message}")
-
-    def _setTrainRunning(self, running: bool) -> None:
-        bar = self.ui.trainProgressBar
-        bar.visible = running
-        bar.setRange(0, 0 if running else 100)  # busy until the CLI reports a fraction
-        bar.value = 0
-        self.ui.trainButton.text = _("Cancel") if running else _("Start")
-        self.ui.trainButton.enabled = True
-        for widget in (self.ui.trainTaskComboBox, self.ui.trainConfigFilePathLineEdit, self.ui.createTrainConfigButton,
-                       self.ui.trainOutputFolderPathLineEdit, self.ui.trainDeviceComboBox, self.ui.trainResumeCheckBox,
-                       self.ui.trainMaxStepsSpinBox):
-            widget.enabled = not running  # a run keeps the values it started with
-        if not running:
-            self._updateState()
 
     def onCreateTrainConfig(self) -> None:
         """Ask for the training data and a file name; write the task's default configuration there."""

@@ -5,7 +5,6 @@ adding cases and searching run as ``ctfm index`` child processes (Slicer stays r
 button that started the work reads Cancel and kills the process tree).
 """
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -44,7 +43,7 @@ _addCTFMPackagesToPath()
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.nodes import QueryPlaceObserver  # noqa: E402
-from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
+from CTFMSlicer.widget import JobControls, ParameterNodeWidgetMixin  # noqa: E402
 
 # The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's
 # getDefaultModuleDocumentationLink() would link to a page of Slicer's manual that does not exist.
@@ -126,7 +125,7 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._jobButton = None  # the button that started the running job; it reads Cancel meanwhile
+        self._jobs = {}  # button name -> its JobControls
         self._statisticsFor = None  # the index path the statistics line describes
 
     def setup(self) -> None:
@@ -141,9 +140,19 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self._placeTimer.setInterval(200)
         self._placeTimer.connect("timeout()", self._updateState)
         self._placeObserver = QueryPlaceObserver(self._placeTimer.start)
-        self._idleText = {self.ui.addVolumesButton: self.ui.addVolumesButton.text,
-                          self.ui.addFolderButton: self.ui.addFolderButton.text,
-                          self.ui.findSimilarButton: self.ui.findSimilarButton.text}
+        ui = self.ui
+        # Both add buttons add to the index (one progress bar and status line); the one clicked reads Cancel.
+        adding = {"name": _("adding cases"), "what": _("CT-FM Retrieve: adding cases to the index"),
+                  "cancelling": _("Cancelling... (cases added so far stay in the index)"), "waitCursor": True}
+        self._jobs = {
+            "addVolumes": JobControls(self, button=ui.addVolumesButton, bar=ui.indexProgressBar,
+                                      label=ui.indexStatusLabel, **adding),
+            "addFolder": JobControls(self, button=ui.addFolderButton, bar=ui.indexProgressBar,
+                                     label=ui.indexStatusLabel, **adding),
+            "findSimilar": JobControls(self, _("searching"), ui.findSimilarButton, ui.retrieveProgressBar,
+                                       ui.statusLabel, what=_("CT-FM Retrieve: searching for similar cases"),
+                                       waitCursor=True),
+        }
         self.ui.addVolumesButton.connect("clicked(bool)", self.onAddVolumes)
         self.ui.addFolderButton.connect("clicked(bool)", self.onAddFolder)
         self.ui.refreshStatisticsButton.connect("clicked(bool)", lambda: self.updateStatistics(force=True))
@@ -187,27 +196,18 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         if self.ui.resultsTableView.mrmlTableNode() != table:  # re-setting would drop the selection
             self.ui.resultsTableView.setMRMLTableNode(table)
         self.updateStatistics()
-        if self._jobButton is not None:
-            for button in self._idleText:
-                button.enabled = button is self._jobButton
-            return
+        self._updateShowButton()
         addProblem = self.logic.indexProblem(p.indexPath, forAdding=True) if p else _("No parameter node")
-        self._enable(self.ui.addVolumesButton, addProblem or (None if self.logic.volumesToAdd() else
-                                                              _("Load CT volumes first.")),
-                     _("Embed the scene's CT volumes and add them to the index."))
+        self._jobs["addVolumes"].refresh(addProblem or (None if self.logic.volumesToAdd() else
+                                                        _("Load CT volumes first.")),
+                                         _("Embed the scene's CT volumes and add them to the index."))
         folderProblem = None if (p and p.addFolder and str(p.addFolder) not in ("", ".")) else _("Choose a folder.")
-        self._enable(self.ui.addFolderButton, addProblem or folderProblem,
-                     _("Embed every scan in the folder and add it to the index (already indexed scans are skipped)."))
+        self._jobs["addFolder"].refresh(
+            addProblem or folderProblem,
+            _("Embed every scan in the folder and add it to the index (already indexed scans are skipped)."))
         problems = self.logic.queryProblems(p.indexPath, p.inputVolume, p.queryMode, p.queryRoi) if p else [
             _("No parameter node")]
-        self._enable(self.ui.findSimilarButton, "\n".join(problems) or None,
-                     _("Search the index; the button then cancels the search."))
-        self._updateShowButton()
-
-    @staticmethod
-    def _enable(button, problem, idleToolTip: str) -> None:
-        button.enabled = not problem
-        button.toolTip = problem or idleToolTip
+        self._jobs["findSimilar"].refresh("\n".join(problems), _("Search the index; the button then cancels the search."))
 
     def updateStatistics(self, force: bool = False) -> None:
         """The Holds: line, read again when the index path changed (or ``force``)."""
@@ -218,86 +218,33 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
     # --- jobs --------------------------------------------------------------------------
 
-    def _cancelIfRunning(self, button) -> bool:
-        if self._jobButton is not button or self._runner is None:
-            return False
-        self.cancelRunner()
-        return True
-
-    def _startJob(self, button, runner, bar, what: str = "") -> None:
-        self._jobButton = button
-        self.followRunner(runner, what)
-        bar.visible = True
-        bar.setRange(0, 0)
-        button.text = _("Cancel")
-        self._updateState()
-
-    def _endJob(self, bar) -> None:
-        if self._jobButton is not None:
-            self._jobButton.text = self._idleText[self._jobButton]
-        self._runner, self._jobButton = None, None
-        bar.visible = False
-        self._updateState()
-
-    def _progress(self, bar, label):
-        def progress(fraction, message: str = "") -> None:
-            self.showFraction(bar, fraction)
-            if message:
-                label.text = message
-
-        return progress
-
-    def _launch(self, button, bar, label, failure: str, cancelling: str, start, what: str) -> None:
-        """``button`` cancels its running job, or starts ``start()`` (which returns the job's runner, described
-        by ``what``) after the Python dependencies are in place, inside an error display titled ``failure``."""
-        if self._cancelIfRunning(button):
-            label.text = cancelling
-            return
-        label.text = ""
-        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
-            self.prepareJob(_("CT-FM Retrieve"))
-            self._startJob(button, start(), bar, what)
-
-    def _startAdd(self, button, volumeNodes=(), folders=()) -> None:
-        p = self._parameterNode
-        self._launch(button, self.ui.indexProgressBar, self.ui.indexStatusLabel, _("Failed to add cases to the index."),
-                     _("Cancelling... (cases added so far stay in the index)"),
-                     lambda: self.logic.startAdd(
-                         p.indexPath, volumeNodes, folders, p.weights, p.device,
-                         on_progress=self._progress(self.ui.indexProgressBar, self.ui.indexStatusLabel),
-                         on_done=self._onAddDone),
-                     _("CT-FM Retrieve: adding cases to the index"))
+    def _startAdd(self, key: str, volumeNodes=(), folders=()) -> None:
+        p, jobs = self._parameterNode, self._jobs[key]
+        jobs.launch(_("Failed to add cases to the index."),
+                    lambda: self.logic.startAdd(p.indexPath, volumeNodes, folders, p.weights, p.device,
+                                                on_progress=jobs.progress,
+                                                on_done=lambda outcome, message: self._onAddDone(jobs, outcome, message)))
 
     def onAddVolumes(self) -> None:
-        self._startAdd(self.ui.addVolumesButton, volumeNodes=self.logic.volumesToAdd())
+        self._startAdd("addVolumes", volumeNodes=self.logic.volumesToAdd())
 
     def onAddFolder(self) -> None:
-        self._startAdd(self.ui.addFolderButton, folders=[self._parameterNode.addFolder])
+        self._startAdd("addFolder", folders=[self._parameterNode.addFolder])
 
-    def _onAddDone(self, outcome, message: str) -> None:
-        self._endJob(self.ui.indexProgressBar)
-        self.ui.indexStatusLabel.text = message
-        if outcome is None and message != "Cancelled.":
-            logging.error(f"CT-FM Retrieve: adding cases failed: {message}")
+    def _onAddDone(self, jobs, outcome, message: str) -> None:
+        jobs.finish(outcome is not None, message)
         self.updateStatistics(force=True)
 
     def onFindSimilar(self) -> None:
-        p = self._parameterNode
-        self._launch(self.ui.findSimilarButton, self.ui.retrieveProgressBar, self.ui.statusLabel,
-                     _("Failed to search the index."), _("Cancelling..."),
-                     lambda: self.logic.startQuery(
-                         p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults, p.excludeQueryCase,
-                         p.thumbnails, p.device,
-                         on_progress=self._progress(self.ui.retrieveProgressBar, self.ui.statusLabel),
-                         on_done=self._onQueryDone),
-                     _("CT-FM Retrieve: searching for similar cases"))
+        p, jobs = self._parameterNode, self._jobs["findSimilar"]
+        jobs.launch(_("Failed to search the index."),
+                    lambda: self.logic.startQuery(
+                        p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults, p.excludeQueryCase,
+                        p.thumbnails, p.device, on_progress=jobs.progress, on_done=self._onQueryDone))
 
     def _onQueryDone(self, hits, message: str) -> None:
-        self._endJob(self.ui.retrieveProgressBar)
-        self.ui.statusLabel.text = message
+        self._jobs["findSimilar"].finish(hits is not None, message)
         if hits is None:
-            if message != "Cancelled.":
-                logging.error(f"CT-FM Retrieve: search failed: {message}")
             return
         p = self._parameterNode
         table = p.resultsTable

@@ -48,7 +48,7 @@ from CTFMSegmentLib.output import is_out_of_memory  # noqa: E402
 from CTFMSegmentLib.plan import plan_summary  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.process import DEVICES  # noqa: E402
-from CTFMSlicer.widget import ParameterNodeWidgetMixin  # noqa: E402
+from CTFMSlicer.widget import JobControls, LogStatus, ParameterNodeWidgetMixin  # noqa: E402
 
 # The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's
 # getDefaultModuleDocumentationLink() would link to a page of Slicer's manual that does not exist.
@@ -128,6 +128,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._planTimer = None
+        self._segmentJob = None  # the segment button's JobControls
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -138,7 +139,13 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
 
         self.observeSceneClose()
 
-        self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        ui = self.ui
+        # The log is the status line; the inputs of a running segmentation are fixed (changing them would mislead).
+        self._segmentJob = JobControls(self, "segmentation", ui.segmentButton, ui.segmentProgressBar,
+                                       LogStatus(ui.logTextEdit), _("Segment"), what=_("CT-FM Segment"),
+                                       runningToolTip=_("Stop the segmentation."), messagesInBar=True,
+                                       lock=(ui.inputsCollapsibleButton, ui.outputsCollapsibleButton))
+        ui.segmentButton.connect("clicked(bool)", self.onSegment)
 
         # Plans are computed on the next turns of the event loop, one preset at a time (see _refreshPlan).
         self._planTimer = qt.QTimer()
@@ -171,11 +178,10 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         # fast always works at 3 mm: the spacing choice does not apply to it
         self.ui.spacingComboBox.enabled = not (p and p.quality == "fast")
         self._refreshPlan()
-        if self._runner is not None:
-            return
+        if self._segmentJob.running:
+            return  # its problems are for the next run
         problems = self.logic.parameterProblems(p) if p else [_("No parameter node")]
-        self.ui.segmentButton.enabled = not problems
-        self.ui.segmentButton.toolTip = "\n".join(problems) if problems else _("Segment the input volume.")
+        self._segmentJob.refresh("\n".join(problems), _("Segment the input volume."))
 
     # --- the plan ---------------------------------------------------------------------
 
@@ -231,9 +237,8 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
     # --- segmentation --------------------------------------------------------------
 
     def onSegment(self) -> None:
-        if self._runner is not None:  # the button reads "Cancel" while a segmentation runs
-            self._log(_("Cancelling..."))
-            self.cancelRunner()
+        if self._segmentJob.running:  # the button reads "Cancel" while a segmentation runs
+            self._segmentJob.cancel()
             return
         p = self._parameterNode
         problems = self.logic.parameterProblems(p)
@@ -241,25 +246,24 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
             self._log("\n".join(problems))
             return
         volume, output, show3D = p.inputVolume, p.outputSegmentation, p.show3D
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=False):
-            self.prepareJob(_("CT-FM Segment"))
+
+        def start():
             self._log(_("Segmenting '{volume}' with {model} ({quality} quality, {spacing} spacing, device {device})...").format(
                 volume=volume.GetName(), model=p.model if p.model != FOLDER else str(p.modelFolder), quality=p.quality,
                 spacing=p.spacing, device=p.device))
-            self.followRunner(self.logic.startSegmentation(
+            return self.logic.startSegmentation(
                 volume, p.model, p.modelFolder, p.quality, p.device, p.structures, spacing=p.spacing,
-                on_progress=self._onProgress,
+                on_progress=self._segmentJob.progress,
                 on_line=lambda stream, text: self._log(text),
-                on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D),
-            ), _("CT-FM Segment: segmenting '{volume}'").format(volume=volume.GetName()))
-            self._setRunning(True)
+                on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D))
 
+        self._segmentJob.launch(_("Failed to start the segmentation."), start,
+                                what=_("CT-FM Segment: segmenting '{volume}'").format(volume=volume.GetName()))
 
     def _onDone(self, result, message: str, log: str, volume, output, show3D: bool) -> None:
-        self._runner = None
-        self._setRunning(False)
+        # the log already holds the child's output: a failure adds its message, a success the segments found
+        self._segmentJob.finish(result is not None, message if result is None else "", log=False)
         if result is None:
-            self._log(message)
             if message == "Cancelled.":
                 return
             if is_out_of_memory(log):
@@ -310,27 +314,6 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                 setattr(p, name, value)
                 self.onSegment()
                 return
-
-    def _setRunning(self, running: bool) -> None:
-        bar = self.ui.segmentProgressBar
-        bar.visible = running
-        bar.setRange(0, 100)
-        bar.value = 0
-        bar.format = "%p%"
-        self.ui.segmentButton.text = _("Cancel") if running else _("Segment")
-        self.ui.segmentButton.toolTip = _("Stop the segmentation.") if running else ""
-        self.ui.segmentButton.enabled = True
-        # The inputs of a running segmentation are fixed; changing them would only mislead.
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.outputsCollapsibleButton.enabled = not running
-        if not running:
-            self._updateState()
-
-    def _onProgress(self, fraction, message: str = "") -> None:
-        """Progress from the child process (delivered in the GUI thread by the poll timer)."""
-        bar = self.ui.segmentProgressBar
-        self.showFraction(bar, fraction)
-        bar.format = f"{message} %p%" if message else "%p%"
 
     def _log(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)

@@ -7,9 +7,13 @@ it calls :meth:`loadModuleUI`, sets ``self.logic``, calls
 ``_updateState()``, which runs whenever the parameter node changes. Long work
 started as a :class:`CTFMSlicer.process.ProcessRunner` is handed to
 :meth:`followRunner`, which polls it from the GUI thread; closing the scene or
-the module cancels it. Qt is imported only inside the methods that need it, so
-the package stays importable without the application.
+the module cancels it. Each kind of job a panel runs has one :class:`JobControls`
+(its button, which reads Cancel meanwhile, progress bar and status line). Qt is
+imported only inside the methods that need it, so the package stays importable
+without the application.
 """
+
+import logging
 
 import slicer
 import vtk
@@ -24,6 +28,7 @@ class ParameterNodeWidgetMixin:
     _parameterNodeGuiTag = None
     _follower = None
     _pollTimer = None
+    _job = None  # the JobControls whose job runs (one per panel; JOBS keeps it to one across modules)
     POLL_INTERVAL_MS = 100
 
     @property
@@ -169,6 +174,162 @@ class ParameterNodeWidgetMixin:
         for widget in vars(self.ui).values() if hasattr(self, "ui") else ():
             if isinstance(widget, ctk.ctkPathLineEdit) and widget.currentPath == ".":
                 widget.currentPath = ""
+
+
+def _tr(text: str) -> str:
+    """``text`` translated where Slicer's i18n is present (not in slicer-core, which the tests use)."""
+    try:
+        from slicer.i18n import translate
+    except ImportError:
+        return text
+    return translate("JobControls", text)
+
+
+class LogStatus:
+    """A status "label" that appends each message to a plain-text log (CT-FM Segment's log box), so that
+    the panel's :class:`JobControls` reports there; clearing it adds nothing."""
+
+    def __init__(self, textEdit):
+        self._textEdit = textEdit
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = value
+        if value:
+            self._textEdit.appendPlainText(value)
+
+
+class JobControls:
+    """The controls of one kind of job in a panel: its button, progress bar and status label.
+
+    Every CT-FM panel runs its long work the same way, so users meet one behaviour: the button that
+    started a job reads Cancel (and the label "Cancelling..." after a click), the bar is busy until a
+    fraction arrives, the panel's other job buttons are disabled with a tooltip naming the running job,
+    and at the end the button reads its idle text again, the bar hides and a failure shows in the label
+    (and the log, unless it was cancelled). The widgets are Qt objects in Slicer; only their ``text``,
+    ``toolTip``, ``enabled``, ``visible``, ``value`` and ``setRange`` are used.
+
+    ``name`` names the job in the other buttons' tooltip; ``what`` describes it in the one CT-FM job
+    slot and in failure logs (default ``CT-FM: <name>``). ``lock``: widgets disabled while it runs (its
+    inputs); ``messagesInBar``: progress messages go into the bar's text instead of the label.
+    """
+
+    def __init__(self, widget, name: str, button, bar, label, idleText=None, *, what=None, cancelling=None,
+                 runningToolTip=None, lock=(), waitCursor=False, messagesInBar=False):
+        self.widget, self.name = widget, name
+        self.button, self.bar, self.label = button, bar, label
+        self.idleText = button.text if idleText is None else idleText
+        self.what = what or f"CT-FM: {name}"
+        self.cancelling = cancelling or _tr("Cancelling...")
+        self.runningToolTip, self.lock = runningToolTip, tuple(lock)
+        self.waitCursor, self.messagesInBar = waitCursor, messagesInBar
+        self.runner = None  # what launch started, while it runs
+
+    @property
+    def running(self) -> bool:
+        return self.widget._job is self
+
+    def refresh(self, problem, idleToolTip: str) -> None:
+        """Enable the button unless ``problem`` (a sentence, shown as its tooltip) or another job of the
+        panel runs; the running job's own button stays as it is (Cancel, enabled)."""
+        running = self.widget._job
+        if running is self:
+            return
+        if running is not None:
+            self.button.enabled = False
+            self.button.toolTip = _tr("Another CT-FM job is running ({job}); wait for it or cancel it.").format(
+                job=running.name)
+            return
+        self.button.enabled = not problem
+        self.button.toolTip = problem or idleToolTip
+
+    def launch(self, failureTitle: str, start, what=None, prepare: bool = True, follow: bool = True) -> None:
+        """The button's click: cancel the running job, else start one.
+
+        ``start()`` returns the job's runner; it is called inside an error display titled ``failureTitle``
+        after :meth:`ParameterNodeWidgetMixin.prepareJob` (``prepare=False``: only the one-job check) and
+        with the controls already showing the job, since a runner may report its end while it starts.
+        A :class:`CTFMSlicer.process.ProcessRunner` is polled by the widget (``follow``); another runner
+        (a CLI run that reports through its node) only holds the job slot. ``what`` overrides the
+        description for this run.
+        """
+        if self.running:
+            self.cancel()
+            return
+        what = what or self.what
+        self.label.text = ""
+        with slicer.util.tryWithErrorDisplay(failureTitle, waitCursor=self.waitCursor):
+            if prepare:
+                self.widget.prepareJob(what)
+            else:
+                busy = JOBS.busy_message()  # any job: this one does not run, and the panel's others count too
+                if busy:
+                    raise JobBusyError(busy)
+            self._show(True)
+            try:
+                runner = start()
+            except Exception:
+                self._show(False)
+                raise
+            if not self.running:  # it ended while it started
+                return
+            self.runner = runner
+            if follow:
+                self.widget.followRunner(runner, what)
+            else:
+                JOBS.take(self.widget, runner, what)
+
+    def cancel(self) -> None:
+        """Stop the running job; its end arrives through the runner's ``on_done``, which calls :meth:`finish`."""
+        self.label.text = self.cancelling
+        if self.runner is not None:
+            self.runner.cancel()
+
+    def progress(self, fraction, message: str = "") -> None:
+        """A runner's ``on_progress``: the bar at ``fraction`` (busy when None), the message in the label."""
+        self.widget.showFraction(self.bar, fraction)
+        if self.messagesInBar:
+            self.bar.format = f"{message} %p%" if message else "%p%"
+        elif message:
+            self.label.text = message
+
+    def finish(self, ok: bool, message: str, log: bool = True) -> None:
+        """The job ended (call first in its ``on_done``): idle controls, and ``message`` in the label (a
+        failure's first line; the whole of it in the log unless it was cancelled or ``log`` is False)."""
+        if self.running:
+            self.widget._runner = None
+        self.runner = None
+        self._show(False)
+        if ok:
+            self.label.text = message
+            return
+        self.label.text = message.splitlines()[0] if message else _tr("Failed.")
+        if log and message and message != "Cancelled.":
+            logging.error(f"{self.what} failed: {message}")
+
+    def _show(self, running: bool) -> None:
+        if running:
+            self.widget._job = self
+        elif self.running:
+            self.widget._job = None
+        bar = self.bar
+        bar.visible = running
+        bar.setRange(0, 0 if running else 100)  # busy until the runner reports a fraction
+        bar.value = 0
+        if self.messagesInBar:
+            bar.format = "%p%"
+        self.button.text = _tr("Cancel") if running else self.idleText
+        if running and self.runningToolTip:
+            self.button.toolTip = self.runningToolTip
+        self.button.enabled = True
+        for widget in self.lock:
+            widget.enabled = not running  # a run keeps the values it started with
+        self.widget._updateState()
 
 
 def forget_packages(*packages: str) -> None:
