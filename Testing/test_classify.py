@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from ctfm_testing.phantoms import GEOMETRIES, head_phantom
-from CTFMLib.networks import SegResEncoder
+from CTFMLib.networks import SegResEncoder, TriageModel
 from CTFMLib.train.classify import (
     ClassifyTask,
-    TriageModel,
     auroc,
     center_pad_crop,
     load_triage_model,

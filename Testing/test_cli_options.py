@@ -27,10 +27,11 @@ RECORDED = {
     "ctfm triage": (
         "--debug --device --json --json-out --method --model --overwrite --progress --saliency --series IMAGE"
     ),
+    # --precision added deliberately (issue 18: precision "auto" everywhere it applies; default fp32 as before)
     "ctfm saliency": (
         "--batch-size --center --cube --debug --device --json --mask-size --max-memory-gb --method --model "
-        "--out --overlap --overwrite --progress --ras --roi --series --spacing --steps --target --threads "
-        "--weights IMAGE"
+        "--out --overlap --overwrite --precision --progress --ras --roi --series --spacing --steps --target "
+        "--threads --weights IMAGE"
     ),
     "ctfm index": "--debug --progress",
     "ctfm index add": (

@@ -86,3 +86,27 @@ def test_unsupported_options_are_refused_not_ignored(bad):
     config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 4, "blocks_down": [1, 1], **bad}
     with pytest.raises(ValueError):
         build_network(config)
+
+
+def test_a_triage_model_is_built_and_checked_like_every_network():
+    """networks knows the classifier `ctfm train classify` exports: its config is checked before anything is built
+    (encoder settings, head sizes against the encoder's output), and build_network gives the module tree the
+    export wrote, so an exported folder's tensors keep their names (encoder.*, head.*)."""
+    from CTFMLib.networks import TriageModel, build_network, validate_config
+
+    encoder = {"architecture": "SegResEncoder", "init_filters": 4, "blocks_down": [1, 1, 1], "_note": "ignored"}
+    linear = {"architecture": "TriageModel", "encoder": encoder, "head": [16, 1], "threshold": 0.4}
+    assert validate_config(linear) == "TriageModel"
+    model = build_network(linear)
+    assert isinstance(model, TriageModel) and isinstance(model.head, torch.nn.Linear)
+    trained = TriageModel(build_network({k: v for k, v in encoder.items() if k != "_note"}), hidden=0)
+    assert list(model.state_dict()) == list(trained.state_dict())
+    assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "head"}
+    hidden = build_network({**linear, "head": [16, 8, 1]})
+    assert tuple(hidden.head[0].weight.shape) == (8, 16)
+    for bad, words in (({**linear, "head": [32, 1]}, "C = 16"), ({**linear, "head": [16, 0, 1]}, "hidden 1..65536"),
+                       ({**linear, "encoder": {**encoder, "init_filters": 0}}, "encoder does not describe"),
+                       ({**linear, "encoder": {"init_filters": 4, "blocks_down": [1, 1], "out_channels": 3}}, "not a SegResEncoder"),
+                       ({"architecture": "TriageModel"}, "needs an encoder")):
+        with pytest.raises(ValueError, match=words):
+            validate_config(bad)

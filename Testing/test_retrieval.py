@@ -478,12 +478,12 @@ def _real_weights():
     if source:
         return source
     from CTFMLib.catalog import load_catalog
-    from CTFMLib.cli import model_status
+    from CTFMLib.model_store import model_status
 
     entry = load_catalog().find("ct_fm_feature_extractor")
     with user_model_store():
         if entry is not None and model_status(entry) in ("imported", "downloaded"):
-            from CTFMLib.weights import resolve
+            from CTFMLib.model_store import resolve
 
             return str(resolve(entry.id)[0])  # the folder, usable outside the user's store setting
     pytest.skip("the CT-FM weights are not on this computer: set CTFM_WEIGHTS to them, or "

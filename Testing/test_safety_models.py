@@ -363,7 +363,8 @@ _IMPORTER = textwrap.dedent('''
 def test_b_concurrent_imports_under_one_id_always_leave_a_loadable_model(store, tmp_path):
     """B (held up): two imports of different models under one id, at the same time, in rounds: the result always
     loads and is one of the two, and no temporary folder is left."""
-    from CTFMLib.weights import load_model, sha256_file
+    from CTFMLib.model_store import sha256_file
+    from CTFMLib.weights import load_model
 
     a = tiny_encoder(tmp_path / "a", seed=1)
     b = tiny_encoder(tmp_path / "b", seed=2)
@@ -385,7 +386,7 @@ def test_b_concurrent_imports_under_one_id_always_leave_a_loadable_model(store, 
 def test_a12_a_published_id_takes_other_weights_only_with_force_and_says_so(store, enc, tmp_path):
     """A12: any weights could be imported as the published model and were then used as the default weights."""
     from CTFMLib.catalog import load_catalog
-    from CTFMLib.cli import model_status
+    from CTFMLib.model_store import model_status
     from CTFMLib.weights import load_model
 
     line = assert_refused(ctfm("models", "import", enc, "--id", PUBLISHED), "--force")

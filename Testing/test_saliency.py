@@ -250,7 +250,7 @@ def random_centre(rng):
 def bleed_model():
     """A TriageModel trained here (40 Adam steps of 16 scans) on heads with and without a 60-80 HU bleed
     of random size and place; inputs from triage_preprocess, as saliency feeds it."""
-    from CTFMLib.train.classify import TriageModel
+    from CTFMLib.networks import TriageModel
     from CTFMLib.triage import triage_preprocess
 
     rng = np.random.default_rng(0)

@@ -125,7 +125,7 @@ def test_a_folder_model_plans_with_its_own_config(mrml_scene, ctfm_cache, tmp_pa
 
 
 def test_an_imported_whole_body_model_plans_with_its_config_and_the_catalogue_spacing(mrml_scene, ctfm_cache):
-    """As CTFMLib.weights.resolve finds it: the import under the catalogue entry's repo id, then the catalogue's spacing."""
+    """As CTFMLib.model_store.resolve finds it: the import under the catalogue entry's repo id, then the catalogue's spacing."""
     config = {"architecture": "SegResNetDS", "init_filters": 16, "out_channels": 118}
     folder = ctfm_cache / "models" / catalogue_entry()["repo_id"].replace("/", "--")
     folder.mkdir(parents=True)

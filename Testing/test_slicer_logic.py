@@ -201,13 +201,6 @@ def test_segment_input_checks(mrml_scene, tmp_path):
     assert logic.inputProblems(ct, "folder", tmp_path) == []
 
 
-def test_segment_model_layout_matches_ctfmlib():
-    import CTFMLib.weights as weights
-    from CTFMSegmentLib import logic
-
-    assert (logic.CONFIG_NAME, logic.WEIGHTS_NAME) == (weights.CONFIG_NAME, weights.WEIGHTS_NAME)
-
-
 def test_segment_refuses_vector_volume(mrml_scene):
     from CTFMSegmentLib.logic import CTFMSegmentLogic
 

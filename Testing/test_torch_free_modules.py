@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_FREE = [
     "CTFMLib.catalog", "CTFMLib.cache", "CTFMLib.labels", "CTFMLib.progress", "CTFMLib.files", "CTFMLib.text",
     "CTFMLib.costs", "CTFMLib.ct_check", "CTFMLib.segment_plan", "CTFMLib.image", "CTFMLib.train.config",
+    "CTFMLib.model_store",
 ]
 
 BLOCKER = r"""
@@ -50,3 +51,20 @@ def test_the_blocker_blocks_torch():
     run = subprocess.run([sys.executable, "-c", BLOCKER, str(ROOT / "CTFM"), "CTFMLib.embed"],
                          capture_output=True, text=True, timeout=120)
     assert "CTFMLib.embed: torch is blocked" in run.stdout, run
+
+
+def test_the_model_store_imports_torch_nowhere_not_even_lazily():
+    """The Slicer panels call the model store on every change: not one of its functions may import torch, nor the
+    modules that do (weights: that would also be a new circle with it), however deep inside a function."""
+    import ast
+
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / "CTFM" / "CTFMLib" / "model_store.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+            imported.update(("." * node.level) + alias.name for alias in node.names if not node.module)
+    torch_like = {"torch", "safetensors", ".weights", ".networks", ".triage_model", "CTFMLib.weights"}
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "safetensors") or name in torch_like}
+    assert ".cache" in imported  # the check reads the real module (a renamed file would leave nothing to check)

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctfm_testing.checkpoints import monai_encoder, monai_segresnet, write_hf_cache, write_published_layout
+from CTFMLib import model_store
 from CTFMLib import weights as W
+from CTFMLib.cache import WeightsNotAvailableError
 from CTFMLib.catalog import Catalog, ModelEntry
 from CTFMLib.networks import SegResEncoder
 
@@ -129,7 +131,7 @@ def _catalog(repo_id, sha=None, revision="main"):
 
 
 def test_offline_empty_cache_says_how_to_get_weights(ctfm_cache):
-    with pytest.raises(W.WeightsNotAvailableError) as e:
+    with pytest.raises(WeightsNotAvailableError) as e:
         W.load_model("project-lighter/ct_fm_feature_extractor")
     msg = str(e.value)
     assert "HF_HUB_OFFLINE" in msg and "ctfm models download" in msg and "ctfm models import" in msg
@@ -148,7 +150,7 @@ def test_hub_cache_is_used_offline(ctfm_cache, tiny_encoder_folder):
 def test_checksum_is_checked_when_the_catalogue_knows_it(ctfm_cache, tiny_encoder_folder):
     write_hf_cache(ctfm_cache / "hub", "someone/tiny-ctfm",
                    {n: tiny_encoder_folder / n for n in ("config.json", "model.safetensors")})
-    good = W.sha256_file(tiny_encoder_folder / "model.safetensors")
+    good = model_store.sha256_file(tiny_encoder_folder / "model.safetensors")
     _, info = W.load_model("tiny", catalog=_catalog("someone/tiny-ctfm", sha=good))
     assert info.sha256 == good
     with pytest.raises(W.WeightsError, match="checksum mismatch"):
@@ -157,13 +159,13 @@ def test_checksum_is_checked_when_the_catalogue_knows_it(ctfm_cache, tiny_encode
 
 def test_import_folder_and_zip_then_remove(ctfm_cache, tiny_encoder_folder, tmp_path):
     # The catalogue publishes this model's checksum: an import under its id must be those weights.
-    cat = _catalog("someone/tiny-ctfm", sha=W.sha256_file(tiny_encoder_folder / "model.safetensors"))
+    cat = _catalog("someone/tiny-ctfm", sha=model_store.sha256_file(tiny_encoder_folder / "model.safetensors"))
     dest = W.import_model(tiny_encoder_folder, repo_id="someone/tiny-ctfm", catalog=cat)
     assert (dest / "model.safetensors").is_file() and dest.parent == ctfm_cache / "models"
     model, info = W.load_model("tiny", catalog=cat)  # found offline without any hub cache
     assert info.path == dest
-    assert W.remove_model("tiny", catalog=cat) == [str(dest)]
-    with pytest.raises(W.WeightsNotAvailableError):
+    assert model_store.remove_model("tiny", catalog=cat) == [str(dest)]
+    with pytest.raises(WeightsNotAvailableError):
         W.load_model("tiny", catalog=cat)
 
     archive = tmp_path / "tiny.zip"
@@ -175,7 +177,7 @@ def test_import_folder_and_zip_then_remove(ctfm_cache, tiny_encoder_folder, tmp_
 
 
 def test_import_refuses_a_corrupt_model_and_keeps_the_previous_one(ctfm_cache, tiny_encoder_folder, tmp_path):
-    cat = _catalog("someone/tiny-ctfm", sha=W.sha256_file(tiny_encoder_folder / "model.safetensors"))
+    cat = _catalog("someone/tiny-ctfm", sha=model_store.sha256_file(tiny_encoder_folder / "model.safetensors"))
     dest = W.import_model(tiny_encoder_folder, repo_id="someone/tiny-ctfm", catalog=cat)
     before = (dest / "model.safetensors").read_bytes()
     broken = tmp_path / "broken"
@@ -202,9 +204,9 @@ def test_user_model_without_published_weights_says_how_to_get_one(ctfm_cache, tm
     folder = write_published_layout(seg, tmp_path / "trained", config)
     cat = Catalog([ModelEntry(id="kits_kidney_tumor", title="KiTS", task="segmentation", source="user",
                               how_to="Train it with CTFMTrain, then import it.")])
-    with pytest.raises(W.WeightsNotAvailableError, match="has no published weights. Train it with CTFMTrain"):
+    with pytest.raises(WeightsNotAvailableError, match="has no published weights. Train it with CTFMTrain"):
         W.load_model("kits_kidney_tumor", catalog=cat)
     dest = W.import_model(folder, repo_id="kits_kidney_tumor", catalog=cat)
     model, info = W.load_model("kits_kidney_tumor", catalog=cat)
     assert info.path == dest and info.architecture == "SegResNetDS"
-    assert W.remove_model("kits_kidney_tumor", catalog=cat) == [str(dest)]
+    assert model_store.remove_model("kits_kidney_tumor", catalog=cat) == [str(dest)]

@@ -6,7 +6,7 @@ this package as ``resources/Models.json``) lists each model: ``id``, ``title``,
 file's ``sha256`` and ``size`` in bytes where known, with the ``source`` page they were read
 from), ``architecture``, ``labels`` and, for segmentation, ``spacing`` (the voxel size in mm along
 S, P, L that the model was trained at and ``ctfm segment`` resamples to). A file that differs from a known ``sha256`` or ``size``
-is refused (:mod:`CTFMLib.weights`). ``CTFM_CATALOG`` (environment) points to another
+is refused (:func:`CTFMLib.model_store.verify_published`). ``CTFM_CATALOG`` (environment) points to another
 catalogue, e.g. a site's own. At the top level, ``version`` is the file's format and ``ctfm_version``
 the release the catalogue ships with (equal to ``ctfm --version``; only the models are read here).
 

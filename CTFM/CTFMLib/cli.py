@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, cache
+from . import __version__, cache, model_store
 from .arguments import Parser, fraction, memory_gb, parse_point, positive_float, positive_int
 from .catalog import load_catalog
 from .costs import duration
 from .labels import label_map_suffix, sidecar_path, sidecar_text
+from .model_store import model_status
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
 from .text import EXIT_ERROR, count, print_result, say, size
 
@@ -60,28 +61,6 @@ def _versions() -> dict:
         except ImportError:
             out[name] = None
     return out
-
-
-def model_status(entry) -> str:
-    """``imported`` (or ``imported, not the published weights`` after ``models import --force``), ``downloaded``,
-    ``not on this computer``, or ``train it with ctfm train`` (no published weights)."""
-    # a task users train themselves is imported under its catalogue id, a published model under its repo id
-    imported = cache.imported_model(entry.repo_id or entry.id)
-    if imported is not None:
-        return cache.import_status(imported)
-    if not entry.repo_id:
-        return "train it with ctfm train"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(
-            entry.repo_id, cache.WEIGHTS_NAME, cache_dir=cache.hub_cache_dir(), revision=entry.revision
-        )
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return "downloaded"
-    except Exception:  # an unreadable or absent HF cache only means "not downloaded"
-        pass
-    return "not on this computer"
 
 
 def cmd_info(args) -> int:
@@ -159,7 +138,7 @@ def cmd_models(args) -> int:
             raise cache.WeightsNotAvailableError(cache.unavailable_message(repo_id, entry, why, download=True))
         from . import weights
 
-        folder = weights.download(repo_id, revision=revision, entry=entry, progress=args.progress_cb, explicit=True)
+        folder = model_store.download(repo_id, revision=revision, entry=entry, progress=args.progress_cb, explicit=True)
         model, info = weights.load_model(folder if entry is None else args.name, catalog=catalog)
         print_result(args, {"id": repo_id, "architecture": info.architecture, "folder": str(folder)},
                      f"{repo_id}: {info.architecture} ready at {folder}")
@@ -180,7 +159,7 @@ def cmd_models(args) -> int:
                      *(f"note: {line}" for line in notes))
         return 0
     if args.action == "remove":
-        removed = weights.remove_model(args.name, catalog=catalog)
+        removed = model_store.remove_model(args.name, catalog=catalog)
         print_result(args, {"name": args.name, "removed": [str(r) for r in removed]},
                      *([f"removed {r}" for r in removed] or [f"{args.name}: nothing to remove"]))
         return 0
@@ -577,6 +556,7 @@ def cmd_saliency(args) -> int:
         class_name=class_name, triage_model=args.model, region_lps=region, cube_mm=args.cube, mask_size=args.mask_size,
         overlap=args.overlap, batch_size=args.batch_size, device=args.device, progress=args.progress_cb,
         spacing=None if spacing == "native" else spacing, steps=args.steps, max_memory_gb=args.max_memory_gb,
+        precision=args.precision,
     )
     extra = {"image": str(args.image)}
     if result.peak_lps is not None:
@@ -740,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     sal.add_argument("--batch-size", type=positive_int, help="occluded copies per pass (default 12) or gradient steps (1)")
     sal.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     sal.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    sal.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                     help="fp32 (default), bf16 (the network's passes under bf16 autocast: faster on GPUs and on CPUs "
+                          "with AVX512-BF16/AMX, a slightly different map) or auto (bf16 where it is faster)")
     sal.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
     sal.add_argument("--max-memory-gb", type=memory_gb, help="refuse before running when the estimated peak memory "
                                                           "is higher (default: 85%% of the memory available)")

@@ -8,6 +8,10 @@ weights therefore load strictly and give MONAI's outputs, without making MONAI
 a run-time dependency of the Slicer extension. The test suite checks both
 against MONAI itself.
 
+:class:`TriageModel` (``"architecture": "TriageModel"``) is the scan classifier ``ctfm train classify``
+exports: an encoder and a small head, built and checked here like the others (:func:`triage_parts`), so
+loading it needs neither the training package nor a loader of its own.
+
 CT-FM's encoder: ``SegResEncoder(spatial_dims=3, in_channels=1,
 init_filters=32, blocks_down=(1, 2, 2, 4, 4))``, 77,760,992 parameters; its
 embedding is the global average of the deepest (512-channel) feature map.
@@ -19,6 +23,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from .model_store import TRIAGE_ARCHITECTURE
 
 CTFM_ENCODER_CONFIG = {"spatial_dims": 3, "in_channels": 1, "init_filters": 32, "blocks_down": [1, 2, 2, 4, 4]}
 
@@ -100,6 +106,47 @@ class SegResEncoder(nn.Module):
 def global_average(features: torch.Tensor) -> torch.Tensor:
     """Average over all spatial axes, kept in float32 for a stable mean under autocast."""
     return features.float().mean(dim=tuple(range(2, features.ndim)))
+
+
+class TriageModel(nn.Module):
+    """Encoder -> global average of the deepest map -> ``Linear(C, hidden)`` - ReLU - ``Linear(hidden, 1)``.
+
+    ``hidden = 0``: the head is one ``Linear(C, 1)`` (a linear probe). ``forward``: ``(B, 1, D, H, W)``
+    -> logits ``(B,)``; with ``embedded=True`` the input is already the embedding ``(B, C)`` (the global
+    average) and only the head runs. ``frozen=True`` fixes the encoder: its parameters do not require
+    gradients, its batch norms stay in eval mode (running statistics) even when the model is put in
+    training mode, and its forward runs without autograd.
+    """
+
+    def __init__(self, encoder: SegResEncoder, hidden: int = 256, frozen: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        hidden, channels = int(hidden), encoder.out_channels
+        if hidden < 0:
+            raise ValueError(f"the head's hidden size must be >= 0 (0 = a linear head), got {hidden}")
+        self.head = (nn.Linear(channels, 1) if hidden == 0 else
+                     nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1)))
+        self.frozen = bool(frozen)
+        if self.frozen:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> TriageModel:
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, embedded: bool = False) -> torch.Tensor:
+        if embedded:
+            return self.head(x).squeeze(-1)
+        if self.frozen:
+            with torch.no_grad():
+                features = global_average(self.encoder(x)[-1])
+        else:
+            features = global_average(self.encoder(x)[-1])
+        return self.head(features).squeeze(-1)
 
 
 class SegResNetDS(nn.Module):
@@ -205,7 +252,7 @@ def _check_supported(act="relu", norm="batch", upsample_mode="deconv", resolutio
         raise ValueError("unsupported network options: " + ", ".join(problems))
 
 
-ARCHITECTURES = {"SegResEncoder": SegResEncoder, "SegResNetDS": SegResNetDS}
+ARCHITECTURES = {"SegResEncoder": SegResEncoder, "SegResNetDS": SegResNetDS, TRIAGE_ARCHITECTURE: TriageModel}
 
 
 def architecture_of(config: dict) -> str:
@@ -225,6 +272,9 @@ def architecture_of(config: dict) -> str:
 def build_network(config: dict) -> nn.Module:
     """Build the network a ``config.json`` describes (constructor arguments as MONAI names them)."""
     name = architecture_of(config)
+    if name == TRIAGE_ARCHITECTURE:  # an encoder and a head: TriageModel(encoder, hidden), as training builds it
+        encoder, hidden = triage_parts(config)
+        return TriageModel(build_network(encoder), hidden, frozen=False)
     kwargs = {k: v for k, v in config.items() if k not in ("architecture", "_class_name")}
     if "blocks_down" in kwargs:
         kwargs["blocks_down"] = tuple(kwargs["blocks_down"])
@@ -279,6 +329,9 @@ def validate_config(config) -> str:
     if not isinstance(config, dict):
         raise ValueError(f"a network config is a JSON object, not {type(config).__name__}")
     name = architecture_of(config)
+    if name == TRIAGE_ARCHITECTURE:  # its other keys (threshold, metrics, preprocessing) are notes
+        triage_parts(config)
+        return name
     allowed = _SEGMENTER_KEYS if name == "SegResNetDS" else _ENCODER_KEYS
     unknown = sorted(str(k) for k in config if k not in allowed and k not in _NOTE_KEYS and not str(k).startswith("_"))
     if unknown:
@@ -309,6 +362,33 @@ def validate_config(config) -> str:
         kwargs.pop(key, None)
     _check_supported(**kwargs)
     return name
+
+
+def triage_parts(config: dict) -> tuple:
+    """``(encoder config, hidden size)`` of a :class:`TriageModel` config (``hidden`` 0: a linear head), checked.
+
+    The encoder (``"encoder"``, keys starting with ``_`` are notes) must be a valid :class:`SegResEncoder` config;
+    ``"head"`` lists the layer sizes ``[C, 1]`` or ``[C, hidden, 1]`` with ``C`` the encoder's output channels
+    (default ``[C, 256, 1]``). Every problem is a one-line ``ValueError``; nothing is allocated.
+    """
+    encoder = config.get("encoder")
+    if not isinstance(encoder, dict):
+        raise ValueError(f"a {TRIAGE_ARCHITECTURE} config needs an encoder (a JSON object of its network settings)")
+    encoder = {k: v for k, v in encoder.items() if not str(k).startswith("_")}
+    try:
+        kind = validate_config(encoder)
+        if kind != "SegResEncoder":
+            raise ValueError(f"it describes a {kind}, not a SegResEncoder")
+    except ValueError as e:
+        raise ValueError(f"the encoder does not describe a supported network: {e}") from None
+    channels = encoder.get("init_filters", 32) * 2 ** (len(encoder.get("blocks_down", (1, 2, 2, 4))) - 1)
+    head = config.get("head") or [channels, 256, 1]
+    whole = isinstance(head, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in head)
+    if not whole or len(head) not in (2, 3) or head[0] != channels or head[-1] != 1 or \
+            (len(head) == 3 and not 1 <= head[1] <= 65536):
+        raise ValueError(f"head {str(head)[:80]} is neither [C, 1] (linear) nor [C, hidden, 1] (hidden 1..65536) "
+                         f"with C = {channels}, the encoder's output; re-export the model")
+    return encoder, head[1] if len(head) == 3 else 0
 
 
 def meta_network(build) -> nn.Module:

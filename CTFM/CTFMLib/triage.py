@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from .image import Geometry, Image, ImageError
+from .networks import TriageModel
 from .preprocess import (
     apply_orientation,
     foreground_box,
@@ -59,7 +60,6 @@ from .triage_model import (
     DEFAULT_SIZE,
     DEFAULT_SPACING,
     DEFAULT_WINDOWS,
-    TriageModel,
     center_crop_slices,
     load_triage_model,
     triage_input,
@@ -223,7 +223,7 @@ def load_triage(model) -> tuple:
         raise ValueError(f"the triage model is a folder or a (TriageModel, config) pair, not {type(model).__name__}")
     path = Path(model).expanduser()
     if not path.exists():
-        from .weights import resolve
+        from .model_store import resolve
 
         path, _ = resolve(str(model))  # an imported model's id, or a clear "no such folder or model"
     net, config = load_triage_model(path)

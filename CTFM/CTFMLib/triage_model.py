@@ -1,9 +1,9 @@
-"""The triage network and its input, as inference needs them: :class:`TriageModel`, :func:`triage_input` and
-:func:`load_triage_model` (an exported folder read back strictly).
+"""The triage input and its loader, as inference needs them: :func:`triage_input` and :func:`load_triage_model`
+(an exported folder read back strictly; the network, :class:`~CTFMLib.networks.TriageModel`, is built and
+checked in :mod:`CTFMLib.networks` like every CT-FM network).
 
-Training (:mod:`CTFMLib.train.classify`) builds, trains and exports the same network; ``ctfm triage``,
-saliency and the model store read it from here, so inference never imports the training package.
-"""
+Training (:mod:`CTFMLib.train.classify`) builds, trains and exports the same network; ``ctfm triage``
+and saliency read it from here, so inference never imports the training package."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from .networks import SegResEncoder, global_average
+from .cache import WEIGHTS_NAME, WeightsError
+from .model_store import TRIAGE_ARCHITECTURE, read_config
+from .networks import architecture_of, build_network, validate_config
+from .weights import build_and_load
 
-__all__ = ["ARCHITECTURE", "DEFAULT_SIZE", "DEFAULT_SPACING", "DEFAULT_WINDOWS", "PAD_MODE", "TriageModel",
-           "center_pad_crop", "center_crop_slices", "triage_input", "load_triage_model"]
+__all__ = ["DEFAULT_SIZE", "DEFAULT_SPACING", "DEFAULT_WINDOWS", "PAD_MODE", "center_pad_crop",
+           "center_crop_slices", "triage_input", "load_triage_model"]
 
-ARCHITECTURE = "TriageModel"
 DEFAULT_SIZE = (48, 128, 128)
 DEFAULT_SPACING = (5.0, 2.0, 2.0)  # mm (S, P, L) of the triage grid, upstream's pixdim
 # HU [lo, hi] per window, as upstream's triage recipe: blood (40/80), subdural (25/300), stroke (32/8), bone (600/3000).
@@ -87,51 +87,8 @@ def triage_input(volume_hu: np.ndarray, size: Sequence[int] = DEFAULT_SIZE,
 # --- model -----------------------------------------------------------------------------------
 
 
-class TriageModel(nn.Module):
-    """Encoder -> global average of the deepest map -> ``Linear(C, hidden)`` - ReLU - ``Linear(hidden, 1)``.
-
-    ``hidden = 0``: the head is one ``Linear(C, 1)`` (a linear probe). ``forward``: ``(B, 1, D, H, W)``
-    -> logits ``(B,)``; with ``embedded=True`` the input is already the embedding ``(B, C)`` (the global
-    average) and only the head runs. ``frozen=True`` fixes the encoder: its parameters do not require
-    gradients, its batch norms stay in eval mode (running statistics) even when the model is put in
-    training mode, and its forward runs without autograd.
-    """
-
-    def __init__(self, encoder: SegResEncoder, hidden: int = 256, frozen: bool = False):
-        super().__init__()
-        self.encoder = encoder
-        hidden, channels = int(hidden), encoder.out_channels
-        if hidden < 0:
-            raise ValueError(f"the head's hidden size must be >= 0 (0 = a linear head), got {hidden}")
-        self.head = (nn.Linear(channels, 1) if hidden == 0 else
-                     nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1)))
-        self.frozen = bool(frozen)
-        if self.frozen:
-            for p in self.encoder.parameters():
-                p.requires_grad_(False)
-            self.encoder.eval()
-
-    def train(self, mode: bool = True) -> TriageModel:
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()
-        return self
-
-    def forward(self, x: torch.Tensor, embedded: bool = False) -> torch.Tensor:
-        if embedded:
-            return self.head(x).squeeze(-1)
-        if self.frozen:
-            with torch.no_grad():
-                features = global_average(self.encoder(x)[-1])
-        else:
-            features = global_average(self.encoder(x)[-1])
-        return self.head(features).squeeze(-1)
-
-
 def _what_folder_holds(config: dict) -> str:
     """A model folder's network in words, from its config.json (for messages)."""
-    from .networks import architecture_of
-
     try:
         name = architecture_of(config)
     except ValueError:
@@ -147,9 +104,6 @@ def load_triage_model(folder) -> tuple:
     the encoder config's types and ranges, the head's sizes, the network's size, the tensors' names, shapes
     and dtypes; then their values and a finite output on a constant input.
     """
-    from .networks import build_network, meta_network, validate_config
-    from .weights import WEIGHTS_NAME, WeightsError, build_and_load, read_config
-
     folder = Path(folder)
     where = "point to the model folder a classification training wrote (<out_dir>/model of `ctfm train classify`)"
     if folder.is_file():
@@ -159,22 +113,12 @@ def load_triage_model(folder) -> tuple:
     if config is None:
         missing = "does not exist" if not folder.exists() else "is a folder without config.json"
         raise WeightsError(f"{folder} {missing} (no config.json to read); {where}")
-    if config.get("architecture") != ARCHITECTURE or not isinstance(config.get("encoder"), dict):
+    if config.get("architecture") != TRIAGE_ARCHITECTURE or not isinstance(config.get("encoder"), dict):
         raise WeightsError(f"{folder} holds {_what_folder_holds(config)}, not a triage model (encoder + "
                            f"classification head); {where}")
-    encoder_config = {k: v for k, v in config["encoder"].items() if not str(k).startswith("_")}
     try:
-        validate_config(encoder_config)
-        channels = meta_network(lambda: build_network(encoder_config)).out_channels
+        validate_config(config)  # the encoder's settings, and the head's sizes against the encoder's output
     except ValueError as e:
-        raise WeightsError(f"{folder}/config.json: the encoder does not describe a supported network: {e}") from None
-    head = config.get("head") or [channels, 256, 1]
-    whole = isinstance(head, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in head)
-    if not whole or len(head) not in (2, 3) or head[0] != channels or head[-1] != 1 or \
-            (len(head) == 3 and not 1 <= head[1] <= 65536):
-        raise WeightsError(f"{folder}/config.json: head {str(head)[:80]} is neither [C, 1] (linear) nor [C, hidden, 1] "
-                           f"(hidden 1..65536) with C = {channels}, the encoder's output; re-export the model")
-    hidden = head[1] if len(head) == 3 else 0
-    model, _ = build_and_load(lambda: TriageModel(build_network(encoder_config), hidden, frozen=False),
-                              folder / WEIGHTS_NAME, str(folder))
+        raise WeightsError(f"{folder}/config.json: {e}") from None
+    model, _ = build_and_load(lambda: build_network(config), folder / WEIGHTS_NAME, str(folder))
     return model, config

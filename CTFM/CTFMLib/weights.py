@@ -1,6 +1,7 @@
-"""Finding, checking, loading and saving CT-FM weights.
+"""Checking, loading and saving CT-FM weights: the torch half of the model store.
 
-A weights *source* is one of:
+Finding a model (:func:`~CTFMLib.model_store.resolve`, downloads, published checksums), reading its small
+JSON files and removing it is :mod:`CTFMLib.model_store`, which imports no torch. A weights *source* is one of:
 
 - a catalogue id (``ct_fm_feature_extractor``) or alias (``whole-body``), a Hugging Face
   repo id (``project-lighter/ct_fm_feature_extractor``) or the name a model was imported
@@ -35,7 +36,6 @@ every delete goes through :func:`CTFMLib.files.remove_tree` with the store it cl
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -55,7 +55,23 @@ import torch
 from torch import nn
 
 from . import cache, files
+from .cache import MARKER_NAME, NOT_PUBLISHED, WEIGHTS_NAME
 from .catalog import Catalog, ModelEntry, ModelNote, load_catalog
+from .model_store import (
+    CONFIG_NAME,
+    LABELS_NAME,
+    MAX_CONFIG_BYTES,
+    MAX_JSON_BYTES,
+    TERM_SUFFIX,
+    TRIAGE_ARCHITECTURE,
+    read_config,
+    read_labels,
+    resolve,
+    sha256_file,
+    short_text,
+    verify_published,
+    weights_file_of,
+)
 from .networks import (
     ARCHITECTURES,
     CTFM_ENCODER_CONFIG,
@@ -68,12 +84,6 @@ from .networks import (
     validate_config,
 )
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = cache.WEIGHTS_NAME
-LABELS_NAME = "labels.json"
-MARKER_NAME = cache.MARKER_NAME
-TERM_SUFFIX = ".term.json"
-NOT_PUBLISHED = cache.NOT_PUBLISHED
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # Prefixes under which a checkpoint may hold the network we want: Lightning
 # systems (``model.``, upstream pretraining's ``backbone.``), DDP (``module.``),
@@ -82,12 +92,10 @@ SUBMODULE_PREFIXES = ("model.backbone.", "backbone.", "model.encoder.", "model."
 SHOW = 8
 
 # Size limits of the files a model is made of. The weights: the largest network allowed
-# (networks.MAX_PARAMETERS) in float64, plus safetensors' own 100 MB header limit. A config or
-# labels file is a few kB; these caps only stop a hostile file from filling memory or disk.
+# (networks.MAX_PARAMETERS) in float64, plus safetensors' own 100 MB header limit (config.json and
+# labels.json: model_store.MAX_CONFIG_BYTES / MAX_JSON_BYTES).
 MAX_HEADER_BYTES = 100_000_000
 MAX_WEIGHTS_BYTES = 8 * MAX_PARAMETERS + MAX_HEADER_BYTES
-MAX_CONFIG_BYTES = 1 << 20
-MAX_JSON_BYTES = 16 << 20
 # A zip holding a model is refused when it claims to expand past this (what it holds beyond the model's
 # own files is never extracted).
 MAX_ZIP_BYTES = MAX_WEIGHTS_BYTES + 64 * MAX_JSON_BYTES
@@ -97,9 +105,9 @@ PICKLE_ALLOWANCE = 1 << 20
 _CHUNK = 1 << 20
 
 
-# Defined without torch (CTFMLib.cache), so a command can refuse a model before PyTorch is loaded.
+# Defined without torch (CTFMLib.cache), so a command can refuse a model before PyTorch is loaded; importable
+# from here too, where every weights error has always been caught.
 WeightsError = cache.WeightsError
-WeightsNotAvailableError = cache.WeightsNotAvailableError
 
 
 class NotPublishedError(WeightsError):
@@ -124,22 +132,10 @@ class WeightsMismatchError(WeightsError):
         super().__init__(f"the weights{where} do not fit the network; " + "; ".join(parts))
 
 
-def _one_line(e) -> str:
-    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
-
-
 def _listing(names) -> str:
-    names = [_short(n) for n in names]
+    names = [short_text(n) for n in names]
     more = f", ... ({len(names) - SHOW} more)" if len(names) > SHOW else ""
     return ", ".join(names[:SHOW]) + more
-
-
-def _short(text, limit: int = 120) -> str:
-    """``text`` on one line and at most ``limit`` characters (names from a file may be anything)."""
-    text = str(text)
-    if len(text) > limit or any(ord(c) < 32 for c in text):
-        text = repr(text[:limit]) + ("..." if len(text) > limit else "")
-    return text
 
 
 @dataclass
@@ -157,14 +153,6 @@ class ModelInfo:
 
 
 # --- reading tensors ---------------------------------------------------------------
-
-
-def sha256_file(path, chunk: int = _CHUNK) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -210,12 +198,12 @@ def parse_safetensors_header(header: bytes, file_size: int, name: str) -> dict:
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in [*shape, begin, end]):
                 raise ValueError
         except (TypeError, KeyError, ValueError):
-            raise _invalid_safetensors(name, f"tensor {_short(key, 60)} is described wrongly") from None
+            raise _invalid_safetensors(name, f"tensor {short_text(key, 60)} is described wrongly") from None
         count = 1
         for n in shape:
             count *= n
         if end - begin != count * itemsize:
-            raise _invalid_safetensors(name, f"tensor {_short(key, 60)} has {end - begin} bytes for shape {shape}")
+            raise _invalid_safetensors(name, f"tensor {short_text(key, 60)} has {end - begin} bytes for shape {shape}")
         layout[key] = TensorInfo(tuple(shape), dtype, floating)
         spans.append((begin, end))
     position = 0
@@ -294,7 +282,7 @@ def read_state_dict(path) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise _invalid_safetensors(path.name, _short(e, 200)) from None
+            raise _invalid_safetensors(path.name, short_text(e, 200)) from None
     if name.endswith(PICKLE_SUFFIXES):
         check_torch_archive(path)
         try:
@@ -401,7 +389,7 @@ def checked_state(layout: dict, state: dict, source: str = "") -> dict:
             elif k.rsplit(".", 1)[-1] == "running_var" and bool((v < 0).any()):
                 negative.append(k)
         elif v.is_complex():
-            raise WeightsError(f"the weights{_where(source)} hold a complex tensor: {_short(k)}")
+            raise WeightsError(f"the weights{_where(source)} hold a complex tensor: {short_text(k)}")
         else:
             v = v.to(torch.int64)
         out[k] = v
@@ -491,7 +479,7 @@ def build_and_load(build: Callable[[], nn.Module], weights, source: str = "") ->
         meta = meta_network(build)
         check_network_size(meta, "the network its config describes")
     except (TypeError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"the config of {source} does not describe a usable network: {_short(e, 300)}") from None
+        raise WeightsError(f"the config of {source} does not describe a usable network: {short_text(e, 300)}") from None
     layout = state_layout(meta)
     found, prefix = select_submodule(weights.layout, set(layout))
     _compare_layout(layout, {k: v.shape for k, v in found.items()}, source)
@@ -544,180 +532,14 @@ def infer_config(state: dict) -> dict:
 # --- finding weights -----------------------------------------------------------------
 
 
-def _is_repo_id(source: str) -> bool:
-    return cache.is_repo_id(source)
-
-
-def resolve(source: str, catalog: Optional[Catalog] = None, progress=None) -> tuple:
-    """Find weights on this computer (downloading if allowed); returns ``(path, catalogue entry or None)``.
-
-    An existing path is taken as it is; otherwise ``source`` is a catalogue id (or alias), a repo id
-    or the id a model was imported under (:func:`CTFMLib.cache.locate`).
-    """
-    path, entry, repo_id = cache.locate(source, catalog)
-    if path is not None:
-        return path, entry
-    return download(repo_id, revision=entry.revision if entry else None, entry=entry, progress=progress), entry
-
-
-def imported_model_path(repo_id: str) -> Optional[Path]:
-    """The imported copy of a model id, or None (an id that cannot name a model folder has none)."""
-    return cache.imported_model(repo_id)
-
-
-def _hub_root() -> Path:
-    """The Hugging Face cache folder CT-FM downloads into (the store :func:`remove_model` cleans)."""
-    if cache.hub_cache_dir() is not None:
-        return cache.hub_cache_dir()
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def download(repo_id: str, revision: Optional[str] = None, entry: Optional[ModelEntry] = None, progress=None,
-             explicit: bool = False) -> Path:
-    """Fetch a model repo's files into the Hugging Face cache (or find them there when offline).
-
-    The hub is asked only when it accepts a connection (:func:`CTFMLib.cache.hub_unreachable`: within
-    1.5 s, or 10 s for an ``explicit`` download, the ``ctfm models download`` command); otherwise, and
-    under ``HF_HUB_OFFLINE``, only the cache is read, and a model not there is refused at once with the
-    commands that work offline. The files are checked against the catalogue's published sizes and
-    checksums where it knows them.
-    """
-    cache.model_folder_name(repo_id)  # the same rule for every id that becomes a folder
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise WeightsNotAvailableError(
-            f"{repo_id} is not imported and huggingface_hub is not installed; "
-            f"install it, or import the model with `ctfm models import FOLDER_OR_ZIP`"
-        ) from None
-    patterns = entry.file_names if entry and entry.files else [CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, "*.term.json"]
-    # Unreachable (or HF_HUB_OFFLINE): only the cache is read, so nothing waits on the library's retries.
-    offline = cache.hub_unreachable(cache.DOWNLOAD_PROBE_SECONDS if explicit else cache.PROBE_SECONDS)
-    if progress:
-        progress(None, f"fetching {repo_id}" if offline is None else f"looking for {repo_id} in the download cache")
-    try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=str(cache.hub_cache_dir()) if cache.hub_cache_dir() else None,
-            allow_patterns=patterns,
-            local_files_only=offline is not None,
-        )
-    except Exception as e:  # network, offline, auth and missing-repo errors all end the same way for the user
-        why = offline or f"{type(e).__name__}: {_short(_one_line(e), 200)}"
-        raise WeightsNotAvailableError(cache.unavailable_message(repo_id, entry, why, download=explicit)) from None
-    folder = Path(folder)
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise WeightsNotAvailableError(f"{repo_id} has no {WEIGHTS_NAME}")
-    if entry is not None:
-        verify_published(folder, folder / WEIGHTS_NAME, entry, [])
-    return folder
-
-
-def verify_published(path: Path, weights_file: Path, entry: Optional[ModelEntry], notes: list) -> Optional[str]:
-    """Compare a model's files with the sizes and checksums its catalogue entry publishes; returns the weights' sha256.
-
-    A copy imported with ``--force`` under a published id is not compared (it says it is not the
-    published model); ``notes`` gets a line saying so.
-    """
-    if entry is None:
-        return None
-    folder = path if path.is_dir() else None
-    marker = cache.import_marker(folder) if folder is not None else None
-    if marker is not None and marker.get("published") is False:
-        notes.append(f"{NOT_PUBLISHED}: imported with --force as {entry.id}, not checked against the catalogue")
-        return None
-    digest = None
-    for spec in entry.files:
-        name = spec.get("name")
-        target = weights_file if name == weights_file.name else (folder / name if folder is not None and name else None)
-        if target is None or not target.is_file():
-            continue
-        size, known = entry.size(name), entry.sha256(name)
-        if size is not None and target.stat().st_size != size:
-            raise WeightsError(
-                f"{target} is {target.stat().st_size:,} bytes, the published {name} of {entry.repo_id or entry.id} "
-                f"{size:,}: the file is corrupt or not the published one; remove it (`ctfm models remove {entry.id}`) "
-                "and download again")
-        if known:
-            actual = sha256_file(target)
-            if actual != known.lower():
-                raise WeightsError(
-                    f"checksum mismatch for {target}: expected sha256 {known}, got {actual}. The file is corrupt "
-                    f"or not the published one; remove it (`ctfm models remove {entry.id}`) and download again.")
-            if target == weights_file:
-                digest = actual
-    return digest
-
-
 # --- loading -----------------------------------------------------------------------
-
-
-def weights_file_of(path: Path) -> Path:
-    if path.is_file():
-        return path
-    candidates = [path / WEIGHTS_NAME] + sorted(path.glob("*.safetensors"))
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise WeightsError(f"{path} holds no {WEIGHTS_NAME}")
-
-
-def _read_json(path: Path, limit: int, what: str, shown=None):
-    shown = shown or path
-    try:
-        size = path.stat().st_size
-        if size > limit:
-            raise WeightsError(f"{shown} is {size:,} bytes, too large for a {what} (at most {limit:,})")
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise WeightsError(f"{shown} is not UTF-8 text") from None
-    except OSError as e:
-        raise WeightsError(f"cannot read {shown}: {e.strerror or e}") from None
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise WeightsError(f"{shown} is not valid JSON: {e}") from None
-
-
-def read_config(folder: Path, shown=None) -> Optional[dict]:
-    """A folder's ``config.json`` (a JSON object), or None when it has none.
-
-    ``shown``: the folder named in messages (an import names its source, not its staging folder).
-    """
-    f = Path(folder) / CONFIG_NAME
-    if not f.is_file():
-        return None
-    where = f"{shown}/{CONFIG_NAME}" if shown else f
-    config = _read_json(f, MAX_CONFIG_BYTES, "config.json", where)
-    if not isinstance(config, dict):
-        raise WeightsError(f"{where} must hold a JSON object (the network's settings), not a {type(config).__name__}")
-    return config
-
-
-def read_labels(folder: Path, shown=None) -> Optional[dict]:
-    """A folder's ``labels.json``, checked (:func:`CTFMLib.labels.load_labels`), or None; errors name the file."""
-    from .labels import load_labels
-
-    f = Path(folder) / LABELS_NAME
-    if not f.is_file():
-        return None
-    where = f"{shown}/{LABELS_NAME}" if shown else f
-    data = _read_json(f, MAX_JSON_BYTES, "labels.json", where)
-    try:
-        load_labels(data)
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{where}: {_short(e, 300)}") from None
-    return data
 
 
 def _network_config(config: dict, where: str) -> str:
     try:
         return validate_config(config)
     except ValueError as e:
-        raise WeightsError(f"{where} does not describe a supported network: {_short(e, 300)}") from None
+        raise WeightsError(f"{where} does not describe a supported network: {short_text(e, 300)}") from None
 
 
 def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] = None, progress=None):
@@ -740,7 +562,7 @@ def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] 
     if config is None:
         config = infer_config(select_submodule(weights.layout, {"conv_init.weight", "encoder.conv_init.weight"})[0])
     arch = file_arch = _network_config(config, where)
-    if expect == "SegResEncoder" and arch != "SegResEncoder":
+    if expect == "SegResEncoder" and arch == "SegResNetDS":
         config = {k: config[k] for k in ("spatial_dims", "in_channels", "init_filters", "blocks_down") if k in config}
         config = {**{k: v for k, v in CTFM_ENCODER_CONFIG.items() if k not in config}, **config}
         arch = _network_config(config, where)
@@ -766,7 +588,7 @@ def load_model(source, expect: Optional[str] = None, catalog: Optional[Catalog] 
 
 def _match_note(source, how: str, entry: ModelEntry, own_labels: bool) -> str:
     own = " (its own labels.json names its outputs)" if own_labels else ""
-    return f"{_short(source, 200)}: {how}; it gets the labels, terminology and spacing of {entry.id}{own}"
+    return f"{short_text(source, 200)}: {how}; it gets the labels, terminology and spacing of {entry.id}{own}"
 
 
 def model_notes(folder, name: str, catalog: Optional[Catalog] = None) -> list:
@@ -777,7 +599,7 @@ def model_notes(folder, name: str, catalog: Optional[Catalog] = None) -> list:
 
     folder = Path(folder)
     config = read_config(folder)
-    if config is None or config.get("architecture") == "TriageModel":
+    if config is None or config.get("architecture") == TRIAGE_ARCHITECTURE:
         return []
     arch = _network_config(config, str(folder / CONFIG_NAME))
     weights_file = folder / WEIGHTS_NAME
@@ -946,7 +768,7 @@ def _stage_zip(source: Path, staged: Path) -> None:
         for info in infos:
             member = _zip_member_path(info.filename)
             if member is None:
-                raise WeightsError(f"{source.name} has an unsafe path: {_short(info.filename, 200)}")
+                raise WeightsError(f"{source.name} has an unsafe path: {short_text(info.filename, 200)}")
             paths[info.filename] = member
         total = sum(i.file_size for i in infos)
         if total > MAX_ZIP_BYTES:
@@ -970,7 +792,7 @@ def _stage_zip(source: Path, staged: Path) -> None:
                 with archive.open(info) as member:
                     _copy_member(member.read, info.file_size, staged / paths[info.filename].name, label)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-                raise WeightsError(f"{label} is damaged ({_short(e, 120)})") from None
+                raise WeightsError(f"{label} is damaged ({short_text(e, 120)})") from None
 
 
 def _stage_folder(source: Path, staged: Path) -> None:
@@ -1010,7 +832,7 @@ def _import_id(repo_id: Optional[str], source: Path) -> str:
     try:
         cache.model_folder_name(stem)
     except ValueError as e:
-        raise WeightsError(f"cannot name the imported model after {_short(source, 200)} ({e}); give it a name: "
+        raise WeightsError(f"cannot name the imported model after {short_text(source, 200)} ({e}); give it a name: "
                            f"`ctfm models import {_quote(source)} --id NAME`") from None
     return stem
 
@@ -1081,17 +903,10 @@ def _install(staged: Path, dest: Path, work: Path) -> None:
 
 
 def _check_model_folder(staged: Path, config: dict, label: str) -> None:
-    """Everything a later load will check, done now on the staged copy (labels included)."""
-    if config.get("architecture") == "TriageModel":  # a scan classifier written by `ctfm train classify`
-        from .triage_model import load_triage_model
-
-        try:
-            load_triage_model(staged)  # strict: the same check the triage command makes
-        except WeightsError as e:  # name the folder the user gave, not the staging folder
-            raise WeightsError(str(e).replace(str(staged), label)) from None
-    else:
-        _network_config(config, f"{label}/{CONFIG_NAME}")
-        build_and_load(lambda: build_network(config), staged / WEIGHTS_NAME, label)
+    """Everything a later load will check, done now on the staged copy (labels included), the same way for every
+    network (a triage model's encoder and head too: :func:`CTFMLib.networks.validate_config`)."""
+    _network_config(config, f"{label}/{CONFIG_NAME}")
+    build_and_load(lambda: build_network(config), staged / WEIGHTS_NAME, label)
     read_labels(staged, label)
 
 
@@ -1181,29 +996,3 @@ def _published_check(staged: Path, digest: str, entry: ModelEntry, source: Path,
         f"(then shown as '{NOT_PUBLISHED}')")
 
 
-def remove_model(name: str, catalog: Optional[Catalog] = None) -> list:
-    """Delete a model's imported copy and its Hugging Face cache entry; returns what was removed.
-
-    Each delete names the store it cleans (the model store, the Hugging Face cache), so nothing
-    outside them is ever removed; an id that could name another place is refused.
-    """
-    catalog = catalog if catalog is not None else load_catalog()
-    entry = catalog.find(name)
-    repo_id = (entry.repo_id or entry.id) if entry else name
-    folder = cache.model_folder(repo_id)
-    removed = []
-    if os.path.lexists(folder):
-        files.remove_tree(folder, cache.models_dir(), "model folder")
-        removed.append(str(folder))
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        root = _hub_root()
-        info = scan_cache_dir(root)
-    except Exception:  # no Hugging Face cache (or no huggingface_hub) is not an error when removing
-        return removed
-    for repo in info.repos:
-        if repo.repo_id == repo_id and repo.repo_type == "model":
-            files.remove_tree(repo.repo_path, root, "download")
-            removed.append(str(repo.repo_path))
-    return removed

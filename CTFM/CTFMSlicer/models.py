@@ -1,83 +1,51 @@
 """The hub's Models section: which CT-FM models this computer has, and download, import, remove.
 
 - :func:`model_rows` lists the catalogue (``Models.json``, or ``CTFM_CATALOG``) with each
-  model's :func:`model_status`, then the imported models the catalogue does not know (a
+  model's :func:`~CTFMLib.model_store.model_status`, then the imported models the catalogue does not know (a
   triage model trained with CTFMTrain, say). Torch is not imported: the panel calls this
   when it opens, before PyTorch may be installed.
 - :func:`start_download` runs ``ctfm models download ID`` in a child process
   (:class:`~CTFMSlicer.process.ProcessRunner`: progress, cancel kills the process tree).
-- :func:`import_model` and :func:`remove_model` run in this process (file copies) through
-  :mod:`CTFMLib.weights`, which needs torch: the widget ensures the dependencies first.
+- :func:`import_model` and :func:`remove_model` run in this process (file copies and deletes): the
+  import through :mod:`CTFMLib.weights`, which needs torch (the widget ensures the dependencies first)
+  to check the model like a load would; the removal through :mod:`CTFMLib.model_store`, which does not.
 
 Where models live is :mod:`CTFMLib.cache` (``CTFM_CACHE``, which the panel's model folder sets).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
 from CTFMLib import cache
+from CTFMLib.cache import IMPORTED, NOT_PUBLISHED, WeightsError
+from CTFMLib.model_store import (
+    CONFIG_NAME,
+    DOWNLOADED,
+    MISSING,
+    TRIAGE_ARCHITECTURE,
+    model_status,
+    read_config,
+)
 
 from .process import ProcessRunner, ctfm_cli_command, failure_text
 
-# The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME), repeated
-# here because CTFMLib.weights imports torch.
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = cache.WEIGHTS_NAME
-
-IMPORTED = cache.IMPORTED
-NOT_PUBLISHED = cache.NOT_PUBLISHED  # imported with --force under a published id: other weights
-DOWNLOADED = "downloaded"
-MISSING = "not on this computer"
+# The panel's own way to train a model without published weights (`ctfm models list` says "train it with ctfm train").
 TRAIN_YOURSELF = "train with CT-FM Train"
 STATUSES = (IMPORTED, NOT_PUBLISHED, DOWNLOADED, MISSING, TRAIN_YOURSELF)
 
 TRIAGE_TASK = "triage"
 # config.json "architecture" -> the task shown for an imported model the catalogue does not list.
-ARCHITECTURE_TASKS = {"TriageModel": TRIAGE_TASK, "SegResNetDS": "segmentation", "SegResEncoder": "embedding"}
-
-
-def imported_model_path(name: str) -> Optional[Path]:
-    """The imported copy of a model id, or None (:func:`CTFMLib.cache.imported_model`, as ``CTFMLib.weights``)."""
-    return cache.imported_model(name)
-
-
-def _in_hub_cache(repo_id: str, revision: Optional[str]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # not installed yet: nothing can have been downloaded with it
-        return False
-    try:
-        hit = try_to_load_from_cache(repo_id, WEIGHTS_NAME, cache_dir=cache.hub_cache_dir(), revision=revision)
-    except Exception:  # an unreadable cache means "not downloaded", never a broken panel
-        return False
-    return isinstance(hit, str) and os.path.isfile(hit)
-
-
-def model_status(entry) -> str:
-    """One of :data:`STATUSES` for a catalogue entry (as ``ctfm models list`` reports it).
-
-    A model without published weights (``repo_id`` null) is one users train with
-    CTFMTrain and import under its catalogue id; other weights imported with ``--force``
-    under a published id are :data:`NOT_PUBLISHED`.
-    """
-    imported = imported_model_path(entry.repo_id or entry.id)
-    if imported is not None:
-        return cache.import_status(imported)  # "imported, not the published weights" after a forced import
-    if not entry.repo_id:
-        return TRAIN_YOURSELF
-    return DOWNLOADED if _in_hub_cache(entry.repo_id, entry.revision) else MISSING
+ARCHITECTURE_TASKS = {TRIAGE_ARCHITECTURE: TRIAGE_TASK, "SegResNetDS": "segmentation", "SegResEncoder": "embedding"}
 
 
 def _read_config(folder: Path) -> dict:
+    """A listed folder's config.json, or {} where it cannot be read (the table still lists the model)."""
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_config(folder) or {}
+    except WeightsError:
         return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _imported_task(config: dict) -> str:
@@ -105,7 +73,7 @@ def model_rows(catalog_path=None) -> list:
         except ValueError:
             pass  # a catalogue id that cannot be a folder has no import
         rows.append({"id": m.id, "title": m.title, "task": m.task, "repo_id": m.repo_id or "",
-                     "status": model_status(m), "in_catalogue": True, "how_to": m.how_to})
+                     "status": model_status(m, TRAIN_YOURSELF), "in_catalogue": True, "how_to": m.how_to})
     for model_id, path in cache.imported_models():  # complete imports only: never one being written
         if path.name in claimed:
             continue
@@ -185,9 +153,9 @@ def import_model(source, model_id: Optional[str] = None, catalog_path=None, forc
 
 
 def remove_model(model_id: str, catalog_path=None) -> list:
-    """Delete a model's imported copy and downloaded files; returns the folders removed. Needs torch."""
+    """Delete a model's imported copy and downloaded files; returns the folders removed."""
     from CTFMLib.catalog import load_catalog
-    from CTFMLib.weights import remove_model as _remove
+    from CTFMLib.model_store import remove_model as _remove
 
     return _remove(str(model_id), catalog=load_catalog(catalog_path))
 

@@ -10,23 +10,24 @@ it also writes the map that shows which voxels drove the decision. No Qt, no tor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from CTFMLib.model_store import TRIAGE_ARCHITECTURE, folder_problem, imported_model_path
+
 from .jobs import start_volume_command
-from .models import CONFIG_NAME, WEIGHTS_NAME, imported_model_path, triage_catalog_ids
-from .nodes import path_is_set
+from .models import triage_catalog_ids
 from .process import ProcessRunner, last_json_object
 from .saliency import HEAT_NAME, METHODS, HeatmapOutput, read_heatmap, read_json_file
 
 FOLDER = "folder"
-ARCHITECTURE = "TriageModel"  # CTFMLib.train.classify.ARCHITECTURE (that module imports torch)
 DECISIONS = ("abnormal", "normal")
 RESULT_NAME = "triage.json"
+# What the section says when no triage model folder is chosen (model_store.folder_problem says the rest).
+CHOOSE_FOLDER = "Choose the triage model folder (the 'model' folder that CT-FM Train's classify task wrote)."
 
 
 def triage_model_choices(catalog_path=None) -> tuple:
@@ -34,31 +35,10 @@ def triage_model_choices(catalog_path=None) -> tuple:
     return (FOLDER, *triage_catalog_ids(catalog_path))
 
 
-def folder_problem(folder) -> Optional[str]:
-    """Why ``folder`` is not a triage model folder (a sentence), or None."""
-    if not path_is_set(folder):
-        return "Choose the triage model folder (the 'model' folder that CT-FM Train's classify task wrote)."
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"The triage model folder {folder} does not exist."
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
-    if missing:
-        return f"The triage model folder {folder} lacks {' and '.join(missing)}."
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return f"{folder / CONFIG_NAME} cannot be read: {e}"
-    architecture = config.get("architecture") if isinstance(config, dict) else None
-    if architecture != ARCHITECTURE:
-        return (f"{folder} holds a {architecture or 'CT-FM encoder or segmentation model'}, not a triage model; "
-                "choose the 'model' folder of a CT-FM Train classify run.")
-    return None
-
-
 def model_folder(choice: str, folder=None, catalog_path=None) -> Path:
     """The triage model folder for the section's choice; ``ValueError`` saying what to do otherwise."""
     if choice == FOLDER:
-        problem = folder_problem(folder)
+        problem = folder_problem(folder, TRIAGE_ARCHITECTURE, CHOOSE_FOLDER)
         if problem:
             raise ValueError(problem)
         return Path(folder)
@@ -68,7 +48,7 @@ def model_folder(choice: str, folder=None, catalog_path=None) -> Path:
     if path is None:
         raise ValueError(f"the triage model {choice} is not on this computer: train it with CT-FM Train and import "
                          "its model folder in the Models section (Import...) with the model selected.")
-    problem = folder_problem(path)
+    problem = folder_problem(path, TRIAGE_ARCHITECTURE, CHOOSE_FOLDER)
     if problem:
         raise ValueError(problem)
     return path

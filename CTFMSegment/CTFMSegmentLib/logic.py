@@ -22,21 +22,20 @@ import collections
 from typing import Callable, Optional
 
 from CTFMLib.image import ImageError
+from CTFMLib.model_store import folder_problem
 from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node
 from CTFMSlicer.process import DEVICES, ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
 
-from .models import (  # noqa: F401  (CONFIG_NAME, WEIGHTS_NAME, WHOLE_BODY: the module's public names)
-    CONFIG_NAME,
+from .models import (  # noqa: F401  (WHOLE_BODY: the module's public name)
+    CHOOSE_FOLDER,
     DEFAULT_QUALITY,
     FOLDER,
     MODELS,
     QUALITIES,
     SPACINGS,
-    WEIGHTS_NAME,
     WHOLE_BODY,
     catalog_model_problem,
     model_argument,
-    model_folder_problem,
     model_label_names,
     parse_structures,
     structures_problem,
@@ -62,7 +61,8 @@ class CTFMSegmentLogic:
         if model not in MODELS:
             problems.append(f"Unknown model '{model}'; choose one of {', '.join(MODELS)}.")
         else:
-            problem = model_folder_problem(modelFolder) if model == FOLDER else catalog_model_problem(model)
+            problem = (folder_problem(modelFolder, choose=CHOOSE_FOLDER) if model == FOLDER
+                       else catalog_model_problem(model))
             if problem:
                 problems.append(problem)
         if quality not in QUALITIES:

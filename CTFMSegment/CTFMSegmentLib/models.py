@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from CTFMLib.cache import WEIGHTS_NAME
+from CTFMLib.model_store import CONFIG_NAME, LABELS_NAME
 from CTFMLib.segment_plan import (
     DEFAULT_QUALITY,  # noqa: F401  (the panel's default quality)
     model_facts,
@@ -27,12 +29,8 @@ SEGMENTATION_TASK = "segmentation"
 QUALITIES = tuple(QUALITY_PRESETS)
 # ``ctfm segment --spacing``: the model's own (default) or the input's (the model card, literally).
 SPACINGS = ("model", "native")
-
-# The published model layout (CTFMLib.weights.CONFIG_NAME / WEIGHTS_NAME / LABELS_NAME),
-# repeated here because CTFMLib.weights imports torch, which the panel must not need.
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-LABELS_NAME = "labels.json"
+# What the Model box says when "folder" is chosen without one (model_store.folder_problem says the rest).
+CHOOSE_FOLDER = "Choose the folder of a CT-FM segmentation model."
 
 
 def catalog_segmentation_models(catalog_path=None) -> list:
@@ -56,19 +54,6 @@ def model_choices(catalog_path=None) -> tuple:
 
 
 MODELS = model_choices()
-
-
-def model_folder_problem(folder) -> Optional[str]:
-    """Why ``folder`` is not a CT-FM model folder, or None."""
-    if not path_is_set(folder):
-        return "Choose the folder of a CT-FM segmentation model."
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"The model folder {folder} does not exist."
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
-    if missing:
-        return f"The model folder {folder} lacks {' and '.join(missing)} (a CT-FM model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})."
-    return None
 
 
 def catalog_model_problem(model: str, catalog_path=None) -> Optional[str]:
@@ -214,7 +199,7 @@ def _downloaded_config(entry) -> Optional[Path]:
 def model_config_path(model: str, modelFolder=None, catalog_path=None) -> Optional[Path]:
     """Where the ``config.json`` of the model ``ctfm segment`` would load lies on this computer, or None.
 
-    Found as :func:`CTFMLib.weights.resolve` finds the model (without importing it: it needs torch):
+    Found as :func:`CTFMLib.model_store.resolve` finds the model (without asking the hub for it):
     the folder itself; else the import under the catalogue entry's repo or id; else the download.
     """
     if model == FOLDER:

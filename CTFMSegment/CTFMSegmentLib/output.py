@@ -17,9 +17,10 @@ import numpy as np
 
 from CTFMLib.image import Image, ImageError
 from CTFMLib.labels import read_sidecar
+from CTFMLib.model_store import LABELS_NAME
 from CTFMSlicer.nodes import path_is_set
 
-from .models import FOLDER, LABELS_NAME, WHOLE_BODY, model_label_names
+from .models import FOLDER, WHOLE_BODY, model_label_names
 from .plan import short_duration
 
 MESSAGE_TAIL_LINES = 20  # of the child's last output lines, the failure message quotes these

@@ -70,7 +70,8 @@ def index_weights(given: Optional[str], model_id: str, index) -> str:
 
 def load_encoder(source: str, progress=None):
     """``(model, model_id, sha256 of the weights file)`` for a weights source."""
-    from ..weights import load_model, sha256_file, weights_file_of
+    from ..model_store import sha256_file, weights_file_of
+    from ..weights import load_model
 
     model, info = load_model(source, expect="SegResEncoder", progress=progress)
     digest = info.sha256 or sha256_file(weights_file_of(Path(info.path)))

@@ -4,6 +4,10 @@ score of it, and the way from the input's grid back to the image's voxel grid (:
 Scores are "larger = more like the input's own output": the cosine similarity to the input's
 embedding (embedding, point), a class's mean softmax probability (class), the triage probability
 (triage). See :mod:`CTFMLib.saliency` for what each target explains.
+
+Each target hands its loaded network to ``hold`` (from :func:`CTFMLib.saliency.saliency_image`): eval mode, no
+parameter gradients, and back the :class:`~CTFMLib.runtime.Runner` that places it and holds the precision;
+every forward pass goes through :func:`network`, under that Runner's autocast.
 """
 
 from __future__ import annotations
@@ -43,11 +47,19 @@ def _auto(spacing) -> bool:
     return isinstance(spacing, str) and spacing == "auto"
 
 
-def _embedding(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def network(runner, batch: torch.Tensor):
+    """The network's output for ``batch`` in ``runner``'s precision (:meth:`CTFMLib.runtime.Runner.autocast`:
+    bf16 autocast or none). Gradients flow as the caller allows (``Runner.run`` would forbid them); callers
+    cast the output to float32 before scoring it, so scores, their gradients and the heat stay float32."""
+    with runner.autocast():
+        return runner.model(batch)
+
+
+def _embedding(runner, batch: torch.Tensor) -> torch.Tensor:
     """``(n, C)``: the global average of the last map a CT-FM encoder returns (or the model's ``(n, C)``)."""
     from ..networks import global_average
 
-    out = model(batch)
+    out = network(runner, batch)
     if isinstance(out, (list, tuple)):
         out = out[-1]
     return global_average(out) if out.ndim > 2 else out.float()
@@ -63,20 +75,20 @@ def _cosine_score(reference: np.ndarray) -> Callable:
     return score
 
 
-def _similarity_problem(model, x, geometry, to_input, notes) -> Problem:
-    """Embedding targets: similarity to the input's own embedding."""
+def _similarity_problem(runner, x, geometry, to_input, notes) -> Problem:
+    """Embedding targets: similarity to the input's own embedding (computed in the same precision)."""
     with torch.inference_mode():
-        reference = _embedding(model, x[None])[0]
+        reference = _embedding(runner, x[None])[0]
     ref = reference.detach().clone()
 
     def forward(b):
-        return _embedding(model, b)
+        return _embedding(runner, b)
 
     def objective(b):
-        return nn.functional.cosine_similarity(_embedding(model, b), ref[None], dim=1)
+        return nn.functional.cosine_similarity(_embedding(runner, b), ref[None], dim=1)
 
-    return Problem(x, forward, _cosine_score(ref.double().cpu().numpy()), objective, geometry, to_input, model,
-                    notes)
+    return Problem(x, forward, _cosine_score(ref.double().cpu().numpy()), objective, geometry, to_input,
+                   runner.model, notes)
 
 
 def _load_encoder(weights) -> nn.Module:
@@ -91,11 +103,11 @@ def embedding_problem(image, weights, spacing, device, hold) -> Problem:
     """The scan embedding: the whole preprocessed volume (3 mm by default), its global average."""
     spacing = EMBEDDING_SPACING if _auto(spacing) else spacing
     pre = preprocess(image, PreprocessConfig(spacing=spacing))
-    model = hold(_load_encoder(weights).to(device))
+    runner = hold(_load_encoder(weights).to(device))
     x = torch.from_numpy(pre.array)[None].to(device)
     where = "native spacing" if spacing is None else f"{'x'.join(f'{s:g}' for s in spacing)} mm"
     notes = [f"scan embedding: model-card preprocessing at {where} (SPL), grid {'x'.join(map(str, pre.array.shape))}"]
-    return _similarity_problem(model, x, pre.geometry, lambda h: pre.to_input(h, mode="linear", fill=0), notes)
+    return _similarity_problem(runner, x, pre.geometry, lambda h: pre.to_input(h, mode="linear", fill=0), notes)
 
 
 def point_problem(image, weights, point_lps, device, hold) -> Problem:
@@ -110,7 +122,7 @@ def point_problem(image, weights, point_lps, device, hold) -> Problem:
     start = np.floor(pre.physical_to_model_index(point_lps) + 0.5).astype(int) - np.asarray(PATCH_SIZE) // 2
     g = pre.geometry
     geometry = Geometry(PATCH_SIZE, g.spacing, g.index_to_physical(start.astype(np.float64)), g.direction)
-    model = hold(_load_encoder(weights).to(device))
+    runner = hold(_load_encoder(weights).to(device))
 
     def to_input(heat):
         full = np.zeros(pre.array.shape, dtype=np.float32)
@@ -124,7 +136,7 @@ def point_problem(image, weights, point_lps, device, hold) -> Problem:
 
     notes = [f"patch embedding: {'x'.join(map(str, PATCH_SIZE))} voxels at "
              f"{'x'.join(f'{s:g}' for s in PATCH_SPACING)} mm (SPL) around {np.round(point_lps, 1).tolist()} mm LPS"]
-    return _similarity_problem(model, torch.from_numpy(patch)[None].to(device), geometry, to_input, notes)
+    return _similarity_problem(runner, torch.from_numpy(patch)[None].to(device), geometry, to_input, notes)
 
 
 def _segmentation(weights, labels):
@@ -170,12 +182,12 @@ def class_problem(image, weights, class_name, labels, spacing, region, device, h
     padded = np.zeros(tuple(-(-n // factor) * factor for n in crop.shape), dtype=np.float32)
     padded[tuple(slice(0, n) for n in crop.shape)] = crop  # 0 = -1024 HU, as the sliding window pads
     x = torch.from_numpy(padded)[None].to(device)
-    model = hold(model.to(device))
+    runner = hold(model.to(device))
     box = tuple(slice(int(s), int(e)) for s, e in zip(*target_box))
     channel = int(chosen.value)
 
     def objective(b):
-        logits = model(b)
+        logits = network(runner, b)
         logits = logits[0] if isinstance(logits, (list, tuple)) else logits
         return torch.softmax(logits[(slice(None), slice(None)) + box].float(), dim=1)[:, channel].mean(dim=(1, 2, 3))
 
@@ -192,8 +204,8 @@ def class_problem(image, weights, class_name, labels, spacing, region, device, h
              f"{'the region' if region is not None else 'the input'}; network input "
              f"{'x'.join(map(str, padded.shape))} voxels of the {'x'.join(map(str, pre.array.shape))} "
              f"model-card grid (S, P, L){padding}"]
-    return Problem(x, lambda b: objective(b)[:, None], lambda v: v[:, 0], objective, geometry, to_input, model,
-                    notes, limit=((0, 0, 0), tuple(crop.shape)))
+    return Problem(x, lambda b: objective(b)[:, None], lambda v: v[:, 0], objective, geometry, to_input,
+                   runner.model, notes, limit=((0, 0, 0), tuple(crop.shape)))
 
 
 def triage_problem(image, triage_model, device, hold) -> Problem:
@@ -209,15 +221,15 @@ def triage_problem(image, triage_model, device, hold) -> Problem:
                             spacing=prep.get("spacing", TRIAGE_SPACING), orientation=prep.get("orientation", "SPL"))
     s, p, ell = tin.geometry.shape
     x = torch.from_numpy(tin.array.reshape(tin.windows, s, p, ell)).to(device)
-    model = hold(model.to(device))
+    runner = hold(model.to(device))
 
     def objective(b):
-        return torch.sigmoid(model(b.reshape(b.shape[0], 1, tin.windows * s, p, ell)).float().reshape(-1))
+        return torch.sigmoid(network(runner, b.reshape(b.shape[0], 1, tin.windows * s, p, ell)).float().reshape(-1))
 
     notes = [f"triage probability of {name}: {tin.windows} HU windows of a {s}x{p}x{ell} grid at "
              f"{'x'.join(f'{v:g}' for v in tin.geometry.spacing)} mm, occluded together"]
     return Problem(x, lambda b: objective(b)[:, None], lambda v: v[:, 0], objective, tin.geometry, tin.to_input,
-                    model, notes)
+                   runner.model, notes)
 
 
 # --- regions -------------------------------------------------------------------------------------

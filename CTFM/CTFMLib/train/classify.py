@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model_store import TRIAGE_ARCHITECTURE as ARCHITECTURE
+from ..networks import TriageModel
 from ..triage_model import (  # noqa: F401
-    ARCHITECTURE,
     DEFAULT_SIZE,
     DEFAULT_SPACING,
     DEFAULT_WINDOWS,
     PAD_MODE,
-    TriageModel,
     center_crop_slices,
     center_pad_crop,
     load_triage_model,

@@ -350,8 +350,8 @@ class CTFMTest(ScriptedLoadableModuleTest):
         """A random-weights TriageModel folder as `ctfm train classify` exports it (4 filters, 16 x 32 x 32 input)."""
         import torch
 
-        from CTFMLib.networks import build_encoder
-        from CTFMLib.train.classify import DEFAULT_WINDOWS, TriageModel
+        from CTFMLib.networks import TriageModel, build_encoder
+        from CTFMLib.triage_model import DEFAULT_WINDOWS
         from CTFMLib.weights import save_pretrained
 
         torch.manual_seed(0)
