@@ -348,7 +348,11 @@ def test_two_processes_under_torchrun_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_finetuning_overfits_the_example_ct(tmp_path):
-    """Five largest structures of example_seg, learned from example_ct_sm alone, segmented back: mean Dice >= 0.8."""
+    """Five largest structures of example_seg, learned from example_ct_sm alone, segmented back: mean Dice >= 0.8.
+
+    Trained on a 6 mm grid (``segment.spacing``), segmented at the model's spacing and scored on the native 3 mm
+    grid: the same learning, resampling and export path as at 3 mm, in a third of the time (a small 3D network's
+    steps on 2 CPU cores cost about the same from 8 to 32 filters, so the grid is what can shrink)."""
     folder = require_shared_data("totalsegmentator_example")
     from CTFMLib.segment import segment_image
     from CTFMLib.train.run import run
@@ -362,11 +366,12 @@ def test_finetuning_overfits_the_example_ct(tmp_path):
     config = tmp_path / "seg.json"
     config.write_text(json.dumps({
         "data": {"source": [str(tmp_path / "data.csv")], "workers": 0},
-        # A small network on crops as large as the scan (30 x 101 x 122 voxels of 3 mm, SPL).
-        "model": {"init_filters": 16, "blocks_down": [1, 1, 1], "weights": None},
+        # A small network on crops nearly as large as the scan (15 x 51 x 61 voxels of 6 mm, SPL).
+        "model": {"init_filters": 8, "blocks_down": [1, 1, 1], "weights": None},
         "optim": {"lr": 5e-3, "warmup_steps": 5, "max_steps": 150, "grad_clip": 1.0},
         "run": {"scans_per_step": 1, "device": "cpu", "log_every": 10, "checkpoint_every": 1000},
-        "segment": {"labels": "totalsegmentator", "structures": largest, "crop_size": [32, 112, 128], "dsdepth": 2,
+        "segment": {"labels": "totalsegmentator", "structures": largest, "spacing": [6.0, 6.0, 6.0],
+                    "crop_size": [16, 48, 64], "dsdepth": 2,
                     "augment": NO_AUGMENT},
     }))
     summary = run("segment", config, tmp_path / "run")
