@@ -1,7 +1,7 @@
 """CTFMSlicer: the thin layer between 3D Slicer's MRML scene and CTFMLib.
 
 Shared by every CT-FM module (CT-FM Segment and CT-FM Retrieve import only these, and
-:data:`CITATION`; ``Testing/test_package_layers.py`` checks it):
+:data:`CITATION`; ``Testing/core/test_package_layers.py`` checks it):
 
 - :mod:`.nodes`: volume, table and markups nodes to and from CTFMLib types; the ROI box,
   the crosshair and the observer of both.

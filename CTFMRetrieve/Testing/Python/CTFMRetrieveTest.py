@@ -13,7 +13,7 @@ Three ways to run them (see Testing/SlicerTests.md):
 
 The test that adds to an index and searches it skips itself, with the reason, when PyTorch or
 CT-FM's packages are missing.
-The logic behind the panel is tested without the application in Testing/test_retrieve_slicer.py.
+The logic behind the panel is tested without the application in Testing/slicer_layer/test_retrieve_slicer.py.
 """
 
 import unittest

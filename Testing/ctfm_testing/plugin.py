@@ -1,0 +1,106 @@
+"""The CT-FM tests' pytest plugin: an isolated model store and costs file for the session, the shared fixtures
+(private caches, tiny checkpoints, the real CT) and ``run_ctfm``. Testing/conftest.py loads it; test files import
+its helpers from here (``from ctfm_testing.plugin import run_ctfm``), never from conftest."""
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Tests never reach the Hugging Face hub: it is unreachable here and must not be needed anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Tests never read or write the user's model store: the session gets its own (the `ctfm_cache` fixture gives a
+# test a private one). A test that wants the user's published weights looks inside `user_model_store()`.
+_USER_CTFM_CACHE = os.environ.get("CTFM_CACHE")
+_SESSION_STORE = tempfile.mkdtemp(prefix="ctfm-test-store-")
+os.environ["CTFM_CACHE"] = _SESSION_STORE
+
+
+def _session_costs(path: str) -> None:
+    """This computer's speed as the generic figures, for every thread count: commands print estimates without
+    first measuring the published encoder (seconds each, in every test with a private cache). Testing/core/test_costs.py
+    measures with files of its own."""
+    from CTFMLib.costs import GENERIC, Costs
+
+    costs = Costs(path)
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        for precision in ("fp32", "bf16"):
+            for kind, value in GENERIC.items():
+                costs.put(Costs.key("cpu", precision, threads), kind, value * 2 / threads)
+
+
+_handle, _SESSION_COSTS = tempfile.mkstemp(prefix="ctfm-test-", suffix="-costs.json")
+os.close(_handle)
+os.environ["CTFM_COSTS_FILE"] = _SESSION_COSTS
+_session_costs(_SESSION_COSTS)
+
+
+@contextmanager
+def user_model_store():
+    """While active, CTFM_CACHE is what the user had set (or unset): their imported and downloaded models."""
+    session = os.environ.get("CTFM_CACHE")
+    if _USER_CTFM_CACHE is None:
+        os.environ.pop("CTFM_CACHE", None)
+    else:
+        os.environ["CTFM_CACHE"] = _USER_CTFM_CACHE
+    try:
+        yield
+    finally:
+        os.environ["CTFM_CACHE"] = session
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_STORE, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.remove(_SESSION_COSTS)
+
+
+@pytest.fixture
+def ctfm_cache(tmp_path, monkeypatch):
+    """An empty, private CTFM cache (imported models and Hugging Face downloads)."""
+    root = tmp_path / "ctfm-cache"
+    monkeypatch.setenv("CTFM_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def example_ct_path():
+    from ctfm_testing.data import require_shared_data
+
+    return require_shared_data() / "totalsegmentator_example" / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_folder(tmp_path_factory):
+    """A small SegResEncoder written by MONAI in the published layout (config.json + model.safetensors)."""
+    from ctfm_testing.checkpoints import write_monai_encoder
+
+    return write_monai_encoder(tmp_path_factory.mktemp("tiny-encoder"), init_filters=4, blocks_down=(1, 1, 1, 1))
+
+
+@pytest.fixture(scope="session")
+def ctfm_weights_folder(tmp_path_factory):
+    """The full-size CT-FM encoder (random weights) written by MONAI in the published layout."""
+    from ctfm_testing.checkpoints import write_monai_encoder
+
+    return write_monai_encoder(tmp_path_factory.mktemp("ctfm-encoder"), seed=11)
+
+
+def run_ctfm(*args, env=None, timeout=600):
+    """Run the ``ctfm`` command line in a child process, as a user would."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "CTFM"), os.environ.get("PYTHONPATH", "")])}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "CTFMLib.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
