@@ -42,6 +42,7 @@ from .costs import duration
 from .labels import label_map_suffix, sidecar_path, sidecar_text
 from .model_store import model_status
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
+from .scans import IMAGE_SUFFIXES as SCAN_SUFFIXES
 from .text import EXIT_ERROR, count, print_result, say, size
 
 JSON_HELP = "print the result as one JSON object, the last line of stdout (other lines go to stderr)"
@@ -211,7 +212,10 @@ def cmd_embed(args) -> int:
 
 # --- ctfm segment ----------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm")
+# What a batch folder offers: the scans CTFMLib.scans finds, and single DICOM files (one image each).
+IMAGE_SUFFIXES = (*SCAN_SUFFIXES, ".dcm")
+
+
 def segmentation_files(out: Path) -> list:
     """The files ``ctfm segment --out OUT`` writes: ``[OUT]`` for a ``.seg.nrrd``, else ``[OUT, OUT.labels.json]``."""
     return [out] if label_map_suffix(out) == ".seg.nrrd" else [out, sidecar_path(out)]
