@@ -2,14 +2,21 @@
 Qt, CTK or VTK (read from the source, so a lazy import inside a function counts too)."""
 
 import ast
+import functools
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[2] / "CTFM" / "CTFMLib"
 
 
+@functools.lru_cache(maxsize=None)
+def parsed(path: Path) -> ast.Module:
+    """A source file's syntax tree, parsed once for all the checks here (each then takes milliseconds)."""
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
 def imported_modules(path: Path):
     package = path.relative_to(CORE.parent).with_suffix("").parts[:-1]  # ("CTFMLib", ...)
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -60,7 +67,7 @@ def test_no_private_name_is_imported_across_files():
     for path in files:
         where = path.relative_to(REPO)
         package = dotted[path].split(".") if path.name == "__init__.py" else dotted[path].split(".")[:-1]
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree = parsed(path)
         bound = {}  # local name -> the project module it names
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
@@ -120,7 +127,7 @@ def core_import_graph() -> dict:
     for module, path in files.items():
         package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(parsed(path)):
             if isinstance(node, ast.Import):
                 edges.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -191,12 +198,12 @@ def test_device_and_precision_live_only_in_runtime():
         for path in (REPO / folder).rglob("*.py"):
             if path == runtime:
                 continue
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            for node in ast.walk(parsed(path)):
                 defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
                 if defines and node.name in RUNTIME_NAMES:
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.name}")
     assert offenders == []
-    defined = {node.name for node in ast.parse(runtime.read_text(encoding="utf-8")).body
+    defined = {node.name for node in parsed(runtime).body
                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     assert RUNTIME_NAMES - {"default_precision"} <= defined  # the policy is resolve_precision
 
@@ -211,7 +218,7 @@ def test_segment_and_retrieve_import_only_the_shared_slicer_modules():
     offenders = []
     for folder in ("CTFMSegment", "CTFMRetrieve"):
         for path in (REPO / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            for node in ast.walk(parsed(path)):
                 if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("CTFMSlicer"):
                     names = [node.module] if node.module != "CTFMSlicer" else [
                         f"CTFMSlicer.{a.name}" if a.name[0].islower() else "CTFMSlicer" for a in node.names]
