@@ -5,6 +5,7 @@
     ctfm embed IMAGE --weights SRC --out FILE.npy [--mode volume|scan|point --point X,Y,Z]
     ctfm segment IMAGE --model whole-body|FOLDER|HF_ID --out OUT.nii.gz|OUT.seg.nrrd [--fast] [--structures a,b]
     ctfm segment FOLDER_OR_CSV --model ... --out-dir DIR   (batch: failed inputs are reported and skipped)
+    ctfm stats IMAGE LABELS [--out STATS.json] [--csv STATS.csv]   (organ statistics; segment --statistics too)
     ctfm triage IMAGE --model FOLDER [--json-out OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
     ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
                   [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz
@@ -321,6 +322,7 @@ def cmd_segment(args) -> int:
     if not args.plan and bool(args.out) == bool(args.out_dir):
         raise ValueError("give either --out FILE (one image) or --out-dir DIR (a folder or CSV of images), or --plan")
     source = Path(args.image)
+    stats_files = statistics_files(args)
     skipped = []  # batch: images whose outputs exist (without --overwrite)
     if args.plan:  # one image (a file or a DICOM series folder), as with --out
         jobs = [(source, args.series, None)]
@@ -328,7 +330,7 @@ def cmd_segment(args) -> int:
         out = Path(args.out)
         label_map_suffix(out)
         jobs = [(source, args.series, out)]
-        check_outputs(segmentation_files(out), [source], overwrite=args.overwrite)
+        check_outputs(segmentation_files(out) + stats_files, [source], overwrite=args.overwrite)
     else:
         label_map_suffix(Path("x." + args.out_format))
         out_dir = Path(args.out_dir)
@@ -376,7 +378,10 @@ def cmd_segment(args) -> int:
                                    spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
                                    progress=args.progress_cb, max_memory_gb=args.max_memory_gb, plan=plan)
+            stats = segment_statistics(image, result) if stats_files else None  # before anything is written
             written = write_segmentation(result, out, overwrite=args.overwrite)
+            if stats is not None:
+                written += write_statistics_files(args, stats, stats_files)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
             results.append({"image": str(path), "files": [str(f) for f in written], "structures_present": present,
                             "seconds": round(float(result.seconds), 1),
@@ -397,6 +402,92 @@ def cmd_segment(args) -> int:
                      f"segmented {len(jobs) - len(failed)} of {count(len(jobs), 'image')}"
                      + (f"; failed: {', '.join(f['image'] for f in failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def statistics_files(args) -> list:
+    """``segment --statistics stats.json``: ``[stats.json, stats.csv]`` (the CSV beside it, same stem), else []."""
+    if not args.statistics:
+        return []
+    if not args.out:
+        raise ValueError("--statistics names one file: use it with --out (one image), not with --out-dir or --plan")
+    path = Path(args.statistics)
+    if not path.name.lower().endswith(".json") or path.name.lower().endswith(".labels.json"):
+        raise ValueError(f"--statistics must be a file ending in .json (not .labels.json), not {path.name}; the "
+                         "CSV is written beside it")
+    from .statistics import csv_path_for
+
+    return [path, csv_path_for(path)]
+
+
+def segment_statistics(image, result) -> dict:
+    """Organ statistics of a segmentation on its input's (native) grid, named as its labels."""
+    from .statistics import structure_statistics
+
+    return structure_statistics(image, result.labels, {int(i.value): i.name for i in result.label_info})
+
+
+def write_statistics_files(args, stats: dict, files: list) -> list:
+    """Write stats.json and/or the CSV (atomically, together); a note names the structures cut by the border."""
+    from .statistics import write_statistics
+
+    written = write_statistics(stats, *files, overwrite=args.overwrite)
+    cut = [name for name, s in stats.items() if s["touches_border"]]
+    if cut:
+        say(args, f"note: the image border cuts {count(len(cut), 'structure')}, so their volumes are lower bounds: "
+                  + ", ".join(cut))
+    return written
+
+
+def cmd_stats(args) -> int:
+    """``ctfm stats IMAGE LABELS``: organ statistics of an existing label map on its image's grid; prints one line
+    per structure (with ``--json`` one object holding them) and writes ``--out`` (JSON) and ``--csv``."""
+    from .files import check_outputs
+    from .image import ImageError, read_image
+    from .labels import read_seg_nrrd, read_sidecar, sidecar_path
+    from .statistics import structure_statistics, write_statistics
+
+    if args.out and not str(args.out).lower().endswith(".json"):
+        raise ValueError(f"--out must be a file ending in .json, not {Path(args.out).name}")
+    if args.csv and not str(args.csv).lower().endswith(".csv"):
+        raise ValueError(f"--csv must be a file ending in .csv, not {Path(args.csv).name}")
+    files = [Path(p) if p else None for p in (args.out, args.csv)]
+    labels_path = Path(args.labels)
+    inputs = [args.image, labels_path]
+    if not labels_path.name.lower().endswith(".seg.nrrd"):
+        try:
+            inputs.append(sidecar_path(labels_path))
+        except ValueError:
+            pass
+    check_outputs([f for f in files if f], inputs, overwrite=args.overwrite)
+    image = read_image(args.image, series_uid=args.series)
+    _warn_if_not_ct(image, args.image)
+    if labels_path.name.lower().endswith(".seg.nrrd"):
+        if not labels_path.is_file():
+            raise ImageError(f"no such file: {labels_path}")
+        try:
+            labels, infos = read_seg_nrrd(labels_path)
+        except RuntimeError as e:
+            raise ImageError(f"cannot read {labels_path.name} as a segmentation: {_one_line(e)}") from None
+        names = {int(i.value): i.name for i in infos}
+    else:
+        labels = read_image(labels_path)
+        try:
+            names = read_sidecar(labels_path)
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"{sidecar_path(labels_path).name} beside {labels_path.name} is not a "
+                             "{value: name} JSON object: fix it or move it away") from None
+    try:
+        stats = structure_statistics(image, labels, names)
+    except ImageError as e:
+        raise ImageError(f"{labels_path.name}: {e}") from None
+    written = write_statistics(stats, *files, overwrite=args.overwrite) if any(files) else []
+    lines = [(f"{name}: {s['volume_ml']:.1f} mL ({count(s['voxels'], 'voxel')}), {s['hu_mean']:.0f} HU mean "
+              f"(sd {s['hu_std']:.0f}, {s['hu_min']:.0f} to {s['hu_max']:.0f})"
+              + (" - touches the image border: the volume is a lower bound" if s["touches_border"] else ""))
+             for name, s in stats.items()] or [f"{labels_path}: no structure (every voxel is 0)"]
+    print_result(args, {"image": str(args.image), "labels": str(labels_path), "files": [str(f) for f in written],
+                        "statistics": stats}, *lines, *(f"wrote {f}" for f in written))
+    return 0
 
 
 def plan_json(path: Path, plan) -> dict:
@@ -653,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--structures", help="comma-separated structure names to keep (default: all)")
     seg.add_argument("--largest-component", action="store_true",
                      help="keep only the largest connected piece of each structure")
+    seg.add_argument("--statistics", metavar="STATS.json",
+                     help="also write organ statistics (volume, HU, centroid, box, border flag; as `ctfm stats`) "
+                          "on the input's grid to this .json, and a CSV beside it with the same stem")
     seg.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     seg.add_argument("--overwrite", action="store_true",
                      help="replace existing outputs (batch: segment again the images whose outputs exist)")
@@ -666,6 +760,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_flag(seg, "the result (a batch: one object with its results and failures at the end; --plan: the "
                        "plan)")
     seg.set_defaults(func=cmd_segment)
+
+    st = sub.add_parser("stats", help="organ statistics of a label map: volume, HU, centroid, bounding box, border")
+    st.add_argument("image", help="the CT the labels belong to: NIfTI, NRRD, MHA file or DICOM series folder")
+    st.add_argument("labels", help="its label map on the same grid: .nii.gz, .nii, .nrrd, .mha (names from the "
+                                   ".labels.json beside it) or .seg.nrrd")
+    st.add_argument("--out", help="write the statistics to this .json ({structure: {...}}: TotalSegmentator's "
+                                  "statistics.json fields volume (mm3) and intensity (mean HU), plus ours)")
+    st.add_argument("--csv", help="write them to this .csv too, one row per structure")
+    st.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    st.add_argument("--overwrite", action="store_true", help="replace --out / --csv if they exist")
+    add_json_flag(st, "the statistics")
+    st.set_defaults(func=cmd_stats)
 
     tr = sub.add_parser("train", help="pretrain CT-FM or fine-tune it (runs under torchrun as well)")
     tr.add_argument("task", choices=("pretrain", "segment", "classify"),

@@ -15,11 +15,13 @@ RECORDED = {
         "--aggregate --batch-size --debug --device --json --mode --out --overwrite --point --precision "
         "--progress --ras --series --threads --weights IMAGE"
     ),
+    # --statistics and `ctfm stats` added deliberately (issue 19 item 2: organ statistics)
     "ctfm segment": (
         "--batch-size --debug --device --fast --interpolation --json --largest-component --max-memory-gb "
         "--model --out --out-dir --out-format --overwrite --plan --precision --progress --quality --series "
-        "--spacing --structures --threads IMAGE"
+        "--spacing --statistics --structures --threads IMAGE"
     ),
+    "ctfm stats": "--csv --debug --json --out --overwrite --progress --series IMAGE LABELS",
     "ctfm train": (
         "--allow-non-ct --config --debug --device --json --max-memory-gb --max-steps --out --progress "
         "--resume TASK"
