@@ -42,6 +42,7 @@ def _addCTFMPackagesToPath():
 
 _addCTFMPackagesToPath()
 
+from CTFMLib.text import count as count_of  # noqa: E402
 from CTFMSegmentLib.logic import CTFMSegmentLogic as CTFMSegmentCoreLogic  # noqa: E402
 from CTFMSegmentLib.models import DEFAULT_QUALITY, FOLDER, MODELS, QUALITIES, SPACINGS, WHOLE_BODY  # noqa: E402
 from CTFMSegmentLib.output import is_out_of_memory  # noqa: E402
@@ -101,6 +102,9 @@ class CTFMSegmentParameterNode:
     device - auto, cpu, cuda or mps.
     structures - comma-separated structure names to keep (empty: all).
     show3D - also build the 3D surfaces of the segments.
+    computeStatistics - also measure each structure (volume, HU, centroid, box, border) into a table node
+      "<volume> CT-FM statistics" shown in a table view. Off by default: the table view changes the layout,
+      and most runs are read on the images; whoever wants organ volumes ticks it once per scene.
     outputSegmentation - where the result goes (a new segmentation when empty).
     """
 
@@ -112,6 +116,7 @@ class CTFMSegmentParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     structures: str = ""
     show3D: bool = True
+    computeStatistics: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -245,7 +250,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         if problems:
             self._log("\n".join(problems))
             return
-        volume, output, show3D = p.inputVolume, p.outputSegmentation, p.show3D
+        volume, output, show3D, statistics = p.inputVolume, p.outputSegmentation, p.show3D, p.computeStatistics
 
         def start():
             self._log(_("Segmenting '{volume}' with {model} ({quality} quality, {spacing} spacing, device {device})...").format(
@@ -253,7 +258,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                 spacing=p.spacing, device=p.device))
             return self.logic.startSegmentation(
                 volume, p.model, p.modelFolder, p.quality, p.device, p.structures, spacing=p.spacing,
-                on_progress=self._segmentJob.progress,
+                statistics=statistics, on_progress=self._segmentJob.progress,
                 on_line=lambda stream, text: self._log(text),
                 on_done=lambda result, message, log: self._onDone(result, message, log, volume, output, show3D))
 
@@ -284,6 +289,26 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                 self._parameterNode.outputSegmentation = node
             count = node.GetSegmentation().GetNumberOfSegments()
             self._log(_("{count} segments in '{name}'. {message}").format(count=count, name=node.GetName(), message=message))
+        if result.statistics is not None:
+            with slicer.util.tryWithErrorDisplay(_("Failed to create the statistics table."), waitCursor=True):
+                table = self.logic.statisticsTableNode(result.statistics, volume)
+                self._showTable(table)
+                self._log(_("Statistics of {structures} in '{name}'.").format(
+                    structures=count_of(table.GetNumberOfRows(), "structure"), name=table.GetName()))
+
+    @staticmethod
+    def _showTable(table) -> None:
+        """Switch to a layout with a table view (as Segment Statistics does) and show ``table`` there."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:  # no main window (e.g. --no-main-window)
+            return
+        tables = getattr(slicer.modules, "tables", None)
+        if tables is not None:
+            layoutManager.setLayout(tables.logic().GetLayoutWithTable(layoutManager.layout))
+        elif layoutManager.tableViewCount == 0:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
 
     def _offerFallback(self, message: str, log: str) -> None:
         """Out of memory: offer the CPU (when a GPU failed) or fast mode instead of a bare error."""

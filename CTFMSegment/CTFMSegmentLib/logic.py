@@ -5,7 +5,8 @@ process on a temporary NRRD copy of the volume, so Slicer never blocks and
 Cancel kills the whole process tree; once the child succeeded it reads the
 label map back (:mod:`.output`) and
 :meth:`CTFMSegmentLogic.segmentationNodeFromLabels` (:mod:`.segmentation`)
-makes the segmentation node. Until then the scene is not touched, so a
+makes the segmentation node; :meth:`CTFMSegmentLogic.statisticsTableNode`
+(:mod:`.statistics_table`) the table of its organ statistics. Until then the scene is not touched, so a
 cancelled or failed run leaves no partial output. Model choices and input
 checks live in :mod:`.models`.
 
@@ -40,9 +41,10 @@ from .models import (  # noqa: F401  (WHOLE_BODY: the module's public name)
     parse_structures,
     structures_problem,
 )
-from .output import failure_message, read_output
+from .output import failure_message, read_output, read_statistics
 from .plan import PlanCache
 from .segmentation import segmentation_node_from_labels
+from .statistics_table import statistics_table_node
 
 LOG_LINES = 2000  # lines of the child's output kept for the error report
 
@@ -134,6 +136,7 @@ class CTFMSegmentLogic:
         on_done: Optional[Callable] = None,
         on_line: Optional[Callable] = None,
         spacing: str = "model",
+        statistics: bool = False,
     ) -> ProcessRunner:
         """Segment the volume in a child process (``ctfm segment``); returns its runner.
 
@@ -145,7 +148,9 @@ class CTFMSegmentLogic:
         (the panel's log), ``on_progress(fraction_or_None, message)`` the
         progress reports. The temporary files are removed when the run ends.
         Nothing is added to the scene: :meth:`segmentationNodeFromLabels` does
-        that with the output.
+        that with the output. With ``statistics`` the child also writes organ
+        statistics (``--statistics``), which arrive as the output's
+        ``statistics`` (:meth:`statisticsTableNode` makes their table).
         """
         problems = self.inputProblems(volumeNode, model, modelFolder, quality, device, structures, spacing)
         if problems:
@@ -168,6 +173,9 @@ class CTFMSegmentLogic:
                 "--quality", quality, "--spacing", spacing]
         if names:
             args += ["--structures", ",".join(names)]
+        stats_path = work / "stats.json" if statistics else None
+        if stats_path is not None:
+            args += ["--statistics", stats_path]
         log = collections.deque(maxlen=LOG_LINES)
 
         def line(stream, text):
@@ -181,6 +189,8 @@ class CTFMSegmentLogic:
                 if result.ok:
                     try:
                         output = read_output(out, grid, model, modelFolder)
+                        if stats_path is not None:
+                            output.statistics = read_statistics(stats_path)
                         output.seconds = result.seconds
                         message = result.describe()
                     except (OSError, ValueError) as e:  # ImageError is a ValueError
@@ -198,6 +208,11 @@ class CTFMSegmentLogic:
                                    scene=None, node=None, show3D: bool = True):
         """A segmentation node of the labels (see :func:`CTFMSegmentLib.segmentation.segmentation_node_from_labels`)."""
         return segmentation_node_from_labels(labelsImage, labelInfos, referenceVolumeNode, name, scene, node, show3D)
+
+    def statisticsTableNode(self, statistics: dict, volumeNode, scene=None, node=None):
+        """The organ statistics table of ``volumeNode``, made or updated (see
+        :func:`CTFMSegmentLib.statistics_table.statistics_table_node`)."""
+        return statistics_table_node(statistics, volumeNode, scene, node)
 
     def modelLabelNames(self, model: str, modelFolder=None) -> Optional[dict]:
         """``{value: name}`` of what the model segments, or None where unknown."""

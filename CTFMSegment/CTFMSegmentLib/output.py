@@ -3,11 +3,13 @@
 The child writes ``labels.nrrd`` (the input's grid, double-precision
 geometry) and ``labels.labels.json`` ({value: name}); :func:`read_output`
 puts the labels exactly on the input's grid and describes each value
-(colour, terminology) through ``CTFMLib.labels``.
+(colour, terminology) through ``CTFMLib.labels``. With ``--statistics`` it also
+writes ``stats.json`` (:func:`read_statistics`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,15 @@ class SegmentationOutput:
     label_infos: list
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    statistics: Optional[dict] = None  # stats.json's {structure: {...}} when the run computed them
+
+
+def read_statistics(path: Path) -> dict:
+    """The ``{structure: {...}}`` a child's ``--statistics`` wrote (ValueError if it is not such an object)."""
+    stats = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(stats, dict) or not all(isinstance(s, dict) for s in stats.values()):
+        raise ValueError(f"{Path(path).name} does not hold statistics per structure")
+    return stats
 
 
 def describe_labels(names: dict, model: str = WHOLE_BODY, modelFolder=None) -> list:
