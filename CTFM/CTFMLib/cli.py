@@ -8,7 +8,7 @@
     ctfm stats IMAGE LABELS [--out STATS.json] [--csv STATS.csv]   (organ statistics; segment --statistics too)
     ctfm triage IMAGE --model FOLDER [--json-out OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
     ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
-                  [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz
+                  [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz|HEAT.dcm
     ctfm index add|query|info|remove|compact|eval INDEX ...   (similar-case retrieval: CTFMLib.retrieval.commands)
 
 A model is named by a folder or file, a catalogue id (or ``whole-body``), a Hugging Face repo id, or the
@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from . import __version__, cache, model_store
 from .arguments import Parser, fraction, memory_gb, parse_point, positive_float, positive_int
 from .catalog import load_catalog
 from .costs import duration
-from .labels import label_map_suffix, sidecar_path, sidecar_text
+from .labels import DICOM_SEG_SUFFIX, segmentation_files, segmentation_suffix, sidecar_text
 from .model_store import model_status
 from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
 from .scans import IMAGE_SUFFIXES as SCAN_SUFFIXES
@@ -217,13 +218,9 @@ def cmd_embed(args) -> int:
 IMAGE_SUFFIXES = (*SCAN_SUFFIXES, ".dcm")
 
 
-def segmentation_files(out: Path) -> list:
-    """The files ``ctfm segment --out OUT`` writes: ``[OUT]`` for a ``.seg.nrrd``, else ``[OUT, OUT.labels.json]``."""
-    return [out] if label_map_suffix(out) == ".seg.nrrd" else [out, sidecar_path(out)]
-
-
-def write_segmentation(result, out: Path, overwrite: bool = True) -> list:
-    """Write a label map (+ ``.labels.json`` {value: name}) or a Slicer ``.seg.nrrd``; returns the files written.
+def write_segmentation(result, out: Path, overwrite: bool = True, dicom: Optional[tuple] = None) -> list:
+    """Write a label map (+ ``.labels.json`` {value: name}), a Slicer ``.seg.nrrd`` or a DICOM SEG (``.dcm``:
+    ``dicom`` is ``(series folder, series UID or None, seg type, model sha256 or None)``); returns the files written.
 
     The files are written together through :func:`CTFMLib.files.atomic_outputs`: a failure leaves
     neither of them, nor a temporary file; ``overwrite=False`` never replaces an existing file.
@@ -232,7 +229,13 @@ def write_segmentation(result, out: Path, overwrite: bool = True) -> list:
     from .image import write_image
     from .labels import write_seg_nrrd
 
-    if label_map_suffix(out) == ".seg.nrrd":
+    if segmentation_suffix(out) == DICOM_SEG_SUFFIX:
+        from .dicom_seg import ALGORITHM_NAME, write_dicom_seg
+
+        folder, series, seg_type, sha256 = dicom
+        return [write_dicom_seg(result.labels, result.label_info, folder, out, algorithm=(ALGORITHM_NAME, __version__,
+                                sha256), seg_type=seg_type or "labelmap", series_uid=series, overwrite=overwrite)]
+    if segmentation_suffix(out) == ".seg.nrrd":
         return [write_seg_nrrd(result.labels, result.label_info, out, overwrite=overwrite)]
     files = segmentation_files(out)
     with atomic_outputs(files, overwrite=overwrite) as (label_map, sidecar):
@@ -303,6 +306,37 @@ def segment_jobs(source: Path, out_dir: Path, out_format: str) -> list:
     return jobs
 
 
+def check_dicom_options(args, out_suffix: Optional[str]) -> None:
+    """Refuse, in one line and before any work, the DICOM SEG options where they mean nothing: ``--sr`` and
+    ``--dicom-reference`` name one series or file (``--out`` only), all three need a ``.dcm`` output."""
+    given = [flag for flag, value in (("--dicom-reference", args.dicom_reference), ("--seg-type", args.seg_type),
+                                      ("--sr", args.sr)) if value]
+    one = [flag for flag in given if flag != "--seg-type"]
+    if one and not args.out:
+        raise ValueError(f"{one[0]} names one file: use it with --out SEG.dcm (one image), not with --out-dir or --plan")
+    if given and out_suffix != DICOM_SEG_SUFFIX:
+        raise ValueError(f"{given[0]} goes with a DICOM SEG output: --out SEG.dcm (or --out-format dcm with --out-dir)")
+    if args.sr and not str(args.sr).lower().endswith(".dcm"):
+        raise ValueError(f"--sr must be a file ending in .dcm (a DICOM Structured Report), not {Path(args.sr).name}")
+
+
+def dicom_reference(args, image: Path, out: Path) -> Optional[Path]:
+    """The DICOM series folder a ``.dcm`` output (DICOM SEG) references: ``--dicom-reference``, else the input when
+    it is a folder (a DICOM series); None for other outputs. Refused in one line when there is none."""
+    if segmentation_suffix(out) != DICOM_SEG_SUFFIX:
+        return None
+    if args.dicom_reference:
+        folder = Path(args.dicom_reference)
+        if not folder.is_dir():
+            raise ValueError(f"--dicom-reference {folder} is not a folder: give the DICOM series folder the input "
+                             "was made from")
+        return folder
+    if image.is_dir():
+        return image
+    raise ValueError(f"a DICOM SEG ({out.name}) references the CT's DICOM series: give a DICOM series folder as "
+                     f"input, or --dicom-reference SERIES_FOLDER for {image.name} made from one")
+
+
 def _segment_quality(args) -> str:
     from .segment_plan import DEFAULT_QUALITY
 
@@ -325,14 +359,17 @@ def cmd_segment(args) -> int:
     stats_files = statistics_files(args)
     skipped = []  # batch: images whose outputs exist (without --overwrite)
     if args.plan:  # one image (a file or a DICOM series folder), as with --out
+        check_dicom_options(args, None)
         jobs = [(source, args.series, None)]
     elif args.out:
         out = Path(args.out)
-        label_map_suffix(out)
+        check_dicom_options(args, segmentation_suffix(out))
+        reference = dicom_reference(args, source, out)
         jobs = [(source, args.series, out)]
-        check_outputs(segmentation_files(out) + stats_files, [source], overwrite=args.overwrite)
+        sr_files = [Path(args.sr)] if args.sr else []
+        check_outputs(segmentation_files(out) + stats_files + sr_files, [source, reference], overwrite=args.overwrite)
     else:
-        label_map_suffix(Path("x." + args.out_format))
+        check_dicom_options(args, segmentation_suffix(Path("x." + args.out_format)))
         out_dir = Path(args.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--out-dir {out_dir} is a file: give a folder")
@@ -363,8 +400,13 @@ def cmd_segment(args) -> int:
     for n, (path, series, out) in enumerate(jobs, 1):
         prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
         try:
+            reference = dicom_reference(args, path, out) if out is not None else None
             image = read_image(path, series_uid=series)
             _warn_if_not_ct(image, path, prefix)
+            if reference is not None:  # before the work: the SEG must lie on the series' grid
+                from .dicom_seg import check_on_grid, source_series_datasets
+
+                check_on_grid(image, source_series_datasets(reference, series), reference, what="input image")
             plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation,
                             progress=args.progress_cb)
             if args.plan:
@@ -378,9 +420,13 @@ def cmd_segment(args) -> int:
                                    spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
                                    progress=args.progress_cb, max_memory_gb=args.max_memory_gb, plan=plan)
-            stats = segment_statistics(image, result) if stats_files else None  # before anything is written
-            written = write_segmentation(result, out, overwrite=args.overwrite)
-            if stats is not None:
+            # before anything is written
+            stats = segment_statistics(image, result) if stats_files or args.sr else None
+            dicom = (reference, series, args.seg_type, getattr(model, "ctfm_sha256", None))
+            written = write_segmentation(result, out, overwrite=args.overwrite, dicom=dicom)
+            if args.sr:
+                written.append(write_report(args, out, stats, dicom[3]))
+            if stats_files:
                 written += write_statistics_files(args, stats, stats_files)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
             results.append({"image": str(path), "files": [str(f) for f in written], "structures_present": present,
@@ -402,6 +448,19 @@ def cmd_segment(args) -> int:
                      f"segmented {len(jobs) - len(failed)} of {count(len(jobs), 'image')}"
                      + (f"; failed: {', '.join(f['image'] for f in failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def write_report(args, seg: Path, stats: dict, sha256) -> Path:
+    """``--sr``: the TID 1500 report of the SEG just written; if it fails, that SEG goes too (nothing half done)."""
+    from .dicom_seg import ALGORITHM_NAME
+    from .dicom_sr import write_dicom_sr
+
+    try:
+        return write_dicom_sr(seg, stats, Path(args.sr), algorithm=(ALGORITHM_NAME, __version__, sha256),
+                              overwrite=args.overwrite)
+    except BaseException:
+        seg.unlink(missing_ok=True)
+        raise
 
 
 def statistics_files(args) -> list:
@@ -605,14 +664,17 @@ def cmd_triage(args) -> int:
 
 
 def cmd_saliency(args) -> int:
-    """A saliency heatmap: writes HEAT.nii.gz and HEAT.json; prints what it wrote (with ``--json`` HEAT.json's
-    object, the last stdout line)."""
+    """A saliency heatmap: writes HEAT.nii.gz (or, from a DICOM series, HEAT.dcm: a DICOM Parametric Map) and
+    HEAT.json; prints what it wrote (with ``--json`` HEAT.json's object, the last stdout line)."""
     from .arguments import spacing_mm
     from .files import check_outputs
     from .image import read_image
     from .saliency import parse_box, parse_target, saliency_image, sidecar_json, write_saliency
 
     target, point, class_name = parse_target(args.target)
+    if str(args.out).lower().endswith(".dcm") and not Path(args.image).is_dir():
+        raise ValueError(f"--out {Path(args.out).name}: a DICOM Parametric Map references the DICOM series the map is "
+                         f"computed on, and {args.image} is not a series folder; give the series, or use .nii.gz")
     check_outputs([Path(args.out), sidecar_json(args.out)], [args.image], overwrite=args.overwrite)
     ras = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
     if args.ras and point is not None:
@@ -656,7 +718,8 @@ def cmd_saliency(args) -> int:
     extra = {"image": str(args.image)}
     if result.peak_lps is not None:
         extra["peak_ras"] = [round(float(v), 3) for v in result.peak_lps * ras]
-    written = write_saliency(result, args.out, extra, overwrite=args.overwrite)
+    written = write_saliency(result, args.out, extra, overwrite=args.overwrite, dicom_series=args.image,
+                             series_uid=args.series, target_text=args.target)
     print_result(args, written, *saliency_sentences(written, sidecar_json(args.out)))
     return 0
 
@@ -722,10 +785,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NIfTI, NRRD, MHA file or DICOM series folder; with --out-dir a folder of them or a CSV")
     seg.add_argument("--model", default="whole-body",
                      help="whole-body, a model folder, catalogue id or Hugging Face repo id (default: %(default)s)")
-    seg.add_argument("--out", help="output label map: .nii.gz, .nii, .nrrd, .mha (+ .labels.json) or .seg.nrrd")
+    seg.add_argument("--out", help="output label map: .nii.gz, .nii, .nrrd, .mha (+ .labels.json), .seg.nrrd, or .dcm "
+                                   "(DICOM SEG, on the grid of a DICOM series input or of --dicom-reference)")
     seg.add_argument("--out-dir", help="batch: the folder for the outputs")
-    seg.add_argument("--out-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "seg.nrrd"),
-                     help="batch: output file type (default: %(default)s)")
+    seg.add_argument("--out-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "seg.nrrd", "dcm"),
+                     help="batch: output file type (default: %(default)s; dcm: DICOM SEG, for DICOM series folders)")
+    seg.add_argument("--dicom-reference", metavar="SERIES_FOLDER",
+                     help="with --out SEG.dcm and an image file as input: the DICOM series it was made from (same "
+                          "grid), which the DICOM SEG references (--series picks one in a folder of several)")
+    seg.add_argument("--seg-type", choices=("labelmap", "binary"),
+                     help="DICOM SEG type: labelmap (default; one frame a slice) or binary (one frame a segment and "
+                          "slice, for viewers without LABELMAP support)")
+    seg.add_argument("--sr", metavar="REPORT.dcm",
+                     help="with --out SEG.dcm: also write a DICOM Structured Report (TID 1500) with each structure's "
+                          "volume and mean HU, referencing the SEG's segments")
     seg.add_argument("--quality", choices=("full", "standard", "fast"),
                      help="full (default): the model card's window overlap 0.625; standard: overlap 0.5, about 20%% "
                           "fewer windows, labels differ on a few %% of voxels (see the README); fast: at 3 mm, much "
@@ -822,7 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
     limit.add_argument("--cube", type=positive_float, help="only a cube of this edge (mm) around the point (or --center)")
     sal.add_argument("--center", help="X,Y,Z in mm: the --cube's centre for the embedding, class and triage targets")
     sal.add_argument("--ras", action="store_true", help="points and --roi are RAS (as Slicer shows them), not LPS")
-    sal.add_argument("--out", required=True, help="the heatmap: .nii.gz, .nii, .nrrd or .mha (+ a .json beside it)")
+    sal.add_argument("--out", required=True, help="the heatmap: .nii.gz, .nii, .nrrd or .mha, or .dcm (a DICOM "
+                                                  "Parametric Map) for a DICOM series (+ a .json beside it)")
     sal.add_argument("--mask-size", type=positive_int, help="occlusion cube edge in voxels (default: 10; triage 4x10x10, S, P, L)")
     sal.add_argument("--overlap", type=fraction, default=0.25, help="overlap of the occlusion cubes (default: 0.25)")
     sal.add_argument("--steps", type=positive_int, default=4, help="gradient: integration steps (default: 4)")

@@ -27,6 +27,7 @@ highdicom and pydicom are imported only when a SEG is written, so importing this
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -36,7 +37,7 @@ from .image import Image, ImageError
 from .labels import LabelInfo, parse_terminology
 
 __all__ = [
-    "write_dicom_seg", "source_series_datasets", "segment_codes",
+    "write_dicom_seg", "source_series_datasets", "check_on_grid", "segment_codes", "import_highdicom",
     "SEG_TYPES", "ALGORITHM_NAME", "PRIVATE_SCHEME", "MINIMUM_HIGHDICOM",
 ]
 
@@ -54,17 +55,18 @@ SERIES_DESCRIPTION = "CT-FM segmentation"
 SERIES_NUMBER_OFFSET = 1000  # the SEG's SeriesNumber: the source's plus this, so it sorts after the CT
 
 
-def _highdicom():
-    """highdicom, or a one-line error saying how to install it."""
+def import_highdicom(product: str = "DICOM SEG"):
+    """highdicom (at least :data:`MINIMUM_HIGHDICOM`, which writes LABELMAP), or a one-line error saying how to
+    install it; ``product`` names what is being written (SEG, SR, Parametric Map)."""
     try:
         import highdicom
     except ImportError:
-        raise ImageError(f"writing DICOM SEG needs highdicom: pip install 'highdicom>={MINIMUM_HIGHDICOM}'") from None
-    from packaging.version import Version
-
-    if Version(highdicom.__version__) < Version(MINIMUM_HIGHDICOM):
+        raise ImageError(f"writing a {product} needs highdicom: pip install 'highdicom>={MINIMUM_HIGHDICOM}'") from None
+    found = tuple(int(part) for part in re.findall(r"\d+", highdicom.__version__)[:2])
+    wanted = tuple(int(part) for part in MINIMUM_HIGHDICOM.split(".")[:2])
+    if found < wanted:
         raise ImageError(
-            f"writing DICOM SEG needs highdicom >= {MINIMUM_HIGHDICOM} (LABELMAP), found {highdicom.__version__}: "
+            f"writing a {product} needs highdicom >= {MINIMUM_HIGHDICOM}, found {highdicom.__version__}: "
             f"pip install -U 'highdicom>={MINIMUM_HIGHDICOM}'"
         )
     return highdicom
@@ -73,9 +75,10 @@ def _highdicom():
 # --- the source series ------------------------------------------------------------------
 
 
-def source_series_datasets(folder, series_uid: Optional[str] = None) -> list:
+def source_series_datasets(folder, series_uid: Optional[str] = None, product: str = "DICOM SEG") -> list:
     """The headers (no pixels) of the series' slices in position order (as :func:`CTFMLib.dicom.list_dicom_series`
-    orders them: the order of a label map's k axis), with the UIDs a SEG references completed in memory."""
+    orders them: the order of a label map's k axis), with the UIDs a SEG (or other ``product``) references
+    completed in memory."""
     from .dicom import list_dicom_series
 
     folder = Path(folder)
@@ -85,7 +88,7 @@ def source_series_datasets(folder, series_uid: Optional[str] = None) -> list:
         if not found:
             raise ImageError(f"no DICOM series with SeriesInstanceUID {series_uid!r} in {folder}")
     if not found:
-        raise ImageError(f"no DICOM image files in {folder}; a DICOM SEG needs the CT series the labels were computed on")
+        raise ImageError(f"no DICOM image files in {folder}; a {product} needs the CT series it was computed on")
     if len(found) > 1:
         raise ImageError(f"{folder} holds {len(found)} DICOM image series ({'; '.join(s.summary() for s in found[:5])}); "
                          "choose one with series_uid (command line: --series UID)")
@@ -95,14 +98,14 @@ def source_series_datasets(folder, series_uid: Optional[str] = None) -> list:
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames") or 1) > 1:
         raise ImageError(
-            f"{files[0].name} is a multi-frame (enhanced) image; DICOM SEG is written only for a series of "
-            "single-frame slices so far: write NIfTI or .seg.nrrd instead"
+            f"{files[0].name} is a multi-frame (enhanced) image; a {product} is written only for a series of "
+            "single-frame slices so far: write NIfTI instead"
         )
-    _complete_uids(sources, [f.name for f in files], folder)
+    _complete_uids(sources, [f.name for f in files], folder, product)
     return sources
 
 
-def _complete_uids(sources: list, names: list, folder) -> None:
+def _complete_uids(sources: list, names: list, folder, product: str = "DICOM SEG") -> None:
     """Fill the UIDs a SEG references but anonymised slices leave empty, in memory only (never in the files).
 
     An empty SOP Class/Instance UID is taken from the file meta header (the same instance's UID by definition);
@@ -121,7 +124,7 @@ def _complete_uids(sources: list, names: list, folder) -> None:
             if not str(ds.get(keyword) or "").strip():
                 value = str(meta.get(meta_keyword) or "").strip()
                 if not value:
-                    raise ImageError(f"slice {name} in {folder} has no {keyword}, so a DICOM SEG cannot reference it")
+                    raise ImageError(f"slice {name} in {folder} has no {keyword}, so a {product} cannot reference it")
                 setattr(ds, keyword, value)
     instances = sorted(str(ds.SOPInstanceUID) for ds in sources)
     derived = []
@@ -133,7 +136,7 @@ def _complete_uids(sources: list, names: list, folder) -> None:
                     setattr(ds, keyword, uid)
             derived.append(keyword)
     if derived:
-        print(f"warning: the series in {folder} has no {'/'.join(derived)} (anonymised?); the DICOM SEG references "
+        print(f"warning: the series in {folder} has no {'/'.join(derived)} (anonymised?); the {product} references "
               "UIDs derived from its slices' SOPInstanceUIDs, which an archive will not match to the CT", file=sys.stderr)
 
 
@@ -145,16 +148,16 @@ def _floats(ds, keyword: str, n: int) -> Optional[np.ndarray]:
     return v if v.shape == (n,) and np.all(np.isfinite(v)) else None
 
 
-def _check_on_grid(labels: Image, sources: list, folder) -> None:
-    """Refuse, in one line, a label map whose voxel centres are not the source slices' pixel centres: every
-    slice's size, pixel spacing, orientation and position is compared with the label map's plane k."""
+def check_on_grid(labels: Image, sources: list, folder, what: str = "label map", product: str = "DICOM SEG") -> None:
+    """Refuse, in one line, a label map (or other ``what``) whose voxel centres are not the source slices' pixel
+    centres: every slice's size, pixel spacing, orientation and position is compared with the map's plane k."""
     where = f"the DICOM series in {folder}"
-    refuse = "; a DICOM SEG must be on its source grid"
+    refuse = f"; a {product} must be on its source grid"
     n = len(sources)
     first = sources[0]
     expected_shape = (int(first.Columns), int(first.Rows), n)
     if tuple(labels.shape) != expected_shape:
-        raise ImageError(f"the label map ({'x'.join(map(str, labels.shape))} voxels) is not on the grid of {where} "
+        raise ImageError(f"the {what} ({'x'.join(map(str, labels.shape))} voxels) is not on the grid of {where} "
                          f"({'x'.join(map(str, expected_shape))}: columns x rows x slices){refuse}")
     planes = labels.index_to_physical(np.column_stack([np.zeros(n), np.zeros(n), np.arange(n)]))
     # Index axis i runs along a row: the first ImageOrientationPatient vector, spaced PixelSpacing[1].
@@ -167,21 +170,21 @@ def _check_on_grid(labels: Image, sources: list, folder) -> None:
         spacing = _floats(ds, "PixelSpacing", 2)
         if orientation is None or position is None or spacing is None:
             raise ImageError(f"{name} in {folder} lacks a valid ImageOrientationPatient, ImagePositionPatient or "
-                             "PixelSpacing, so a DICOM SEG cannot be placed on it")
+                             f"PixelSpacing, so a {product} cannot be placed on it")
         if (int(ds.Columns), int(ds.Rows)) != expected_shape[:2]:
             raise ImageError(f"the slices of {where} differ in size ({name}: {ds.Columns}x{ds.Rows}){refuse}")
         if not (np.allclose(labels.direction[:, 0], orientation[:3], atol=DIRECTION_TOLERANCE)
                 and np.allclose(labels.direction[:, 1], orientation[3:], atol=DIRECTION_TOLERANCE)):
             raise ImageError(
-                f"the label map's orientation (rows {np.round(labels.direction[:, 0], 4).tolist()}, columns "
+                f"the {what}'s orientation (rows {np.round(labels.direction[:, 0], 4).tolist()}, columns "
                 f"{np.round(labels.direction[:, 1], 4).tolist()}) differs from that of {name} in {where} "
                 f"({np.round(orientation, 4).tolist()}){refuse}")
         if not np.allclose(in_plane, (spacing[1], spacing[0]), rtol=0, atol=tolerance / 10):
-            raise ImageError(f"the label map's pixel spacing {np.round(in_plane, 4).tolist()} mm differs from that of "
+            raise ImageError(f"the {what}'s pixel spacing {np.round(in_plane, 4).tolist()} mm differs from that of "
                              f"{name} in {where} ({[float(spacing[1]), float(spacing[0])]} mm){refuse}")
         offset = float(np.linalg.norm(planes[k] - position))
         if offset > tolerance:
-            raise ImageError(f"the label map's slice {k} is {offset:.3g} mm from slice {k} of {where} ({name}){refuse}")
+            raise ImageError(f"the {what}'s slice {k} is {offset:.3g} mm from slice {k} of {where} ({name}){refuse}")
 
 
 # --- segments -------------------------------------------------------------------------------
@@ -278,7 +281,7 @@ def write_dicom_seg(labels: Image, label_info: Iterable[LabelInfo], source_serie
     out = Path(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; choose another name or allow overwriting")
-    hd = _highdicom()
+    hd = import_highdicom()
     import pydicom
     from pydicom.sr.codedict import codes
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
@@ -299,7 +302,7 @@ def write_dicom_seg(labels: Image, label_info: Iterable[LabelInfo], source_serie
         raise ValueError("the label map is empty (no structure found): a DICOM SEG needs at least one segment")
 
     sources = source_series_datasets(source_series_folder, series_uid)
-    _check_on_grid(labels, sources, source_series_folder)
+    check_on_grid(labels, sources, source_series_folder)
 
     parameters = {"model_sha256": str(sha256)} if sha256 else None
     identification = hd.AlgorithmIdentificationSequence(

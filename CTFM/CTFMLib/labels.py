@@ -419,6 +419,27 @@ def label_map_suffix(path) -> str:
     raise ValueError(f"cannot write labels to {Path(path).name}: use one of {', '.join(LABEL_MAP_SUFFIXES)}")
 
 
+DICOM_SEG_SUFFIX = ".dcm"  # a DICOM Segmentation (CTFMLib.dicom_seg): names its segments itself, no sidecar
+
+
+def segmentation_suffix(path) -> str:
+    """The suffix of a segmentation output: a label-map suffix or ``.dcm`` (DICOM SEG); ValueError naming them."""
+    if Path(path).name.lower().endswith(DICOM_SEG_SUFFIX):
+        return DICOM_SEG_SUFFIX
+    try:
+        return label_map_suffix(path)
+    except ValueError:
+        raise ValueError(f"cannot write labels to {Path(path).name}: use one of {', '.join(LABEL_MAP_SUFFIXES)} "
+                         f"or {DICOM_SEG_SUFFIX} (DICOM SEG)") from None
+
+
+def segmentation_files(out) -> list:
+    """The files a segmentation output name means: ``[OUT]`` for a ``.seg.nrrd`` or ``.dcm`` (they carry their
+    names), else ``[OUT, OUT.labels.json]``. The one home of this rule (``ctfm segment``, its batch, its checks)."""
+    out = Path(out)
+    return [out] if segmentation_suffix(out) in (".seg.nrrd", DICOM_SEG_SUFFIX) else [out, sidecar_path(out)]
+
+
 def sidecar_path(out) -> Path:
     """``OUT.labels.json`` beside a label map ``OUT.nii.gz`` / ``.nii`` / ``.nrrd`` / ``.mha`` (``{value: name}``;
     a ``.seg.nrrd`` carries its names itself)."""

@@ -207,6 +207,7 @@ def model_source(name: str) -> str:
 def load_segmentation_model(source, progress=None):
     """``(network, labels)`` of a model folder, catalogue id, Hugging Face id or ``whole-body``."""
     from .labels import labels_for_model
+    from .model_store import sha256_file, weights_file_of
     from .weights import load_model
 
     model, info = load_model(model_source(source), expect="SegResNetDS", progress=progress)
@@ -215,6 +216,9 @@ def load_segmentation_model(source, progress=None):
         model.ctfm_window = window  # segment_image's default window for this network
     # The spacing it was trained at (its config, else the catalogue): what spacing="model" resamples to.
     model.ctfm_spacing = model_facts(info.config, info.entry)["spacing"]
+    # The weights' sha256, which a DICOM SEG or SR names as the algorithm's identity: the published one where
+    # known, else that of the file loaded (a model trained here has no published digest).
+    model.ctfm_sha256 = info.sha256 or sha256_file(weights_file_of(info.path))
     return model, labels_for_model(info)
 
 

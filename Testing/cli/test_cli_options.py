@@ -15,11 +15,12 @@ RECORDED = {
         "--aggregate --batch-size --debug --device --json --mode --out --overwrite --point --precision "
         "--progress --ras --series --threads --weights IMAGE"
     ),
-    # --statistics and `ctfm stats` added deliberately (issue 19 item 2: organ statistics)
+    # --statistics and `ctfm stats` added deliberately (issue 19 item 2: organ statistics);
+    # --dicom-reference, --seg-type and --sr deliberately (issue 19 items 1 and 3: DICOM SEG and its TID 1500 SR)
     "ctfm segment": (
-        "--batch-size --debug --device --fast --interpolation --json --largest-component --max-memory-gb "
-        "--model --out --out-dir --out-format --overwrite --plan --precision --progress --quality --series "
-        "--spacing --statistics --structures --threads IMAGE"
+        "--batch-size --debug --device --dicom-reference --fast --interpolation --json --largest-component "
+        "--max-memory-gb --model --out --out-dir --out-format --overwrite --plan --precision --progress --quality "
+        "--seg-type --series --spacing --sr --statistics --structures --threads IMAGE"
     ),
     "ctfm stats": "--csv --debug --json --out --overwrite --progress --series IMAGE LABELS",
     "ctfm train": (

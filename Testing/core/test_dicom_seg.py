@@ -10,8 +10,6 @@ checks the files against the DICOM standard where it is installed.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +19,21 @@ hd = pytest.importorskip("highdicom", reason="highdicom (a dependency of ctfm-sl
 import pydicom  # noqa: E402
 
 from ctfm_testing.data import require_shared_data  # noqa: E402
-from ctfm_testing.phantoms import body_phantom, rotation_matrix  # noqa: E402
+from ctfm_testing.dicom_checks import (  # noqa: E402
+    GEOMETRIES,
+    LABEL_MAP_SEG_STORAGE,
+    REAL_SERIES,
+    dciodvfy_errors,
+    seg_on_grid,
+)
+from ctfm_testing.phantoms import body_phantom  # noqa: E402
 from ctfm_testing.synthetic_dicom import read_tag, write_ct_series  # noqa: E402
 from CTFMLib.dicom import read_dicom_series  # noqa: E402
 from CTFMLib.image import Image  # noqa: E402
 from CTFMLib.labels import LabelInfo, load_labels, whole_body_labels  # noqa: E402
 
-REAL_SERIES = ("totalsegmentator_example", "example_ct_dicom")
 TERMINOLOGY = Path(__file__).resolve().parents[2] / "Resources" / "Terminology" / "totalsegmentator_v2.json"
 ALGORITHM = ("CT-FM whole body", "9.8.7", "0123456789abcdef" * 4)
-LABEL_MAP_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
@@ -56,67 +58,6 @@ def json_code(entry) -> tuple:
 
 
 # --- reading a SEG back onto the source grid --------------------------------------------------------
-
-
-def seg_on_grid(path, grid: Image, values_by_name: dict) -> np.ndarray:
-    """The SEG at ``path`` as label values on ``grid``: highdicom's volume, its segment numbers mapped to label
-    values by segment label, placed by the affines (highdicom's index -> LPS, then LPS -> the grid's index)."""
-    seg = hd.seg.segread(str(path))
-    volume = seg.get_volume(combine_segments=True)
-    numbers = seg.get_segment_numbers()
-    lut = np.zeros(max(numbers) + 1, dtype=np.int64)
-    for n in numbers:
-        lut[n] = values_by_name[seg.get_segment_description(n).SegmentLabel]
-    m = np.linalg.inv(grid.affine) @ volume.affine
-    p = np.rint(m[:3, :3])
-    assert np.allclose(m[:3, :3], p, atol=1e-4), f"the SEG's voxel axes are not the grid's axes:\n{m}"
-    assert np.allclose(np.abs(p).sum(axis=0), 1) and np.allclose(np.abs(p).sum(axis=1), 1), m
-    t = m[:3, 3]
-    assert np.allclose(t, np.rint(t), atol=1e-3), f"the SEG's voxel centres are off the grid's by {t - np.rint(t)}"
-    t = np.rint(t).astype(int)
-    array = volume.array
-    source_axis = [int(np.flatnonzero(p[a])[0]) for a in range(3)]
-    signs = [int(p[a, source_axis[a]]) for a in range(3)]
-    moved = np.transpose(array, source_axis)
-    start = []
-    for a in range(3):
-        if signs[a] < 0:
-            moved = np.flip(moved, axis=a)
-            start.append(t[a] - (array.shape[source_axis[a]] - 1))
-        else:
-            start.append(t[a])
-    end = [s + n for s, n in zip(start, moved.shape)]
-    assert min(start) >= 0 and all(e <= n for e, n in zip(end, grid.shape)), (start, end, grid.shape)
-    out = np.zeros(grid.shape, dtype=np.int64)
-    out[start[0]:end[0], start[1]:end[1], start[2]:end[2]] = lut[moved]
-    return out
-
-
-def dciodvfy_errors(path, tmp_path) -> list:
-    """The ``Error`` lines of dciodvfy for a SEG. dicom3tools releases before 2024 do not know the Label Map
-    Segmentation IOD; a LABELMAP SEG is then checked as a Segmentation, and only the four differences that
-    IOD defines (LABELMAP type, the background segment 0, no per-frame segment identification) are ignored."""
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
-    ds = pydicom.dcmread(str(path))
-    ignored = ()
-    if ds.SOPClassUID == LABEL_MAP_SEG_STORAGE and "Information Object Not found" in _dciodvfy(exe, path):
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SEGMENTATION_STORAGE
-        path = tmp_path / "as_segmentation.dcm"
-        ds.save_as(str(path))
-        ignored = ("Unrecognized enumerated value <LABELMAP> for value 1 of attribute <Segmentation Type>",
-                   "SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1 "
-                   "(from one) with SegmentNumber of 0",
-                   "Value is zero for value 1 of attribute <Segment Number>",
-                   "Missing attribute Type 1 Required Element=<SegmentIdentificationSequence> Module=<SegmentationMacro>")
-    errors = [line for line in _dciodvfy(exe, path).splitlines() if line.startswith("Error")]
-    return [e for e in errors if not any(i in e for i in ignored)]
-
-
-def _dciodvfy(exe, path) -> str:
-    result = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
-    return result.stdout + result.stderr
 
 
 # --- series and label maps ------------------------------------------------------------------------
@@ -165,11 +106,6 @@ def real_case() -> tuple:
     return folder, ct, ct.with_array(array)
 
 
-GEOMETRIES = {
-    # The column direction (second ImageOrientationPatient vector) is (0, -1, 0): anterior, not posterior.
-    "negated_columns": np.diag([1.0, -1.0, -1.0]),
-    "oblique": rotation_matrix("z", 20) @ rotation_matrix("x", 20),
-}
 
 
 @pytest.fixture(scope="module")

@@ -318,21 +318,25 @@ def parse_box(text: str) -> tuple:
 
 
 def sidecar_json(out) -> Path:
-    """``heat.json`` next to ``heat.nii.gz`` (``.nii``, ``.nrrd``, ``.mha`` likewise)."""
+    """``heat.json`` next to ``heat.nii.gz`` (``.nii``, ``.nrrd``, ``.mha``, ``.dcm`` likewise)."""
     out = Path(out)
     name = out.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
         if name.lower().endswith(suffix):
             return out.with_name(name[: -len(suffix)] + ".json")
-    raise ValueError(f"cannot write a heatmap to {out.name}: use .nii.gz, .nii, .nrrd or .mha")
+    raise ValueError(f"cannot write a heatmap to {out.name}: use .nii.gz, .nii, .nrrd, .mha or .dcm (DICOM input)")
 
 
-def write_saliency(result: SaliencyResult, out, extra: Optional[dict] = None, overwrite: bool = True) -> dict:
+def write_saliency(result: SaliencyResult, out, extra: Optional[dict] = None, overwrite: bool = True,
+                   dicom_series=None, series_uid: Optional[str] = None, target_text: Optional[str] = None) -> dict:
     """Write the heatmap and its JSON sidecar (:func:`sidecar_json`) together; returns the JSON written.
 
     Both go through :func:`CTFMLib.files.atomic_outputs`: a failure leaves neither (and no JSON
     describing a missing heatmap). A heatmap with NaN or infinite values, or a non-finite scale,
     is refused: it means broken weights, and a map of NaN must not look like a result.
+    ``out`` ending in ``.dcm`` writes a DICOM Parametric Map (:mod:`CTFMLib.dicom_pmap`) referencing
+    ``dicom_series``, the series folder the map was computed on (``series_uid`` picks one of several);
+    ``target_text`` (default: the target's kind) is what its description says was explained.
     """
     from ..files import atomic_outputs
     from ..image import write_image
@@ -344,8 +348,21 @@ def write_saliency(result: SaliencyResult, out, extra: Optional[dict] = None, ov
     if not np.isfinite(heat).all() or (scale is not None and not np.isfinite(float(scale))):
         raise ValueError("the saliency map holds NaN or infinite values: the weights or the image are broken; "
                          "nothing was written")
+    pmap = None
+    if out.name.lower().endswith(".dcm"):
+        if dicom_series is None or not Path(dicom_series).is_dir():
+            raise ValueError(f"{out.name}: a DICOM Parametric Map references the DICOM series the map was computed "
+                             "on; give the CT as a DICOM series folder, or write .nii.gz")
+        from ..dicom_pmap import parametric_map
+
+        # Built (and every refusal made) before any file exists.
+        pmap = parametric_map(result.heatmap, dicom_series, description="CT-FM saliency",
+                              target=target_text or result.target, method=result.method, series_uid=series_uid)
     with atomic_outputs([out, sidecar_json(out)], overwrite=overwrite) as (heatmap, sidecar):
-        write_image(result.heatmap, heatmap)
+        if pmap is not None:
+            pmap.save_as(str(heatmap), enforce_file_format=True)
+        else:
+            write_image(result.heatmap, heatmap)
         sidecar.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
 
