@@ -110,10 +110,9 @@ def _complete_uids(sources: list, names: list, folder, product: str = "DICOM SEG
 
     An empty SOP Class/Instance UID is taken from the file meta header (the same instance's UID by definition);
     a slice without either is refused. An empty Study, Series or Frame of Reference UID is replaced by one
-    derived from the slices' SOP Instance UIDs (the same for every SEG of that series), with a warning on
-    stderr: an archive will not match the SEG to the CT by it.
+    derived from the slices' SOP Instance UIDs (the same for every SEG of that series), with a warning: an archive will not match the SEG to the CT by it.
     """
-    import sys
+    import warnings
 
     from pydicom.uid import generate_uid
 
@@ -136,8 +135,10 @@ def _complete_uids(sources: list, names: list, folder, product: str = "DICOM SEG
                     setattr(ds, keyword, uid)
             derived.append(keyword)
     if derived:
-        print(f"warning: the series in {folder} has no {'/'.join(derived)} (anonymised?); the {product} references "
-              "UIDs derived from its slices' SOPInstanceUIDs, which an archive will not match to the CT", file=sys.stderr)
+        # A warning, not a print: `ctfm` shows it once as a `ctfm: warning:` line, however often the series is read.
+        warnings.warn(f"the series in {folder} has no {'/'.join(derived)} (anonymised?); the {product} references "
+                      "UIDs derived from its slices' SOPInstanceUIDs, which an archive will not match to the CT",
+                      stacklevel=2)
 
 
 def _floats(ds, keyword: str, n: int) -> Optional[np.ndarray]:

@@ -104,6 +104,8 @@ def test_real_series_seg_reads_back_to_the_nifti_labels(model, real, tmp_path, s
     result = ctfm("segment", folder, "--model", model, *RUN, "--out", out, "--seg-type", seg_type)
     assert result.returncode == 0, result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.dcm"]  # no sidecar: the SEG names its segments
+    # The anonymised series has no Study/Series UIDs: said once, though its headers are read twice.
+    assert [line.startswith("ctfm: warning:") for line in result.stderr.splitlines() if "anonymised" in line] == [True]
     ds = pydicom.dcmread(str(out), stop_before_pixels=True)
     assert ds.SegmentationType == ("LABELMAP" if seg_type == "labelmap" else "BINARY")
     # Each segment names the algorithm by the sha256 of the weights that made it (a model trained here has no
