@@ -4,7 +4,10 @@ PyTorch comes through the PyTorch extension (``PyTorchUtils``), which picks
 the build matching the computer's GPU driver; the few pure-Python packages
 listed in ``Resources/requirements-slicer.txt`` come from pip.
 numpy and SimpleITK ship with Slicer and are never installed here: a second
-SimpleITK would shadow Slicer's own.
+SimpleITK would shadow Slicer's own. What only ``ctfm`` child processes import
+(``Resources/requirements-child.txt``: highdicom and the pydicom 3 it needs, which
+must not replace the pydicom 2.4 of Slicer 5.6-5.10) goes into a private folder,
+:func:`child_site`, that only those children put on their path.
 
 The checks (:func:`read_requirements`, :func:`missing_requirements`,
 :func:`installed_torch_version`) read package metadata only, without
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
 # Installed layout: qt-scripted-modules/{CTFMSlicer, Resources}; source tree: CTFM/{CTFMSlicer, Resources}.
 REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "Resources" / "requirements-slicer.txt"
+# What only `ctfm` children import (DICOM writers): installed into child_site(), never into Slicer's Python.
+CHILD_REQUIREMENTS_FILE = REQUIREMENTS_FILE.with_name("requirements-child.txt")
 MINIMUM_TORCH = "2.1"  # as pyproject.toml
 NEVER_INSTALL = {"simpleitk", "numpy", "torch", "vtk"}
 
@@ -36,6 +42,64 @@ def read_requirements(path=REQUIREMENTS_FILE) -> list:
         if line and not line.startswith("-"):
             requirements.append(line)
     return requirements
+
+
+def child_site() -> Path:
+    """The private folder of the packages only ``ctfm`` child processes import (``requirements-child.txt``),
+    per Python version; :class:`CTFMSlicer.process.ProcessRunner` puts it first on a child's path when it exists."""
+    from CTFMLib.cache import ctfm_home
+
+    return ctfm_home() / f"child-site-py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def missing_child_requirements(requirements: Iterable[str], site=None) -> list:
+    """The requirements not satisfied by the distributions installed in ``site`` (default :func:`child_site`),
+    read from their metadata there: what Slicer's own Python has does not count."""
+    site = Path(site) if site is not None else child_site()
+    installed = {}
+    if site.is_dir():
+        for dist in importlib.metadata.distributions(path=[str(site)]):
+            name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+            installed[name] = dist.version
+    missing = []
+    for text in requirements:
+        requirement = _parse(text)
+        version = installed.get(requirement.name.lower().replace("_", "-"))
+        if version is None or (requirement.specifier and not requirement.specifier.contains(version, prereleases=True)):
+            missing.append(text)
+    return missing
+
+
+def child_install_arguments(missing: list, site) -> list:
+    """pip's arguments that put ``missing`` into ``site`` without their dependencies (Slicer's own numpy, pillow,
+    packaging and typing-extensions serve them)."""
+    return ["--target", str(site), "--no-deps", "--upgrade", *missing]
+
+
+def ensure_child_packages(ask_confirmation: bool = True, requirements_path=CHILD_REQUIREMENTS_FILE, site=None,
+                          install=None) -> None:
+    """Install the packages of ``requirements-child.txt`` that neither Slicer's Python nor :func:`child_site` has
+    into the site; ``install(args)``
+    runs pip with those arguments (default ``slicer.util.pip_install``, which takes a list from 5.6 to main)."""
+    site = Path(site) if site is not None else child_site()
+    requirements = read_requirements(requirements_path)
+    # A child imports Slicer's packages too: the site needs only what neither holds (Slicer main bundles
+    # pydicom 3, so there only highdicom and pyjpegls go into the site).
+    missing = [r for r in missing_child_requirements(requirements, site) if missing_requirements([r])]
+    if not missing:
+        return
+    if install is None:
+        import slicer
+
+        if ask_confirmation and not slicer.util.confirmOkCancelDisplay(
+            "CT-FM writes DICOM objects with these Python packages, which will be installed now into its own "
+            f"folder ({site}), apart from Slicer's:\n\n" + "\n".join(missing),
+            "CT-FM - Install Python packages",
+        ):
+            raise DependencyError("installation of CT-FM's DICOM packages was declined")
+        install = slicer.util.pip_install
+    site.mkdir(parents=True, exist_ok=True)
+    install(child_install_arguments(missing, site))
 
 
 def _parse(requirement: str):
@@ -134,6 +198,8 @@ def _slicer_packaging():
 
 
 def ensure_dependencies(ask_confirmation: bool = True, requirements_path=REQUIREMENTS_FILE) -> None:
-    """PyTorch (via the PyTorch extension), then the packages of ``requirements-slicer.txt``."""
+    """PyTorch (via the PyTorch extension), the packages of ``requirements-slicer.txt``, then those only the
+    ``ctfm`` children use (``requirements-child.txt``, into :func:`child_site`)."""
     ensure_torch(ask_confirmation)
     ensure_packages(read_requirements(requirements_path), ask_confirmation)
+    ensure_child_packages(ask_confirmation)

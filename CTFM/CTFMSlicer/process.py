@@ -186,10 +186,15 @@ class ProcessRunner:
             parent = _ctfmlib_parent()
         except ImportError:
             parent = None
-        if parent:
-            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-            if parent not in paths:
-                env["PYTHONPATH"] = os.pathsep.join([parent, *paths])
+        # First of all, the packages only children use (DICOM writers and their pydicom 3), which Slicer's own
+        # Python must not see (CTFMSlicer.dependencies.child_site).
+        from .dependencies import child_site
+
+        site = child_site()
+        first = [str(p) for p in (site, parent) if p and (p != site or site.is_dir())]
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
+        if first:
+            env["PYTHONPATH"] = os.pathsep.join([*first, *paths])
         return env
 
     def start(self) -> "ProcessRunner":
