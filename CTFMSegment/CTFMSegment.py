@@ -134,6 +134,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         self.logic = None
         self._planTimer = None
         self._segmentJob = None  # the segment button's JobControls
+        self._exportJob = None  # the Export DICOM SEG button's
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -151,6 +152,11 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                                        runningToolTip=_("Stop the segmentation."), messagesInBar=True,
                                        lock=(ui.inputsCollapsibleButton, ui.outputsCollapsibleButton))
         ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self._exportJob = JobControls(self, "DICOM SEG export", ui.exportDicomSegButton, ui.segmentProgressBar,
+                                      LogStatus(ui.logTextEdit), _("Export DICOM SEG"), what=_("CT-FM Segment: DICOM SEG"),
+                                      runningToolTip=_("Stop the export."), messagesInBar=True,
+                                      lock=(ui.inputsCollapsibleButton, ui.outputsCollapsibleButton))
+        ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
 
         # Plans are computed on the next turns of the event loop, one preset at a time (see _refreshPlan).
         self._planTimer = qt.QTimer()
@@ -183,10 +189,13 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
         # fast always works at 3 mm: the spacing choice does not apply to it
         self.ui.spacingComboBox.enabled = not (p and p.quality == "fast")
         self._refreshPlan()
-        if self._segmentJob.running:
-            return  # its problems are for the next run
-        problems = self.logic.parameterProblems(p) if p else [_("No parameter node")]
-        self._segmentJob.refresh("\n".join(problems), _("Segment the input volume."))
+        if not self._segmentJob.running:  # a running job's problems are for the next run
+            problems = self.logic.parameterProblems(p) if p else [_("No parameter node")]
+            self._segmentJob.refresh("\n".join(problems), _("Segment the input volume."))
+        if self._exportJob is not None and not self._exportJob.running:
+            problem = self.logic.exportProblem(p.outputSegmentation, p.inputVolume) if p else _("No parameter node")
+            self._exportJob.refresh(problem, _("Write the output segmentation as a DICOM SEG of the input CT's series "
+                                               "and add it to the DICOM database."))
 
     # --- the plan ---------------------------------------------------------------------
 
@@ -295,6 +304,49 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                 self._showTable(table)
                 self._log(_("Statistics of {structures} in '{name}'.").format(
                     structures=count_of(table.GetNumberOfRows(), "structure"), name=table.GetName()))
+
+    # --- DICOM SEG export ------------------------------------------------------------
+
+    def onExportDicomSeg(self) -> None:
+        """Write the output segmentation as a DICOM SEG (``ctfm export-seg`` in a child process); it goes into the
+        DICOM database, or, where that fails, to a file the user chooses."""
+        if self._exportJob.running:
+            self._exportJob.cancel()
+            return
+        p = self._parameterNode
+        segmentation, volume = p.outputSegmentation, p.inputVolume
+
+        def start():
+            self._log(_("Exporting '{segmentation}' as a DICOM SEG of '{volume}'...").format(
+                segmentation=segmentation.GetName(), volume=volume.GetName()))
+            return self.logic.startDicomSegExport(
+                segmentation, volume, on_progress=self._exportJob.progress, on_line=lambda stream, text: self._log(text),
+                on_done=lambda result, message, log: self._onExported(result, message, log, volume))
+
+        self._exportJob.launch(_("Failed to export the DICOM SEG."), start,
+                               what=_("CT-FM Segment: exporting a DICOM SEG of '{volume}'").format(volume=volume.GetName()))
+
+    def _onExported(self, result, message: str, log: str, volume) -> None:
+        self._exportJob.finish(result is not None, message if result is None else "", log=False)
+        if result is None:
+            if message != "Cancelled.":
+                slicer.util.errorDisplay(message.split("\n")[0], windowTitle=_("CT-FM Segment"), detailedText=log or message)
+            return
+        if result.in_database:
+            self._log(_("The DICOM SEG is in the DICOM database, with the study of '{volume}'. {message}").format(
+                volume=volume.GetName(), message=message))
+            return
+        from CTFMSegmentLib.dicom_export import copy_seg
+
+        # No database to add it to: the SEG is in the work folder until this returns
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Save the DICOM SEG"),
+                                              f"{volume.GetName()} segmentation.dcm", _("DICOM SEG (*.dcm)"))
+        if not path:
+            self._log(_("The DICOM SEG was not saved."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to save the DICOM SEG."), waitCursor=True):
+            copy_seg(result.path, path, overwrite=True)  # the dialog asked before replacing a file
+            self._log(_("Saved the DICOM SEG to {path}. {message}").format(path=path, message=message))
 
     @staticmethod
     def _showTable(table) -> None:

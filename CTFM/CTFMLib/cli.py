@@ -5,7 +5,10 @@
     ctfm embed IMAGE --weights SRC --out FILE.npy [--mode volume|scan|point --point X,Y,Z]
     ctfm segment IMAGE --model whole-body|FOLDER|HF_ID --out OUT.nii.gz|OUT.seg.nrrd [--fast] [--structures a,b]
     ctfm segment FOLDER_OR_CSV --model ... --out-dir DIR   (batch: failed inputs are reported and skipped)
+    ctfm segment TREE --dicom-tree --out-dir DIR [--out-format dcm] [--sr report.dcm] [--statistics stats.json]
+                  (every CT series of a tree of DICOM studies into DIR/<study UID>/<series UID>/, DIR/summary.csv)
     ctfm stats IMAGE LABELS [--out STATS.json] [--csv STATS.csv]   (organ statistics; segment --statistics too)
+    ctfm export-seg LABELS --reference SERIES_FOLDER --out SEG.dcm [--seg-type labelmap|binary]   (a DICOM SEG of a result)
     ctfm triage IMAGE --model FOLDER [--json-out OUT.json] [--saliency HEAT.nii.gz [--method occlusion|gradient]]
     ctfm saliency IMAGE --target embedding|point:X,Y,Z|class:NAME|triage [--weights SRC | --model FOLDER]
                   [--method occlusion|gradient] [--roi X0,Y0,Z0,X1,Y1,Z1 | --cube MM] --out HEAT.nii.gz|HEAT.dcm
@@ -43,7 +46,7 @@ from .catalog import load_catalog
 from .costs import duration
 from .labels import DICOM_SEG_SUFFIX, segmentation_files, segmentation_suffix, sidecar_text
 from .model_store import model_status
-from .progress import Cancelled, Estimate, Terminated, make_renderer, terminate_on_sigterm
+from .progress import Cancelled, Estimate, Terminated, make_renderer, subrange, terminate_on_sigterm
 from .scans import IMAGE_SUFFIXES as SCAN_SUFFIXES
 from .text import EXIT_ERROR, count, print_result, say, size
 
@@ -306,18 +309,180 @@ def segment_jobs(source: Path, out_dir: Path, out_format: str) -> list:
     return jobs
 
 
+# --- ctfm segment --dicom-tree: every CT series of a tree of DICOM studies -------------------------------
+
+SUMMARY_NAME = "summary.csv"
+SUMMARY_COLUMNS = ("series", "study", "folder", "status", "seconds", "structures", "reason")
+
+
+def _tree_file_name(name: str, flag: str) -> str:
+    """With ``--dicom-tree``, ``--sr``/``--statistics`` name a file in each series' folder: a plain name."""
+    from .files import safe_name
+
+    if Path(name).name != name or name == SUMMARY_NAME:
+        raise ValueError(f"with --dicom-tree, {flag} is a file name written in each series' folder "
+                         f"(e.g. {flag} {Path(name).name or 'NAME'}), not {name!r}")
+    return safe_name(name, flag)
+
+
+def job_extras(args, out: Optional[Path], stats_files: list) -> tuple:
+    """``(report file or None, statistics files)`` of one output: as given with ``--out``; with ``--dicom-tree``
+    the same names inside that series' folder (a plain ``--out-dir`` batch writes neither)."""
+    if out is None or not args.dicom_tree:
+        return (Path(args.sr) if args.sr else None), stats_files
+    return (out.parent / args.sr if args.sr else None), [out.parent / f.name for f in stats_files]
+
+
+def job_files(args, out: Path, stats_files: list) -> list:
+    """Every file one job writes besides the segmentation itself (its report and statistics)."""
+    report, stats = job_extras(args, out, stats_files)
+    return ([report] if report else []) + stats
+
+
+def _earlier_summary(path: Path) -> dict:
+    """The rows of a summary an earlier run wrote, by (study, series): a series done then keeps its numbers."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return {(r.get("study", ""), r.get("series", "")): r for r in csv.DictReader(f)}
+    except (OSError, ValueError, csv.Error):
+        return {}
+
+
+def dicom_tree_jobs(args, source: Path, out_dir: Path, stats_files: list) -> tuple:
+    """``(jobs, rows, job rows)`` of ``--dicom-tree``: a job ``(series folder, series UID, DIR/study/series/seg)``
+    for every CT series of the tree whose outputs are not all there (all, with ``--overwrite``); ``rows`` the
+    summary's rows, one for each series or non-image object found and each folder of unreadable files; a job's
+    row (``job rows[output]``) is completed by the batch loop."""
+    from .dicom import list_dicom_tree
+    from .files import child_path
+
+    if not source.is_dir():
+        raise ValueError(f"--dicom-tree needs a folder of DICOM studies (any nesting) as input, not {source}")
+    images, objects, unreadable = list_dicom_tree(source)
+    earlier = _earlier_summary(out_dir / SUMMARY_NAME)
+    seg_name = "seg.dcm" if args.out_format == "dcm" else f"labels.{args.out_format}"
+    jobs, rows, job_rows = [], [], {}
+
+    def where(paths) -> str:
+        folders = sorted({str(Path(p).parent.relative_to(source)) for p in paths})
+        return folders[0] if len(folders) == 1 else f"{folders[0]} (and {count(len(folders) - 1, 'other folder')})"
+
+    def row(info, status: str, reason: str = "", folder: str = "") -> dict:
+        rows.append({"series": info.uid if info else "", "study": info.study_uid if info else "",
+                     "folder": folder or where(info.files), "status": status, "seconds": "", "structures": "",
+                     "reason": reason})
+        if status:
+            say(args, f"{status}: {rows[-1]['folder']} ({info.uid if info else 'no series'}): "
+                      f"{reason or 'its outputs exist (add --overwrite to segment it again)'}")
+        return rows[-1]
+
+    for info in objects:
+        row(info, "skipped", f"{count(info.num_files, 'DICOM object')} without images ({info.modality or '?'}), "
+                             "not a CT series")
+    for info in images:
+        modality = info.modality.upper()
+        if modality != "CT":
+            row(info, "skipped", f"modality {info.modality or '(none)'}"
+                + (" (a segmentation, perhaps an earlier result)" if modality == "SEG" else "") + ", not CT")
+            continue
+        if info.localizer:
+            row(info, "skipped", "localizer (scout, topogram) images: projections planned on, not a CT volume")
+            continue
+        folders = {p.parent for p in info.files}
+        if len(folders) > 1:
+            row(info, "failed", f"its {count(info.num_files, 'file')} lie in {count(len(folders), 'folder')}: "
+                                "copy the series into one folder")
+            continue
+        try:
+            out = child_path(child_path(child_path(out_dir, info.study_uid or "no-study-uid", "StudyInstanceUID"),
+                                        info.uid or _no_uid_name(source, folders), "SeriesInstanceUID"), seg_name)
+        except ValueError as e:  # no UID, or one that is not a plain folder name
+            row(info, "failed", f"{_one_line(e)}: its output folder {out_dir}/<study UID>/<series UID> cannot be named")
+            continue
+        files = segmentation_files(out) + job_files(args, out, stats_files)
+        present = [f.name for f in files if f.exists()]
+        if present and not args.overwrite:
+            if len(present) == len(files):
+                done = row(info, "done", "")
+                before = earlier.get((info.study_uid, info.uid), {})
+                if before.get("status") in ("written", "done"):
+                    done.update(seconds=before.get("seconds", ""), structures=before.get("structures", ""))
+            else:
+                missing = [f.name for f in files if f.name not in present]
+                row(info, "failed", f"{', '.join(present)} exist from an earlier run but {', '.join(missing)} not: "
+                                    "add --overwrite to segment it again")
+            continue
+        jobs.append((next(iter(folders)), info.uid, out))
+        job_rows[out] = row(info, "")
+    by_folder = {}
+    for path, why in unreadable:
+        by_folder.setdefault(path.parent, []).append(f"{path.name}: {why}")
+    for folder, problems in sorted(by_folder.items()):
+        row(None, "failed", f"{count(len(problems), 'DICOM file')} cannot be read (corrupt or truncated?): "
+                            + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+            folder=str(folder.relative_to(source)))
+    if not rows:
+        raise ValueError(f"no DICOM series in {source} or its subfolders")
+    return jobs, rows, job_rows
+
+
+def _no_uid_name(source: Path, folders: set) -> str:
+    """The output folder of a series without a SeriesInstanceUID (anonymised data): named by its folder in the
+    tree, the same on every run, so a rerun finds it done."""
+    import hashlib
+
+    where = next(iter(folders)).resolve().relative_to(source.resolve()).as_posix()
+    return "no-uid-" + hashlib.sha256(where.encode("utf-8")).hexdigest()[:16]
+
+
+def _remove_empty_folders(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``root`` while they are empty (a failed series')."""
+    folder, root = folder.resolve(), root.resolve()
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or not ours to remove
+            return
+        folder = folder.parent
+
+
+def finish_tree(args, out_dir: Path, rows: list, results: list) -> int:
+    """Write ``DIR/summary.csv`` (atomically) and say what the ``--dicom-tree`` batch did; 1 when a series failed."""
+    import csv
+    import io
+
+    from .files import atomic_write_text
+
+    rows = sorted(rows, key=lambda r: (r["study"], r["series"], r["folder"]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    summary = atomic_write_text(out_dir / SUMMARY_NAME, text.getvalue(), overwrite=True)
+    tally = {status: sum(r["status"] == status for r in rows) for status in ("written", "done", "skipped", "failed")}
+    print_result(args, {"summary": str(summary), "series": rows, "results": results, **tally},
+                 f"{count(len(rows), 'series', 'series')}: " + ", ".join(f"{n} {s}" for s, n in tally.items())
+                 + f"; summary in {summary}")
+    return 1 if tally["failed"] else 0
+
+
 def check_dicom_options(args, out_suffix: Optional[str]) -> None:
     """Refuse, in one line and before any work, the DICOM SEG options where they mean nothing: ``--sr`` and
     ``--dicom-reference`` name one series or file (``--out`` only), all three need a ``.dcm`` output."""
     given = [flag for flag, value in (("--dicom-reference", args.dicom_reference), ("--seg-type", args.seg_type),
                                       ("--sr", args.sr)) if value]
-    one = [flag for flag in given if flag != "--seg-type"]
+    one = [flag for flag in given if flag != "--seg-type" and not (flag == "--sr" and args.dicom_tree)]
     if one and not args.out:
-        raise ValueError(f"{one[0]} names one file: use it with --out SEG.dcm (one image), not with --out-dir or --plan")
+        raise ValueError(f"{one[0]} names one file: use it with --out SEG.dcm (one image), not with --out-dir or --plan"
+                         + (" (with --dicom-tree, --sr names the report in each series' folder)" if one == ["--sr"] else ""))
     if given and out_suffix != DICOM_SEG_SUFFIX:
         raise ValueError(f"{given[0]} goes with a DICOM SEG output: --out SEG.dcm (or --out-format dcm with --out-dir)")
     if args.sr and not str(args.sr).lower().endswith(".dcm"):
         raise ValueError(f"--sr must be a file ending in .dcm (a DICOM Structured Report), not {Path(args.sr).name}")
+    if args.sr and args.dicom_tree:
+        _tree_file_name(args.sr, "--sr")
 
 
 def dicom_reference(args, image: Path, out: Path) -> Optional[Path]:
@@ -355,9 +520,13 @@ def cmd_segment(args) -> int:
         raise ValueError("--plan prints what a segmentation would do and writes nothing: leave out --out/--out-dir")
     if not args.plan and bool(args.out) == bool(args.out_dir):
         raise ValueError("give either --out FILE (one image) or --out-dir DIR (a folder or CSV of images), or --plan")
+    if args.dicom_tree and (args.plan or args.out or args.series):
+        raise ValueError("--dicom-tree segments every CT series of a folder tree into --out-dir: leave out "
+                         + ("--plan" if args.plan else "--out" if args.out else "--series"))
     source = Path(args.image)
     stats_files = statistics_files(args)
     skipped = []  # batch: images whose outputs exist (without --overwrite)
+    rows, job_rows = None, {}  # --dicom-tree: the summary's rows; a job's output -> its row
     if args.plan:  # one image (a file or a DICOM series folder), as with --out
         check_dicom_options(args, None)
         jobs = [(source, args.series, None)]
@@ -373,11 +542,22 @@ def cmd_segment(args) -> int:
         out_dir = Path(args.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--out-dir {out_dir} is a file: give a folder")
-        jobs = segment_jobs(source, out_dir, args.out_format)
+        if args.dicom_tree:
+            from .files import is_inside
+
+            if source.is_dir() and (is_inside(out_dir, source) or out_dir.resolve() == source.resolve()):
+                # A rerun would read its own results as studies (and a user's tree is not ours to write into).
+                raise ValueError(f"--out-dir {out_dir} lies inside the tree it reads ({source}): give a folder "
+                                 "outside it")
+            jobs, rows, job_rows = dicom_tree_jobs(args, source, out_dir, stats_files)
+        else:
+            jobs = segment_jobs(source, out_dir, args.out_format)
         # No output may be an input (or the list itself) or repeat another; existing outputs are skipped below.
-        outputs = [f for _, _, out in jobs for f in segmentation_files(out)]
+        outputs = [f for _, _, out in jobs for f in segmentation_files(out) + job_files(args, out, stats_files)]
         check_outputs(outputs, [source] + [path for path, _, _ in jobs], overwrite=True)
-        if not args.overwrite:
+        if rows is not None and not jobs:
+            return finish_tree(args, out_dir, rows, [])
+        if not args.overwrite and rows is None:
             done = [job for job in jobs if any(f.exists() for f in segmentation_files(job[2]))]
             for path, _, out in done:
                 say(args, f"{out} exists: skipped {path.name} (add --overwrite to segment it again)")
@@ -399,6 +579,10 @@ def cmd_segment(args) -> int:
     failed, results = [], []
     for n, (path, series, out) in enumerate(jobs, 1):
         prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
+        # A batch's bar runs once over all its inputs, each input a slice of it.
+        progress = subrange(args.progress_cb, (n - 1) / len(jobs), n / len(jobs)) if args.out_dir else args.progress_cb
+        written = []
+        sr_file, job_stats = job_extras(args, out, stats_files)
         try:
             reference = dicom_reference(args, path, out) if out is not None else None
             image = read_image(path, series_uid=series)
@@ -408,27 +592,29 @@ def cmd_segment(args) -> int:
 
                 check_on_grid(image, source_series_datasets(reference, series), reference, what="input image")
             plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation,
-                            progress=args.progress_cb)
+                            progress=progress)
             if args.plan:
                 print_result(args, plan_json(path, plan), *plan_sentences(path, plan))
                 continue
             where = ("at the input's spacing" if plan.working_spacing is None else
                      "at " + "x".join(f"{v:g}" for v in plan.working_spacing) + " mm (S, P, L)")
-            args.progress_cb(None, Estimate(plan.expected_seconds, f"{prefix}{quality} quality {where}, "
-                             f"{count(plan.windows_run, 'window')}, {options.device}, {options.precision}"))
+            progress(None, Estimate(plan.expected_seconds, f"{prefix}{quality} quality {where}, "
+                     f"{count(plan.windows_run, 'window')}, {options.device}, {options.precision}"))
             result = segment_image(image, model=model, labels=labels, structures=structures, quality=quality,
                                    spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
-                                   progress=args.progress_cb, max_memory_gb=args.max_memory_gb, plan=plan)
+                                   progress=progress, max_memory_gb=args.max_memory_gb, plan=plan)
             # before anything is written
-            stats = segment_statistics(image, result) if stats_files or args.sr else None
+            stats = segment_statistics(image, result) if job_stats or sr_file else None
             dicom = (reference, series, args.seg_type, getattr(model, "ctfm_sha256", None))
-            written = write_segmentation(result, out, overwrite=args.overwrite, dicom=dicom)
-            if args.sr:
-                written.append(write_report(args, out, stats, dicom[3]))
-            if stats_files:
-                written += write_statistics_files(args, stats, stats_files)
+            written += write_segmentation(result, out, overwrite=args.overwrite, dicom=dicom)
+            if sr_file:
+                written.append(write_report(args, out, stats, dicom[3], sr_file))
+            if job_stats:
+                written += write_statistics_files(args, stats, job_stats)
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
+            if out in job_rows:
+                job_rows[out].update(status="written", seconds=f"{result.seconds:.1f}", structures=present)
             results.append({"image": str(path), "files": [str(f) for f in written], "structures_present": present,
                             "seconds": round(float(result.seconds), 1),
                             "expected_seconds": round(float(plan.expected_seconds), 1)})
@@ -441,8 +627,15 @@ def cmd_segment(args) -> int:
         except Exception as e:  # noqa: BLE001 - in a batch every failure is reported and the rest go on
             if not args.out_dir or isinstance(e, Cancelled):
                 raise
+            for f in written:  # an input's outputs come all or none: a rerun then finds none, not some
+                f.unlink(missing_ok=True)
             failed.append({"image": str(path), "error": _one_line(e)})
             print(f"ctfm: FAILED {path}: {_one_line(e)}", file=sys.stderr, flush=True)
+            if out in job_rows:
+                job_rows[out].update(status="failed", reason=_one_line(e))
+                _remove_empty_folders(out.parent, Path(args.out_dir))
+    if rows is not None:
+        return finish_tree(args, Path(args.out_dir), rows, results)
     if args.out_dir:
         print_result(args, {"results": results, "failed": failed, "skipped": skipped},
                      f"segmented {len(jobs) - len(failed)} of {count(len(jobs), 'image')}"
@@ -450,13 +643,13 @@ def cmd_segment(args) -> int:
     return 1 if failed else 0
 
 
-def write_report(args, seg: Path, stats: dict, sha256) -> Path:
+def write_report(args, seg: Path, stats: dict, sha256, report: Path) -> Path:
     """``--sr``: the TID 1500 report of the SEG just written; if it fails, that SEG goes too (nothing half done)."""
     from .dicom_seg import ALGORITHM_NAME
     from .dicom_sr import write_dicom_sr
 
     try:
-        return write_dicom_sr(seg, stats, Path(args.sr), algorithm=(ALGORITHM_NAME, __version__, sha256),
+        return write_dicom_sr(seg, stats, report, algorithm=(ALGORITHM_NAME, __version__, sha256),
                               overwrite=args.overwrite)
     except BaseException:
         seg.unlink(missing_ok=True)
@@ -467,8 +660,11 @@ def statistics_files(args) -> list:
     """``segment --statistics stats.json``: ``[stats.json, stats.csv]`` (the CSV beside it, same stem), else []."""
     if not args.statistics:
         return []
-    if not args.out:
-        raise ValueError("--statistics names one file: use it with --out (one image), not with --out-dir or --plan")
+    if not args.out and not args.dicom_tree:
+        raise ValueError("--statistics names one file: use it with --out (one image), not with --out-dir or --plan "
+                         "(with --dicom-tree, it names the file in each series' folder)")
+    if args.dicom_tree:
+        _tree_file_name(args.statistics, "--statistics")
     path = Path(args.statistics)
     if not path.name.lower().endswith(".json") or path.name.lower().endswith(".labels.json"):
         raise ValueError(f"--statistics must be a file ending in .json (not .labels.json), not {path.name}; the "
@@ -546,6 +742,65 @@ def cmd_stats(args) -> int:
              for name, s in stats.items()] or [f"{labels_path}: no structure (every voxel is 0)"]
     print_result(args, {"image": str(args.image), "labels": str(labels_path), "files": [str(f) for f in written],
                         "statistics": stats}, *lines, *(f"wrote {f}" for f in written))
+    return 0
+
+
+def read_labels_file(path: Path) -> tuple:
+    """``(label map Image, [LabelInfo])`` of a ``.seg.nrrd`` (names, colours and terminology from the file) or of
+    a label map with its ``.labels.json`` (names; colours and codes as :func:`CTFMLib.labels.load_labels` gives
+    them); refused in one line when either is missing or unreadable."""
+    from .image import ImageError, read_image
+    from .labels import load_labels, read_seg_nrrd, read_sidecar, sidecar_path
+
+    if not path.is_file():
+        raise ImageError(f"no such file: {path}")
+    if path.name.lower().endswith(".seg.nrrd"):
+        try:
+            return read_seg_nrrd(path)
+        except RuntimeError as e:
+            raise ImageError(f"cannot read {path.name} as a segmentation: {_one_line(e)}") from None
+    sidecar = sidecar_path(path)  # refuses a suffix that is no label map's
+    try:
+        names = read_sidecar(path)
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{sidecar.name} beside {path.name} is not a {{value: name}} JSON object: fix it or move "
+                         "it away") from None
+    if names is None:
+        raise ValueError(f"{path.name} has no {sidecar.name} beside it: a DICOM SEG names its segments, so give the "
+                         "label map with its names (as `ctfm segment` writes them) or a .seg.nrrd")
+    return read_image(path), load_labels(names)
+
+
+def cmd_export_seg(args) -> int:
+    """``ctfm export-seg LABELS --reference SERIES --out SEG.dcm``: an existing result (a label map with its
+    ``.labels.json``, or a ``.seg.nrrd``) on the grid of a DICOM series, written as the DICOM SEG that
+    ``ctfm segment SERIES --out SEG.dcm`` writes; the CT-FM Segment panel's "Export DICOM SEG" runs it in a
+    child process (highdicom needs pydicom 3, which Slicer 5.6-5.10 do not bundle)."""
+    from .dicom_seg import ALGORITHM_NAME, write_dicom_seg
+    from .files import check_outputs
+    from .labels import sidecar_path
+
+    out, labels_path, reference = Path(args.out), Path(args.labels), Path(args.reference)
+    if segmentation_suffix(out) != DICOM_SEG_SUFFIX:
+        raise ValueError(f"--out must be a file ending in .dcm (a DICOM SEG), not {out.name}")
+    if not reference.is_dir():
+        raise ValueError(f"--reference {reference} is not a folder: give the DICOM series folder the labels were "
+                         "computed on")
+    inputs = [labels_path, reference]
+    if not labels_path.name.lower().endswith(".seg.nrrd"):
+        try:
+            inputs.append(sidecar_path(labels_path))
+        except ValueError:
+            pass
+    check_outputs([out], inputs, overwrite=args.overwrite)
+    labels, infos = read_labels_file(labels_path)
+    write_dicom_seg(labels, infos, reference, out, algorithm=(ALGORITHM_NAME, __version__, None),
+                    seg_type=args.seg_type, series_uid=args.series, overwrite=args.overwrite)
+    names = {int(i.value): i.name for i in infos}
+    present = [names[int(v)] for v in np.unique(np.asarray(labels.array)) if int(v) != 0]
+    print_result(args, {"labels": str(labels_path), "reference": str(reference), "files": [str(out)],
+                        "seg_type": args.seg_type, "segments": present},
+                 f"wrote {out} ({args.seg_type} DICOM SEG, {count(len(present), 'segment')}: {', '.join(present)})")
     return 0
 
 
@@ -788,6 +1043,14 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", help="output label map: .nii.gz, .nii, .nrrd, .mha (+ .labels.json), .seg.nrrd, or .dcm "
                                    "(DICOM SEG, on the grid of a DICOM series input or of --dicom-reference)")
     seg.add_argument("--out-dir", help="batch: the folder for the outputs")
+    seg.add_argument("--dicom-tree", action="store_true",
+                     help="with --out-dir: IMAGE is a folder tree of DICOM studies (any nesting); every CT series in "
+                          "it is segmented into DIR/<StudyInstanceUID>/<SeriesInstanceUID>/ (seg.dcm with --out-format "
+                          "dcm, else labels.<format> + .labels.json; --sr and --statistics then name files in that "
+                          "folder), localizers and non-CT series are skipped, and DIR/summary.csv lists every series "
+                          "(done, written, skipped or failed, with the reason). A series whose outputs all exist is "
+                          "done and not run again (unless --overwrite). Exit 1 when a series failed in this run (a "
+                          "corrupt one fails again on each rerun), else 0: a rerun where all is done exits 0")
     seg.add_argument("--out-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd", "mha", "seg.nrrd", "dcm"),
                      help="batch: output file type (default: %(default)s; dcm: DICOM SEG, for DICOM series folders)")
     seg.add_argument("--dicom-reference", metavar="SERIES_FOLDER",
@@ -845,6 +1108,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--overwrite", action="store_true", help="replace --out / --csv if they exist")
     add_json_flag(st, "the statistics")
     st.set_defaults(func=cmd_stats)
+
+    ex = sub.add_parser("export-seg", help="an existing label map or .seg.nrrd as a DICOM SEG referencing its "
+                                           "DICOM series")
+    ex.add_argument("labels", help="the result on the series' grid: .nii.gz, .nii, .nrrd, .mha (names from the "
+                                   ".labels.json beside it) or .seg.nrrd")
+    ex.add_argument("--reference", required=True, metavar="SERIES_FOLDER",
+                    help="the DICOM series folder the labels were computed on (same grid); the SEG references it")
+    ex.add_argument("--out", required=True, help="the DICOM SEG to write: a file ending in .dcm")
+    ex.add_argument("--seg-type", choices=("labelmap", "binary"), default="labelmap",
+                    help="labelmap (default; one frame a slice) or binary (one frame a segment and slice, for "
+                         "viewers without LABELMAP support)")
+    ex.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_json_flag(ex)
+    ex.set_defaults(func=cmd_export_seg)
 
     tr = sub.add_parser("train", help="pretrain CT-FM or fine-tune it (runs under torchrun as well)")
     tr.add_argument("task", choices=("pretrain", "segment", "classify"),

@@ -85,6 +85,7 @@ class SeriesInfo:
     modality: str
     files: tuple  # Paths, ordered along the slice normal (by instance number where geometry is missing)
     study_uid: str = ""
+    localizer: bool = False  # every image is a localizer (scout, topogram): nothing to segment
 
     @property
     def num_files(self) -> int:
@@ -156,6 +157,32 @@ def list_dicom_series(folder, recursive: bool = False) -> list:
     """
     folder = _existing_folder(folder)
     return [_info(group) for group in _group(scan_folder(folder, recursive).slices)]
+
+
+def list_dicom_tree(folder, progress=None) -> tuple:
+    """``(image series, objects without images, unreadable)`` of a folder tree at any depth (a batch over studies).
+
+    Image series are :class:`SeriesInfo` as :func:`list_dicom_series` gives them (those without a
+    SeriesInstanceUID one a folder); DICOM files without pixels
+    (SR, RTSTRUCT, ...) are grouped into :class:`SeriesInfo` too, so a batch can name each one it skips;
+    ``unreadable`` is ``[(path, reason)]``, the files whose header cannot be parsed.
+    """
+    folder = _existing_folder(folder)
+    scan = scan_folder(folder, True, progress)
+    objects = {}
+    for path in scan.non_image:
+        ds = _pydicom().dcmread(str(path), stop_before_pixels=True, force=True,
+                                specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SeriesDescription", "Modality"])
+        key = (_text(ds, "SeriesInstanceUID"), _text(ds, "StudyInstanceUID"))
+        objects.setdefault(key, (ds, []))[1].append(path)
+    non_image = [SeriesInfo(series, _text(ds, "SeriesDescription"), _text(ds, "Modality"), tuple(paths), study)
+                 for (series, study), (ds, paths) in sorted(objects.items())]
+    # Anonymised series may have lost their SeriesInstanceUID: those are told apart by their folder.
+    buckets = {}
+    for s in scan.slices:
+        buckets.setdefault(s.series_uid or f"folder {s.path.parent}", []).append(s)
+    images = [_info(group) for _, slices in sorted(buckets.items()) for group in _group(slices)]
+    return images, non_image, scan.unreadable
 
 
 def read_dicom_series(folder, series_uid: Optional[str] = None, recursive: bool = False, progress=None) -> Image:
@@ -403,7 +430,8 @@ def _ordered(slices: list) -> list:
 
 def _info(group: list) -> SeriesInfo:
     first = group[0]
-    return SeriesInfo(first.series_uid, first.description, first.modality, tuple(s.path for s in group), first.study_uid)
+    return SeriesInfo(first.series_uid, first.description, first.modality, tuple(s.path for s in group), first.study_uid,
+                      all(s.is_localizer for s in group))
 
 
 def _choose(groups: list, series_uid: Optional[str], folder: Path) -> list:

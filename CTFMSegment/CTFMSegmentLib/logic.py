@@ -20,6 +20,8 @@ print for the same inputs (:mod:`.plan`: no torch, so the panel can show it).
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 from CTFMLib.image import ImageError
@@ -27,6 +29,7 @@ from CTFMLib.model_store import folder_problem
 from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node
 from CTFMSlicer.process import DEVICES, ProcessRunner, ctfm_cli_command, remove_work_folder, work_folder
 
+from .dicom_export import export_problem
 from .models import (  # noqa: F401  (WHOLE_BODY: the module's public name)
     CHOOSE_FOLDER,
     DEFAULT_QUALITY,
@@ -47,6 +50,16 @@ from .segmentation import segmentation_node_from_labels
 from .statistics_table import statistics_table_node
 
 LOG_LINES = 2000  # lines of the child's output kept for the error report
+_OPEN_DATABASE = object()  # startDicomSegExport's default: Slicer's DICOM database, when open
+
+
+@dataclass
+class DicomSegExport:
+    """Where an exported DICOM SEG went: ``path`` (the file the caller named, else the SEG in the work folder, which
+    exists only during ``on_done``) and whether it was added to Slicer's DICOM database."""
+
+    path: Path
+    in_database: bool
 
 
 class CTFMSegmentLogic:
@@ -201,6 +214,81 @@ class CTFMSegmentLogic:
                 remove_work_folder(work)
             if on_done:
                 on_done(output, message, "\n".join(log))
+
+        return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
+
+    def exportProblem(self, segmentationNode, volumeNode) -> str:
+        """Why "Export DICOM SEG" cannot run for these nodes (a sentence), or "" (cheap: for the button's state)."""
+        return export_problem(segmentationNode, volumeNode)
+
+    def startDicomSegExport(self, segmentationNode, volumeNode, out=None, segType: str = "labelmap",
+                            overwrite: bool = False, database=_OPEN_DATABASE, on_progress: Optional[Callable] = None,
+                            on_line: Optional[Callable] = None, on_done: Optional[Callable] = None) -> ProcessRunner:
+        """Write ``segmentationNode`` as a DICOM SEG referencing the series ``volumeNode`` was loaded from, in a child
+        process (``ctfm export-seg``: highdicom never loads into Slicer's Python); returns its runner.
+
+        The series' files are found through the volume's ``DICOM.instanceUIDs`` and ``database.fileForInstance``
+        (``database``: Slicer's DICOM database by default) and staged, with the segmentation as a ``.seg.nrrd`` on
+        the volume's grid, in a work folder; a volume not loaded from DICOM is refused (ValueError, one line) before
+        anything is written. With ``out`` the child writes the SEG there (``overwrite`` allows replacing it);
+        without, it is added to the database (``on_done`` gets ``in_database`` False where that failed, and the
+        SEG's temporary path to copy elsewhere, e.g. with :func:`CTFMSegmentLib.dicom_export.copy_seg`).
+        ``on_done(DicomSegExport or None, message, log)`` as for :meth:`startSegmentation`; the work folder is
+        removed after it.
+        """
+        from CTFMLib.labels import write_seg_nrrd
+
+        from .dicom_export import (
+            check_seg_type,
+            dicom_database,
+            import_into_database,
+            segmentation_label_map,
+            source_files,
+            stage_series,
+        )
+
+        check_seg_type(segType)
+        problem = export_problem(segmentationNode, volumeNode)
+        if problem:
+            raise ValueError(problem)
+        if database is _OPEN_DATABASE:
+            database = dicom_database()
+        files = source_files(volumeNode, database)
+        image, infos = segmentation_label_map(segmentationNode, volumeNode)
+        work = work_folder("ctfm-dicom-seg-")
+        try:
+            series = stage_series(files, work / "series")
+            labels = write_seg_nrrd(image, infos, work / "labels.seg.nrrd", overwrite=False)
+        except BaseException:
+            remove_work_folder(work)
+            raise
+        del image
+        seg = Path(out) if out else work / "seg" / "seg.dcm"
+        if not out:
+            seg.parent.mkdir()
+        args = ["export-seg", labels, "--reference", series, "--out", seg, "--seg-type", segType]
+        if overwrite:
+            args.append("--overwrite")
+        log = collections.deque(maxlen=LOG_LINES)
+
+        def line(stream, text):
+            log.append(text)
+            if on_line:
+                on_line(stream, text)
+
+        def finished(result):
+            output = None
+            try:
+                if result.ok and seg.is_file():
+                    in_database = False if out else import_into_database(seg, database)
+                    output = DicomSegExport(seg, in_database)
+                    message = result.describe()
+                else:
+                    message = failure_message(result, list(log), "The DICOM SEG export")
+                if on_done:
+                    on_done(output, message, "\n".join(log))
+            finally:
+                remove_work_folder(work)
 
         return ProcessRunner(ctfm_cli_command(*args), on_progress=on_progress, on_line=line, on_done=finished)
 

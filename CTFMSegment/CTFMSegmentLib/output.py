@@ -108,13 +108,13 @@ def read_output(out: Path, grid, model: str = WHOLE_BODY, modelFolder=None) -> S
     return SegmentationOutput(labels, describe_labels(names, model, modelFolder))
 
 
-def failure_message(result, lines) -> str:
-    """A failed run in words: its last error line first, then the tail of its output."""
+def failure_message(result, lines, what: str = "Segmentation") -> str:
+    """A failed run (of ``what``) in words: its last error line first, then the tail of its output."""
     if result.cancelled:
         return "Cancelled."
     lines = [line for line in lines if line.strip()]
     errors = [line for line in lines if "error" in line.lower()]
-    headline = f"Segmentation failed (exit code {result.returncode})"
+    headline = f"{what} failed (exit code {result.returncode})"
     if errors:
         headline += f": {errors[-1].strip()}"
     tail = lines[-MESSAGE_TAIL_LINES:]

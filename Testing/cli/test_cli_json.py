@@ -13,7 +13,7 @@ from CTFMLib.cli import build_parser
 
 # Every command that prints a result (all the leaves of the command tree): each must take the flag --json.
 RESULT_COMMANDS = {
-    ("info",), ("models",), ("embed",), ("segment",), ("stats",), ("train",), ("triage",), ("saliency",),
+    ("info",), ("models",), ("embed",), ("segment",), ("stats",), ("export-seg",), ("train",), ("triage",), ("saliency",),
     ("index", "add"), ("index", "query"), ("index", "info"), ("index", "check"), ("index", "remove"),
     ("index", "compact"), ("index", "reembed"), ("index", "eval"),
 }

@@ -16,13 +16,16 @@ RECORDED = {
         "--progress --ras --series --threads --weights IMAGE"
     ),
     # --statistics and `ctfm stats` added deliberately (issue 19 item 2: organ statistics);
-    # --dicom-reference, --seg-type and --sr deliberately (issue 19 items 1 and 3: DICOM SEG and its TID 1500 SR)
+    # --dicom-reference, --seg-type and --sr deliberately (issue 19 items 1 and 3: DICOM SEG and its TID 1500 SR);
+    # --dicom-tree deliberately (issue 19 item 5: a batch over a folder tree of DICOM studies)
     "ctfm segment": (
-        "--batch-size --debug --device --dicom-reference --fast --interpolation --json --largest-component "
+        "--batch-size --debug --device --dicom-reference --dicom-tree --fast --interpolation --json --largest-component "
         "--max-memory-gb --model --out --out-dir --out-format --overwrite --plan --precision --progress --quality "
         "--seg-type --series --spacing --sr --statistics --structures --threads IMAGE"
     ),
     "ctfm stats": "--csv --debug --json --out --overwrite --progress --series IMAGE LABELS",
+    # `ctfm export-seg` added deliberately (issue 19 item 6: a DICOM SEG of an existing result, for Slicer)
+    "ctfm export-seg": "--debug --json --out --overwrite --progress --reference --seg-type --series LABELS",
     "ctfm train": (
         "--allow-non-ct --config --debug --device --json --max-memory-gb --max-steps --out --progress "
         "--resume TASK"
