@@ -62,6 +62,19 @@ class DicomSegExport:
     in_database: bool
 
 
+
+def line_recorder(on_line: Optional[Callable] = None) -> tuple:
+    """``(log, on_line)`` for a runner: the last LOG_LINES output lines kept for a failure message, each line
+    passed on to ``on_line`` too."""
+    log = collections.deque(maxlen=LOG_LINES)
+
+    def line(stream, text):
+        log.append(text)
+        if on_line:
+            on_line(stream, text)
+
+    return log, line
+
 class CTFMSegmentLogic:
     """Input checks, ``ctfm segment`` in a child process, and segmentation nodes from its labels."""
 
@@ -189,12 +202,7 @@ class CTFMSegmentLogic:
         stats_path = work / "stats.json" if statistics else None
         if stats_path is not None:
             args += ["--statistics", stats_path]
-        log = collections.deque(maxlen=LOG_LINES)
-
-        def line(stream, text):
-            log.append(text)
-            if on_line:
-                on_line(stream, text)
+        log, line = line_recorder(on_line)
 
         def finished(result):
             output = None
@@ -269,12 +277,7 @@ class CTFMSegmentLogic:
         args = ["export-seg", labels, "--reference", series, "--out", seg, "--seg-type", segType]
         if overwrite:
             args.append("--overwrite")
-        log = collections.deque(maxlen=LOG_LINES)
-
-        def line(stream, text):
-            log.append(text)
-            if on_line:
-                on_line(stream, text)
+        log, line = line_recorder(on_line)
 
         def finished(result):
             output = None

@@ -19,7 +19,7 @@ hd = pytest.importorskip("highdicom", reason="highdicom (a dependency of ctfm-sl
 import pydicom  # noqa: E402
 
 from ctfm_testing.data import require_shared_data  # noqa: E402
-from ctfm_testing.dicom_checks import GEOMETRIES, REAL_SERIES, dciodvfy_errors, seg_on_grid  # noqa: E402
+from ctfm_testing.dicom_checks import GEOMETRIES, REAL_SERIES, dciodvfy_errors, seg_on_grid, write_bias_free_segmenter  # noqa: E402
 from ctfm_testing.hostile import assert_refused, ctfm, small_ct, tree_digest  # noqa: E402
 from ctfm_testing.phantoms import body_phantom  # noqa: E402
 from ctfm_testing.synthetic_dicom import write_ct_series  # noqa: E402
@@ -36,23 +36,7 @@ OLD_DCIODVFY_LABELMAP = "Shall not be present for Referenced SOP Class that is n
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny SegResNetDS (as test_segment_cli's) whose heads have no bias, so the image, not a bias, picks the
-    classes: several structures on a body phantom, so a wrong segment number shows."""
-    import torch
-    from torch import nn
-
-    from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
-
-    net = monai_segresnet(out_channels=5, init_filters=4, blocks_down=(1, 1, 1, 1), dsdepth=2, seed=2)
-    with torch.no_grad():
-        for level in net.up_layers:
-            if isinstance(level["head"], nn.Conv3d):
-                level["head"].bias.zero_()
-    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 5, "init_filters": 4,
-              "blocks_down": [1, 1, 1, 1], "dsdepth": 2}
-    folder = write_published_layout(net, tmp_path_factory.mktemp("seg-model"), config)
-    (folder / "labels.json").write_text(json.dumps({"0": "background", **LABELS}))
-    return folder
+    return write_bias_free_segmenter(tmp_path_factory.mktemp("seg-model"), LABELS)
 
 
 def leftovers(folder):

@@ -21,7 +21,7 @@ pytest.importorskip("highdicom", reason="highdicom (a dependency of ctfm-slicer)
 import pydicom  # noqa: E402
 
 from ctfm_testing.data import require_shared_data  # noqa: E402
-from ctfm_testing.dicom_checks import REAL_SERIES, seg_on_grid  # noqa: E402
+from ctfm_testing.dicom_checks import REAL_SERIES, seg_on_grid, write_bias_free_segmenter  # noqa: E402
 from ctfm_testing.hostile import assert_refused, ctfm, tree_digest  # noqa: E402
 from ctfm_testing.phantoms import body_phantom  # noqa: E402
 from ctfm_testing.synthetic_dicom import write_ct_series  # noqa: E402
@@ -34,22 +34,7 @@ LABELS = {"1": "liver", "2": "spleen", "3": "kidney_left", "4": "aorta"}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """The tiny SegResNetDS of test_segment_dicom: heads without bias, so the image picks the classes."""
-    import torch
-    from torch import nn
-
-    from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
-
-    net = monai_segresnet(out_channels=5, init_filters=4, blocks_down=(1, 1, 1, 1), dsdepth=2, seed=2)
-    with torch.no_grad():
-        for level in net.up_layers:
-            if isinstance(level["head"], nn.Conv3d):
-                level["head"].bias.zero_()
-    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 5, "init_filters": 4,
-              "blocks_down": [1, 1, 1, 1], "dsdepth": 2}
-    folder = write_published_layout(net, tmp_path_factory.mktemp("seg-model"), config)
-    (folder / "labels.json").write_text(json.dumps({"0": "background", **LABELS}))
-    return folder
+    return write_bias_free_segmenter(tmp_path_factory.mktemp("seg-model"), LABELS)
 
 
 def uids(folder):

@@ -7,23 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from ctfm_testing.hardware import DEVICES, expected_precision
 from ctfm_testing.hostile import ctfm, small_ct, tiny_encoder
 from CTFMLib.runtime import Runner, RunOptions
-
-
-def expected_precision(device: str) -> str:
-    """The policy's rule, read here from the hardware itself (not from CTFMLib)."""
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(next(ln for ln in f if ln.startswith("flags")).split())
-    except (OSError, StopIteration):
-        pytest.skip("no /proc/cpuinfo flags to read the CPU's bf16 support from")
-    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def progress_messages(stderr: str) -> list:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ctfm_testing.hardware import DEVICES, expected_precision
 from ctfm_testing.hostile import ctfm, tiny_encoder, tiny_segmenter, tiny_triage
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom, head_phantom
 from CTFMLib.image import read_image, write_image
@@ -25,19 +26,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def expected_precision(device: str) -> str:
-    """``auto``'s rule (CTFMLib.runtime.resolve_precision's docstring), read here from the hardware itself."""
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(next(ln for ln in f if ln.startswith("flags")).split())
-    except (OSError, StopIteration):
-        pytest.skip("no /proc/cpuinfo flags to read the CPU's bf16 support from")
-    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def small_head():

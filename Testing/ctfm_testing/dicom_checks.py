@@ -85,3 +85,26 @@ def run_dciodvfy(exe, path) -> str:
     """dciodvfy's whole report on one file (it writes to stderr)."""
     result = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
     return result.stdout + result.stderr
+
+
+def write_bias_free_segmenter(folder, labels: dict):
+    """A tiny SegResNetDS (5 outputs) in the published layout whose heads have no bias, so the image, not a bias,
+    picks the classes: several structures on a body phantom, so a wrong segment number shows. ``labels``:
+    ``{"1": name, ...}`` for its labels.json."""
+    import json
+
+    import torch
+    from torch import nn
+
+    from ctfm_testing.checkpoints import monai_segresnet, write_published_layout
+
+    net = monai_segresnet(out_channels=5, init_filters=4, blocks_down=(1, 1, 1, 1), dsdepth=2, seed=2)
+    with torch.no_grad():
+        for level in net.up_layers:
+            if isinstance(level["head"], nn.Conv3d):
+                level["head"].bias.zero_()
+    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 5, "init_filters": 4,
+              "blocks_down": [1, 1, 1, 1], "dsdepth": 2}
+    folder = write_published_layout(net, folder, config)
+    (folder / "labels.json").write_text(json.dumps({"0": "background", **labels}))
+    return folder
