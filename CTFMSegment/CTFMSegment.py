@@ -323,7 +323,7 @@ class CTFMSegmentWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget, 
                 segmentation, volume, on_progress=self._exportJob.progress, on_line=lambda stream, text: self._log(text),
                 on_done=lambda result, message, log: self._onExported(result, message, log, volume))
 
-        self._exportJob.launch(_("Failed to export the DICOM SEG."), start,
+        self._exportJob.launch(_("Failed to export the DICOM SEG."), start, childPackages=True,
                                what=_("CT-FM Segment: exporting a DICOM SEG of '{volume}'").format(volume=volume.GetName()))
 
     def _onExported(self, result, message: str, log: str, volume) -> None:

@@ -40,7 +40,7 @@ def parametric_map(heat: Image, source_series_folder, *, description: str, targe
                    series_uid: Optional[str] = None):
     """The highdicom ``ParametricMap`` of ``heat`` (values in 0..1 on the grid of the series in
     ``source_series_folder``), built in memory: every refusal happens here, before a file is created."""
-    from .dicom_seg import check_on_grid, import_highdicom, source_series_datasets
+    from .dicom_seg import check_on_grid, derived_series_number, import_highdicom, source_series_datasets
 
     array = np.asarray(heat.array)
     if array.ndim != 3 or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
@@ -66,12 +66,7 @@ def parametric_map(heat: Image, source_series_folder, *, description: str, targe
         value_range=VALUE_RANGE, slope=1.0, intercept=0.0,
         quantity_definition=hd.sr.CodedConcept(value=QUANTITY[1], scheme_designator=QUANTITY[0], meaning=QUANTITY[2]))
     window = hd.VOILUTTransformation(window_center=0.5, window_width=1.0, window_explanation="0..1")
-    try:
-        series_number = int(sources[0].get("SeriesNumber")) + SERIES_NUMBER_OFFSET
-    except (TypeError, ValueError):
-        series_number = SERIES_NUMBER_OFFSET
-    if not 0 < series_number < 2**31:
-        series_number = SERIES_NUMBER_OFFSET
+    series_number = derived_series_number(sources[0], SERIES_NUMBER_OFFSET)
     frames = np.ascontiguousarray(values.transpose(2, 1, 0))  # [slice k, row j, column i]
     try:
         pm = hd.pm.ParametricMap(

@@ -37,7 +37,7 @@ from .image import Image, ImageError
 from .labels import LabelInfo, parse_terminology
 
 __all__ = [
-    "write_dicom_seg", "source_series_datasets", "check_on_grid", "segment_codes", "import_highdicom",
+    "write_dicom_seg", "source_series_datasets", "check_on_grid", "segment_codes", "import_highdicom", "derived_series_number",
     "SEG_TYPES", "ALGORITHM_NAME", "PRIVATE_SCHEME", "MINIMUM_HIGHDICOM",
 ]
 
@@ -71,6 +71,16 @@ def import_highdicom(product: str = "DICOM SEG"):
         )
     return highdicom
 
+
+
+def derived_series_number(source, offset: int) -> int:
+    """The SeriesNumber of an object derived from ``source`` (a data set): the source's plus ``offset``, so it
+    sorts after it; ``offset`` alone when the source has none or the sum leaves DICOM's IS range."""
+    try:
+        number = int(source.get("SeriesNumber")) + offset
+    except (TypeError, ValueError):
+        return offset
+    return number if 0 < number < 2**31 else offset
 
 # --- the source series ------------------------------------------------------------------
 
@@ -324,13 +334,7 @@ def write_dicom_seg(labels: Image, label_info: Iterable[LabelInfo], source_serie
     lut[present] = np.arange(1, len(present) + 1, dtype=lut.dtype)
     frames = np.ascontiguousarray(lut[array].transpose(2, 1, 0))
 
-    source_number = sources[0].get("SeriesNumber")
-    try:
-        series_number = int(source_number) + SERIES_NUMBER_OFFSET
-    except (TypeError, ValueError):
-        series_number = SERIES_NUMBER_OFFSET
-    if not 0 < series_number < 2**31:
-        series_number = SERIES_NUMBER_OFFSET
+    series_number = derived_series_number(sources[0], SERIES_NUMBER_OFFSET)
     labelmap = seg_type == "labelmap"
     try:
         seg = hd.seg.Segmentation(

@@ -65,7 +65,7 @@ def write_dicom_sr(seg_file, statistics: dict, out, *, algorithm: tuple, overwri
     structure of ``statistics`` (:func:`CTFMLib.statistics.structure_statistics` of the SEG's label map, on the
     CT's grid) with its volume and mean HU, referencing the SEG's segment. ``algorithm`` is ``(name, version,
     model sha256 or None)``. Returns ``out``; a refusal is one line and leaves nothing behind."""
-    from .dicom_seg import import_highdicom
+    from .dicom_seg import derived_series_number, import_highdicom
     from .files import atomic_output
 
     out = Path(out)
@@ -114,10 +114,7 @@ def write_dicom_sr(seg_file, statistics: dict, out, *, algorithm: tuple, overwri
         procedure_reported=_concept(hd, CT_PROCEDURE),
         imaging_measurements=groups,
     )
-    try:
-        series_number = int(seg.get("SeriesNumber")) + SERIES_NUMBER_STEP
-    except (TypeError, ValueError):
-        series_number = SERIES_NUMBER_STEP
+    series_number = derived_series_number(seg, SERIES_NUMBER_STEP)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg],
         content=report,

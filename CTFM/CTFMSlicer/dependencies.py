@@ -198,8 +198,7 @@ def _slicer_packaging():
 
 
 def ensure_dependencies(ask_confirmation: bool = True, requirements_path=REQUIREMENTS_FILE) -> None:
-    """PyTorch (via the PyTorch extension), the packages of ``requirements-slicer.txt``, then those only the
-    ``ctfm`` children use (``requirements-child.txt``, into :func:`child_site`)."""
+    """PyTorch (via the PyTorch extension), then the packages of ``requirements-slicer.txt``. What only DICOM
+    writing children use comes with :func:`ensure_child_packages`, asked for by the jobs that write DICOM."""
     ensure_torch(ask_confirmation)
     ensure_packages(read_requirements(requirements_path), ask_confirmation)
-    ensure_child_packages(ask_confirmation)

@@ -53,7 +53,7 @@ class ParameterNodeWidgetMixin:
         """Why this module may not start a job now (another module's job or an install runs), or None."""
         return JOBS.busy_message(self)
 
-    def prepareJob(self, what: str) -> None:
+    def prepareJob(self, what: str, childPackages: bool = False) -> None:
         """Before starting a job: refuse while another CT-FM job or an install runs (:class:`JobBusyError`,
         whose message says what runs), then make sure PyTorch and CT-FM's packages are installed, holding
         the job slot meanwhile: Slicer's pip install processes GUI events, so a second click could
@@ -61,10 +61,12 @@ class ParameterNodeWidgetMixin:
         message = self.jobBusyMessage()
         if message:
             raise JobBusyError(message)
-        from CTFMSlicer.dependencies import ensure_dependencies
+        from CTFMSlicer.dependencies import ensure_child_packages, ensure_dependencies
 
         with JOBS.installing(what):
             ensure_dependencies()
+            if childPackages:  # a job whose child writes DICOM: highdicom in the children's own folder
+                ensure_child_packages()
 
     def followRunner(self, runner, what: str = "") -> None:
         """Poll ``runner`` every 100 ms in the GUI thread, where its callbacks may touch Qt and MRML;
@@ -248,7 +250,8 @@ class JobControls:
         self.button.enabled = not problem
         self.button.toolTip = problem or idleToolTip
 
-    def launch(self, failureTitle: str, start, what=None, prepare: bool = True, follow: bool = True) -> None:
+    def launch(self, failureTitle: str, start, what=None, prepare: bool = True, follow: bool = True,
+               childPackages: bool = False) -> None:
         """The button's click: cancel the running job, else start one.
 
         ``start()`` returns the job's runner; it is called inside an error display titled ``failureTitle``
@@ -256,7 +259,8 @@ class JobControls:
         with the controls already showing the job, since a runner may report its end while it starts.
         A :class:`CTFMSlicer.process.ProcessRunner` is polled by the widget (``follow``); another runner
         (a CLI run that reports through its node) only holds the job slot. ``what`` overrides the
-        description for this run.
+        description for this run; ``childPackages``: the child writes DICOM, so the packages only children use
+        are installed first (:func:`CTFMSlicer.dependencies.ensure_child_packages`).
         """
         if self.running:
             self.cancel()
@@ -265,7 +269,7 @@ class JobControls:
         self.label.text = ""
         with slicer.util.tryWithErrorDisplay(failureTitle, waitCursor=self.waitCursor):
             if prepare:
-                self.widget.prepareJob(what)
+                self.widget.prepareJob(what, childPackages=childPackages)
             else:
                 busy = JOBS.busy_message()  # any job: this one does not run, and the panel's others count too
                 if busy:
