@@ -12,3 +12,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ctfm_pythonpath() -> str:
+    """PYTHONPATH for a child that runs ``-m CTFMLib.cli`` from this checkout."""
+    from .plugin import ROOT
+
+    return os.pathsep.join([str(ROOT / "CTFM"), os.environ.get("PYTHONPATH", "")])
+
+
+def two_node_launch(*args, nodes: int = 2, env=None) -> list:
+    """Start ``nodes`` torchrun launchers on this machine, each one "node" of one process, that meet through a
+    c10d rendezvous on 127.0.0.1 (as ``torchrun --nnodes N --rdzv-backend c10d`` does across real machines) and
+    run ``python -m CTFMLib.cli *args``; returns the ``subprocess.Popen`` of each launcher (stdout/stderr piped,
+    text). The caller waits for them (``communicate``) or kills one."""
+    import subprocess
+    import sys
+    import uuid
+
+    env = {**child_env(), "PYTHONPATH": ctfm_pythonpath(), **(env or {})}
+    endpoint = f"127.0.0.1:{free_port()}"
+    run_id = uuid.uuid4().hex[:12]
+    launchers = []
+    for _ in range(nodes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
+               "--max-restarts", "0", "-m", "CTFMLib.cli", *map(str, args)]
+        launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                          start_new_session=True))
+    return launchers
