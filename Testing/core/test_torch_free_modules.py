@@ -14,7 +14,7 @@ TORCH_FREE = [
     "CTFMLib.catalog", "CTFMLib.cache", "CTFMLib.labels", "CTFMLib.progress", "CTFMLib.files", "CTFMLib.text",
     "CTFMLib.costs", "CTFMLib.ct_check", "CTFMLib.segment_plan", "CTFMLib.image", "CTFMLib.train.config",
     "CTFMLib.model_store", "CTFMLib.statistics", "CTFMLib.dicom_seg", "CTFMLib.dicom_pmap", "CTFMLib.dicom_sr",
-    "CTFMLib.retrieval.backends",
+    "CTFMLib.retrieval.backends", "CTFMLib.retrieval.urls", "CTFMLib.ranks",
 ]
 
 BLOCKER = r"""

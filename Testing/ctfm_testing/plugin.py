@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytest_plugins = ["ctfm_testing.postgres"]  # postgres_server / postgres_url (skipped where pgserver is missing)
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 # Tests never reach the Hugging Face hub: it is unreachable here and must not be needed anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Union
-from urllib.parse import urlsplit, urlunsplit
+
+from .urls import SCHEMES, display, is_database
 
 __all__ = ["ENV_PREFIX", "SCHEMES", "display", "exists", "index_class", "is_database", "open_index",
            "open_or_create", "resolve"]
 
-SCHEMES = ("postgresql://", "postgres://")
 ENV_PREFIX = "env:"
 
 Target = Union[str, os.PathLike]
@@ -45,24 +45,6 @@ def resolve(target: Target) -> Union[str, Path]:
     if is_database(text):
         return text
     return Path(text).expanduser()
-
-
-def is_database(target: Target) -> bool:
-    """Whether ``target`` is a PostgreSQL URL (not looking up ``env:``; see :func:`resolve`)."""
-    return isinstance(target, str) and target.lower().startswith(SCHEMES)
-
-
-def display(target: Target) -> str:
-    """``target`` as it may be shown and stored: a folder as given, a URL without its password."""
-    text = os.fspath(target)
-    if not is_database(text):
-        return text
-    parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def index_class(target: Target):

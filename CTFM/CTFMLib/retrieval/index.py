@@ -109,7 +109,7 @@ class VectorIndex:
         if not model_id or not weights_hash or int(dim) < 1:
             raise RetrievalIndexError("create() needs a model id, the weights' sha256 and the vector length (dim >= 1)")
         meta = {"format": str(FORMAT), "model_id": str(model_id), "weights_hash": str(weights_hash).lower(),
-                "dim": str(int(dim)), "preprocessing": _json(preprocessing or {}, "preprocessing"),
+                "dim": str(int(dim)), "preprocessing": store.to_json(preprocessing or {}, "preprocessing"),
                 "created_at": repr(time.time()), "generation": "0", "scan_rows": "0", "patch_rows": "0",
                 "version": "0"}
         try:
@@ -171,7 +171,7 @@ class VectorIndex:
         problem = None
         if index.dim != int(dim):
             problem = f"{root} holds {index.dim}-d vectors, not {dim}-d: use another index folder"
-        elif preprocessing is not None and json.loads(_json(preprocessing, "preprocessing")) != index.preprocessing:
+        elif preprocessing is not None and json.loads(store.to_json(preprocessing, "preprocessing")) != index.preprocessing:
             problem = (f"{root} was built with other settings ({json.dumps(index.preprocessing, sort_keys=True)}): "
                        "vectors of other settings do not mix; use another index folder")
         if problem:
@@ -367,9 +367,9 @@ class VectorIndex:
             raise RetrievalIndexError("add()/update() need a ScanRecord with a path")
         s, p, c = self._check_vectors(scan_vector, patch_vectors, patch_centres_lps)
         digest = store.checksum(s, p)
-        fields = (str(record.path), _opt_str(record.series_uid), _opt_str(record.patient_id),
-                  _opt_str(record.study_uid), _json(store.geometry_dict(record.geometry), "geometry"),
-                  _json(record.preprocessing, "preprocessing"), _json(record.metadata, "metadata"),
+        fields = (str(record.path), store.opt_str(record.series_uid), store.opt_str(record.patient_id),
+                  store.opt_str(record.study_uid), store.to_json(store.geometry_dict(record.geometry), "geometry"),
+                  store.to_json(record.preprocessing, "preprocessing"), store.to_json(record.metadata, "metadata"),
                   self.model_id, self.weights_hash, time.time())
         with self._writing() as meta:
             old = self._id_of(record.path, record.series_uid)
@@ -502,7 +502,7 @@ class VectorIndex:
     # ---- reading -------------------------------------------------------------------------------------------
     def _id_of(self, path, series_uid) -> Optional[int]:
         row = self._conn.execute("SELECT id FROM scans WHERE path = ? AND ifnull(series_uid, '') = ifnull(?, '')",
-                                 (str(path), _opt_str(series_uid))).fetchone()
+                                 (str(path), store.opt_str(series_uid))).fetchone()
         return None if row is None else int(row[0])
 
     @_guarded
@@ -591,14 +591,22 @@ class VectorIndex:
     @_guarded
     def search(self, query, k: int = 10, level: str = "scan", metric: str = "cosine", exclude_patient=None,
                exclude_study=None, where: Optional[Callable[[ScanRecord], bool]] = None, backend: str = "auto",
-               max_per_scan: Optional[int] = None, weights_hash: Optional[str] = None):
+               max_per_scan: Optional[int] = None, weights_hash: Optional[str] = None,
+               metadata: Optional[dict] = None):
         """The ``k`` most similar scans (``level="scan"``) or patches (``"patch"``) to ``query``.
 
         query: (D,) -> list[Hit]; (Q, D) -> one list per query. exclude_patient / exclude_study: an id or a
         collection of ids whose scans are left out; where: keep only scans whose record it accepts;
-        max_per_scan: at most this many patch hits per scan (1 = best location in each scan);
+        metadata: keep only scans whose metadata contains this dict (as PostgreSQL's jsonb ``@>``, see
+        :func:`store.json_contains`); max_per_scan: at most this many patch hits per scan (1 = best location in
+        each scan);
         backend: "exact" (numpy), "faiss", or "auto" (FAISS when installed and >= 100,000 candidate rows).
         """
+        if backend == "hnsw":
+            raise RetrievalIndexError(f"backend='hnsw' is for PostgreSQL indexes; {self.root} is a folder index, whose "
+                                      "approximate search is FAISS: use backend='faiss', 'exact' or 'auto'")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise RetrievalIndexError(f"metadata must be a dict of the values to match; got {type(metadata).__name__}")
         if level not in store.LEVELS or metric not in ("cosine", "l2") or backend not in ("auto", "exact", "faiss"):
             raise RetrievalIndexError(f"level must be scan|patch, metric cosine|l2, backend auto|exact|faiss; got "
                                       f"{level!r}, {metric!r}, {backend!r}")
@@ -623,7 +631,7 @@ class VectorIndex:
             else:
                 raise RetrievalIndexError(f"{self.root} keeps changing generation; retry")
             allowed = view.owner >= 0
-            keep = self._scan_filter(snap, exclude_patient, exclude_study, where)
+            keep = self._scan_filter(snap, exclude_patient, exclude_study, where, metadata or None)
             if keep is not None:
                 allowed &= keep[view.owner]  # a removed row's owner -1 picks the final False
             faiss_ok = _search.faiss_module() is not None
@@ -636,11 +644,14 @@ class VectorIndex:
             hits = [[self._hit(snap, view, level, r, s) for r, s in zip(rows, sims)] for rows, sims in found]
         return hits[0] if single else hits
 
-    def _scan_filter(self, snap, exclude_patient, exclude_study, where) -> Optional[np.ndarray]:
-        if exclude_patient is None and exclude_study is None and where is None:
+    def _scan_filter(self, snap, exclude_patient, exclude_study, where, metadata=None) -> Optional[np.ndarray]:
+        if exclude_patient is None and exclude_study is None and where is None and metadata is None:
             return None
-        bad_p, bad_s = _as_set(exclude_patient), _as_set(exclude_study)
+        bad_p, bad_s = store.as_set(exclude_patient), store.as_set(exclude_study)
+        if metadata is not None:
+            metadata = json.loads(store.to_json(metadata, "metadata filter"))  # as stored: JSON values, not Python objects
         return np.array([(r[3] is None or r[3] not in bad_p) and (r[4] is None or r[4] not in bad_s)
+                         and (metadata is None or store.json_contains(self._record(r).metadata, metadata))
                          and (where is None or bool(where(self._record(r)))) for r in snap.rows] + [False], bool)
 
     def _hit(self, snap, view, level, row, sim) -> Hit:
@@ -829,20 +840,3 @@ def _empty_database(root: Path, readonly: bool, timeout: float) -> bool:
             conn.close()
     except sqlite3.Error:
         return False
-
-
-def _json(value, what: str) -> str:
-    try:
-        return json.dumps(value, default=store.plain, sort_keys=True)
-    except (TypeError, ValueError) as e:
-        raise RetrievalIndexError(f"the scan's {what} must be JSON-serialisable (numbers, strings, lists, dicts): {e}")
-
-
-def _opt_str(v) -> Optional[str]:
-    return None if v is None else str(v)
-
-
-def _as_set(v) -> set:
-    if v is None:
-        return set()
-    return {str(v)} if isinstance(v, (str, int)) else {str(x) for x in v}

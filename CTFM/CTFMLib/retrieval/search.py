@@ -107,7 +107,7 @@ def rescore(view: LevelView, query: np.ndarray, rows: np.ndarray, metric: str) -
 
 def pick(rows: np.ndarray, sims: np.ndarray, owner: np.ndarray, k: int, max_per_scan: Optional[int]):
     """The best ``k`` of the candidates, at most ``max_per_scan`` per scan; (rows, sims) best first."""
-    order = np.lexsort((rows, -sims))  # ties broken by row so results are reproducible
+    order = np.lexsort((rows, owner[rows], -sims))  # ties: by scan (id order), then row, as the PostgreSQL index
     rows, sims = rows[order], sims[order]
     if max_per_scan is None:
         return rows[:k], sims[:k]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import struct
@@ -156,6 +157,23 @@ def plain(o):
     if isinstance(o, (Path, os.PathLike)):
         return str(o)
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def json_contains(value, pattern) -> bool:
+    """Whether JSON ``value`` contains ``pattern`` as PostgreSQL's jsonb ``@>`` decides: an object contains an
+    object whose every key it has with a containing value, an array contains an array whose every element some
+    element of it contains, scalars must be equal (true is not 1); so both index backends filter alike."""
+    if isinstance(pattern, dict):
+        return isinstance(value, dict) and all(k in value and json_contains(value[k], v) for k, v in pattern.items())
+    if isinstance(pattern, list):
+        if not isinstance(value, list):
+            return False
+        return all(any(json_contains(v, p) for v in value) for p in pattern)
+    if isinstance(value, (dict, list)):  # (jsonb's one exception, a top-level array holding a scalar, never applies:
+        return False                     # metadata is an object)
+    if isinstance(pattern, bool) or isinstance(value, bool):
+        return isinstance(pattern, bool) and isinstance(value, bool) and pattern == value
+    return value == pattern
 
 
 def geometry_dict(g) -> dict:
@@ -373,7 +391,9 @@ def checksum(scan_vector, patch_vectors) -> str:
     """SHA-256 (hex) of a scan's vector bytes as stored: the scan vector, then its patch vectors."""
     h = hashlib.sha256()
     for part in (scan_vector, patch_vectors):
-        h.update(memoryview(np.ascontiguousarray(part, dtype="<f4")).cast("B"))
+        part = np.ascontiguousarray(part, dtype="<f4")
+        if part.size:  # a scan without patches adds no bytes (memoryview cannot cast an empty array)
+            h.update(memoryview(part).cast("B"))
     return h.hexdigest()
 
 
@@ -584,3 +604,22 @@ def index_error(e: BaseException, root) -> RetrievalIndexError:
         return RetrievalIndexError(f"{db} cannot be opened: check that its folder exists and that you may read "
                                    "(and, to change the index, write) it")
     return RetrievalIndexError(f"{db} cannot be read ({text}); rebuild the index")
+
+
+def to_json(value, what: str) -> str:
+    """``value`` as the JSON text an index stores (sorted keys; numpy values as plain ones); refused in one line."""
+    try:
+        return json.dumps(value, default=plain, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise RetrievalIndexError(f"the scan's {what} must be JSON-serialisable (numbers, strings, lists, dicts): {e}")
+
+
+def opt_str(v) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+def as_set(v) -> set:
+    """The ids a filter names: one id, or a collection of them, as strings."""
+    if v is None:
+        return set()
+    return {str(v)} if isinstance(v, (str, int)) else {str(x) for x in v}
