@@ -511,6 +511,25 @@ def _segment_quality(args) -> str:
 
 
 def cmd_segment(args) -> int:
+    """``ctfm segment``: one image (``--out``), its plan (``--plan``) or a batch (``--out-dir``); a batch under
+    ``torchrun`` is shared out over the processes (:func:`_segment_ranks`)."""
+    from . import ranks
+
+    if ranks.requested():
+        return _segment_ranks(args)
+    plan = _segment_plan(args)
+    if isinstance(plan, int):  # nothing to segment: said so
+        return plan
+    check_models(args)  # before torch loads
+    options = _segment_options(args, args.device)
+    model, labels = _segment_model(args, plan, args.progress_cb)
+    outcomes = _segment_each(args, plan, plan["jobs"], model, labels, options, args.progress_cb)
+    return _segment_summary(args, plan, outcomes)
+
+
+def _segment_plan(args):
+    """What ``ctfm segment`` will do, every option and output checked: ``{"jobs": [(input, series, output)], ...}``;
+    or the exit status when a batch has nothing left to segment (after saying so)."""
     from .files import check_outputs
     from .segment_plan import parse_spacing
 
@@ -568,19 +587,45 @@ def cmd_segment(args) -> int:
                              f"nothing to do: all {count(len(done), 'output')} exist")
                 return 0
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
-    check_models(args)
-    from .image import read_image
-    from .runtime import run_options
-    from .segment import load_segmentation_model, plan_for, segment_image, select_structures
+    # One object, so that a row and its job_rows entry stay one dict when it is sent to other processes.
+    return {"jobs": jobs, "rows": rows, "job_rows": job_rows, "skipped": skipped, "stats_files": stats_files,
+            "quality": quality, "spacing": spacing, "structures": structures}
 
-    options = run_options(args.device, args.precision, args.threads, None, args.batch_size)
-    model, labels = load_segmentation_model(args.model, args.progress_cb)
-    select_structures(labels, structures)  # an unknown name fails once, before any image is read
-    failed, results = [], []
-    for n, (path, series, out) in enumerate(jobs, 1):
-        prefix = f"[{n}/{len(jobs)}] {path.name}: " if len(jobs) > 1 else ""
+
+def _segment_model(args, plan: dict, progress) -> tuple:
+    """``(model, labels)`` of ``--model``; an unknown structure fails here, once, before any image is read."""
+    from .segment import load_segmentation_model, select_structures
+
+    model, labels = load_segmentation_model(args.model, progress)
+    select_structures(labels, plan["structures"])
+    return model, labels
+
+
+def _segment_options(args, device: str):
+    """The run options (device, precision, threads, batch size) of ``ctfm segment`` on ``device``."""
+    from .runtime import run_options
+
+    return run_options(device, args.precision, args.threads, None, args.batch_size)
+
+
+def _segment_each(args, plan: dict, jobs: list, model, labels, options, progress_cb, numbers=None,
+                  total: Optional[int] = None, who: str = "") -> list:
+    """Segment ``jobs`` in turn: ``[("result" | "failed", entry)]``, one for each job (none with ``--plan``).
+
+    In a batch a failed input is reported and the rest go on; ``numbers``/``total`` number the jobs within
+    the whole batch (a rank's share of it) and ``who`` (``rank r: ``) names the process on its lines."""
+    from .image import read_image
+    from .segment import plan_for, segment_image
+
+    quality, spacing, structures = plan["quality"], plan["spacing"], plan["structures"]
+    stats_files, job_rows = plan["stats_files"], plan["job_rows"]
+    numbers = list(numbers) if numbers is not None else list(range(1, len(jobs) + 1))
+    total = len(jobs) if total is None else total
+    outcomes = []
+    for k, ((path, series, out), n) in enumerate(zip(jobs, numbers), 1):
+        prefix = who + (f"[{n}/{total}] {path.name}: " if total > 1 else "")
         # A batch's bar runs once over all its inputs, each input a slice of it.
-        progress = subrange(args.progress_cb, (n - 1) / len(jobs), n / len(jobs)) if args.out_dir else args.progress_cb
+        progress = subrange(progress_cb, (k - 1) / len(jobs), k / len(jobs)) if args.out_dir else progress_cb
         written = []
         sr_file, job_stats = job_extras(args, out, stats_files)
         try:
@@ -591,19 +636,19 @@ def cmd_segment(args) -> int:
                 from .dicom_seg import check_on_grid, source_series_datasets
 
                 check_on_grid(image, source_series_datasets(reference, series), reference, what="input image")
-            plan = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation,
+            work = plan_for(image, model, options, quality, spacing, interpolation=args.interpolation,
                             progress=progress)
             if args.plan:
-                print_result(args, plan_json(path, plan), *plan_sentences(path, plan))
+                print_result(args, plan_json(path, work), *plan_sentences(path, work))
                 continue
-            where = ("at the input's spacing" if plan.working_spacing is None else
-                     "at " + "x".join(f"{v:g}" for v in plan.working_spacing) + " mm (S, P, L)")
-            progress(None, Estimate(plan.expected_seconds, f"{prefix}{quality} quality {where}, "
-                     f"{count(plan.windows_run, 'window')}, {options.device}, {options.precision}"))
+            where = ("at the input's spacing" if work.working_spacing is None else
+                     "at " + "x".join(f"{v:g}" for v in work.working_spacing) + " mm (S, P, L)")
+            progress(None, Estimate(work.expected_seconds, f"{prefix}{quality} quality {where}, "
+                     f"{count(work.windows_run, 'window')}, {options.device}, {options.precision}"))
             result = segment_image(image, model=model, labels=labels, structures=structures, quality=quality,
                                    spacing=spacing, interpolation=args.interpolation,
                                    largest_component=args.largest_component, options=options,
-                                   progress=progress, max_memory_gb=args.max_memory_gb, plan=plan)
+                                   progress=progress, max_memory_gb=args.max_memory_gb, plan=work)
             # before anything is written
             stats = segment_statistics(image, result) if job_stats or sr_file else None
             dicom = (reference, series, args.seg_type, getattr(model, "ctfm_sha256", None))
@@ -615,32 +660,131 @@ def cmd_segment(args) -> int:
             present = int(np.count_nonzero(np.bincount(result.labels.array.ravel())[1:]))
             if out in job_rows:
                 job_rows[out].update(status="written", seconds=f"{result.seconds:.1f}", structures=present)
-            results.append({"image": str(path), "files": [str(f) for f in written], "structures_present": present,
-                            "seconds": round(float(result.seconds), 1),
-                            "expected_seconds": round(float(plan.expected_seconds), 1)})
+            outcomes.append(("result", {"image": str(path), "files": [str(f) for f in written],
+                                        "structures_present": present, "seconds": round(float(result.seconds), 1),
+                                        "expected_seconds": round(float(work.expected_seconds), 1)}))
             line = (f"{prefix}wrote {', '.join(map(str, written))} ({count(present, 'structure')} present, "
                     f"{duration(result.seconds)})")
             if args.out_dir:
                 say(args, line)
             else:
-                print_result(args, results[-1], line)
+                print_result(args, outcomes[-1][1], line)
         except Exception as e:  # noqa: BLE001 - in a batch every failure is reported and the rest go on
             if not args.out_dir or isinstance(e, Cancelled):
                 raise
             for f in written:  # an input's outputs come all or none: a rerun then finds none, not some
                 f.unlink(missing_ok=True)
-            failed.append({"image": str(path), "error": _one_line(e)})
-            print(f"ctfm: FAILED {path}: {_one_line(e)}", file=sys.stderr, flush=True)
+            outcomes.append(("failed", {"image": str(path), "error": _one_line(e)}))
+            print(f"ctfm: {who}FAILED {path}: {_one_line(e)}", file=sys.stderr, flush=True)
             if out in job_rows:
                 job_rows[out].update(status="failed", reason=_one_line(e))
                 _remove_empty_folders(out.parent, Path(args.out_dir))
-    if rows is not None:
-        return finish_tree(args, Path(args.out_dir), rows, results)
+    return outcomes
+
+
+def _segment_summary(args, plan: dict, outcomes: list) -> int:
+    """Say what a segmentation did (a batch: its summary; ``--dicom-tree``: also ``summary.csv``); the exit status,
+    1 when an input failed."""
+    results = [entry for kind, entry in outcomes if kind == "result"]
+    failed = [entry for kind, entry in outcomes if kind == "failed"]
+    if plan["rows"] is not None:
+        return finish_tree(args, Path(args.out_dir), plan["rows"], results)
     if args.out_dir:
-        print_result(args, {"results": results, "failed": failed, "skipped": skipped},
-                     f"segmented {len(jobs) - len(failed)} of {count(len(jobs), 'image')}"
+        n = len(plan["jobs"])
+        print_result(args, {"results": results, "failed": failed, "skipped": plan["skipped"]},
+                     f"segmented {n - len(failed)} of {count(n, 'image')}"
                      + (f"; failed: {', '.join(f['image'] for f in failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def _segment_ranks(args) -> int:
+    """``ctfm segment FOLDER --out-dir DIR`` as one of several processes under ``torchrun``
+    (:mod:`CTFMLib.ranks`): rank 0 plans, every rank segments its share, rank 0 sums up; the same exit
+    status on every rank."""
+    from . import ranks
+    from .progress import null_progress
+
+    owned = ranks.join()
+    try:
+        rank, world = ranks.rank(), ranks.world()
+        progress_cb = args.progress_cb if rank == 0 else null_progress  # one bar, over rank 0's share
+        loaded = []
+
+        def plan_and_load():
+            if args.out or args.plan:
+                raise ValueError(f"{'--out' if args.out else '--plan'} is about one image: nothing to share out "
+                                 "under torchrun (WORLD_SIZE > 1); run it as a single process, or give --out-dir DIR")
+            plan = _segment_plan(args)
+            if not isinstance(plan, int) and plan["jobs"]:
+                check_models(args)
+                _segment_options(args, args.device)  # a bad --device or --precision is refused once, here
+                loaded.extend(_segment_model(args, plan, progress_cb))
+            return plan
+
+        plan, code = _on_rank_0(args, rank, plan_and_load)
+        if code is None and isinstance(plan, int):
+            code = plan  # nothing to segment: rank 0 said so
+        if code is not None:
+            return code
+        mine = ranks.share(plan["jobs"], rank, world)
+        if ranks.local_rank() != 0:  # the first process of each machine fills its model cache, then the others
+            ranks.barrier()
+        if mine and not loaded:
+            from .segment import load_segmentation_model
+
+            loaded.extend(load_segmentation_model(args.model, progress_cb))
+        if ranks.local_rank() == 0:
+            ranks.barrier()
+        from .runtime import rank_device
+
+        options = _segment_options(args, rank_device(args.device, ranks.local_rank()))
+        outcomes = _segment_each(args, plan, mine, *(loaded or (None, None)), options, progress_cb,
+                                 numbers=range(rank + 1, len(plan["jobs"]) + 1, world), total=len(plan["jobs"]),
+                                 who=f"rank {rank}: ")
+        rows = [(out, plan["job_rows"][out]) for _, _, out in mine if out in plan["job_rows"]]
+        gathered = ranks.gather((outcomes, rows))
+
+        def summarise():
+            everything = [None] * len(plan["jobs"])
+            for r, (theirs, their_rows) in enumerate(gathered):
+                everything[r::world] = theirs  # back in the order of the jobs
+                for out, row in their_rows:
+                    plan["job_rows"][out].update(row)
+            return _segment_summary(args, plan, everything)
+
+        status, failed_status = _on_rank_0(args, rank, summarise)
+        return status if failed_status is None else failed_status
+    finally:
+        ranks.leave(owned)
+
+
+def _on_rank_0(args, rank: int, work) -> tuple:
+    """``work()`` on rank 0, its value sent to every rank: ``(value, None)``; when it failed ``(None, exit status)``
+    on every rank. A refusal is printed here, once, before the other ranks hear of it: torchrun stops the
+    processes still running as soon as one exits with an error, and rank 0 must have said why by then."""
+    from . import ranks
+
+    outcome, error = None, None
+    if rank == 0:
+        try:
+            outcome = ("done", work())
+        except Cancelled:  # the others stop too
+            ranks.broadcast(("exit", 130))
+            raise
+        except Exception as e:  # noqa: BLE001 - reported below, or by main() when unexpected
+            refusal = isinstance(e, _refusals()) and not args.debug
+            if refusal:
+                print(f"ctfm: error: {_one_line(e)}", file=sys.stderr, flush=True)
+            else:
+                error = e
+            outcome = ("exit", EXIT_ERROR if refusal else 1)
+        except BaseException:  # Ctrl-C, SIGTERM: the others stop too
+            ranks.broadcast(("exit", 130))
+            raise
+    kind, value = ranks.broadcast(outcome)
+    if error is not None:
+        raise error
+    return (value, None) if kind == "done" else (None, value)
 
 
 def write_report(args, seg: Path, stats: dict, sha256, report: Path) -> Path:
