@@ -44,15 +44,17 @@ RECORDED = {
         "--allow-non-ct --batch-size --debug --device --json --precision --progress --stride --threads "
         "--weights INDEX SCANS"
     ),
+    # --metadata and compact's --hnsw added deliberately (issue: the PostgreSQL index: a metadata filter for both
+    # backends, PostgreSQL's HNSW indexes)
     "ctfm index query": (
-        "--batch-size --box --debug --device --exclude-patient --exclude-scan --json --metric --overwrite "
-        "--per-scan --point --precision --progress --ras --series --threads --thumbnails --weights -k IMAGE "
-        "INDEX"
+        "--batch-size --box --debug --device --exclude-patient --exclude-scan --json --metadata --metric "
+        "--overwrite --per-scan --point --precision --progress --ras --series --threads --thumbnails --weights -k "
+        "IMAGE INDEX"
     ),
     "ctfm index info": "--check --debug --json --progress INDEX",
     "ctfm index check": "--debug --json --progress --repair INDEX",
     "ctfm index remove": "--debug --json --progress --series INDEX TARGET",
-    "ctfm index compact": "--debug --json --progress INDEX",
+    "ctfm index compact": "--debug --hnsw --json --progress INDEX",
     "ctfm index reembed": (
         "--allow-non-ct --batch-size --debug --device --json --precision --progress --threads --weights INDEX "
         "OUTPUT"

@@ -18,8 +18,8 @@ from ctfm_testing.checkpoints import write_monai_encoder
 from ctfm_testing.phantoms import body_phantom, head_phantom
 from ctfm_testing.plugin import ROOT, run_ctfm
 from CTFMLib.image import write_image
+from CTFMLib.ranks import share
 from CTFMLib.retrieval.index import VectorIndex
-from CTFMLib.retrieval.parallel import share
 from CTFMLib.runtime import rank_device
 
 

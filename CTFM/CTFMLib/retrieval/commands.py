@@ -5,9 +5,14 @@
     ctfm index info INDEX [--check]
     ctfm index check INDEX [--repair]   (verify every vector; --repair drops damaged scans)
     ctfm index remove INDEX ID_OR_PATH [--series UID]
-    ctfm index compact INDEX
+    ctfm index compact INDEX [--hnsw]   (--hnsw: PostgreSQL's approximate-search indexes)
     ctfm index reembed INDEX NEW_INDEX --weights SRC   (the same scans, embedded with other weights)
     ctfm index eval INDEX --labels CSV [-k 1,3,5,10] [--metric cosine|l2]
+
+INDEX is a folder (the embedded index, one machine) or a ``postgresql://user@host/db?schema=NAME`` URL (a shared
+index for many workstations and cluster nodes), or ``env:NAME`` for the URL in an environment variable
+(:mod:`CTFMLib.retrieval.backends`); every command opens it through that module, and whatever it prints or
+writes names a URL without its password.
 
 Each prints sentences (or a table), and with ``--json`` one JSON object, the last line of stdout (the
 lines a person reads then go to stderr: :func:`CTFMLib.text.say`).
@@ -27,7 +32,7 @@ many patches). The add workflow itself is :mod:`CTFMLib.retrieval.ingest`; this 
 ``cmd_*`` functions.
 
 ``add`` runs under ``torchrun`` as well: the processes (one per GPU, or several on the CPU) share
-the scans and write to the one index in turn (:mod:`CTFMLib.retrieval.parallel`)::
+the scans and write to the one index (:mod:`CTFMLib.retrieval.parallel`); several nodes need a PostgreSQL index::
 
     torchrun --nproc_per_node 4 -m CTFMLib.cli index add /data/index /archive --device cuda
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +67,17 @@ from .ingest import (
 )
 
 RAS = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
+WHERE = "folder or postgresql:// URL (or env:NAME)"  # what INDEX may be (CTFMLib.retrieval.backends)
+MADE = f"the index ({WHERE}) made by `ctfm index add`"
+
+
+def shown(target) -> str:
+    """The index as messages and JSON name it: a folder as given, a URL (also one from ``env:NAME``) without its
+    password."""
+    from . import backends
+
+    text = os.fspath(target)
+    return backends.display(backends.resolve(text) if text.startswith(backends.ENV_PREFIX) else text)
 
 
 def add_index_parser(sub, add_run_options, add_json_flag) -> None:
@@ -73,8 +90,9 @@ def add_index_parser(sub, add_run_options, add_json_flag) -> None:
         description="Embed scans and add them to the index; scans already indexed are skipped, so an interrupted "
                     "run is simply started again. Under torchrun (torchrun --nproc_per_node N -m CTFMLib.cli "
                     "index add ...) the N processes share the scans, each on its own GPU (cuda:LOCAL_RANK with "
-                    "--device auto or cuda), and add them to the one index in turn; rank 0 prints the summary.")
-    add.add_argument("index", help="the index folder (created when it does not exist)")
+                    "--device auto or cuda), and add them to the one index; rank 0 prints the summary. Several "
+                    "nodes (torchrun --nnodes N) need a PostgreSQL index (INDEX = postgresql://...).")
+    add.add_argument("index", help=f"the index: {WHERE} (created when it does not exist)")
     add.add_argument("scans", nargs="+", help="image files, folders, DICOM trees or CSV lists (column 'path')")
     add.add_argument("--weights", help=f"the encoder: model id, folder or file (default: the index's, or "
                                        f"{DEFAULT_WEIGHTS} for a new index)")
@@ -89,7 +107,7 @@ def add_index_parser(sub, add_run_options, add_json_flag) -> None:
     add_json_flag(add, "the counts and the scans left out or failed")
 
     q = actions.add_parser("query", help="the scans (or places in them) most similar to an image, a point or a box")
-    q.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    q.add_argument("index", help=MADE)
     q.add_argument("image", help="NIfTI, NRRD, MHA file or DICOM series folder")
     where = q.add_mutually_exclusive_group()
     where.add_argument("--point", help="X,Y,Z in mm: search for the patch around this point "
@@ -116,11 +134,15 @@ def add_index_parser(sub, add_run_options, add_json_flag) -> None:
     q.add_argument("--overwrite", action="store_true", help="--thumbnails: replace 1.png, 2.png, ... left in DIR")
     q.add_argument("--weights", help="where the index's weights are now, if they moved (default: where they were "
                                      "when it was built; they must be the same file)")
+    q.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="only scans whose stored metadata has KEY equal to the text VALUE (e.g. modality=CT; a "
+                        "CSV column of `index add` as columns.NAME=VALUE); KEY:=VALUE compares a JSON value "
+                        "(num_slices:=120); repeatable: all must hold")
     add_json_flag(q, "the hits instead of a table")
     add_run_options(q)
 
     info = actions.add_parser("info", help="what the index holds: model, settings, scans, size")
-    info.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    info.add_argument("index", help=MADE)
     info.add_argument("--check", action="store_true",
                       help="also verify files, rows and every vector (as `ctfm index check` does)")
     add_json_flag(info, "the information")
@@ -132,18 +154,21 @@ def add_index_parser(sub, add_run_options, add_json_flag) -> None:
                     "vectors). Exit 0 when consistent, 1 when damaged. --repair drops the damaged scans (vectors "
                     "past a file's end or lost with it, checksum mismatch), says which by id and path, and leaves a "
                     "consistent, writable index: add the dropped scans again.")
-    ck.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    ck.add_argument("index", help=MADE)
     ck.add_argument("--repair", action="store_true", help="drop the damaged scans (a new generation of the files)")
     add_json_flag(ck, "the report")
 
     rm = actions.add_parser("remove", help="remove a scan by id or path (run compact to reclaim space)")
-    rm.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    rm.add_argument("index", help=MADE)
     rm.add_argument("target", help="a scan id (see info/query) or the scan's path")
     rm.add_argument("--series", help="only this DICOM series of the path")
     add_json_flag(rm)
 
-    co = actions.add_parser("compact", help="rewrite the vector files without removed scans")
-    co.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    co = actions.add_parser("compact", help="rewrite the vector files without removed scans (PostgreSQL: VACUUM)")
+    co.add_argument("index", help=MADE)
+    co.add_argument("--hnsw", action="store_true",
+                    help="PostgreSQL: also build the HNSW indexes for fast approximate search of large indexes "
+                         "(a folder index uses FAISS automatically)")
     add_json_flag(co)
 
     re_ = actions.add_parser(
@@ -151,8 +176,8 @@ def add_index_parser(sub, add_run_options, add_json_flag) -> None:
         description="When the model changes: the scans of INDEX (paths, DICOM series, CSV columns, patch stride) "
                     "are embedded with --weights into OUTPUT; INDEX is left as it is (vectors of different "
                     "weights never share an index). Resumable like add, and runs under torchrun like add.")
-    re_.add_argument("index", help="the index whose scans are re-embedded (not changed)")
-    re_.add_argument("output", help="the new index folder (created; started again, it continues)")
+    re_.add_argument("index", help=f"the index whose scans are re-embedded (not changed): {WHERE}")
+    re_.add_argument("output", help=f"the new index: {WHERE} (created; started again, it continues)")
     re_.add_argument("--weights", required=True, help="the new encoder: model id, folder or file")
     re_.add_argument("--allow-non-ct", action="store_true",
                      help="also re-embed scans whose values do not look like a CT in Hounsfield units (added "
@@ -161,7 +186,7 @@ def add_index_parser(sub, add_run_options, add_json_flag) -> None:
     add_json_flag(re_, "the counts and the scans left out or failed")
 
     ev = actions.add_parser("eval", help="leave-one-out retrieval scores of the labelled scans: HR@k, P@k, AP@k, mAP")
-    ev.add_argument("index", help="the index folder (made by `ctfm index add`)")
+    ev.add_argument("index", help=MADE)
     ev.add_argument("--labels", required=True,
                     help="CSV with columns path,label (optional series_uid; optional split = query|database, "
                          "else every labelled scan queries all the others)")
@@ -188,13 +213,14 @@ def cmd_index(args) -> int:
 
 
 def cmd_add(args) -> int:
+    from ..ranks import requested
     from . import parallel
 
-    if parallel.requested():  # under torchrun: ranks share the work (CTFMLib.retrieval.parallel)
+    if requested():  # under torchrun: ranks share the work (CTFMLib.retrieval.parallel)
         return parallel.cmd_add(args)
     from ..runtime import Runner
+    from . import backends
     from .embedding import embedding_settings
-    from .index import VectorIndex
 
     plan = plan_add(args)
     added, skipped, failed, not_ct = 0, plan.skipped, list(plan.failed), []
@@ -202,10 +228,10 @@ def cmd_add(args) -> int:
         model, model_id, digest = load_encoder(plan.source, args.progress_cb)
         runner = Runner(model, options_of(args), args.progress_cb)
         config = embedding_settings(**plan.settings)
-        index = VectorIndex.open(plan.root, weights_hash=digest) if plan.existing else None
+        index = backends.open_index(plan.root, weights_hash=digest) if plan.existing else None
 
         def create(dim):  # atomic: an index another add created meanwhile is opened (same weights and settings)
-            return VectorIndex.open_or_create(plan.root, model_id, digest, dim, config)
+            return backends.open_or_create(plan.root, model_id, digest, dim, config)
 
         done, late, bad = add_scans(plan.todo, runner, digest, config, args.progress_cb, index, create,
                                     allow_non_ct=getattr(args, "allow_non_ct", False), not_ct=not_ct, args=args)
@@ -220,8 +246,8 @@ def cmd_add(args) -> int:
 def cmd_query(args) -> int:
     from ..image import read_image
     from ..runtime import Runner
+    from . import backends
     from .embedding import query_vector
-    from .index import VectorIndex
 
     if args.k < 1:
         raise ValueError("-k must be at least 1")
@@ -233,10 +259,11 @@ def cmd_query(args) -> int:
     if args.ras:
         point = point * RAS if point is not None else None
         box = box * RAS if box is not None else None
+    metadata = parse_metadata(args.metadata)
     if args.thumbnails:
         check_thumbnail_folder(Path(args.thumbnails), args.k, args.overwrite)
-    with VectorIndex.open(args.index, readonly=True) as index:
-        source = index_weights(args.weights, index.model_id, args.index)
+    with backends.open_index(args.index, readonly=True) as index:
+        source = index_weights(args.weights, index.model_id, shown(args.index))
         model, _, digest = load_encoder(source, args.progress_cb)
         if digest != index.weights_hash:
             raise ValueError(f"the weights {source} are not those the index was built with (sha256 {digest[:16]}... "
@@ -260,7 +287,7 @@ def cmd_query(args) -> int:
         per_scan = args.per_scan if level == "patch" and args.per_scan > 0 else None
         excluded = {str(Path(p).expanduser().resolve()) for p in args.exclude_scan}
         hits = index.search(vector, k=args.k, level=level, metric=args.metric, exclude_patient=exclude,
-                            max_per_scan=per_scan, weights_hash=digest,
+                            max_per_scan=per_scan, weights_hash=digest, metadata=metadata,
                             where=(lambda r: r.path not in excluded) if excluded else None)
     rows = [_hit_json(rank, h, args.ras) for rank, h in enumerate(hits, 1)]
     if args.thumbnails:
@@ -269,7 +296,9 @@ def cmd_query(args) -> int:
         query = {"image": str(args.image), "level": level, "metric": args.metric,
                  "point_lps": None if point is None else point.tolist(),
                  "box_lps": None if box is None else box.tolist()}
-        print(json.dumps({"index": str(args.index), "query": query, "hits": rows}), flush=True)
+        if metadata:
+            query["metadata"] = metadata
+        print(json.dumps({"index": shown(args.index), "query": query, "hits": rows}), flush=True)
         return 0
     if not rows:
         print("no results: the index holds no (other) scans", flush=True)
@@ -285,6 +314,36 @@ def cmd_query(args) -> int:
         series = f" (series {r['series_uid']})" if r["series_uid"] else ""
         print(f"{r['rank']:>4}  {r['similarity']:>10.4f}  {r['scan_id']:>5}  {where}{r['path']}{series}")
     return 0
+
+
+def parse_metadata(items) -> dict | None:
+    """``--metadata`` as the nested dict ``search(metadata=...)`` keeps scans by: ``a.b=V`` is ``{"a": {"b": "V"}}``
+    (``V`` as text; ``a.b:=V`` parses ``V`` as JSON); None when none is given. Refused in one line when malformed."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if key.endswith(":"):
+            key = key[:-1]
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(f"--metadata {item}: after := comes a JSON value (a number, true, false, null or "
+                                 "a quoted text); write KEY=VALUE to compare text") from None
+        names = key.split(".")
+        if not sep or not all(n.strip() for n in names):
+            raise ValueError(f"--metadata {item!r} is not KEY=VALUE (e.g. --metadata modality=CT or "
+                             "--metadata columns.site=A)")
+        node = out
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--metadata {item}: {key} contradicts an earlier --metadata; give each key once")
+        if names[-1] in node and node[names[-1]] != value:
+            raise ValueError(f"--metadata {item}: {key} is given twice with different values; a scan holds one")
+        node[names[-1]] = value
+    return out
 
 
 def _hit_json(rank: int, hit, ras: bool) -> dict:
@@ -355,9 +414,9 @@ def _write_thumbnails(rows: list, hits: list, folder: Path, progress=None, overw
 
 
 def cmd_info(args) -> int:
-    from .index import VectorIndex
+    from . import backends
 
-    with VectorIndex.open(args.index, readonly=True) as index:
+    with backends.open_index(args.index, readonly=True) as index:
         info = index.info()
         if args.check:
             report = index.check_report(deep=True)
@@ -373,16 +432,16 @@ def cmd_info(args) -> int:
             for note in info["notes"]:
                 print(f"note: {note}")
             if info["problems"]:
-                print(f"`ctfm index check {args.index} --repair` drops the damaged scans")
+                print(f"`ctfm index check {shown(args.index)} --repair` drops the damaged scans")
     return 1 if args.check and info["problems"] else 0
 
 
 def cmd_check(args) -> int:
     """``index check``: verify every vector (exit 1 when damaged); ``--repair`` drops the damaged scans."""
-    from .index import VectorIndex
+    from . import backends
 
     if args.repair:
-        with VectorIndex.open(args.index) as index:
+        with backends.open_index(args.index) as index:
             result = index.repair()
         if args.json:
             print(json.dumps(result), flush=True)
@@ -394,9 +453,9 @@ def cmd_check(args) -> int:
             series = f", series {d['series_uid']}" if d["series_uid"] else ""
             print(f"dropped scan {d['scan_id']} ({d['path']}{series}): {d['reason']}", flush=True)
         print(f"repaired: dropped {len(result['dropped'])} damaged scan(s), kept {result['kept']}; the index is "
-              f"consistent again (add the dropped scans again: `ctfm index add {args.index} ...`)", flush=True)
+              f"consistent again (add the dropped scans again: `ctfm index add {shown(args.index)} ...`)", flush=True)
         return 0
-    with VectorIndex.open(args.index, readonly=True) as index:
+    with backends.open_index(args.index, readonly=True) as index:
         report = index.check_report(deep=True)
     if args.json:
         print(json.dumps(report.as_dict()), flush=True)
@@ -404,7 +463,7 @@ def cmd_check(args) -> int:
         if report.problems:
             print("PROBLEMS:\n  " + "\n  ".join(report.problems))
             hint = ("rebuild the index: its SQLite file is damaged" if report.fatal else
-                    f"`ctfm index check {args.index} --repair` drops the {len(report.damaged)} damaged scan(s) "
+                    f"`ctfm index check {shown(args.index)} --repair` drops the {len(report.damaged)} damaged scan(s) "
                     "and keeps the others")
             print(hint)
         else:
@@ -415,7 +474,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    from .index import VectorIndex
+    from . import backends
 
     target = args.target
     if target.isdigit() and not Path(target).exists():
@@ -424,31 +483,47 @@ def cmd_remove(args) -> int:
         target = int(target)
     else:
         target = str(Path(target).expanduser().resolve())  # the index stores absolute paths
-    with VectorIndex.open(args.index) as index:
+    with backends.open_index(args.index) as index:
         removed = index.remove(target, series_uid=args.series)
+    name = shown(args.index)
     if not removed:
-        print(f"ctfm: nothing removed: no scan {args.target!r} in {args.index} (see `ctfm index info`)",
-              file=sys.stderr)
-    print_result(args, {"index": str(args.index), "target": args.target, "removed": removed},
-                 *([f"removed {count(removed, 'scan')}; `ctfm index compact {args.index}` reclaims their space"]
+        print(f"ctfm: nothing removed: no scan {args.target!r} in {name} (see `ctfm index info`)", file=sys.stderr)
+    print_result(args, {"index": name, "target": args.target, "removed": removed},
+                 *([f"removed {count(removed, 'scan')}; `ctfm index compact {name}` reclaims their space"]
                    if removed else []))
     return 0 if removed else 1
 
 
 def cmd_compact(args) -> int:
-    from .index import VectorIndex
+    """``index compact``: a folder's vector files rewritten without removed rows, a database VACUUMed; with
+    ``--hnsw`` (PostgreSQL only) its HNSW indexes built as well (``result["hnsw"]``)."""
+    from . import backends
 
-    with VectorIndex.open(args.index) as index:
+    target = backends.resolve(args.index)
+    if args.hnsw and not backends.is_database(target):
+        raise ValueError(f"--hnsw builds PostgreSQL's HNSW indexes; {shown(args.index)} is a folder index, which "
+                         "uses FAISS automatically for large searches: leave out --hnsw")
+    with backends.open_index(target) as index:
         result = index.compact()
-    print_result(args, result, compact_sentence(args.index, result))
+        if args.hnsw:
+            result["hnsw"] = index.build_hnsw()
+    print_result(args, result, compact_sentence(shown(args.index), result)
+                 + ("; HNSW indexes built" if args.hnsw else ""))
     return 0
 
 
 def compact_sentence(index, result: dict) -> str:
-    """``compact``'s result in words: the rows it dropped and the files' new generation."""
+    """``compact``'s result in words: the rows it dropped and the files' new generation (a database: VACUUMed)."""
+    if result.get("vacuumed"):
+        return f"compacted {index}: VACUUM (ANALYZE) done"
     return (f"compacted {index}: dropped {count(int(result.get('scan_rows_dropped', 0)), 'scan row')} and "
             f"{count(int(result.get('patch_rows_dropped', 0)), 'patch row')} (file generation "
             f"{result.get('generation')})")
+
+
+def _same_key(target):
+    """A resolved index target in a form two names of one index share: a folder's absolute path, a URL as given."""
+    return target if isinstance(target, str) else target.resolve()
 
 
 def cmd_reembed(args) -> int:
@@ -457,16 +532,17 @@ def cmd_reembed(args) -> int:
     import tempfile
 
     from .. import files
-    from .index import VectorIndex
+    from . import backends
 
-    source, output = Path(args.index).resolve(), Path(args.output).resolve()
+    source, output = (_same_key(backends.resolve(t)) for t in (args.index, args.output))
     if output == source:
-        raise ValueError("the re-embedded index must be a new folder: an index holds the vectors of one model only")
-    with VectorIndex.open(source, readonly=True) as old:
+        raise ValueError("the re-embedded index must be a new folder or schema: an index holds the vectors of one "
+                         "model only")
+    with backends.open_index(source, readonly=True) as old:
         records = [record for _, record in old.scans()]
         stride = settings_of(old).get("stride")
     if not records:
-        raise ValueError(f"{source} holds no scans to re-embed")
+        raise ValueError(f"{backends.display(source)} holds no scans to re-embed")
     groups = {}  # one CSV per set of columns: a scan without a column must not get an empty one
     for r in records:
         labels = {k: v for k, v in (r.metadata.get("columns") or {}).items() if k not in ("path", "series_uid")}
@@ -492,7 +568,7 @@ def cmd_reembed(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .index import VectorIndex
+    from . import backends
     from .metrics import evaluate, read_labels
 
     try:
@@ -502,7 +578,7 @@ def cmd_eval(args) -> int:
     if not ks or ks[0] < 1:
         raise ValueError(f"-k is a list of positive whole numbers like 1,3,5,10, not {args.k!r}")
     labels = read_labels(args.labels)
-    with VectorIndex.open(args.index, readonly=True) as index:
+    with backends.open_index(args.index, readonly=True) as index:
         result = evaluate(index, labels, ks, args.metric, args.exclude_patient)
     if args.json:
         print(json.dumps(result), flush=True)

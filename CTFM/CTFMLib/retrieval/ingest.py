@@ -128,29 +128,31 @@ def collect_scans(sources) -> tuple:
 def plan_add(args) -> SimpleNamespace:
     """What ``add`` has to do: the scans not yet indexed (``todo``), the weights ``source`` and ``settings``.
 
-    Also ``root``, ``existing`` (the index exists), ``failed`` (sources that named no scan, reported here),
+    Also ``root`` (the folder as a ``Path`` or the database URL, ``env:NAME`` looked up), ``existing`` (the index
+    exists), ``failed`` (sources that named no scan, reported here),
     ``skipped`` (scans already indexed) and ``total`` (scans and failed sources).
     """
-    from .index import VectorIndex
+    from . import backends
 
-    root = Path(args.index)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{root} is a file, not an index folder: give a folder (a new one is created)")
+    root = backends.resolve(args.index)  # a folder (Path) or a postgresql:// URL (str)
+    shown = backends.display(root)
+    if isinstance(root, Path) and root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not an index folder: give a folder (a new one is created) or a "
+                         "postgresql:// URL")
     stride = parse_stride(args.stride)
-    db = root / "index.sqlite"
-    existing = db.is_file() and db.stat().st_size > 0  # an empty one: a creator died; creating completes it
+    existing = backends.exists(root)  # a folder's empty index.sqlite: a creator died; creating completes it
     if stride is not None and not existing:
         check_stride(stride, args.stride)
     scans, failed = collect_scans(args.scans)
     todo = scans
     if existing:
-        with VectorIndex.open(root, readonly=True) as probe:
+        with backends.open_index(root, readonly=True) as probe:
             probe.verify_files()  # a damaged index is refused before any weights are loaded
-            source = index_weights(args.weights, probe.model_id, root)
+            source = index_weights(args.weights, probe.model_id, shown)
             settings = settings_of(probe)
             todo = [ref for ref in scans if not probe.contains(ref.path, ref.series_uid)]
         if stride is not None and stride != settings.get("stride"):
-            raise ValueError(f"{root} was built with stride {list(settings.get('stride', []))}; "
+            raise ValueError(f"{shown} was built with stride {list(settings.get('stride', []))}; "
                              "vectors of another stride do not mix: leave out --stride or use a new index")
     else:
         source = args.weights or DEFAULT_WEIGHTS
@@ -242,8 +244,10 @@ def print_summary(added: int, skipped: int, failed: list, total: int, not_ct: li
     """``added A, already indexed S, [left out N not CT-like (--allow-non-ct adds them), ]failed F of T``, or
     with ``--json`` (in ``args``) ``{"index", "added", "already_indexed", "not_ct", "failed", "total"}``."""
     left_out = (f"left out {len(not_ct)} not CT-like (--allow-non-ct adds them), " if not_ct else "")
-    print_result(args, {"index": None if index is None else str(index), "added": added, "already_indexed": skipped,
-                        "not_ct": list(not_ct), "failed": list(failed), "total": total},
+    from .backends import display
+
+    print_result(args, {"index": None if index is None else display(index), "added": added,
+                        "already_indexed": skipped, "not_ct": list(not_ct), "failed": list(failed), "total": total},
                  f"added {added}, already indexed {skipped}, {left_out}failed {len(failed)} of {total}"
                  + (f"; failed: {', '.join(failed)}" if failed else "")
                  + (f"; not CT-like: {', '.join(not_ct)}" if not_ct else ""))

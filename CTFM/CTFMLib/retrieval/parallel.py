@@ -15,56 +15,56 @@ processes work together like this:
   ``cuda:LOCAL_RANK`` when ``--device`` is auto or cuda and CUDA is available, else the ``--device``
   given (:func:`CTFMLib.runtime.rank_device`). On the CPU torchrun gives each process one thread
   (``OMP_NUM_THREADS=1``) unless ``--threads``.
-- **Write, in turn.** Every rank adds its scans to the index itself; SQLite's write lock lets one writer
-  in at a time and the others wait (up to :data:`LOCK_TIMEOUT`), each scan added atomically as in the
-  single-process add. Resumable the same way: a run started again skips the scans already added.
+- **Write.** Every rank adds its scans to the index itself, each scan atomically as in the single-process
+  add: a folder's SQLite write lock lets one writer in at a time and the others wait (up to
+  :data:`LOCK_TIMEOUT`); PostgreSQL takes them all at once (one transaction per scan). A scan another
+  process added meanwhile is skipped (the index's unique key and ``AlreadyIndexedError`` make the race
+  safe). Resumable the same way: a run started again skips the scans already added, and a killed rank
+  leaves no half scan.
 - **Report.** Each rank prints its own lines (``rank r: [n/m] scan: added as scan ...`` and
   ``ctfm: rank r: FAILED scan: reason``); only rank 0 reports ``--progress`` (over its own share, about the
   whole when the shares are alike), so ``--progress json`` stays one JSON object a line. At the end the
   counts and the failed inputs are gathered, rank 0 prints the summary line of the single-process add,
   and every rank exits 1 when any input failed anywhere (then torchrun exits 1 too).
 
-The ranks talk over gloo (CPU) whatever device they embed on, with a long timeout (:data:`WAIT_TIMEOUT`):
-ranks that finish early wait for the others. One machine only: the index (SQLite WAL) must not be on a
-network file system, so a multi-node launch is refused.
+The ranks talk over gloo (CPU) whatever device they embed on, with a long timeout (:data:`CTFMLib.ranks.WAIT_TIMEOUT`):
+ranks that finish early wait for the others. Several nodes (``torchrun --nnodes N``, ``LOCAL_WORLD_SIZE`` <
+``WORLD_SIZE``) need a PostgreSQL index (``INDEX = postgresql://...``, :mod:`CTFMLib.retrieval.backends`),
+which every node writes over the network; a folder index (SQLite WAL) must not be written from several
+machines (nor live on a network file system), so a multi-node launch with a folder is refused up front.
+
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        -m CTFMLib.cli index add env:CTFM_INDEX_URL /shared/archive --device cuda
 """
 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
+from ..ranks import join as _join_group
+from ..ranks import share
 from ..text import EXIT_ERROR
 
 LOCK_TIMEOUT = 24 * 3600.0  # seconds a rank waits for the index's write lock (held by another rank's add)
-WAIT_TIMEOUT = timedelta(days=7)  # how long a rank waits for the others (planning, the slowest share)
 
 
-def requested() -> bool:
-    """Whether the environment describes more than one process (torchrun's ``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-
-
-def share(todo: list, rank: int, world: int) -> list:
-    """The scans of ``todo`` that process ``rank`` of ``world`` embeds: every world-th, from the rank's."""
-    return todo[rank::world]
-
-
-def _join() -> bool:
-    """Join torchrun's process group (gloo); True when this module created it (and must destroy it)."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        raise ValueError("WORLD_SIZE > 1 asks for several processes but this PyTorch build has no "
-                         "torch.distributed; run a single process")
+def multi_node() -> bool:
+    """Whether torchrun spread the processes over several machines (``LOCAL_WORLD_SIZE`` < ``WORLD_SIZE``)."""
     local = os.environ.get("LOCAL_WORLD_SIZE")
-    if local is not None and int(local) != int(os.environ["WORLD_SIZE"]):
-        raise ValueError("`ctfm index add` under torchrun runs on one machine (--nnodes 1): the index (SQLite "
-                         "WAL) must not be written from several machines")
-    if dist.is_initialized():
-        return False
-    dist.init_process_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    return True
+    return local is not None and int(local) != int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _join(index) -> bool:
+    """Join torchrun's process group (gloo); True when this module created it (and must destroy it).
+
+    ``index``: the INDEX given; several nodes are refused for a folder index (before any rank waits)."""
+    from . import backends
+
+    if multi_node() and not backends.is_database(backends.resolve(index)):
+        raise ValueError("`ctfm index add` on several nodes needs a shared index: a folder index (SQLite) is "
+                         "written from one machine only: for several nodes use a PostgreSQL index "
+                         "(INDEX = postgresql://...), or run on one node (--nnodes 1)")
+    return _join_group()
 
 
 def cmd_add(args) -> int:
@@ -73,11 +73,10 @@ def cmd_add(args) -> int:
 
     from ..progress import null_progress
     from ..runtime import Runner, rank_device
-    from . import ingest
+    from . import backends, ingest
     from .embedding import embedding_settings
-    from .index import VectorIndex
 
-    owns = _join()
+    owns = _join(args.index)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         progress = args.progress_cb if rank == 0 else null_progress
@@ -93,10 +92,10 @@ def cmd_add(args) -> int:
                     runner = Runner(model, options, progress)
                     config = embedding_settings(**plan.settings)
                     if plan.existing:  # other weights are refused here, once
-                        VectorIndex.open(plan.root, weights_hash=digest).close()
+                        backends.open_index(plan.root, weights_hash=digest).close()
                     else:
                         dim = runner.embed(_air(config["patch_size"])).shape[1]
-                        VectorIndex.open_or_create(plan.root, model_id, digest, dim, config).close()
+                        backends.open_or_create(plan.root, model_id, digest, dim, config).close()
                 box = [vars(plan)]
             except BaseException:
                 dist.broadcast_object_list([{"error": True}], src=0)
@@ -113,7 +112,8 @@ def cmd_add(args) -> int:
                 model, _, digest = ingest.load_encoder(plan["source"], progress)
                 runner = Runner(model, options, progress)
             config = embedding_settings(**plan["settings"])
-            index = VectorIndex.open(plan["root"], weights_hash=digest, timeout=LOCK_TIMEOUT)
+            wait = {} if backends.is_database(plan["root"]) else {"timeout": LOCK_TIMEOUT}  # SQLite: one writer
+            index = backends.open_index(plan["root"], weights_hash=digest, **wait)
             added, skipped, failed = ingest.add_scans(mine, runner, digest, config, progress, index,
                                                       label=f"rank {rank}: ",
                                                       allow_non_ct=getattr(args, "allow_non_ct", False),
@@ -125,7 +125,7 @@ def cmd_add(args) -> int:
         not_ct = [d for r in results for d in r[3]]
         if rank == 0:
             ingest.print_summary(sum(r[0] for r in results), plan["skipped"] + sum(r[1] for r in results),
-                                 failed, plan["total"], not_ct, args=args)
+                                 failed, plan["total"], not_ct, args=args, index=plan["root"])
         dist.barrier()  # no rank exits (and has torchrun stop the others) before the summary is out
         return 1 if failed or not_ct else 0
     finally:
