@@ -40,6 +40,7 @@ def _addCTFMPackagesToPath():
 
 _addCTFMPackagesToPath()
 
+from CTFMRetrieveLib import shared  # noqa: E402
 from CTFMRetrieveLib.logic import CTFMRetrieveLogic as CTFMRetrieveCoreLogic  # noqa: E402
 from CTFMSlicer import CITATION  # noqa: E402
 from CTFMSlicer.nodes import QueryPlaceObserver  # noqa: E402
@@ -48,6 +49,7 @@ from CTFMSlicer.widget import JobControls, ParameterNodeWidgetMixin  # noqa: E40
 # The module help links here (EXTENSION_HOMEPAGE in the top-level CMakeLists.txt): Slicer's
 # getDefaultModuleDocumentationLink() would link to a page of Slicer's manual that does not exist.
 DOCUMENTATION_URL = "https://github.com/project-lighter/SlicerCTFM#in-3d-slicer"
+PASSWORD_FILE_SETTING = "CTFMRetrieve/PasswordFile"  # the workstation's, never the scene's
 
 
 #
@@ -68,7 +70,9 @@ class CTFMRetrieve(ScriptedLoadableModule):
             "Find cases similar to a CT volume, or the places in them most like the one under the crosshair or "
             "inside an ROI, in an index of CT-FM embeddings. Create an index by choosing an empty folder and adding "
             "loaded volumes or a folder of scans; double-click a result to load the case with the crosshair on the "
-            "matched place. The same index works from the command line: ctfm index add|query|info."
+            "matched place. A shared index in a PostgreSQL database (postgresql://user@host/db?schema=NAME; the "
+            "password in a password file or PGPASSWORD, never in the scene) needs psycopg and pgvector in Slicer's "
+            "Python. The same index works from the command line: ctfm index add|query|info."
         )
         self.parent.helpText += "<p>" + _("For more information, see the {link_start}documentation{link_end}.").format(
             link_start=f'<a href="{DOCUMENTATION_URL}">', link_end="</a>") + "</p>"
@@ -87,7 +91,10 @@ class CTFMRetrieve(ScriptedLoadableModule):
 class CTFMRetrieveParameterNode:
     """The retrieval module's state, saved with the scene.
 
+    indexLocation - folder (indexPath) or database (indexUrl, a shared index).
     indexPath - the index folder (an empty or new folder for a new index).
+    indexUrl - postgresql://user@host/db?schema=NAME or env:NAME; never with a password (the panel takes it out;
+        the password file is the workstation's setting, not the scene's).
     weights - the encoder of a new index (model id, folder or file; empty: the published feature extractor).
     addFolder - a folder of scans (or a file, or a CSV list) to add.
     inputVolume - the query volume.
@@ -100,7 +107,9 @@ class CTFMRetrieveParameterNode:
     resultsTable - the ranked results.
     """
 
+    indexLocation: Annotated[str, Choice(["folder", "database"])] = "folder"
     indexPath: Path
+    indexUrl: str = ""
     weights: str = ""
     addFolder: Path
     inputVolume: vtkMRMLScalarVolumeNode
@@ -126,7 +135,8 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._jobs = {}  # button name -> its JobControls
-        self._statisticsFor = None  # the index path the statistics line describes
+        self._statisticsFor = None  # the index (folder or URL) the statistics line describes
+        self._statisticsRunner = None  # the child reading a shared index's statistics
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -141,6 +151,18 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self._placeTimer.connect("timeout()", self._updateState)
         self._placeObserver = QueryPlaceObserver(self._placeTimer.start)
         ui = self.ui
+        # A shared index: the password file is this workstation's setting (the children get it as PGPASSFILE),
+        # and what the database holds is read by a child once the URL has not changed for a moment.
+        ui.passwordFilePathLineEdit.currentPath = qt.QSettings().value(PASSWORD_FILE_SETTING, "") or ""
+        self.logic.passwordFile = ui.passwordFilePathLineEdit.currentPath or None
+        ui.passwordFilePathLineEdit.connect("currentPathChanged(QString)", self.onPasswordFileChanged)
+        self._statisticsTimer = qt.QTimer()
+        self._statisticsTimer.setSingleShot(True)
+        self._statisticsTimer.setInterval(700)
+        self._statisticsTimer.connect("timeout()", self._readSharedStatistics)
+        self._statisticsPoll = qt.QTimer()
+        self._statisticsPoll.setInterval(100)
+        self._statisticsPoll.connect("timeout()", self._pollStatistics)
         # Both add buttons add to the index (one progress bar and status line); the one clicked reads Cancel.
         adding = {"name": _("adding cases"), "what": _("CT-FM Retrieve: adding cases to the index"),
                   "cancelling": _("Cancelling... (cases added so far stay in the index)"), "waitCursor": True}
@@ -167,6 +189,7 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         super().cleanup()
         self._placeObserver.stop()
         self._placeTimer.stop()
+        self._stopStatistics()
         if self.logic:
             self.logic.clearThumbnails()
 
@@ -186,8 +209,24 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
 
     # --- state -------------------------------------------------------------------------
 
+    def _indexTarget(self):
+        """The index the panel works on: the folder (a Path) or the shared index's URL (a str)."""
+        p = self._parameterNode
+        if not p:
+            return None
+        return p.indexUrl if p.indexLocation == "database" else p.indexPath
+
     def _updateState(self, caller=None, event=None) -> None:
         p = self._parameterNode
+        database = bool(p) and p.indexLocation == "database"
+        for widget in (self.ui.indexPathLabel, self.ui.indexPathLineEdit):
+            widget.visible = not database
+        for widget in (self.ui.indexUrlLabel, self.ui.indexUrlLineEdit, self.ui.passwordFileLabel,
+                       self.ui.passwordFilePathLineEdit):
+            widget.visible = database
+        if p and shared.scene_text(p.indexUrl) != p.indexUrl:
+            qt.QTimer.singleShot(0, self._keepPasswordOutOfScene)  # after the line edit has written it
+        target = self._indexTarget()
         self.ui.queryRoiLabel.visible = self.ui.queryRoiSelector.visible = bool(p) and p.queryMode == "roi"
         if p and self.parent.isEntered:
             self._placeObserver.observe(slicer.mrmlScene, p.queryRoi if p.queryMode == "roi" else None,
@@ -197,33 +236,89 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
             self.ui.resultsTableView.setMRMLTableNode(table)
         self.updateStatistics()
         self._updateShowButton()
-        addProblem = self.logic.indexProblem(p.indexPath, forAdding=True) if p else _("No parameter node")
-        self._jobs["addVolumes"].refresh(addProblem or (None if self.logic.volumesToAdd() else
+        addProblem = self.logic.indexProblem(target, forAdding=True) if p else _("No parameter node")
+        volumes = self.logic.volumesToAdd()
+        self._jobs["addVolumes"].refresh(addProblem or (self.logic.addVolumesProblem(target, volumes) if volumes else
                                                         _("Load CT volumes first.")),
                                          _("Embed the scene's CT volumes and add them to the index."))
         folderProblem = None if (p and p.addFolder and str(p.addFolder) not in ("", ".")) else _("Choose a folder.")
         self._jobs["addFolder"].refresh(
             addProblem or folderProblem,
             _("Embed every scan in the folder and add it to the index (already indexed scans are skipped)."))
-        problems = self.logic.queryProblems(p.indexPath, p.inputVolume, p.queryMode, p.queryRoi) if p else [
+        problems = self.logic.queryProblems(target, p.inputVolume, p.queryMode, p.queryRoi) if p else [
             _("No parameter node")]
         self._jobs["findSimilar"].refresh("\n".join(problems), _("Search the index; the button then cancels the search."))
 
     def updateStatistics(self, force: bool = False) -> None:
-        """The Holds: line, read again when the index path changed (or ``force``)."""
-        path = self._parameterNode.indexPath if self._parameterNode else None
-        if force or path != self._statisticsFor:
-            self._statisticsFor = path
-            self.ui.indexStatisticsLabel.text = self.logic.indexStatisticsText(path)
+        """The Holds: line, read again when the index changed (or ``force``); a shared index's by a child."""
+        target = self._indexTarget()
+        if force or target != self._statisticsFor:
+            self._statisticsFor = target
+            self._stopStatistics()
+            if shared.is_shared(target) and not self.logic.indexProblem(target):
+                self.ui.indexStatisticsLabel.text = _("Reading the shared index...")
+                if force:
+                    self._readSharedStatistics()
+                else:
+                    self._statisticsTimer.start()  # typing a URL starts no child per key
+            else:
+                self.ui.indexStatisticsLabel.text = self.logic.indexStatisticsText(target)
+
+    def _readSharedStatistics(self) -> None:
+        target = self._statisticsFor
+
+        def show(text):
+            if target == self._statisticsFor:  # not a URL changed since
+                self.ui.indexStatisticsLabel.text = text
+
+        self._statisticsRunner = self.logic.startIndexStatistics(target, show)
+        if self._statisticsRunner is not None:
+            self._statisticsPoll.start()
+
+    def _pollStatistics(self) -> None:
+        if self._statisticsRunner is None or not self._statisticsRunner.poll():
+            self._statisticsPoll.stop()
+            self._statisticsRunner = None
+
+    def _stopStatistics(self) -> None:
+        self._statisticsTimer.stop()
+        self._statisticsPoll.stop()
+        if self._statisticsRunner is not None:
+            self._statisticsRunner.cancel()
+            self._statisticsRunner = None
+
+    def onPasswordFileChanged(self, path: str) -> None:
+        qt.QSettings().setValue(PASSWORD_FILE_SETTING, path)
+        self.logic.passwordFile = path or None
+        self.updateStatistics(force=True)
+        self._updateState()
+
+    def _keepPasswordOutOfScene(self) -> None:
+        """A URL typed with its password: refused in the status line, and only the URL without it is kept."""
+        p = self._parameterNode
+        if p and shared.scene_text(p.indexUrl) != p.indexUrl:
+            refusal = self.logic.indexProblem(p.indexUrl)
+            p.indexUrl = shared.scene_text(p.indexUrl)
+            self.ui.indexStatusLabel.text = refusal
+
+    def _ensureSharedPackages(self, target) -> None:
+        """A shared index's children import psycopg and pgvector from Slicer's Python: offer to install them."""
+        if shared.is_shared(target):
+            from CTFMSlicer.dependencies import ensure_packages
+
+            ensure_packages(list(shared.REQUIREMENTS))
 
     # --- jobs --------------------------------------------------------------------------
 
     def _startAdd(self, key: str, volumeNodes=(), folders=()) -> None:
-        p, jobs = self._parameterNode, self._jobs[key]
-        jobs.launch(_("Failed to add cases to the index."),
-                    lambda: self.logic.startAdd(p.indexPath, volumeNodes, folders, p.weights, p.device,
-                                                on_progress=jobs.progress,
-                                                on_done=lambda outcome, message: self._onAddDone(jobs, outcome, message)))
+        p, jobs, target = self._parameterNode, self._jobs[key], self._indexTarget()
+
+        def start():
+            self._ensureSharedPackages(target)
+            return self.logic.startAdd(target, volumeNodes, folders, p.weights, p.device, on_progress=jobs.progress,
+                                       on_done=lambda outcome, message: self._onAddDone(jobs, outcome, message))
+
+        jobs.launch(_("Failed to add cases to the index."), start)
 
     def onAddVolumes(self) -> None:
         self._startAdd("addVolumes", volumeNodes=self.logic.volumesToAdd())
@@ -236,11 +331,15 @@ class CTFMRetrieveWidget(ParameterNodeWidgetMixin, ScriptedLoadableModuleWidget,
         self.updateStatistics(force=True)
 
     def onFindSimilar(self) -> None:
-        p, jobs = self._parameterNode, self._jobs["findSimilar"]
-        jobs.launch(_("Failed to search the index."),
-                    lambda: self.logic.startQuery(
-                        p.indexPath, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults, p.excludeQueryCase,
-                        p.thumbnails, p.device, on_progress=jobs.progress, on_done=self._onQueryDone))
+        p, jobs, target = self._parameterNode, self._jobs["findSimilar"], self._indexTarget()
+
+        def start():
+            self._ensureSharedPackages(target)
+            return self.logic.startQuery(target, p.inputVolume, p.queryMode, p.queryRoi, p.numberOfResults,
+                                         p.excludeQueryCase, p.thumbnails, p.device, on_progress=jobs.progress,
+                                         on_done=self._onQueryDone)
+
+        jobs.launch(_("Failed to search the index."), start)
 
     def _onQueryDone(self, hits, message: str) -> None:
         self._jobs["findSimilar"].finish(hits is not None, message)

@@ -33,7 +33,7 @@ class CTFMRetrieveTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_ResultsTable, self.test_ButtonStates, self.test_AddFindAndShow):
+        for test in (self.test_ResultsTable, self.test_ButtonStates, self.test_SharedIndexUrl, self.test_AddFindAndShow):
             self.setUp()
             try:
                 test()
@@ -96,6 +96,33 @@ class CTFMRetrieveTest(ScriptedLoadableModuleTest):
             self.assertTrue(widget.ui.addVolumesButton.enabled)  # an empty folder takes a new index
             self.assertFalse(widget.ui.findSimilarButton.enabled)  # but holds nothing to search yet
         self.assertTrue(widget.ui.retrieveProgressBar.isHidden())  # not visible: off screen under ctest anyway
+
+    def test_SharedIndexUrl(self):
+        """A shared index's URL typed with its password: refused in the status line, kept without it in the scene;
+        volumes that exist only in the scene cannot be added to it."""
+        import numpy as np
+
+        self.delayDisplay("Shared index URL")
+        widget = self._widget()
+        p = widget.logic.getParameterNode()
+        slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), dtype=np.int16), name="only here")
+        p.indexLocation = "database"
+        self.assertTrue(widget.ui.indexPathLineEdit.isHidden() and not widget.ui.indexUrlLineEdit.isHidden())
+        secret = "n0t-In-The-sc3ne"
+        try:
+            widget.ui.indexUrlLineEdit.text = f"postgresql://alice:{secret}@127.0.0.1:1/pacs?schema=ctfm"
+            slicer.app.processEvents()
+            self.assertEqual(p.indexUrl, "postgresql://alice@127.0.0.1:1/pacs?schema=ctfm")
+            self.assertIn("leave the password out", widget.ui.indexStatusLabel.text)
+            self.assertFalse(widget.ui.addVolumesButton.enabled)
+            self.assertIn("shared storage", widget.ui.addVolumesButton.toolTip)
+            slicer.mrmlScene.SetSaveToXMLString(1)
+            slicer.mrmlScene.Commit()
+            scene = slicer.mrmlScene.GetSceneXMLString()
+            self.assertNotIn(secret, scene)
+            self.assertIn("127.0.0.1:1/pacs", scene)
+        finally:
+            p.indexLocation = "folder"  # stops reading the (unreachable) index's statistics
 
     def test_AddFindAndShow(self):
         """Add two phantoms with a tiny random encoder, find the place under the crosshair, double-click the best."""
