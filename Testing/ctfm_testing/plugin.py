@@ -60,6 +60,28 @@ def user_model_store():
         os.environ["CTFM_CACHE"] = session
 
 
+_TORCH_THREADS = []  # torch's own choice of intra-op threads in this process, read before any test runs
+
+
+def pytest_sessionstart(session):
+    try:
+        import torch
+    except ImportError:
+        return
+    _TORCH_THREADS.append(torch.get_num_threads())
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_put_back():
+    """``--threads N`` (or ``RunOptions(threads=N)``) in a command run in this process sets torch's thread count
+    for the whole process; put it back after the test, so the tests after it run at this machine's speed and not
+    on one core."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and _TORCH_THREADS and torch.get_num_threads() != _TORCH_THREADS[0]:
+        torch.set_num_threads(_TORCH_THREADS[0])
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_STORE, ignore_errors=True)
     with contextlib.suppress(OSError):
