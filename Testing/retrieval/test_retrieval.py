@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ctfm_testing.checkpoints import monai_encoder
+from ctfm_testing.hostile import ctfm  # in this process: these tests are about the index, not the process
 from ctfm_testing.phantoms import BODY_LABELS, body_phantom, head_phantom, rotation_matrix
-from ctfm_testing.plugin import run_ctfm, user_model_store
+from ctfm_testing.plugin import user_model_store
 from CTFMLib.embed import PATCH_SIZE, embed_image, patch_grid, patch_starts
 from CTFMLib.image import Image, ImageError, read_image, write_image
 from CTFMLib.preprocess import PreprocessConfig, preprocess
@@ -270,44 +271,44 @@ def test_cli_add_query_info_eval_remove_compact(tmp_path, tiny_encoder_folder):
     (scans / "broken.nii.gz").write_bytes(b"not an image")
     idx = tmp_path / "idx"
     common = ["--device", "cpu", "--batch-size", "4"]
-    out = run_ctfm("--progress", "none", "index", "add", idx, scans, tmp_path / "missing", "--weights",
+    out = ctfm("--progress", "none", "index", "add", idx, scans, tmp_path / "missing", "--weights",
                    tiny_encoder_folder, *common)
     assert out.returncode == 1, out.stderr  # two inputs failed; the other four were added
     assert "added 4, already indexed 0, failed 2 of 6" in out.stdout
     assert "FAILED" in out.stderr and "broken.nii.gz" in out.stderr and "missing" in out.stderr
-    out = run_ctfm("--progress", "none", "index", "add", idx, scans / "body0.nii.gz", scans / "head1.nii.gz", *common)
+    out = ctfm("--progress", "none", "index", "add", idx, scans / "body0.nii.gz", scans / "head1.nii.gz", *common)
     assert out.returncode == 0 and "added 0, already indexed 2" in out.stdout, out.stderr  # nothing re-embedded
 
-    info = _ok_json(run_ctfm("index", "info", idx, "--check", "--json"))
+    info = _ok_json(ctfm("index", "info", idx, "--check", "--json"))
     assert info["scans"] == 4 and info["problems"] == [] and info["dim"] == 32
 
     query = scans / "body1.nii.gz"
-    hits = _ok_json(run_ctfm("--progress", "none", "index", "query", idx, query, "-k", "2", "--json", *common))["hits"]
+    hits = _ok_json(ctfm("--progress", "none", "index", "query", idx, query, "-k", "2", "--json", *common))["hits"]
     assert hits[0]["path"] == str(query.resolve())
     assert hits[0]["similarity"] == pytest.approx(1.0)
     image = read_image(query)
     centre_lps = image.index_to_physical((np.asarray(image.shape) - 1) / 2)
     ras = centre_lps * [-1, -1, 1]
     point = "--point=" + ",".join(map(str, ras))
-    hits = _ok_json(run_ctfm("--progress", "none", "index", "query", idx, query, point, "--ras", "--json",
+    hits = _ok_json(ctfm("--progress", "none", "index", "query", idx, query, point, "--ras", "--json",
                              *common))["hits"]
     assert len(hits) == 4  # one place in each of the four scans (--per-scan 1)
     assert all(np.allclose(h["centre_ras"], np.asarray(h["centre_lps"]) * [-1, -1, 1]) for h in hits)
     box = "--box=" + ",".join(map(str, np.concatenate([ras - 20, ras + 20])))
-    out = run_ctfm("--progress", "none", "index", "query", idx, query, box, "--ras", "-k", "1", *common)
+    out = ctfm("--progress", "none", "index", "query", idx, query, box, "--ras", "-k", "1", *common)
     assert out.returncode == 0 and "matching point (RAS mm)" in out.stdout, out.stderr
     assert len(out.stdout.strip().splitlines()) == 2  # the header and one result
 
     (scans / "labels.csv").write_text("path,label\n" + "".join(f"{n}{i}.nii.gz,{n}\n" for n in ("body", "head")
                                                               for i in range(2)))
-    result = _ok_json(run_ctfm("index", "eval", idx, "--labels", scans / "labels.csv", "-k", "1", "--json"))
+    result = _ok_json(ctfm("index", "eval", idx, "--labels", scans / "labels.csv", "-k", "1", "--json"))
     # Even a random encoder's average feature tells a head CT (skull, brain) from an abdomen.
     assert result["queries"] == 4 and result["HR@1"] == 1.0
 
-    assert run_ctfm("index", "remove", idx, scans / "head0.nii.gz").returncode == 0
-    assert run_ctfm("index", "remove", idx, "99").returncode == 1  # nothing to remove is said, not hidden
-    assert _ok_json(run_ctfm("index", "compact", idx, "--json"))["scan_rows_dropped"] == 1
-    assert _ok_json(run_ctfm("index", "info", idx, "--json"))["scans"] == 3
+    assert ctfm("index", "remove", idx, scans / "head0.nii.gz").returncode == 0
+    assert ctfm("index", "remove", idx, "99").returncode == 1  # nothing to remove is said, not hidden
+    assert _ok_json(ctfm("index", "compact", idx, "--json"))["scan_rows_dropped"] == 1
+    assert _ok_json(ctfm("index", "info", idx, "--json"))["scans"] == 3
 
 
 @pytest.mark.slow
@@ -317,18 +318,18 @@ def test_cli_refuses_other_weights_and_bad_arguments(tmp_path, tiny_encoder_fold
     scan = tmp_path / "body.nii.gz"
     write_image(body_phantom(shape=(40, 36, 12), spacing=(5.0, 5.0, 8.0)), scan)
     idx = tmp_path / "idx"
-    assert run_ctfm("--progress", "none", "index", "add", idx, scan, "--weights", tiny_encoder_folder,
+    assert ctfm("--progress", "none", "index", "add", idx, scan, "--weights", tiny_encoder_folder,
                     "--device", "cpu").returncode == 0
     other = write_monai_encoder(tmp_path / "other", init_filters=4, blocks_down=(1, 1, 1, 1), seed=5)
     scan2 = tmp_path / "body2.nii.gz"
     write_image(body_phantom(shape=(40, 36, 12), spacing=(5.0, 5.0, 8.0), seed=2), scan2)
-    out = run_ctfm("--progress", "none", "index", "add", idx, scan2, "--weights", other, "--device", "cpu")
+    out = ctfm("--progress", "none", "index", "add", idx, scan2, "--weights", other, "--device", "cpu")
     assert out.returncode == 2 and "error" in out.stderr and "weights" in out.stderr, out.stderr
-    out = run_ctfm("index", "add", idx, scan, "--stride", "12,64,64")
+    out = ctfm("index", "add", idx, scan, "--stride", "12,64,64")
     assert out.returncode == 2 and "stride" in out.stderr
-    out = run_ctfm("index", "query", idx, scan, "--point", "1,2")
+    out = ctfm("index", "query", idx, scan, "--point", "1,2")
     assert out.returncode == 2 and "three numbers" in out.stderr
-    out = run_ctfm("index", "query", tmp_path / "nowhere", scan)
+    out = ctfm("index", "query", tmp_path / "nowhere", scan)
     assert out.returncode == 2 and "not a retrieval index" in out.stderr
 
 
@@ -342,14 +343,14 @@ def test_moved_weights_are_refused_naming_the_weights_option(tmp_path, tiny_enco
     write_image(body_phantom(shape=(40, 36, 12), spacing=(5.0, 5.0, 8.0)), scan)
     weights = shutil.copytree(tiny_encoder_folder, tmp_path / "weights")
     idx = tmp_path / "idx"
-    assert run_ctfm("--progress", "none", "index", "add", idx, scan, "--weights", weights,
+    assert ctfm("--progress", "none", "index", "add", idx, scan, "--weights", weights,
                     "--device", "cpu").returncode == 0
     moved = weights.rename(tmp_path / "moved-weights")
     for command in (["query", idx, scan], ["add", idx, scan]):
-        out = run_ctfm("--progress", "none", "index", *command, "--device", "cpu")
+        out = ctfm("--progress", "none", "index", *command, "--device", "cpu")
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert str(weights) in out.stderr and "no longer exists" in out.stderr and "--weights PATH" in out.stderr
-    out = run_ctfm("--progress", "none", "index", "query", idx, scan, "--weights", moved, "--device", "cpu")
+    out = ctfm("--progress", "none", "index", "query", idx, scan, "--weights", moved, "--device", "cpu")
     assert out.returncode == 0, out.stderr
 
 

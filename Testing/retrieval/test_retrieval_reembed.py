@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from ctfm_testing.checkpoints import write_monai_encoder
+from ctfm_testing.hostile import ctfm  # in this process: the subject is the index, not the process
 from ctfm_testing.phantoms import GEOMETRIES, body_phantom, head_phantom
-from ctfm_testing.plugin import run_ctfm
 from CTFMLib.image import write_image
 from CTFMLib.retrieval import VectorIndex
 
@@ -43,18 +43,18 @@ def test_reembed_equals_a_fresh_index_with_the_new_weights(tmp_path, tiny_encode
     listing = scans / "list.csv"
     listing.write_text("path,diagnosis\na.nii.gz,normal\nb.nrrd,bleed\n")
     old, new, fresh = tmp_path / "old", tmp_path / "new", tmp_path / "fresh"
-    out = run_ctfm(*COMMON, "index", "add", old, listing, paths[2], "--weights", tiny_encoder_folder,
+    out = ctfm(*COMMON, "index", "add", old, listing, paths[2], "--weights", tiny_encoder_folder,
                    "--stride", "12,64,64", *RUN)
     assert out.returncode == 0, out.stderr
     other = write_monai_encoder(tmp_path / "other", init_filters=4, blocks_down=(1, 1, 1, 1), seed=9)
     old_db = digest(old / "index.sqlite")
 
-    out = run_ctfm(*COMMON, "index", "reembed", old, new, "--weights", other, *RUN)
+    out = ctfm(*COMMON, "index", "reembed", old, new, "--weights", other, *RUN)
     assert out.returncode == 0, out.stderr
     assert "added 3, already indexed 0, failed 0 of 3" in out.stdout
     assert digest(old / "index.sqlite") == old_db  # the old index is left as it was
 
-    out = run_ctfm(*COMMON, "index", "add", fresh, listing, paths[2], "--weights", other, "--stride", "12,64,64", *RUN)
+    out = ctfm(*COMMON, "index", "add", fresh, listing, paths[2], "--weights", other, "--stride", "12,64,64", *RUN)
     assert out.returncode == 0, out.stderr
     got, got_info = by_path(new)
     want, want_info = by_path(fresh)
@@ -71,7 +71,7 @@ def test_reembed_equals_a_fresh_index_with_the_new_weights(tmp_path, tiny_encode
         assert not np.allclose(scan, previous[key][1], atol=1e-3)  # other weights, other vectors
     assert got[(str(paths[1].resolve()), None)][0].metadata["columns"] == {"diagnosis": "bleed"}
 
-    out = run_ctfm(*COMMON, "index", "reembed", old, new, "--weights", other, *RUN)  # resumes: nothing left
+    out = ctfm(*COMMON, "index", "reembed", old, new, "--weights", other, *RUN)  # resumes: nothing left
     assert out.returncode == 0 and "added 0, already indexed 3" in out.stdout, out.stderr
 
 
@@ -79,14 +79,14 @@ def test_reembed_equals_a_fresh_index_with_the_new_weights(tmp_path, tiny_encode
 def test_reembed_refuses_its_own_folder_and_says_how_to_switch_models(tmp_path, tiny_encoder_folder):
     path = write_image(body_phantom(**GEOMETRIES["lps"]), tmp_path / "a.nii.gz")
     idx = tmp_path / "idx"
-    assert run_ctfm(*COMMON, "index", "add", idx, path, "--weights", tiny_encoder_folder, *RUN).returncode == 0
+    assert ctfm(*COMMON, "index", "add", idx, path, "--weights", tiny_encoder_folder, *RUN).returncode == 0
     other = write_monai_encoder(tmp_path / "other", init_filters=4, blocks_down=(1, 1, 1, 1), seed=9)
-    out = run_ctfm(*COMMON, "index", "reembed", idx, idx, "--weights", other, *RUN)
+    out = ctfm(*COMMON, "index", "reembed", idx, idx, "--weights", other, *RUN)
     assert out.returncode != 0 and "new folder" in out.stderr
     second = write_image(head_phantom(**GEOMETRIES["lps"]), tmp_path / "b.nii.gz")
-    out = run_ctfm(*COMMON, "index", "add", idx, second, "--weights", other, *RUN)
+    out = ctfm(*COMMON, "index", "add", idx, second, "--weights", other, *RUN)
     assert out.returncode != 0 and "ctfm index reembed" in out.stderr  # the refusal names the way out
-    info = json.loads(run_ctfm("index", "info", idx, "--json").stdout)
+    info = json.loads(ctfm("index", "info", idx, "--json").stdout)
     assert info["scans"] == 1
     with pytest.raises(SystemExit):  # --weights is required: re-embedding is about other weights
         from CTFMLib.cli import build_parser

@@ -487,7 +487,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 def test_a21_a_run_stopped_by_a_signal_keeps_its_checkpoint_but_does_not_exit_0(tmp_path, scans, cache, sig, code):
     """A21: training stopped by SIGTERM exited 0 ("stopped": true), which schedulers read as success. It still
     checkpoints, prints its summary and resumes to exactly the uninterrupted run (section B)."""
-    slow = {"optim": {"max_steps": 40}, "run": {"checkpoint_every": 1000, "deterministic": True},
+    slow = {"optim": {"max_steps": 16}, "run": {"checkpoint_every": 1000, "deterministic": True},
             "pretrain": {"crops_per_scan": 4, "crop_size": [16, 32, 32], "projection": [16, 16, 8]}}
     cfg = write_config(tmp_path / "pretrain.json", scans, cache, **slow)
     run = tmp_path / "run"
@@ -501,7 +501,7 @@ def test_a21_a_run_stopped_by_a_signal_keeps_its_checkpoint_but_does_not_exit_0(
     assert proc.returncode == code, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped"] and summary["stop_reason"] == signal.Signals(sig).name and summary["exported"] is None
-    assert summary["steps"] < 40 and "Traceback" not in err and "--resume" in err
+    assert summary["steps"] < 16 and "Traceback" not in err and "--resume" in err
     from CTFMLib.train.trainer import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == summary["steps"] == steps_logged(run)[-1]
