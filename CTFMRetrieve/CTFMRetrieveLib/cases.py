@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from CTFMLib.image import ImageError, write_image
+from CTFMLib.text import count
 from CTFMSlicer.nodes import check_scalar_volume, image_from_volume_node, path_is_set
 
 INDEX_DB = "index.sqlite"  # CTFMLib.retrieval.store.DB_NAME
@@ -63,8 +64,9 @@ def statistics_text(info: dict) -> str:
     size = float(info.get("bytes") or 0)
     unit = next((u for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if size >= f), "B")
     scale = {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1.0}[unit]
-    return (f"{info.get('scans', 0)} cases, {info.get('patches', 0)} places (patches), "
-            f"{size / scale:.1f} {unit} on disk; model {info.get('model_id')}")
+    where = "in the database" if info.get("backend") == "postgresql" else "on disk"
+    return (f"{count(int(info.get('scans') or 0), 'case')}, {count(int(info.get('patches') or 0), 'place')} "
+            f"(patches), {size / scale:.1f} {unit} {where}; model {info.get('model_id')}")
 
 
 # --- volumes as files ---------------------------------------------------------------------

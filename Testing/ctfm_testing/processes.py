@@ -25,7 +25,7 @@ def two_node_launch(*args, nodes: int = 2, env=None) -> list:
     """Start ``nodes`` torchrun launchers on this machine, each one "node" of one process, that meet through a
     c10d rendezvous on 127.0.0.1 (as ``torchrun --nnodes N --rdzv-backend c10d`` does across real machines) and
     run ``python -m CTFMLib.cli *args``; returns the ``subprocess.Popen`` of each launcher (stdout/stderr piped,
-    text). The caller waits for them (``communicate``) or kills one."""
+    text). The caller waits for them (``communicate``) or kills one (:func:`kill_node`)."""
     import subprocess
     import sys
     import uuid
@@ -41,3 +41,22 @@ def two_node_launch(*args, nodes: int = 2, env=None) -> list:
         launchers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                           start_new_session=True))
     return launchers
+
+
+def kill_node(launcher) -> None:
+    """SIGKILL a torchrun launcher and its workers, as a machine that loses power (torchrun starts each worker in
+    a session of its own, so killing the launcher's group alone leaves them running); waits for the launcher."""
+    import signal
+
+    import psutil
+
+    try:
+        family = [launcher.pid] + [c.pid for c in psutil.Process(launcher.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = [launcher.pid]
+    for pid in family:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    launcher.communicate(timeout=60)

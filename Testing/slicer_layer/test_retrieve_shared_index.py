@@ -196,7 +196,8 @@ def test_add_a_folder_and_search_a_shared_index(mrml_scene, shared_url, phantom_
     assert os.environ.get("PGPASSFILE") == before  # only the child got it
     if os.path.isdir("/proc/self"):  # Linux: the child's environment as it started
         assert environments and environments[0].get("PGPASSFILE") == str(password_file)
-    assert logic.indexStatisticsText(shared_url).startswith("3 cases")
+    text = logic.indexStatisticsText(shared_url)
+    assert text.startswith("3 cases, ") and " in the database; " in text, text
     assert logic.indexStatistics(shared_url)["scans"] == 3
 
     # Search from a volume node (the first body, as the scene shows it) around the crosshair.
@@ -253,7 +254,7 @@ def test_a_role_that_may_only_read_searches_and_cannot_add(mrml_scene, shared_ur
         connection.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{reader}"')
     try:
         reader_url = _with_user(shared_url, reader)
-        assert logic.indexStatisticsText(reader_url).startswith("1 case")
+        assert logic.indexStatisticsText(reader_url).startswith("1 case, ")
         outcome, message = _add(logic, reader_url, tiny_encoder_folder, folders=[phantom_folder])
         assert outcome is None, message
         assert "\n" not in message and "Traceback" not in message, message
