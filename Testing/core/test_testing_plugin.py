@@ -16,5 +16,5 @@ def test_the_next_test_runs_with_torch_s_own_thread_count_again():
     """Runs after the one above (file order): torch is back to its own choice, not stuck on one core."""
     from ctfm_testing import plugin
 
-    assert plugin._TORCH_THREADS, "the plugin read torch's thread count at the start of the session"
-    assert torch.get_num_threads() == plugin._TORCH_THREADS[0]
+    assert plugin.TORCH_THREADS, "the plugin read torch's thread count at the start of the session"
+    assert torch.get_num_threads() == plugin.TORCH_THREADS[0]

@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 pytest_plugins = ["ctfm_testing.postgres"]  # postgres_server / postgres_url (skipped where pgserver is missing)
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Parallel workers (pytest -n N): each its own temporary folder, for itself and its children, so that a test that
+# looks for what it left in the temporary folder never sees another worker's files.
+_WORKER_TMP = None
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _WORKER_TMP = tempfile.mkdtemp(prefix=f"ctfm-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ["TMPDIR"] = _WORKER_TMP
+    tempfile.tempdir = None  # TMPDIR is read again
 # Tests never reach the Hugging Face hub: it is unreachable here and must not be needed anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -60,7 +67,7 @@ def user_model_store():
         os.environ["CTFM_CACHE"] = session
 
 
-_TORCH_THREADS = []  # torch's own choice of intra-op threads in this process, read before any test runs
+TORCH_THREADS = []  # torch's own choice of intra-op threads in this process, read before any test runs
 
 
 def pytest_sessionstart(session):
@@ -68,7 +75,7 @@ def pytest_sessionstart(session):
         import torch
     except ImportError:
         return
-    _TORCH_THREADS.append(torch.get_num_threads())
+    TORCH_THREADS.append(torch.get_num_threads())
 
 
 @pytest.fixture(autouse=True)
@@ -78,12 +85,14 @@ def _torch_threads_put_back():
     on one core."""
     yield
     torch = sys.modules.get("torch")
-    if torch is not None and _TORCH_THREADS and torch.get_num_threads() != _TORCH_THREADS[0]:
-        torch.set_num_threads(_TORCH_THREADS[0])
+    if torch is not None and TORCH_THREADS and torch.get_num_threads() != TORCH_THREADS[0]:
+        torch.set_num_threads(TORCH_THREADS[0])
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SESSION_STORE, ignore_errors=True)
+    if _WORKER_TMP:
+        shutil.rmtree(_WORKER_TMP, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.remove(_SESSION_COSTS)
 

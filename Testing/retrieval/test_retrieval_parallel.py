@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ctfm_testing.checkpoints import write_monai_encoder
+from ctfm_testing.hostile import ctfm
 from ctfm_testing.phantoms import body_phantom, head_phantom
-from ctfm_testing.plugin import ROOT, run_ctfm
+from ctfm_testing.plugin import ROOT
 from CTFMLib.image import write_image
 from CTFMLib.ranks import share
 from CTFMLib.retrieval.index import VectorIndex
@@ -110,7 +111,7 @@ def test_two_processes_under_torchrun_build_the_index_one_process_builds(tmp_pat
     errors = [line for line in refused.stderr.splitlines() if line.startswith("ctfm: ")]
     assert len(errors) == 1 and "not comparable" in errors[0], refused.stderr
 
-    one = run_ctfm("--progress", "none", *run[:2], tmp_path / "one", scans, *run[2:])
+    one = ctfm(*run[:2], tmp_path / "one", scans, *run[2:])  # one process (this one)
     assert one.returncode == 1 and summary_lines(one.stdout)[0].startswith("added 6, already indexed 0, failed 1"), \
         one.stdout + one.stderr
 
