@@ -333,15 +333,7 @@ class PostgresIndex:
             return int(self._conn.execute("SELECT count(*) FROM scans").fetchone()[0])
 
     def _refuse_other_weights(self, model_id=None, weights_hash=None) -> None:
-        hash_differs = weights_hash is not None and str(weights_hash).lower() != self.weights_hash
-        if hash_differs or (model_id is not None and str(model_id) != self.model_id):
-            given = ([f"model '{model_id}'"] if model_id is not None else []) + (
-                [f"weights sha256 {str(weights_hash).lower()[:16]}..."] if weights_hash is not None else [])
-            raise RetrievalIndexError(
-                f"{self.root} was built with model '{self.model_id}' (weights sha256 {self.weights_hash[:16]}...), "
-                f"not with {' and '.join(given)}. Vectors of different weights are not comparable: use the weights "
-                "the index was built with, or build a separate index for these weights (`ctfm index reembed "
-                "INDEX NEW_INDEX --weights ...` re-embeds all its scans).")
+        store.refuse_other_weights(self, model_id, weights_hash)
 
     # ---- transactions --------------------------------------------------------------------------------------
     @contextmanager
@@ -361,19 +353,7 @@ class PostgresIndex:
 
     # ---- writing -------------------------------------------------------------------------------------------
     def _check_vectors(self, scan_vector, patch_vectors, patch_centres_lps):
-        s = np.asarray(scan_vector, dtype=np.float32)
-        p = np.asarray(patch_vectors, dtype=np.float32)
-        c = np.asarray(patch_centres_lps, dtype=np.float64)
-        if p.size == 0:  # a scan without patches
-            p, c = p.reshape(0, self.dim), c.reshape(-1, 3)
-        if s.shape != (self.dim,) or p.ndim != 2 or p.shape[1] != self.dim:
-            raise RetrievalIndexError(f"this index holds {self.dim}-d vectors; got a scan vector of shape {s.shape} "
-                                      f"and patch vectors of shape {p.shape}: embed with the index's model")
-        if c.shape != (len(p), 3):
-            raise RetrievalIndexError(f"{len(p)} patch vectors need ({len(p)}, 3) LPS centres; got shape {c.shape}")
-        if not (np.isfinite(s).all() and np.isfinite(p).all() and np.isfinite(c).all()):
-            raise RetrievalIndexError("vectors or centres contain NaN or infinity: the embedding failed; not added")
-        return s, p, c
+        return store.check_vectors(self.dim, scan_vector, patch_vectors, patch_centres_lps)
 
     def _put(self, record: ScanRecord, scan_vector, patch_vectors, patch_centres_lps, weights_hash, replace) -> int:
         self._refuse_other_weights(weights_hash=weights_hash)

@@ -623,3 +623,35 @@ def as_set(v) -> set:
     if v is None:
         return set()
     return {str(v)} if isinstance(v, (str, int)) else {str(x) for x in v}
+
+
+def check_vectors(dim: int, scan_vector, patch_vectors, patch_centres_lps) -> tuple:
+    """``(scan (D,) float32, patches (N, D) float32, centres (N, 3) float64)`` of one scan, refused in one line
+    (:class:`RetrievalIndexError`) unless the shapes fit an index of ``dim``-d vectors and every value is finite."""
+    s = np.asarray(scan_vector, dtype=np.float32)
+    p = np.asarray(patch_vectors, dtype=np.float32)
+    c = np.asarray(patch_centres_lps, dtype=np.float64)
+    if p.size == 0:  # a scan without patches
+        p, c = p.reshape(0, dim), c.reshape(-1, 3)
+    if s.shape != (dim,) or p.ndim != 2 or p.shape[1] != dim:
+        raise RetrievalIndexError(f"this index holds {dim}-d vectors; got a scan vector of shape {s.shape} "
+                                  f"and patch vectors of shape {p.shape}: embed with the index's model")
+    if c.shape != (len(p), 3):
+        raise RetrievalIndexError(f"{len(p)} patch vectors need ({len(p)}, 3) LPS centres; got shape {c.shape}")
+    if not (np.isfinite(s).all() and np.isfinite(p).all() and np.isfinite(c).all()):
+        raise RetrievalIndexError("vectors or centres contain NaN or infinity: the embedding failed; not added")
+    return s, p, c
+
+
+def refuse_other_weights(index, model_id=None, weights_hash=None) -> None:
+    """Refuse (one line) ``model_id``/``weights_hash`` that differ from those ``index`` (either kind) was built
+    with: vectors of different weights are not comparable."""
+    hash_differs = weights_hash is not None and str(weights_hash).lower() != index.weights_hash
+    if hash_differs or (model_id is not None and str(model_id) != index.model_id):
+        given = ([f"model '{model_id}'"] if model_id is not None else []) + (
+            [f"weights sha256 {str(weights_hash).lower()[:16]}..."] if weights_hash is not None else [])
+        raise RetrievalIndexError(
+            f"{index.root} was built with model '{index.model_id}' (weights sha256 {index.weights_hash[:16]}...), "
+            f"not with {' and '.join(given)}. Vectors of different weights are not comparable: use the weights "
+            "the index was built with, or build a separate index for these weights (`ctfm index reembed "
+            "INDEX NEW_INDEX --weights ...` re-embeds all its scans).")
